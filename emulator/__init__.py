@@ -1,0 +1,1 @@
+"""aperture host side: VM configuration, QEMU launch, and (later) the device model."""

@@ -1,0 +1,71 @@
+"""Pick the accelerator: KVM only when a real probe boot works (``/dev/kvm`` can exist and still fail), else TCG.
+
+The verdict is cached per (QEMU version, host kernel, guest kernel) so the probe costs one boot, once.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from .config import KernelSpec, PmemConfig, VmConfig
+from .errors import ApertureError, SetupError
+
+
+@dataclass(frozen=True)
+class AccelChoice:
+    accel: str
+    reason: str
+
+
+def _verdict_file(cache: Path) -> Path:
+    return cache / "accel-verdicts.json"
+
+
+def probe_kvm(kernel: KernelSpec, initrd: Path, qemu: str, timeout: float = 30.0) -> tuple[bool, str]:
+    """Boot the helper's ``probe`` scenario under KVM; True only if the guest says hello and done."""
+    from .machine import Vm
+
+    config = VmConfig(pmem=(PmemConfig(),), accel="kvm", boot_timeout=timeout, run_timeout=timeout)
+    with tempfile.TemporaryDirectory(prefix="aperture-kvm-probe-") as tmp:
+        try:
+            with Vm(config, kernel, initrd, accel="kvm", run_dir=Path(tmp), scenario="probe", qemu=qemu) as vm:
+                for msg in vm.messages():
+                    if msg.get("type") == "done":
+                        return True, "probe boot under KVM succeeded"
+        except ApertureError as exc:
+            return False, f"probe boot under KVM failed: {exc.one_line()[:160]}"
+    return False, "probe boot under KVM produced no result"
+
+
+def choose_accel(requested: str, kernel: KernelSpec, initrd: Path, qemu: str, qemu_ver: str,
+                 cache: Path) -> AccelChoice:
+    if requested == "tcg":
+        return AccelChoice("tcg", "requested")
+    usable = os.access("/dev/kvm", os.R_OK | os.W_OK)
+    if not usable:
+        if requested == "kvm":
+            raise SetupError("--accel kvm: /dev/kvm is missing or not accessible")
+        return AccelChoice("tcg", "no usable /dev/kvm")
+    key = f"{qemu_ver}|{platform.release()}|{kernel.release}"
+    path = _verdict_file(cache)
+    try:
+        verdicts = json.loads(path.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        verdicts = {}
+    if key in verdicts:
+        ok, reason = verdicts[key]["ok"], verdicts[key]["reason"] + " (cached)"
+    else:
+        ok, reason = probe_kvm(kernel, initrd, qemu)
+        verdicts[key] = {"ok": ok, "reason": reason}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(verdicts, indent=2))
+    if ok:
+        return AccelChoice("kvm", reason)
+    if requested == "kvm":
+        raise SetupError(f"--accel kvm: {reason}")
+    return AccelChoice("tcg", f"KVM unusable: {reason}")

@@ -1,0 +1,307 @@
+"""The ``aperture`` command: parse and validate at the edge, dispatch, map errors to exit codes in one place.
+
+Exit codes: 0 all checks passed · 1 a check failed · 2 usage/configuration · 3 environment (no QEMU, no
+kernel, modules mismatch) · 4 guest crashed, hung or QEMU died · 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from .config import PmemConfig, VmConfig, format_size, parse_size
+from .errors import ApertureError, ConfigError, VmLaunchError
+
+
+# ---------------------------------------------------------------------------- shared helpers
+class Ui:
+    """Progress to stderr (never stdout, which carries --json), optionally silenced."""
+
+    def __init__(self, quiet: bool = False, verbose: bool = False) -> None:
+        self.quiet = quiet
+        self.verbose = verbose
+
+    def progress(self, text: str) -> None:
+        if not self.quiet:
+            click.echo(click.style("» ", fg="cyan") + text, err=True)
+
+    def console(self, text: str) -> None:
+        sys.stderr.write(text)
+        sys.stderr.flush()
+
+
+def _size(ctx: click.Context, param: click.Parameter, value: str | None) -> int | None:
+    if value is None:
+        return None
+    try:
+        return parse_size(value)
+    except ConfigError as exc:
+        raise click.BadParameter(exc.message) from None
+
+
+def _pmem(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]) -> tuple[PmemConfig, ...]:
+    try:
+        return tuple(PmemConfig.parse(v) for v in values)
+    except ConfigError as exc:
+        raise click.BadParameter(exc.message) from None
+
+
+def vm_options(f: Any) -> Any:
+    """Options shared by every command that boots a VM."""
+    opts = [
+        click.option("--kernel", type=click.Path(path_type=Path), help="bzImage or PVH ELF vmlinux "
+                     "(default: the cached Debian kernel)."),
+        click.option("--modules", type=click.Path(path_type=Path), help="Modules for --kernel: "
+                     "lib/modules/<release> or a root containing it."),
+        click.option("--pmem", "pmem", multiple=True, callback=_pmem, metavar="SIZE[:MODE]",
+                     help="An NVDIMM of SIZE (multiple of 2M; the 128K label is added), MODE raw|fsdax|devdax. "
+                     "Repeatable. Default: one 256M raw."),
+        click.option("--memory", default="512M", callback=_size, show_default=True, help="Guest RAM."),
+        click.option("--accel", type=click.Choice(["auto", "kvm", "tcg"]), default="auto", show_default=True,
+                     help="auto: KVM only if a probe boot works, else TCG."),
+        click.option("--boot-timeout", type=click.FloatRange(min=1, max=3600), default=60.0, show_default=True,
+                     help="Seconds until the guest helper must report."),
+        click.option("--timeout", "run_timeout", type=click.FloatRange(min=1, max=86400), default=120.0,
+                     show_default=True, help="Seconds for the whole run."),
+        click.option("--append", "append", multiple=True, metavar="ARG",
+                     help="Extra kernel command-line argument (repeatable), e.g. loglevel=7."),
+        click.option("-q", "--quiet", is_flag=True, help="No progress on stderr."),
+    ]
+    for opt in reversed(opts):
+        f = opt(f)
+    return f
+
+
+def make_config(pmem: tuple[PmemConfig, ...], memory: int, accel: str, boot_timeout: float,
+                run_timeout: float, append: tuple[str, ...] = ()) -> VmConfig:
+    return VmConfig(memory=memory, pmem=pmem or (PmemConfig(),), accel=accel,  # type: ignore[arg-type]
+                    boot_timeout=boot_timeout, run_timeout=run_timeout, kernel_cmdline_extra=append)
+
+
+def emit_json(obj: Any) -> None:
+    click.echo(json.dumps(obj, indent=None, sort_keys=False))
+
+
+# ---------------------------------------------------------------------------- commands
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@click.version_option(package_name="aperture")
+def cli() -> None:
+    """aperture: boot real Linux test VMs with emulated NVDIMMs and windowed-BAR devices, and report checks.
+
+    \b
+    Start with:  aperture doctor     (what this machine has)
+                 aperture run        (boot the default VM and print its checks)
+    """
+
+
+def _summarize_detail(name: str, detail: Any) -> str:
+    if name == "nvdimm.present" and isinstance(detail, dict):
+        regions = detail.get("regions") or []
+        parts = [f"{r.get('name')} @ {int(r.get('addr', 0)):#x}, {format_size(int(r.get('size', 0)))}"
+                 for r in regions if isinstance(r, dict)]
+        match = "matches QMP" if detail.get("matches_qmp") else f"QMP says {detail.get('qmp')}"
+        return f"{'; '.join(parts) or 'no regions'} ({match})"
+    text = json.dumps(detail, separators=(",", ":"))
+    return text if len(text) <= 90 else text[:87] + "..."
+
+
+def print_summary(result: Any) -> None:
+    passed = sum(c.ok for c in result.checks)
+    verdict = click.style("PASS", fg="green", bold=True) if result.ok else click.style("FAIL", fg="red", bold=True)
+    click.echo(f"aperture run: {verdict} ({passed}/{len(result.checks)} checks) on {result.accel}, "
+               f"QEMU {result.qemu_version}, kernel {result.kernel_release}")
+    click.echo(f"  boot: helper reported {result.boot_s:.2f} s after QEMU start; "
+               f"powered off at {result.poweroff_s:.2f} s")
+    width = max(len(c.name) for c in result.checks)
+    for c in result.checks:
+        mark = click.style("ok  ", fg="green") if c.ok else click.style("FAIL", fg="red")
+        click.echo(f"  {mark} {c.name:<{width}}  {_summarize_detail(c.name, c.detail)}")
+    for note in result.messages:
+        click.echo(f"  note: {note}")
+    click.echo(f"  run dir: {result.run_dir} (console.log, results.jsonl, pmem*.img)")
+
+
+@cli.command()
+@vm_options
+@click.option("--run-dir", type=click.Path(path_type=Path),
+              help="Where backing files and logs go; reuse one to keep NVDIMM contents across runs.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object (the documented contract).")
+@click.option("-v", "--verbose", is_flag=True, help="Stream the guest console to stderr.")
+def run(kernel: Path | None, modules: Path | None, pmem: tuple[PmemConfig, ...], memory: int, accel: str,
+        boot_timeout: float, run_timeout: float, append: tuple[str, ...], quiet: bool, run_dir: Path | None,
+        as_json: bool, verbose: bool) -> None:
+    """Boot the default VM scenario, run the guest checks, print the results.
+
+    Exit 0 when every check passed, 1 when one failed.
+    """
+    from guest.kernel import resolve_kernel
+
+    from .run import default_run_dir, prepare, run_vm
+
+    ui = Ui(quiet, verbose)
+    config = make_config(pmem, memory, accel, boot_timeout, run_timeout, append)
+    spec = resolve_kernel(kernel, modules)
+    prep = prepare(config, spec, ui.progress)
+    import secrets
+    import time
+
+    name = f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}-{secrets.token_hex(2)}"
+    result = run_vm(config, prep, run_dir or default_run_dir(name), ui.progress, name=name,
+                    console_sink=ui.console if verbose else None)
+    if as_json:
+        emit_json(result.to_json())
+    else:
+        print_summary(result)
+    sys.exit(result.exit_code)
+
+
+@cli.command()
+@click.option("--release", help="Debian suite to take the kernel from (e.g. bookworm-backports).")
+def fetch(release: str | None) -> None:
+    """Download the guest kernel and busybox packages into the cache (no host install)."""
+    from guest.debian import fetch_guest_packages
+
+    manifest = fetch_guest_packages(release, progress=Ui().progress)
+    Ui().progress(f"kernel {manifest['kernel']['release']}, busybox {manifest['busybox']}")
+
+
+@cli.group()
+def image() -> None:
+    """Build or inspect the guest initramfs (cached by a hash of its inputs)."""
+
+
+@image.command("build")
+@click.option("--kernel", type=click.Path(path_type=Path))
+@click.option("--modules", type=click.Path(path_type=Path))
+@click.option("--force", is_flag=True, help="Rebuild even if a cached image matches.")
+@click.option("--json", "as_json", is_flag=True)
+def image_build(kernel: Path | None, modules: Path | None, force: bool, as_json: bool) -> None:
+    """Build the guest image for a kernel."""
+    from guest.image import build_image
+    from guest.kernel import resolve_kernel
+
+    img = build_image(resolve_kernel(kernel, modules), force=force)
+    if as_json:
+        emit_json(img.to_json())
+    else:
+        click.echo(f"{img.path} ({img.path.stat().st_size / 1e6:.1f} MB, {'cached' if img.cached else 'built'})")
+        click.echo(f"  kernel {img.kernel_release}; modules: {' '.join(img.modules)}")
+
+
+@image.command("info")
+@click.option("--kernel", type=click.Path(path_type=Path))
+@click.option("--modules", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True)
+def image_info(kernel: Path | None, modules: Path | None, as_json: bool) -> None:
+    """Show the image for a kernel and what it contains (builds it if needed)."""
+    from guest.cpio import read_cpio
+    from guest.image import build_image
+    from guest.kernel import resolve_kernel
+
+    img = build_image(resolve_kernel(kernel, modules))
+    entries = read_cpio(img.path.read_bytes())
+    if as_json:
+        emit_json(dict(img.to_json(), entries=[{"name": e.name, "mode": oct(e.mode), "size": len(e.data)}
+                                               for e in entries]))
+        return
+    click.echo(f"{img.path}  digest {img.digest}  kernel {img.kernel_release}")
+    for e in entries:
+        click.echo(f"  {oct(e.mode):>9}  {len(e.data):>9}  {e.name}")
+
+
+@cli.command()
+@click.option("--probe", is_flag=True, help="Run the KVM probe boot now if no verdict is cached.")
+@click.option("--json", "as_json", is_flag=True)
+def doctor(probe: bool, as_json: bool) -> None:
+    """What this machine has: QEMU and its features, accelerator verdict, cache, kernel config."""
+    from .doctor import diagnose
+
+    report = diagnose(probe=probe, progress=Ui().progress)
+    if as_json:
+        emit_json(report)
+        return
+    for section, items in report.items():
+        click.echo(click.style(section, bold=True))
+        for key, value in items.items():
+            click.echo(f"  {key:<28} {value}")
+
+
+@cli.group()
+def bench() -> None:
+    """Benchmarks. Each prints `figures` and `ratios` (ratios against a baseline measured in the same run)."""
+
+
+@bench.command("boot")
+@vm_options
+@click.option("-n", "--boots", type=click.IntRange(1, 50), default=5, show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+def bench_boot(kernel: Path | None, modules: Path | None, pmem: tuple[PmemConfig, ...], memory: int,
+               accel: str, boot_timeout: float, run_timeout: float, append: tuple[str, ...], quiet: bool,
+               boots: int, as_json: bool) -> None:
+    """Cold boots: time to the helper's first message and to poweroff (bzImage, and PVH vmlinux if possible)."""
+    from guest.kernel import resolve_kernel
+
+    from .bench import bench_boot as run_bench
+
+    ui = Ui(quiet)
+    config = make_config(pmem, memory, accel, boot_timeout, run_timeout, append)
+    report = run_bench(config, resolve_kernel(kernel, modules), boots, ui.progress)
+    if as_json:
+        emit_json(report)
+    else:
+        for group in ("figures", "ratios"):
+            click.echo(click.style(group, bold=True))
+            for k, v in report[group].items():
+                click.echo(f"  {k:<34} {v}")
+        for note in report.get("notes", []):
+            click.echo(f"  note: {note}")
+
+
+# ---------------------------------------------------------------------------- entry point
+def _raise_interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Run the CLI; every failure becomes one line on stderr and a meaningful exit code."""
+    signal.signal(signal.SIGTERM, _raise_interrupt)
+    signal.signal(signal.SIGHUP, _raise_interrupt)
+    debug = bool(os.environ.get("APERTURE_DEBUG"))
+    try:
+        cli.main(args=argv, prog_name="aperture", standalone_mode=False)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+    except click.UsageError as exc:
+        hint = f" (see '{exc.ctx.command_path} --help')" if exc.ctx else ""
+        click.echo(f"aperture: error: {exc.format_message()}{hint}", err=True)
+        sys.exit(2)
+    except click.Abort:
+        click.echo("aperture: interrupted", err=True)
+        sys.exit(130)
+    except click.ClickException as exc:
+        click.echo(f"aperture: error: {exc.format_message()}", err=True)
+        sys.exit(exc.exit_code)
+    except ApertureError as exc:
+        click.echo(f"aperture: error: {exc.one_line()}", err=True)
+        if isinstance(exc, VmLaunchError) and debug:
+            click.echo(exc.details(), err=True)
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        click.echo("aperture: interrupted; VM stopped and cleaned up", err=True)
+        sys.exit(130)
+    except (subprocess.SubprocessError, OSError) as exc:
+        click.echo(f"aperture: error: {exc}", err=True)
+        sys.exit(3)
+    except Exception as exc:  # noqa: BLE001 - last line of defence: no tracebacks for users
+        if debug:
+            raise
+        click.echo(f"aperture: internal error: {type(exc).__name__}: {exc} (set APERTURE_DEBUG=1 for a "
+                   "traceback)", err=True)
+        sys.exit(70)

@@ -1,0 +1,325 @@
+"""``Vm``: one QEMU process with its run directory, backing files, console and results channel.
+
+In the spirit of QEMU's ``QEMUMachine``: a context manager; a launch failure raises one error carrying the
+exit code, the command line and QEMU's output; everything the run creates is registered with ``_cleanup``
+*before* it is created, and ``shutdown`` (the one place cleanup lives) runs on success, failure and Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import secrets
+import shutil
+import signal
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from qmp_client.session import SyncQmpSession
+
+from .config import NVDIMM_LABEL_SIZE, GiB, KernelSpec, VmConfig, format_size
+from .errors import ConfigError, GuestError, SetupError, VmLaunchError
+
+PANIC_RE = re.compile(r"Kernel panic - not syncing[^\n]*")
+RESULTS_PORT = "aperture.results"
+
+
+def find_qemu() -> str:
+    path = os.environ.get("APERTURE_QEMU") or shutil.which("qemu-system-x86_64")
+    if not path or not os.access(path, os.X_OK):
+        raise SetupError("qemu-system-x86_64 not found (run scripts/setup.sh, or set APERTURE_QEMU)")
+    return path
+
+
+def qemu_version(qemu: str) -> str:
+    out = subprocess.run([qemu, "--version"], capture_output=True, text=True, timeout=20).stdout
+    m = re.search(r"version (\d+\.\d+\.\d+)", out)
+    return m.group(1) if m else "unknown"
+
+
+@dataclass(frozen=True)
+class RunPaths:
+    """Every path a run uses. Data (pmem images, logs) stays in ``run_dir``; RAM lives in /dev/shm."""
+
+    run_dir: Path
+    name: str
+    shm_dir: Path
+
+    @property
+    def console(self) -> Path:
+        return self.run_dir / "console.log"
+
+    @property
+    def results(self) -> Path:
+        return self.run_dir / "results.jsonl"
+
+    @property
+    def qemu_log(self) -> Path:
+        return self.run_dir / "qemu.log"
+
+    @property
+    def qmp_socket(self) -> Path:
+        return self.run_dir / "qmp.sock"
+
+    def pmem(self, index: int) -> Path:
+        return self.run_dir / f"pmem{index}.img"
+
+    @property
+    def ram(self) -> Path:
+        return self.shm_dir / f"aperture-{self.name}-ram"
+
+
+def build_argv(qemu: str, config: VmConfig, kernel: KernelSpec, initrd: Path, paths: RunPaths, accel: str,
+               cmdline: str) -> list[str]:
+    """The full QEMU command line for one VM (pure: unit-tested without QEMU)."""
+    mem = config.memory
+    pmem_total = sum(-(-p.file_size // GiB) * GiB for p in config.pmem)
+    argv = [
+        qemu,
+        "-name", paths.name,
+        "-machine", "q35,nvdimm=on,memory-backend=ram0",
+        "-accel", accel,
+        "-cpu", "host" if accel == "kvm" else "max",
+        "-smp", str(config.smp),
+        "-m", f"{mem // (1 << 20)}M,slots={max(len(config.pmem), 1)},maxmem={(mem + pmem_total) // (1 << 20) + 1024}M",
+        "-object", f"memory-backend-file,id=ram0,size={mem},mem-path={paths.ram},share=on",
+        "-nodefaults", "-no-user-config", "-display", "none", "-vga", "none", "-nic", "none",
+        "-chardev", f"file,id=con,path={paths.console}",
+        "-serial", "chardev:con",
+        "-device", "virtio-serial-pci,id=vser0",
+        "-chardev", f"file,id=results,path={paths.results}",
+        "-device", f"virtserialport,bus=vser0.0,chardev=results,name={RESULTS_PORT}",
+        "-qmp", f"unix:{paths.qmp_socket},server=on,wait=off",
+        "-kernel", str(kernel.image),
+        "-initrd", str(initrd),
+        "-append", cmdline,
+        "-no-reboot",
+    ]
+    for i, p in enumerate(config.pmem):
+        argv += [
+            "-object", f"memory-backend-file,id=pmem{i},size={p.file_size},mem-path={paths.pmem(i)},share=on",
+            "-device", f"nvdimm,id=nvdimm{i},memdev=pmem{i},label-size={NVDIMM_LABEL_SIZE}",
+        ]
+    return argv
+
+
+def kernel_cmdline(config: VmConfig, scenario: str) -> str:
+    parts = ["console=ttyS0", "panic=-1", "quiet", f"aperture_scenario={scenario}",
+             f"aperture_pmem={len(config.pmem)}"]
+    return " ".join(parts + list(config.kernel_cmdline_extra))
+
+
+class Vm:
+    """A VM: ``with Vm(...) as vm: for msg in vm.messages(): ...``."""
+
+    def __init__(self, config: VmConfig, kernel: KernelSpec, initrd: Path, *, accel: str, run_dir: Path,
+                 scenario: str = "default", name: str | None = None, qemu: str | None = None,
+                 console_sink: Callable[[str], None] | None = None) -> None:
+        self.config = config
+        self.kernel = kernel
+        self.initrd = initrd
+        self.accel = accel
+        self.name = name or f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}-{secrets.token_hex(2)}"
+        self.paths = RunPaths(run_dir.resolve(), self.name, Path(os.environ.get("APERTURE_SHM", "/dev/shm")))
+        self.qemu = qemu or find_qemu()
+        self.argv = build_argv(self.qemu, config, kernel, initrd, self.paths, accel,
+                               kernel_cmdline(config, scenario))
+        self.console_sink = console_sink
+        self.process: subprocess.Popen[bytes] | None = None
+        self.qmp: SyncQmpSession | None = None
+        self.started_at = 0.0
+        self.first_message_at: float | None = None
+        self._cleanup: list[Callable[[], None]] = []
+        self._console_pos = 0
+        self._console_text = ""
+
+    # ------------------------------------------------------------------ lifecycle
+    def __enter__(self) -> Vm:
+        try:
+            self.launch()
+        except BaseException:
+            self.shutdown()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.shutdown()
+
+    def _register(self, fn: Callable[[], None]) -> None:
+        self._cleanup.append(fn)
+
+    def _prepare_files(self) -> None:
+        self.paths.run_dir.mkdir(parents=True, exist_ok=True)
+        for stale in (self.paths.console, self.paths.results, self.paths.qemu_log):
+            stale.unlink(missing_ok=True)
+        for i, p in enumerate(self.config.pmem):
+            path = self.paths.pmem(i)
+            if path.exists():
+                if path.stat().st_size != p.file_size:
+                    raise ConfigError(
+                        f"{path} exists with {format_size(path.stat().st_size)} but the configuration wants "
+                        f"{format_size(p.file_size)}; use another --run-dir or the same --pmem size"
+                    )
+            else:
+                with open(path, "wb") as f:  # sparse; contents persist across runs of this run dir
+                    f.truncate(p.file_size)
+        self._register(lambda: self.paths.ram.unlink(missing_ok=True))
+        self._register(lambda: self.paths.qmp_socket.unlink(missing_ok=True))
+
+    def launch(self) -> None:
+        self._prepare_files()
+        self.paths.qmp_socket.unlink(missing_ok=True)
+        # Cleanup runs newest first: stop QEMU (via QMP if possible), then close QMP, then the log.
+        log = open(self.paths.qemu_log, "wb")
+        self._register(log.close)
+        self.qmp = SyncQmpSession(self.name)
+        self._register(self._close_qmp)
+        self._register(self._stop_process)
+        self.started_at = time.monotonic()
+        try:
+            self.process = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL, stdout=log,
+                                            stderr=subprocess.STDOUT, start_new_session=True)
+        except OSError as exc:
+            raise SetupError(f"cannot start {self.qemu}: {exc.strerror}") from None
+        try:
+            self.qmp.connect(str(self.paths.qmp_socket), timeout=15.0, alive=self.alive)
+        except GuestError:
+            self._raise_exited("QEMU failed to start")
+
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def _close_qmp(self) -> None:
+        if self.qmp is not None:
+            self.qmp.close()
+
+    def _stop_process(self) -> None:
+        """QMP quit, then SIGTERM, then SIGKILL: QEMU never outlives the run."""
+        proc = self.process
+        if proc is None or proc.poll() is not None:
+            return
+        if self.qmp is not None:
+            try:
+                self.qmp.quit()
+            except GuestError:
+                pass
+        for sig, wait in ((None, 3.0), (signal.SIGTERM, 3.0), (signal.SIGKILL, 5.0)):
+            if sig is not None:
+                try:
+                    os.killpg(proc.pid, sig)
+                except ProcessLookupError:
+                    pass
+            try:
+                proc.wait(wait)
+                return
+            except subprocess.TimeoutExpired:
+                continue
+
+    def shutdown(self) -> None:
+        """Release everything this VM created, newest first. Idempotent."""
+        while self._cleanup:
+            fn = self._cleanup.pop()
+            try:
+                fn()
+            except Exception:  # noqa: BLE001 - cleanup must go on
+                pass
+
+    # ------------------------------------------------------------------ observation
+    def console_tail(self, lines: int = 25) -> str:
+        self._read_console()
+        return "\n".join(self._console_text.splitlines()[-lines:])
+
+    def _read_console(self) -> str:
+        try:
+            with open(self.paths.console, "rb") as f:
+                f.seek(self._console_pos)
+                new = f.read().decode("utf-8", "replace")
+        except FileNotFoundError:
+            return ""
+        self._console_pos += len(new.encode("utf-8", "replace"))
+        self._console_text = (self._console_text + new)[-200_000:]
+        return new
+
+    def _qemu_output(self) -> str:
+        try:
+            return self.paths.qemu_log.read_text(errors="replace")[-4000:]
+        except FileNotFoundError:
+            return ""
+
+    def _raise_exited(self, what: str) -> None:
+        code = self.process.wait(10) if self.process else None
+        tail = (self._qemu_output().strip() + "\n--- console ---\n" + self.console_tail()).strip()
+        first = next((ln for ln in self._qemu_output().splitlines() if ln.strip()), "")
+        raise VmLaunchError(f"{what} (exit code {code}){': ' + first if first else ''}",
+                            exit_code=code, argv=self.argv, output_tail=tail)
+
+    def messages(self, boot_timeout: float | None = None, run_timeout: float | None = None
+                 ) -> Iterator[dict[str, Any]]:
+        """Yield the helper's JSON messages until ``done``; raise GuestError on panic, death or timeout."""
+        boot_timeout = boot_timeout or self.config.boot_timeout
+        run_timeout = run_timeout or self.config.run_timeout
+        pos = 0
+        buf = b""
+        while True:
+            new_console = self._read_console()
+            if new_console and self.console_sink:
+                self.console_sink(new_console)
+            panic = PANIC_RE.search(self._console_text)
+            if panic:
+                raise GuestError(f"guest kernel panicked: {panic.group(0).strip()} (console: {self.paths.console})")
+            try:
+                with open(self.paths.results, "rb") as f:
+                    f.seek(pos)
+                    chunk = f.read()
+            except FileNotFoundError:
+                chunk = b""
+            pos += len(chunk)
+            buf += chunk
+            while b"\n" in buf:
+                raw, buf = buf.split(b"\n", 1)
+                if self.first_message_at is None:
+                    self.first_message_at = time.monotonic()
+                try:
+                    msg = json.loads(raw)
+                except json.JSONDecodeError:
+                    msg = {"type": "garbage", "raw": raw[:200].decode("utf-8", "replace")}
+                if not isinstance(msg, dict):
+                    msg = {"type": "garbage", "raw": str(msg)[:200]}
+                yield msg
+                if msg.get("type") == "done":
+                    return
+            elapsed = time.monotonic() - self.started_at
+            if not self.alive():
+                if chunk or buf:
+                    continue  # drain what the guest wrote before it went away
+                self._read_console()
+                panic = PANIC_RE.search(self._console_text)
+                if panic:
+                    raise GuestError(f"guest kernel panicked: {panic.group(0).strip()}")
+                if self.process is not None and self.process.returncode not in (0, None):
+                    self._raise_exited("QEMU died")
+                raise GuestError(f"guest powered off before the helper finished (console: {self.paths.console})")
+            if self.first_message_at is None and elapsed > boot_timeout:
+                raise GuestError(f"guest did not boot within {boot_timeout:.0f} s (console: {self.paths.console})")
+            if elapsed > run_timeout:
+                raise GuestError(f"guest run timed out after {run_timeout:.0f} s (console: {self.paths.console})")
+            time.sleep(0.01)
+
+    def wait_poweroff(self, timeout: float = 15.0) -> float:
+        """Wait for the guest to power off after ``done``; return host seconds since QEMU start."""
+        if self.process is None:
+            return 0.0
+        try:
+            self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            raise GuestError(f"guest did not power off within {timeout:.0f} s after the helper finished") from None
+        return time.monotonic() - self.started_at
+
+    @property
+    def boot_s(self) -> float | None:
+        return None if self.first_message_at is None else self.first_message_at - self.started_at

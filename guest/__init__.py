@@ -1,0 +1,1 @@
+"""Everything that runs inside the VM, and the build of the guest image."""

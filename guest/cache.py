@@ -1,0 +1,34 @@
+"""Where guest packages, built helpers and images are cached (XDG cache dir, overridable)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+
+def cache_root() -> Path:
+    env = os.environ.get("APERTURE_CACHE")
+    if env:
+        return Path(env).expanduser().resolve()
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base).expanduser().resolve() / "aperture"
+
+
+def manifest_path(root: Path | None = None) -> Path:
+    return (root or cache_root()) / "manifest.json"
+
+
+def read_manifest(root: Path | None = None) -> dict:
+    try:
+        return json.loads(manifest_path(root).read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return {}
+
+
+def write_manifest(data: dict, root: Path | None = None) -> None:
+    path = manifest_path(root)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    tmp.replace(path)

@@ -1,0 +1,47 @@
+/* aperture-helper: runs inside the guest as /init's payload and reports JSON lines to the host.
+ * Usage: aperture-helper [SCENARIO]   (default: $aperture_scenario, else "default")
+ *   probe    hello + done only (accelerator probe, boot benchmarks)
+ *   default  every check this build knows
+ *   hang     report hello, then never finish (exercises the host's run timeout)
+ */
+#include "report.h"
+
+#include <stdio.h>
+#include <string.h>
+#include <unistd.h>
+
+static void modules_check(void)
+{
+    char failed[4096];
+    /* /init lists modules that insmod refused; an empty or missing file means all loaded. */
+    if (read_text("/run/modules.failed", failed, sizeof(failed)) == 0 && failed[0]) {
+        struct jbuf jb;
+        jb_init(&jb);
+        jb_printf(&jb, "{\"failed\":");
+        jb_str(&jb, failed);
+        jb_printf(&jb, "}");
+        report_check("guest.modules", 0, jb.buf);
+    }
+}
+
+int main(int argc, char **argv)
+{
+    const char *scenario = argc > 1 ? argv[1] : env_or("aperture_scenario", "default");
+    report_open();
+    report_hello();
+    if (strcmp(scenario, "probe") == 0) {
+        report_done();
+        return 0;
+    }
+    if (strcmp(scenario, "hang") == 0)
+        for (;;)
+            pause();
+    modules_check();
+    if (strcmp(scenario, "default") == 0 || strcmp(scenario, "nvdimm") == 0) {
+        scenario_nvdimm();
+    } else {
+        report_log("unknown scenario %s", scenario);
+    }
+    report_done();
+    return 0;
+}

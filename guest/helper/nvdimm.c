@@ -1,0 +1,64 @@
+/* nvdimm.present: the NVDIMM regions the kernel found, with the physical address and size it sees. */
+#include "report.h"
+
+#include <dirent.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#define MAX_REGIONS 16
+
+struct region {
+    char name[256];
+    unsigned long long addr, size;
+};
+
+static int list_regions(struct region *out, int max)
+{
+    int n = 0;
+    DIR *d = opendir("/sys/bus/nd/devices");
+    struct dirent *e;
+    while (d && (e = readdir(d)) && n < max) {
+        char path[512], buf[64];
+        if (strncmp(e->d_name, "region", 6) != 0)
+            continue;
+        snprintf(path, sizeof(path), "/sys/bus/nd/devices/%s/resource", e->d_name);
+        if (read_text(path, buf, sizeof(buf)) != 0)
+            continue;
+        out[n].addr = strtoull(buf, NULL, 0);
+        snprintf(path, sizeof(path), "/sys/bus/nd/devices/%s/size", e->d_name);
+        if (read_text(path, buf, sizeof(buf)) != 0)
+            continue;
+        out[n].size = strtoull(buf, NULL, 0);
+        snprintf(out[n].name, sizeof(out[n].name), "%s", e->d_name);
+        n++;
+    }
+    if (d)
+        closedir(d);
+    return n;
+}
+
+void scenario_nvdimm(void)
+{
+    int expected = atoi(env_or("aperture_pmem", "1"));
+    struct region regions[MAX_REGIONS];
+    int n = 0;
+    /* Region devices are registered as the nfit driver probes; give them up to 5 s to appear. */
+    for (int i = 0; i < 500; i++) {
+        n = list_regions(regions, MAX_REGIONS);
+        if (n >= expected)
+            break;
+        usleep(10000);
+    }
+    struct jbuf jb;
+    jb_init(&jb);
+    jb_printf(&jb, "{\"expected\":%d,\"regions\":[", expected);
+    for (int i = 0; i < n; i++) {
+        jb_printf(&jb, "%s{\"name\":", i ? "," : "");
+        jb_str(&jb, regions[i].name);
+        jb_printf(&jb, ",\"addr\":%llu,\"size\":%llu}", regions[i].addr, regions[i].size);
+    }
+    jb_printf(&jb, "]}");
+    report_check("nvdimm.present", n == expected && n > 0, jb.buf);
+}

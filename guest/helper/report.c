@@ -1,0 +1,163 @@
+#include "report.h"
+
+#include <dirent.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/utsname.h>
+#include <time.h>
+#include <unistd.h>
+
+static int results_fd = -1;
+
+void jb_init(struct jbuf *jb) { jb->len = 0; jb->buf[0] = 0; }
+
+void jb_printf(struct jbuf *jb, const char *fmt, ...)
+{
+    va_list ap;
+    va_start(ap, fmt);
+    int n = vsnprintf(jb->buf + jb->len, sizeof(jb->buf) - jb->len, fmt, ap);
+    va_end(ap);
+    if (n > 0) {
+        jb->len += (size_t)n;
+        if (jb->len >= sizeof(jb->buf))
+            jb->len = sizeof(jb->buf) - 1;
+    }
+}
+
+void jb_str(struct jbuf *jb, const char *s)
+{
+    jb_printf(jb, "\"");
+    for (; *s; s++) {
+        unsigned char c = (unsigned char)*s;
+        if (c == '"' || c == '\\')
+            jb_printf(jb, "\\%c", c);
+        else if (c < 0x20 || c >= 0x7f)
+            jb_printf(jb, "\\u%04x", c);
+        else
+            jb_printf(jb, "%c", c);
+    }
+    jb_printf(jb, "\"");
+}
+
+/* Find /dev/vportNpM whose /sys/class/virtio-ports/.../name is aperture.results. */
+void report_open(void)
+{
+    for (int tries = 0; tries < 200 && results_fd < 0; tries++) {
+        DIR *d = opendir("/sys/class/virtio-ports");
+        struct dirent *e;
+        while (d && (e = readdir(d))) {
+            char path[512], name[128];
+            if (e->d_name[0] == '.')
+                continue;
+            snprintf(path, sizeof(path), "/sys/class/virtio-ports/%s/name", e->d_name);
+            if (read_text(path, name, sizeof(name)) == 0 && strcmp(name, "aperture.results") == 0) {
+                snprintf(path, sizeof(path), "/dev/%s", e->d_name);
+                results_fd = open(path, O_WRONLY | O_CLOEXEC);
+            }
+        }
+        if (d)
+            closedir(d);
+        if (results_fd < 0)
+            usleep(10000);
+    }
+    if (results_fd < 0)
+        fprintf(stderr, "aperture-helper: results port not found; reporting on stdout\n");
+}
+
+void report_line(const char *json)
+{
+    int fd = results_fd >= 0 ? results_fd : 1;
+    size_t len = strlen(json);
+    char *line = malloc(len + 2);
+    if (!line)
+        return;
+    memcpy(line, json, len);
+    line[len] = '\n';
+    size_t off = 0;
+    while (off < len + 1) {
+        ssize_t n = write(fd, line + off, len + 1 - off);
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n <= 0)
+            break;
+        off += (size_t)n;
+    }
+    free(line);
+}
+
+static double uptime_s(void)
+{
+    char buf[64];
+    if (read_text("/proc/uptime", buf, sizeof(buf)) != 0)
+        return -1;
+    return atof(buf);
+}
+
+void report_hello(void)
+{
+    struct utsname u;
+    struct jbuf jb;
+    uname(&u);
+    jb_init(&jb);
+    jb_printf(&jb, "{\"type\":\"hello\",\"kernel_release\":");
+    jb_str(&jb, u.release);
+    jb_printf(&jb, ",\"uptime_s\":%.3f,\"helper_abi\":1}", uptime_s());
+    report_line(jb.buf);
+}
+
+void report_check(const char *name, int ok, const char *detail_json)
+{
+    struct jbuf jb;
+    jb_init(&jb);
+    jb_printf(&jb, "{\"type\":\"check\",\"name\":");
+    jb_str(&jb, name);
+    jb_printf(&jb, ",\"ok\":%s,\"detail\":%s}", ok ? "true" : "false", detail_json ? detail_json : "null");
+    report_line(jb.buf);
+}
+
+void report_log(const char *fmt, ...)
+{
+    char msg[1024];
+    struct jbuf jb;
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(msg, sizeof(msg), fmt, ap);
+    va_end(ap);
+    jb_init(&jb);
+    jb_printf(&jb, "{\"type\":\"log\",\"message\":");
+    jb_str(&jb, msg);
+    jb_printf(&jb, "}");
+    report_line(jb.buf);
+}
+
+void report_done(void)
+{
+    char buf[64];
+    snprintf(buf, sizeof(buf), "{\"type\":\"done\",\"uptime_s\":%.3f}", uptime_s());
+    report_line(buf);
+}
+
+int read_text(const char *path, char *out, size_t outlen)
+{
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0)
+        return -1;
+    ssize_t n = read(fd, out, outlen - 1);
+    close(fd);
+    if (n < 0)
+        return -1;
+    out[n] = 0;
+    while (n > 0 && (out[n - 1] == '\n' || out[n - 1] == ' '))
+        out[--n] = 0;
+    return 0;
+}
+
+const char *env_or(const char *name, const char *fallback)
+{
+    const char *v = getenv(name);
+    return v && *v ? v : fallback;
+}

@@ -1,0 +1,31 @@
+/* Guest helper: JSON-lines reporting to the host over the aperture.results virtio-serial port. */
+#ifndef APERTURE_REPORT_H
+#define APERTURE_REPORT_H
+
+#include <stddef.h>
+
+/* A growable-enough JSON text buffer (fixed size: details are small). */
+struct jbuf {
+    char buf[16384];
+    size_t len;
+};
+
+void jb_init(struct jbuf *jb);
+void jb_printf(struct jbuf *jb, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+void jb_str(struct jbuf *jb, const char *s); /* appends a quoted, escaped JSON string */
+
+void report_open(void);
+void report_line(const char *json);
+void report_hello(void);
+void report_check(const char *name, int ok, const char *detail_json);
+void report_done(void);
+void report_log(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+
+/* Small helpers shared by scenarios. */
+int read_text(const char *path, char *out, size_t outlen); /* 0 on success, trailing newline stripped */
+const char *env_or(const char *name, const char *fallback);
+
+/* Scenarios: each reports its own checks. */
+void scenario_nvdimm(void);
+
+#endif

@@ -1,0 +1,132 @@
+"""Build the guest initramfs: busybox, the static helper, the module closure and /init, in one cpio.
+
+Images are cached under a hash of every input, so an unchanged configuration is never rebuilt.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import subprocess
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+from emulator.config import KernelSpec
+from emulator.errors import SetupError
+
+from .cache import cache_root, read_manifest
+from .cpio import CpioWriter
+from .elf import check_static_x86_64
+from .kmod import ModuleIndex
+
+#: Bump when the image layout changes, so cached images are rebuilt.
+IMAGE_FORMAT = 1
+
+#: The NVDIMM stack, in the order that works (dax core is built in).
+DEFAULT_MODULES: tuple[str, ...] = ("libnvdimm", "nfit", "nd_btt", "nd_pmem", "dax_pmem", "device_dax")
+
+
+def _helper_dir() -> Path:
+    return Path(str(resources.files("guest") / "helper"))
+
+
+def _init_script() -> bytes:
+    return (resources.files("guest") / "init.sh").read_bytes()
+
+
+def build_helper(cache: Path | None = None) -> Path:
+    """Compile the guest helper with ``gcc -static``; cached by a hash of the sources."""
+    src = sorted(p for p in _helper_dir().iterdir() if p.suffix in (".c", ".h"))
+    digest = hashlib.sha256()
+    for p in src:
+        digest.update(p.name.encode() + b"\0" + p.read_bytes())
+    out_dir = (cache or cache_root()) / "helper" / digest.hexdigest()[:16]
+    out = out_dir / "aperture-helper"
+    if out.exists():
+        return out
+    gcc = shutil.which("gcc")
+    if gcc is None:
+        raise SetupError("gcc not found: it builds the static guest helper (run scripts/setup.sh)")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir / "aperture-helper.tmp"
+    argv = [gcc, "-static", "-O2", "-Wall", "-o", str(tmp)] + [str(p) for p in src if p.suffix == ".c"]
+    proc = subprocess.run(argv, capture_output=True, text=True)
+    if proc.returncode != 0:
+        tail = (proc.stderr.strip().splitlines() or ["?"])[-1]
+        raise SetupError(f"building the guest helper failed (is libc6-dev installed?): {tail}")
+    check_static_x86_64(tmp)
+    tmp.replace(out)
+    return out
+
+
+@dataclass(frozen=True)
+class GuestImage:
+    path: Path
+    digest: str
+    kernel_release: str
+    modules: tuple[str, ...]
+    cached: bool
+
+    def to_json(self) -> dict:
+        return {
+            "path": str(self.path),
+            "digest": self.digest,
+            "kernel_release": self.kernel_release,
+            "modules": list(self.modules),
+            "size": self.path.stat().st_size,
+            "cached": self.cached,
+        }
+
+
+def _busybox() -> Path:
+    path = read_manifest().get("busybox")
+    if not path or not Path(path).exists():
+        raise SetupError("busybox is not in the cache: run scripts/setup.sh (or `aperture fetch`)")
+    bb = Path(path)
+    check_static_x86_64(bb)
+    return bb
+
+
+def build_image(kernel: KernelSpec, modules: tuple[str, ...] = DEFAULT_MODULES, *, force: bool = False,
+                cache: Path | None = None) -> GuestImage:
+    root = cache or cache_root()
+    index = ModuleIndex(kernel.modules_dir, kernel.release)
+    closure = index.closure(list(modules))  # checks vermagic before anything is written
+    helper = build_helper(root)
+    busybox = _busybox()
+    init = _init_script()
+
+    digest = hashlib.sha256()
+    digest.update(json.dumps({"format": IMAGE_FORMAT, "release": kernel.release}).encode())
+    for m in closure:
+        st = m.path.stat()
+        digest.update(f"{m.name}:{m.path}:{st.st_size}:{st.st_mtime_ns}\n".encode())
+    for blob in (helper.read_bytes(), busybox.read_bytes(), init):
+        digest.update(hashlib.sha256(blob).digest())
+    hexdigest = digest.hexdigest()[:20]
+    out = root / "images" / f"initramfs-{hexdigest}.cpio"
+    names = tuple(m.name for m in closure)
+    if out.exists() and not force:
+        return GuestImage(out, hexdigest, kernel.release, names, cached=True)
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".tmp")
+    with open(tmp, "wb") as f:
+        w = CpioWriter(f)
+        for d in ("bin", "sbin", "dev", "etc", "etc/aperture", "lib", "lib/modules", "proc", "sys", "run",
+                  "tmp", "mnt"):
+            w.dir(d)
+        w.chardev("dev/console", 5, 1)
+        w.chardev("dev/null", 1, 3, 0o666)
+        w.file("bin/busybox", busybox.read_bytes(), 0o755)
+        w.symlink("bin/sh", "busybox")
+        w.file("bin/aperture-helper", helper.read_bytes(), 0o755)
+        w.file("init", init, 0o755)
+        for m in closure:
+            w.file(f"lib/modules/{m.name}.ko", m.data)
+        w.file("etc/aperture/modules", ("\n".join(names) + "\n").encode())
+        w.close()
+    tmp.replace(out)
+    return GuestImage(out, hexdigest, kernel.release, names, cached=False)

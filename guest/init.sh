@@ -1,0 +1,18 @@
+#!/bin/busybox sh
+# aperture guest /init: mount, load modules, run the helper, power off. Never returns to the kernel.
+/bin/busybox --install -s /bin
+export PATH=/bin:/sbin
+mkdir -p /proc /sys /dev /tmp /run /mnt
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t devtmpfs devtmpfs /dev
+mount -t tmpfs tmpfs /run
+: > /run/modules.failed
+for m in $(cat /etc/aperture/modules); do
+    insmod "/lib/modules/$m.ko" 2>>/run/modules.err || printf '%s ' "$m" >> /run/modules.failed
+done
+echo "aperture: helper starting at $(cut -d' ' -f1 /proc/uptime)s"
+/bin/aperture-helper "${aperture_scenario:-default}"
+echo "aperture: helper exited with status $?"
+sync
+poweroff -f

@@ -1,0 +1,137 @@
+"""Typed QMP session on qemu.qmp's asyncio ``QMPClient``, plus a thread-backed synchronous facade.
+
+Every qemu.qmp failure is turned into ``QmpError`` so callers deal with one hierarchy.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Coroutine
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from qemu.qmp import ConnectError, ExecuteError, QMPClient
+from qemu.qmp.error import QMPError
+
+from emulator.errors import QmpError
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class MemoryDevice:
+    """One entry of ``query-memory-devices`` (NVDIMMs and DIMMs)."""
+
+    kind: str
+    id: str | None
+    addr: int
+    size: int
+    memdev: str | None
+
+    @classmethod
+    def from_qmp(cls, raw: dict[str, Any]) -> MemoryDevice:
+        data = raw.get("data", {})
+        return cls(raw.get("type", "?"), data.get("id"), int(data.get("addr", 0)), int(data.get("size", 0)),
+                   data.get("memdev"))
+
+
+class QmpSession:
+    """One connection to one QEMU's QMP socket."""
+
+    def __init__(self, name: str = "aperture") -> None:
+        self._client = QMPClient(name)
+
+    async def connect(self, socket_path: str, timeout: float = 10.0, alive: Any = None) -> None:
+        """Connect, retrying while QEMU creates the socket. ``alive()`` returning False aborts early."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                await self._client.connect(socket_path)
+                return
+            except (ConnectError, OSError) as exc:
+                if alive is not None and not alive():
+                    raise QmpError("QEMU exited before its QMP socket accepted a connection") from None
+                if time.monotonic() > deadline:
+                    raise QmpError(f"cannot connect to QMP at {socket_path}: {exc}") from None
+                await asyncio.sleep(0.02)
+
+    async def execute(self, command: str, arguments: dict[str, Any] | None = None) -> Any:
+        try:
+            return await self._client.execute(command, arguments)
+        except ExecuteError as exc:
+            raise QmpError(f"QMP {command} failed: {exc.error.desc}") from None
+        except (QMPError, EOFError, OSError) as exc:
+            raise QmpError(f"QMP {command}: connection lost ({type(exc).__name__})") from None
+
+    async def version(self) -> str:
+        v = (await self.execute("query-version"))["qemu"]
+        return f"{v['major']}.{v['minor']}.{v['micro']}"
+
+    async def memory_devices(self) -> list[MemoryDevice]:
+        return [MemoryDevice.from_qmp(d) for d in await self.execute("query-memory-devices")]
+
+    async def status(self) -> str:
+        return str((await self.execute("query-status"))["status"])
+
+    async def quit(self) -> None:
+        """Ask QEMU to exit; the connection closing under us is the expected outcome."""
+        try:
+            await self._client.execute("quit")
+        except (QMPError, EOFError, OSError):
+            pass
+
+    async def close(self) -> None:
+        try:
+            await self._client.disconnect()
+        except (QMPError, EOFError, OSError):
+            pass
+
+
+class SyncQmpSession:
+    """Runs a ``QmpSession`` on a private event loop thread so plain code (and tests) can call it."""
+
+    def __init__(self, name: str = "aperture") -> None:
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name=f"qmp-{name}", daemon=True)
+        self._thread.start()
+        self.session = self._run(self._make(name), 5.0)
+
+    @staticmethod
+    async def _make(name: str) -> QmpSession:
+        return QmpSession(name)
+
+    def _run(self, coro: Coroutine[Any, Any, T], timeout: float = 30.0) -> T:
+        fut = asyncio.run_coroutine_threadsafe(coro, self._loop)
+        try:
+            return fut.result(timeout)
+        except TimeoutError:
+            fut.cancel()
+            raise QmpError(f"QMP call timed out after {timeout:.0f} s") from None
+
+    def connect(self, socket_path: str, timeout: float = 10.0, alive: Any = None) -> None:
+        self._run(self.session.connect(socket_path, timeout, alive), timeout + 5)
+
+    def execute(self, command: str, arguments: dict[str, Any] | None = None, timeout: float = 30.0) -> Any:
+        return self._run(self.session.execute(command, arguments), timeout)
+
+    def version(self) -> str:
+        return self._run(self.session.version())
+
+    def memory_devices(self) -> list[MemoryDevice]:
+        return self._run(self.session.memory_devices())
+
+    def quit(self) -> None:
+        self._run(self.session.quit(), 10.0)
+
+    def close(self) -> None:
+        """Disconnect and stop the loop thread; safe to call twice."""
+        if not self._loop.is_closed():
+            try:
+                self._run(self.session.close(), 5.0)
+            except QmpError:
+                pass
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(5.0)
+            self._loop.close()

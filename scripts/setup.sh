@@ -1,0 +1,73 @@
+#!/usr/bin/env bash
+# Idempotent setup for aperture: host packages (apt), the project's virtualenv, and the guest package cache.
+# Safe to re-run; every step says what it does and skips work that is already done.
+#   scripts/setup.sh            everything
+#   APERTURE_CACHE=DIR          where guest packages are cached (default: $XDG_CACHE_HOME/aperture)
+#   APERTURE_VENV=DIR           the virtualenv (default: <repo>/.venv)
+set -euo pipefail
+
+repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+venv=${APERTURE_VENV:-$repo/.venv}
+cache=${APERTURE_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/aperture}
+say() { printf '\033[1m[setup]\033[0m %s\n' "$*" >&2; }
+
+sudo=""
+if [ "$(id -u)" != 0 ]; then sudo="sudo"; fi
+
+# ---------------------------------------------------------------- host packages
+. /etc/os-release
+backports=""
+if [ "${ID:-}" = debian ] && [ -n "${VERSION_CODENAME:-}" ]; then
+    backports="${VERSION_CODENAME}-backports"
+    src=/etc/apt/sources.list.d/aperture-backports.sources
+    if ! grep -rqs "$backports" /etc/apt/sources.list /etc/apt/sources.list.d/; then
+        say "adding the $backports apt source ($src)"
+        printf 'Types: deb\nURIs: http://deb.debian.org/debian\nSuites: %s\nComponents: main\nSigned-By: /usr/share/keyrings/debian-archive-keyring.gpg\n' \
+            "$backports" | $sudo tee "$src" >/dev/null
+        rm -f "$cache/.apt-updated"
+    fi
+fi
+
+mkdir -p "$cache"
+stamp="$cache/.apt-updated"
+if [ ! -e "$stamp" ] || [ -n "$(find "$stamp" -mmin +1440 2>/dev/null)" ]; then
+    say "apt-get update"
+    $sudo apt-get update -qq
+    touch "$stamp"
+fi
+
+host_pkgs=(qemu-system-x86 gcc libc6-dev e2fsprogs cpio zstd)
+missing=()
+for p in "${host_pkgs[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+    say "installing host packages: ${missing[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    if [ -n "$backports" ] && apt-cache policy qemu-system-x86 | grep -q "$backports"; then
+        # Backports has QEMU 10.x (memory-backend-file.offset); stock bookworm has 7.2.
+        $sudo apt-get install -y -qq -t "$backports" --no-install-recommends qemu-system-x86
+    fi
+    $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}"
+else
+    say "host packages present: ${host_pkgs[*]}"
+fi
+say "QEMU: $(qemu-system-x86_64 --version | head -1)"
+
+# ---------------------------------------------------------------- python
+if [ ! -x "$venv/bin/python" ]; then
+    say "creating virtualenv $venv"
+    python3 -m venv "$venv"
+fi
+if ! "$venv/bin/python" -c 'import emulator.cli' 2>/dev/null \
+   || [ "$repo/pyproject.toml" -nt "$venv/.aperture-installed" ]; then
+    say "installing aperture and its test extras into $venv"
+    "$venv/bin/pip" install -q --disable-pip-version-check -e "$repo[test]"
+    touch "$venv/.aperture-installed"
+else
+    say "aperture already installed in $venv"
+fi
+
+# ---------------------------------------------------------------- guest packages
+APERTURE_CACHE="$cache" "$venv/bin/aperture" fetch ${backports:+--release "$backports"}
+say "done"

@@ -1,0 +1,64 @@
+"""Markers by folder: tests/unit → ``unit`` (seconds, no VM), tests/integration → ``vm`` (boots QEMU)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        parts = Path(str(item.fspath)).parts
+        if "unit" in parts:
+            item.add_marker(pytest.mark.unit)
+        elif "integration" in parts:
+            item.add_marker(pytest.mark.vm)
+
+
+def aperture_argv() -> list[str]:
+    exe = Path(sys.executable).parent / "aperture"
+    return [str(exe)] if exe.exists() else [sys.executable, "-m", "emulator"]
+
+
+def run_aperture(*args: str, timeout: float = 300, env: dict[str, str] | None = None,
+                 cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    full_env = dict(os.environ, **(env or {}))
+    return subprocess.run(aperture_argv() + list(args), capture_output=True, text=True, timeout=timeout,
+                          env=full_env, cwd=cwd)
+
+
+@pytest.fixture(scope="session")
+def cached_kernel():
+    """The cached Debian kernel (scripts/setup.sh fetches it); its absence is a setup failure, not a skip."""
+    from guest.kernel import resolve_kernel
+
+    return resolve_kernel()
+
+
+@pytest.fixture
+def runs_dir(tmp_path: Path) -> Path:
+    d = tmp_path / "runs"
+    d.mkdir()
+    return d
+
+
+def qemu_processes(marker: str) -> list[str]:
+    """Command lines of live QEMU processes whose argv mentions ``marker`` (read from /proc, untruncated)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            argv = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        line = " ".join(a.decode(errors="replace") for a in argv)
+        if argv and b"qemu-system" in argv[0] and marker in line:
+            found.append(line)
+    return found

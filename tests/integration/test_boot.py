@@ -1,0 +1,136 @@
+"""Real boots under QEMU (TCG here): the default scenario, and every way a run can go wrong.
+
+One default boot is shared by the assertions that only read its result.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import aperture_argv, qemu_processes, run_aperture
+
+
+@pytest.fixture(scope="module")
+def default_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[subprocess.CompletedProcess[str], dict, Path]:
+    run_dir = tmp_path_factory.mktemp("default") / "run"
+    proc = run_aperture("run", "--json", "--run-dir", str(run_dir), timeout=240)
+    assert proc.returncode == 0, proc.stderr
+    return proc, json.loads(proc.stdout), run_dir
+
+
+def test_json_contract(default_run) -> None:
+    _, result, run_dir = default_run
+    for key in ("ok", "accel", "qemu_version", "kernel_release", "boot_s", "run_dir", "checks"):
+        assert key in result
+    assert result["ok"] is True
+    assert result["accel"] in ("tcg", "kvm")
+    assert 0 < result["boot_s"] < 60
+    assert Path(result["run_dir"]) == run_dir.resolve()
+    for check in result["checks"]:
+        assert set(check) >= {"name", "ok", "detail"}
+
+
+def test_nvdimm_present_matches_qmp(default_run) -> None:
+    _, result, _ = default_run
+    check = next(c for c in result["checks"] if c["name"] == "nvdimm.present")
+    assert check["ok"]
+    region = check["detail"]["regions"][0]
+    qmp = check["detail"]["qmp"][0]
+    assert (region["addr"], region["size"]) == (qmp["addr"], qmp["size"])
+    assert region["size"] == 256 << 20
+    assert region["addr"] >= 1 << 32  # device memory above 4 GiB on q35
+
+
+def test_run_leaves_nothing_behind(default_run) -> None:
+    _, result, run_dir = default_run
+    assert not qemu_processes(str(run_dir))
+    assert not (run_dir / "qmp.sock").exists()
+    name = run_dir.name
+    assert not [p for p in os.listdir("/dev/shm") if p.startswith("aperture-") and name in p]
+    assert (run_dir / "console.log").stat().st_size > 0
+    assert (run_dir / "pmem0.img").stat().st_size == 256 * 2**20 + 128 * 1024
+
+
+def test_human_summary(tmp_path: Path) -> None:
+    proc = run_aperture("run", "--run-dir", str(tmp_path / "r"), timeout=240)
+    assert proc.returncode == 0, proc.stderr
+    assert "PASS" in proc.stdout and "nvdimm.present" in proc.stdout and "matches QMP" in proc.stdout
+    assert "guest up" in proc.stderr  # progress while booting
+
+
+def test_kernel_panic_is_exit_4(tmp_path: Path) -> None:
+    proc = run_aperture("run", "--append", "rdinit=/nonexistent", "--run-dir", str(tmp_path / "r"), timeout=240)
+    assert proc.returncode == 4
+    assert "kernel panicked" in proc.stderr and "Traceback" not in proc.stderr
+    assert not qemu_processes(str(tmp_path))
+
+
+def test_hung_guest_times_out_with_exit_4(tmp_path: Path) -> None:
+    proc = run_aperture("run", "--append", "aperture_scenario=hang", "--timeout", "15",
+                        "--run-dir", str(tmp_path / "r"), timeout=240)
+    assert proc.returncode == 4
+    assert "timed out" in proc.stderr and "Traceback" not in proc.stderr
+    assert not qemu_processes(str(tmp_path))
+
+
+def test_qemu_that_dies_is_exit_4(tmp_path: Path) -> None:
+    wrapper = tmp_path / "qemu"
+    wrapper.write_text("#!/bin/sh\nexec qemu-system-x86_64 \"$@\" -device no-such-device\n")
+    wrapper.chmod(0o755)
+    proc = run_aperture("run", "--accel", "tcg", "--run-dir", str(tmp_path / "r"),
+                        env={"APERTURE_QEMU": str(wrapper)}, timeout=120)
+    assert proc.returncode == 4
+    assert "QEMU failed to start" in proc.stderr and "no-such-device" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) <= 4
+
+
+def test_qemu_killed_mid_boot_is_exit_4(tmp_path: Path) -> None:
+    wrapper = tmp_path / "qemu"
+    wrapper.write_text("#!/bin/sh\nqemu-system-x86_64 \"$@\" & pid=$!\nsleep 2\nkill -9 $pid\nwait $pid\n")
+    wrapper.chmod(0o755)
+    proc = run_aperture("run", "--accel", "tcg", "--run-dir", str(tmp_path / "r"),
+                        env={"APERTURE_QEMU": str(wrapper)}, timeout=120)
+    assert proc.returncode == 4, proc.stderr
+    assert "QEMU died" in proc.stderr and "Traceback" not in proc.stderr
+    assert not qemu_processes(str(tmp_path))
+
+
+def test_ctrl_c_cleans_up(tmp_path: Path) -> None:
+    run_dir = tmp_path / "r"
+    proc = subprocess.Popen(aperture_argv() + ["run", "--run-dir", str(run_dir)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while not qemu_processes(str(run_dir)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert qemu_processes(str(run_dir)), "QEMU never started"
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130
+    assert "interrupted" in err and "Traceback" not in err
+    assert not qemu_processes(str(run_dir))
+    assert not (run_dir / "qmp.sock").exists()
+    assert not [p for p in os.listdir("/dev/shm") if p.startswith("aperture-") and run_dir.name in p]
+
+
+def test_mismatched_modules_are_exit_3(tmp_path: Path, cached_kernel) -> None:
+    import lzma
+
+    mods = tmp_path / "mods"
+    (mods / "kernel").mkdir(parents=True)
+    for src in cached_kernel.modules_dir.rglob("*.ko.xz"):
+        if src.name in ("libnvdimm.ko.xz", "nfit.ko.xz"):
+            raw = lzma.decompress(src.read_bytes())
+            old = cached_kernel.release.encode()
+            raw = raw.replace(b"vermagic=" + old, b"vermagic=" + old[:-1] + b"Z")
+            (mods / "kernel" / src.name.removesuffix(".xz")).write_bytes(raw)
+    proc = run_aperture("run", "--kernel", str(cached_kernel.image), "--modules", str(mods), timeout=120)
+    assert proc.returncode == 3
+    assert "modules do not match" in proc.stderr and "Traceback" not in proc.stderr

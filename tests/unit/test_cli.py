@@ -1,0 +1,41 @@
+"""CLI edge: bad input → one line on stderr, exit 2/3, no traceback (no VM is booted)."""
+
+import pytest
+
+from tests.conftest import run_aperture
+
+
+@pytest.mark.parametrize("args,code,text", [
+    (["run", "--pmem", "7M"], 2, "too small"),
+    (["run", "--pmem", "257M"], 2, "multiple of 2M"),
+    (["run", "--memory", "12Q"], 2, "invalid size"),
+    (["run", "--accel", "xen"], 2, "--accel"),
+    (["run", "--kernel", "/does/not/exist"], 2, "does not exist"),
+    (["run", "--timeout", "-3"], 2, "--timeout"),
+    (["frobnicate"], 2, "No such command"),
+])
+def test_bad_input_exit_codes(args: list[str], code: int, text: str) -> None:
+    proc = run_aperture(*args, timeout=60)
+    assert proc.returncode == code, proc.stderr
+    assert text in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_missing_qemu_is_exit_3() -> None:
+    proc = run_aperture("run", env={"APERTURE_QEMU": "/nonexistent/qemu"}, timeout=60)
+    assert proc.returncode == 3
+    assert "qemu-system-x86_64 not found" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_missing_kernel_cache_is_exit_3(tmp_path) -> None:
+    proc = run_aperture("run", env={"APERTURE_CACHE": str(tmp_path)}, timeout=60)
+    assert proc.returncode == 3
+    assert "no guest kernel" in proc.stderr
+
+
+def test_help_lists_commands() -> None:
+    proc = run_aperture("--help")
+    assert proc.returncode == 0
+    for cmd in ("run", "image", "doctor", "bench", "fetch"):
+        assert cmd in proc.stdout

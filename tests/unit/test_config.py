@@ -1,0 +1,54 @@
+import pytest
+
+from emulator.config import NVDIMM_LABEL_SIZE, GiB, MiB, PmemConfig, VmConfig, format_size, parse_size
+from emulator.errors import ConfigError
+
+
+@pytest.mark.parametrize("text,value", [("4096", 4096), ("256M", 256 * MiB), ("1G", GiB), ("2m", 2 * MiB),
+                                        ("128KiB", 128 * 1024), ("1GB", GiB)])
+def test_parse_size(text: str, value: int) -> None:
+    assert parse_size(text) == value
+
+
+@pytest.mark.parametrize("text", ["", "M", "12Q", "-1M", "1.5G", "0x10"])
+def test_parse_size_rejects(text: str) -> None:
+    with pytest.raises(ConfigError):
+        parse_size(text)
+
+
+def test_pmem_file_size_adds_label() -> None:
+    p = PmemConfig.parse("256M")
+    assert p.size == 256 * MiB and p.mode == "raw"
+    assert p.file_size == 256 * MiB + NVDIMM_LABEL_SIZE
+
+
+@pytest.mark.parametrize("text,msg", [("7M", "too small"), ("17M", "multiple of 2M"), ("256M:bogus", "mode"),
+                                      ("33M:devdax", "multiple of 2M")])
+def test_pmem_rejects(text: str, msg: str) -> None:
+    with pytest.raises(ConfigError, match=msg):
+        PmemConfig.parse(text)
+
+
+def test_pmem_modes() -> None:
+    assert PmemConfig.parse("512M:devdax").mode == "devdax"
+    assert PmemConfig.parse("64M:fsdax").size == 64 * MiB
+
+
+def test_vm_config_validation() -> None:
+    VmConfig()
+    with pytest.raises(ConfigError):
+        VmConfig(memory=64 * MiB)
+    with pytest.raises(ConfigError):
+        VmConfig(memory=3 * GiB)
+    with pytest.raises(ConfigError):
+        VmConfig(accel="xen")  # type: ignore[arg-type]
+    with pytest.raises(ConfigError):
+        VmConfig(kernel_cmdline_extra=("two words",))
+    with pytest.raises(ConfigError):
+        VmConfig(pmem=tuple(PmemConfig() for _ in range(9)))
+
+
+def test_format_size() -> None:
+    assert format_size(256 * MiB) == "256M"
+    assert format_size(GiB) == "1G"
+    assert format_size(1000) == "1000"

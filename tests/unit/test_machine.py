@@ -1,0 +1,49 @@
+"""QEMU command line and result verification, without QEMU."""
+
+from pathlib import Path
+
+from emulator.config import KernelSpec, PmemConfig, VmConfig
+from emulator.machine import RunPaths, build_argv, kernel_cmdline
+from emulator.results import Check, verify_nvdimm
+from qmp_client.session import MemoryDevice
+
+
+def _argv(config: VmConfig, accel: str = "tcg") -> list[str]:
+    paths = RunPaths(Path("/r"), "t1", Path("/dev/shm"))
+    kernel = KernelSpec(Path("/k/vmlinuz"), Path("/k/mods"), "6.1")
+    return build_argv("qemu", config, kernel, Path("/i.cpio"), paths, accel, kernel_cmdline(config, "default"))
+
+
+def _opt_values(argv: list[str], opt: str) -> list[str]:
+    return [argv[i + 1] for i, a in enumerate(argv) if a == opt]
+
+
+def test_default_argv_shape() -> None:
+    argv = _argv(VmConfig())
+    joined = " ".join(argv)
+    assert "q35,nvdimm=on,memory-backend=ram0" in joined
+    assert "-nic none" in joined and "-vga none" in joined and "-no-reboot" in argv
+    objects = _opt_values(argv, "-object")
+    assert any("id=ram0" in o and "share=on" in o and "/dev/shm/aperture-t1-ram" in o for o in objects)
+    assert any("id=pmem0" in o and f"size={256 * 2**20 + 128 * 1024}" in o and "share=on" in o for o in objects)
+    assert "nvdimm,id=nvdimm0,memdev=pmem0,label-size=131072" in _opt_values(argv, "-device")
+    assert "panic=-1" in _opt_values(argv, "-append")[0]
+    assert _opt_values(argv, "-cpu") == ["max"]
+
+
+def test_two_pmem_and_kvm() -> None:
+    argv = _argv(VmConfig(pmem=(PmemConfig(), PmemConfig.parse("64M:devdax"))), accel="kvm")
+    assert _opt_values(argv, "-cpu") == ["host"]
+    assert sum(1 for d in _opt_values(argv, "-device") if d.startswith("nvdimm,")) == 2
+    assert "slots=2" in _opt_values(argv, "-m")[0]
+    assert "aperture_pmem=2" in _opt_values(argv, "-append")[0]
+
+
+def test_verify_nvdimm() -> None:
+    devs = [MemoryDevice("nvdimm", "nvdimm0", 0x100000000, 256 << 20, "/objects/pmem0")]
+    good = Check("nvdimm.present", True, {"regions": [{"name": "region0", "addr": 0x100000000, "size": 256 << 20}]})
+    assert verify_nvdimm(good, devs).ok
+    moved = Check("nvdimm.present", True, {"regions": [{"name": "region0", "addr": 0x200000000, "size": 256 << 20}]})
+    assert not verify_nvdimm(moved, devs).ok
+    assert not verify_nvdimm(Check("nvdimm.present", True, "garbage"), devs).ok
+    assert not verify_nvdimm(good, []).ok
