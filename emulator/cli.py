@@ -6,6 +6,7 @@ kernel, modules mismatch) · 4 guest crashed, hung or QEMU died · 130 interrupt
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -16,7 +17,7 @@ from typing import Any
 
 import click
 
-from .config import PmemConfig, VmConfig, format_size, parse_size
+from .config import DEFAULT_PMEM, PmemConfig, VmConfig, format_size, parse_size
 from .errors import ApertureError, ConfigError, VmLaunchError
 
 
@@ -62,7 +63,7 @@ def vm_options(f: Any) -> Any:
                      "lib/modules/<release> or a root containing it."),
         click.option("--pmem", "pmem", multiple=True, callback=_pmem, metavar="SIZE[:MODE]",
                      help="An NVDIMM of SIZE (multiple of 2M; the 128K label is added), MODE raw|fsdax|devdax. "
-                     "Repeatable. Default: one 256M raw."),
+                     "Repeatable. Default: 256M:fsdax and 256M:devdax."),
         click.option("--memory", default="512M", callback=_size, show_default=True, help="Guest RAM."),
         click.option("--accel", type=click.Choice(["auto", "kvm", "tcg"]), default="auto", show_default=True,
                      help="auto: KVM only if a probe boot works, else TCG."),
@@ -81,7 +82,7 @@ def vm_options(f: Any) -> Any:
 
 def make_config(pmem: tuple[PmemConfig, ...], memory: int, accel: str, boot_timeout: float,
                 run_timeout: float, append: tuple[str, ...] = ()) -> VmConfig:
-    return VmConfig(memory=memory, pmem=pmem or (PmemConfig(),), accel=accel,  # type: ignore[arg-type]
+    return VmConfig(memory=memory, pmem=pmem or DEFAULT_PMEM, accel=accel,  # type: ignore[arg-type]
                     boot_timeout=boot_timeout, run_timeout=run_timeout, kernel_cmdline_extra=append)
 
 
@@ -102,14 +103,53 @@ def cli() -> None:
 
 
 def _summarize_detail(name: str, detail: Any) -> str:
-    if name == "nvdimm.present" and isinstance(detail, dict):
-        regions = detail.get("regions") or []
+    """One human line per check; the full detail is in --json."""
+    d = detail if isinstance(detail, dict) else {}
+    if name == "nvdimm.present" and d:
+        regions = d.get("regions") or []
         parts = [f"{r.get('name')} @ {int(r.get('addr', 0)):#x}, {format_size(int(r.get('size', 0)))}"
                  for r in regions if isinstance(r, dict)]
-        match = "matches QMP" if detail.get("matches_qmp") else f"QMP says {detail.get('qmp')}"
+        match = "matches QMP" if d.get("matches_qmp") else f"QMP says {d.get('qmp')}"
         return f"{'; '.join(parts) or 'no regions'} ({match})"
+    if name in ("dax.fsdax", "dax.devdax") and d:
+        if d.get("error") or d.get("host_error"):
+            return str(d.get("error") or d.get("host_error"))
+        how = f"{d.get('device')} ({d.get('claim')}, {d.get('action')}{', mkfs' if d.get('mkfs') else ''})"
+        where = (f"stamp verified in {Path(str(d.get('host_file'))).name}+{int(d.get('host_offset', 0)):#x}"
+                 if d.get("host_verified") else "stamp NOT found by the host")
+        return f"{how}; {where}"
+    if name == "dax.map_sync" and d:
+        if d.get("mmap") != "ok":
+            return f"MAP_SYNC mmap: {d.get('mmap')}"
+        return (f"MAP_SYNC mmap {d.get('mmap')}, {format_size(int(d.get('bytes', 0)))} written, "
+                f"flushed with {d.get('flush')}, read back")
+    if name == "dax.persistence" and d:
+        return ", ".join(f"{k} {'kept' if v else 'LOST'}" for k, v in d.items() if isinstance(v, bool)) + \
+            f" (previous boot's token {d.get('expected_token')})"
+    if name == "zone_device.probe" and d:
+        rows = d.get("rows") or []
+        cells = []
+        for r in rows:
+            if isinstance(r, dict):
+                miss = "" if r.get("matches") else f" (expected {r.get('expected')})"
+                cells.append(f"{r.get('memory')}={r.get('result')}{miss}")
+        if not cells:
+            return f"no O_DIRECT source {d.get('source') or '(no fsdax device)'}: {d.get('source_open')}"
+        return "O_DIRECT into: " + ", ".join(cells)
     text = json.dumps(detail, separators=(",", ":"))
     return text if len(text) <= 90 else text[:87] + "..."
+
+
+def print_probe_table(detail: Any) -> None:
+    rows = detail.get("rows") if isinstance(detail, dict) else None
+    if not rows:
+        return
+    click.echo(f"       {'memory':<8} {'O_DIRECT':<9} {'expected':<9} {'physical':<14} note")
+    for r in rows:
+        phys = int(r.get("phys") or 0)
+        note = r.get("why") or ("" if r.get("phys_ok") in (True, None) else "address does not match QMP")
+        click.echo(f"       {str(r.get('memory')):<8} {str(r.get('result')):<9} {str(r.get('expected')):<9} "
+                   f"{(hex(phys) if phys else '-'):<14} {note}")
 
 
 def print_summary(result: Any) -> None:
@@ -123,6 +163,8 @@ def print_summary(result: Any) -> None:
     for c in result.checks:
         mark = click.style("ok  ", fg="green") if c.ok else click.style("FAIL", fg="red")
         click.echo(f"  {mark} {c.name:<{width}}  {_summarize_detail(c.name, c.detail)}")
+        if c.name == "zone_device.probe":
+            print_probe_table(c.detail)
     for note in result.messages:
         click.echo(f"  note: {note}")
     click.echo(f"  run dir: {result.run_dir} (console.log, results.jsonl, pmem*.img)")
@@ -132,11 +174,17 @@ def print_summary(result: Any) -> None:
 @vm_options
 @click.option("--run-dir", type=click.Path(path_type=Path),
               help="Where backing files and logs go; reuse one to keep NVDIMM contents across runs.")
+@click.option("--reboot", is_flag=True, help="Boot twice in the same run dir; the second boot checks that the "
+              "first boot's DAX data persisted (dax.persistence).")
+@click.option("--force", is_flag=True, help="Let the guest overwrite an NVDIMM whose info block is foreign, "
+              "corrupted or of another mode (destroys that NVDIMM's data).")
+@click.option("--guest-bin", "guest_bins", multiple=True, type=click.Path(path_type=Path, dir_okay=False),
+              help="Host binary to put into the guest's /usr/local/bin, with its shared libraries. Repeatable.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object (the documented contract).")
 @click.option("-v", "--verbose", is_flag=True, help="Stream the guest console to stderr.")
 def run(kernel: Path | None, modules: Path | None, pmem: tuple[PmemConfig, ...], memory: int, accel: str,
         boot_timeout: float, run_timeout: float, append: tuple[str, ...], quiet: bool, run_dir: Path | None,
-        as_json: bool, verbose: bool) -> None:
+        reboot: bool, force: bool, guest_bins: tuple[Path, ...], as_json: bool, verbose: bool) -> None:
     """Boot the default VM scenario, run the guest checks, print the results.
 
     Exit 0 when every check passed, 1 when one failed.
@@ -146,14 +194,15 @@ def run(kernel: Path | None, modules: Path | None, pmem: tuple[PmemConfig, ...],
     from .run import default_run_dir, prepare, run_vm
 
     ui = Ui(quiet, verbose)
-    config = make_config(pmem, memory, accel, boot_timeout, run_timeout, append)
+    config = dataclasses.replace(make_config(pmem, memory, accel, boot_timeout, run_timeout, append),
+                                 force=force, guest_bins=guest_bins)
     spec = resolve_kernel(kernel, modules)
     prep = prepare(config, spec, ui.progress)
     import secrets
     import time
 
     name = f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}-{secrets.token_hex(2)}"
-    result = run_vm(config, prep, run_dir or default_run_dir(name), ui.progress, name=name,
+    result = run_vm(config, prep, run_dir or default_run_dir(name), ui.progress, name=name, reboot=reboot,
                     console_sink=ui.console if verbose else None)
     if as_json:
         emit_json(result.to_json())
@@ -253,15 +302,36 @@ def bench_boot(kernel: Path | None, modules: Path | None, pmem: tuple[PmemConfig
     ui = Ui(quiet)
     config = make_config(pmem, memory, accel, boot_timeout, run_timeout, append)
     report = run_bench(config, resolve_kernel(kernel, modules), boots, ui.progress)
+    print_bench(report, as_json)
+
+
+@bench.command("dax")
+@vm_options
+@click.option("--json", "as_json", is_flag=True)
+def bench_dax_cmd(kernel: Path | None, modules: Path | None, pmem: tuple[PmemConfig, ...], memory: int,
+                  accel: str, boot_timeout: float, run_timeout: float, append: tuple[str, ...], quiet: bool,
+                  as_json: bool) -> None:
+    """Guest memcpy bandwidth into devdax and fsdax mappings, as ratios of memcpy into anonymous RAM."""
+    from guest.kernel import resolve_kernel
+
+    from .bench import bench_dax
+
+    ui = Ui(quiet)
+    config = make_config(pmem, memory, accel, boot_timeout, run_timeout, append)
+    report = bench_dax(config, resolve_kernel(kernel, modules), ui.progress)
+    print_bench(report, as_json)
+
+
+def print_bench(report: dict[str, Any], as_json: bool) -> None:
     if as_json:
         emit_json(report)
-    else:
-        for group in ("figures", "ratios"):
-            click.echo(click.style(group, bold=True))
-            for k, v in report[group].items():
-                click.echo(f"  {k:<34} {v}")
-        for note in report.get("notes", []):
-            click.echo(f"  note: {note}")
+        return
+    for group in ("figures", "ratios"):
+        click.echo(click.style(group, bold=True))
+        for k, v in report[group].items():
+            click.echo(f"  {k:<34} {v}")
+    for note in report.get("notes", []):
+        click.echo(f"  note: {note}")
 
 
 # ---------------------------------------------------------------------------- entry point

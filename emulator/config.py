@@ -70,17 +70,26 @@ class PmemConfig:
         return cls(size=parse_size(size_text), mode=(mode or "raw"))  # type: ignore[arg-type]
 
 
+#: The default topology: one NVDIMM in fsdax mode, one in devdax mode.
+DEFAULT_PMEM: tuple[PmemConfig, ...] = (PmemConfig(256 * MiB, "fsdax"), PmemConfig(256 * MiB, "devdax"))
+
+#: Size of the plain ivshmem BAR the probe matrix maps (a power of two: QEMU aborts otherwise).
+PROBE_BAR_SIZE = 2 * MiB
+
+
 @dataclass(frozen=True)
 class VmConfig:
     """Everything needed to boot one VM. Paths are resolved; sizes are validated."""
 
     memory: int = 512 * MiB
-    pmem: tuple[PmemConfig, ...] = field(default_factory=lambda: (PmemConfig(),))
+    pmem: tuple[PmemConfig, ...] = field(default_factory=lambda: DEFAULT_PMEM)
     accel: Accel = "auto"
     boot_timeout: float = 60.0
     run_timeout: float = 120.0
     kernel_cmdline_extra: tuple[str, ...] = ()
     smp: int = 1
+    force: bool = False  # let the guest overwrite foreign/mismatched NVDIMM info blocks
+    guest_bins: tuple[Path, ...] = ()
 
     def __post_init__(self) -> None:
         if self.memory < 128 * MiB or self.memory % MiB:
@@ -96,6 +105,9 @@ class VmConfig:
         for arg in self.kernel_cmdline_extra:
             if not arg or any(c.isspace() for c in arg) or '"' in arg:
                 raise ConfigError(f"kernel argument {arg!r} must be one word without quotes")
+        for b in self.guest_bins:
+            if not b.is_file():
+                raise ConfigError(f"--guest-bin {b}: no such file")
         if not 1 <= self.smp <= 8:
             raise ConfigError("smp must be between 1 and 8")
 

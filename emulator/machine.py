@@ -22,11 +22,12 @@ from typing import Any
 
 from qmp_client.session import SyncQmpSession
 
-from .config import NVDIMM_LABEL_SIZE, GiB, KernelSpec, VmConfig, format_size
+from .config import NVDIMM_LABEL_SIZE, PROBE_BAR_SIZE, GiB, KernelSpec, VmConfig, format_size
 from .errors import ConfigError, GuestError, SetupError, VmLaunchError
 
 PANIC_RE = re.compile(r"Kernel panic - not syncing[^\n]*")
 RESULTS_PORT = "aperture.results"
+PROBE_BAR_ID = "probe-bar"
 
 
 def find_qemu() -> str:
@@ -73,6 +74,13 @@ class RunPaths:
     def ram(self) -> Path:
         return self.shm_dir / f"aperture-{self.name}-ram"
 
+    @property
+    def probe_bar(self) -> Path:
+        return self.shm_dir / f"aperture-{self.name}-probebar"
+
+    def shm_files(self) -> list[Path]:
+        return [self.ram, self.probe_bar]
+
 
 def build_argv(qemu: str, config: VmConfig, kernel: KernelSpec, initrd: Path, paths: RunPaths, accel: str,
                cmdline: str) -> list[str]:
@@ -99,6 +107,8 @@ def build_argv(qemu: str, config: VmConfig, kernel: KernelSpec, initrd: Path, pa
         "-initrd", str(initrd),
         "-append", cmdline,
         "-no-reboot",
+        "-object", f"memory-backend-file,id=probebar,size={PROBE_BAR_SIZE},mem-path={paths.probe_bar},share=on",
+        "-device", f"ivshmem-plain,id={PROBE_BAR_ID},memdev=probebar",
     ]
     for i, p in enumerate(config.pmem):
         argv += [
@@ -108,9 +118,12 @@ def build_argv(qemu: str, config: VmConfig, kernel: KernelSpec, initrd: Path, pa
     return argv
 
 
-def kernel_cmdline(config: VmConfig, scenario: str) -> str:
-    parts = ["console=ttyS0", "panic=-1", "quiet", f"aperture_scenario={scenario}",
-             f"aperture_pmem={len(config.pmem)}"]
+def kernel_cmdline(config: VmConfig, scenario: str, guest_env: dict[str, str] | None = None) -> str:
+    """Kernel arguments; ``aperture_*`` ones reach the guest's /init and helper as environment variables."""
+    env = {"aperture_scenario": scenario, "aperture_pmem": str(len(config.pmem)),
+           "aperture_pmem_modes": ",".join(p.mode for p in config.pmem), "aperture_force": str(int(config.force))}
+    env.update(guest_env or {})
+    parts = ["console=ttyS0", "panic=-1", "quiet"] + [f"{k}={v}" for k, v in env.items()]
     return " ".join(parts + list(config.kernel_cmdline_extra))
 
 
@@ -119,7 +132,8 @@ class Vm:
 
     def __init__(self, config: VmConfig, kernel: KernelSpec, initrd: Path, *, accel: str, run_dir: Path,
                  scenario: str = "default", name: str | None = None, qemu: str | None = None,
-                 console_sink: Callable[[str], None] | None = None) -> None:
+                 console_sink: Callable[[str], None] | None = None, guest_env: dict[str, str] | None = None
+                 ) -> None:
         self.config = config
         self.kernel = kernel
         self.initrd = initrd
@@ -128,7 +142,7 @@ class Vm:
         self.paths = RunPaths(run_dir.resolve(), self.name, Path(os.environ.get("APERTURE_SHM", "/dev/shm")))
         self.qemu = qemu or find_qemu()
         self.argv = build_argv(self.qemu, config, kernel, initrd, self.paths, accel,
-                               kernel_cmdline(config, scenario))
+                               kernel_cmdline(config, scenario, guest_env))
         self.console_sink = console_sink
         self.process: subprocess.Popen[bytes] | None = None
         self.qmp: SyncQmpSession | None = None
@@ -168,7 +182,8 @@ class Vm:
             else:
                 with open(path, "wb") as f:  # sparse; contents persist across runs of this run dir
                     f.truncate(p.file_size)
-        self._register(lambda: self.paths.ram.unlink(missing_ok=True))
+        for shm in self.paths.shm_files():
+            self._register(lambda shm=shm: shm.unlink(missing_ok=True))
         self._register(lambda: self.paths.qmp_socket.unlink(missing_ok=True))
 
     def launch(self) -> None:

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
-from qmp_client.session import MemoryDevice
+from qmp_client.session import MemoryDevice, PciDevice
 
 
 @dataclass
@@ -27,6 +28,8 @@ class RunResult:
     run_dir: str
     checks: list[Check] = field(default_factory=list)
     messages: list[str] = field(default_factory=list)
+    figures: dict[str, float] = field(default_factory=dict)
+    boots: int = 1
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -45,3 +48,115 @@ def verify_nvdimm(check: Check, devices: list[MemoryDevice]) -> Check:
     matches = seen == expected
     detail = dict(detail, qmp=[{"addr": a, "size": s} for a, s in expected], matches_qmp=matches)
     return Check(check.name, bool(check.ok and matches and expected), detail)
+
+
+def _int(value: Any) -> int:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return -1
+
+
+@dataclass
+class HostVerifier:
+    """Checks the guest's claims against what the host knows: QMP's address map, backing files, kernel config."""
+
+    devices: list[MemoryDevice]
+    pci: list[PciDevice]
+    pmem_files: list[Path]
+    pmem_modes: list[str]
+    kconfig: dict[str, str]
+    memory: int
+    probe_bar_id: str
+
+    def nvdimm_at(self, phys: int, length: int = 1) -> tuple[int, MemoryDevice] | None:
+        """Index and device of the NVDIMM holding [phys, phys+length), in configuration order."""
+        nvdimms = [d for d in self.devices if d.kind == "nvdimm"]
+        for d in nvdimms:
+            if d.addr <= phys and phys + length <= d.addr + d.size:
+                index = int((d.memdev or "pmem-1").rsplit("pmem", 1)[-1] or -1)
+                return index, d
+        return None
+
+    def read_pmem(self, phys: int, length: int) -> bytes | None:
+        hit = self.nvdimm_at(phys, length)
+        if hit is None or not 0 <= hit[0] < len(self.pmem_files):
+            return None
+        with open(self.pmem_files[hit[0]], "rb") as f:
+            f.seek(phys - hit[1].addr)
+            return f.read(length)
+
+    def verify(self, check: Check) -> Check:
+        if check.name == "nvdimm.present":
+            return verify_nvdimm(check, self.devices)
+        if check.name in ("dax.fsdax", "dax.devdax"):
+            return self._verify_stamp(check)
+        if check.name == "zone_device.probe":
+            return self._verify_probe(check)
+        return check
+
+    def _verify_stamp(self, check: Check) -> Check:
+        """The guest's stamp must be in the NVDIMM's backing file at the physical address it reports."""
+        detail = check.detail if isinstance(check.detail, dict) else {}
+        phys, length, unit = _int(detail.get("stamp_phys")), _int(detail.get("stamp_len")), detail.get("stamp")
+        if phys <= 0 or not 0 < length <= 1 << 20 or not isinstance(unit, str) or not unit:
+            return Check(check.name, False, dict(detail, host_verified=False, host_error="no stamp reported"))
+        want_mode = "fsdax" if check.name == "dax.fsdax" else "devdax"
+        hit = self.nvdimm_at(phys, length)
+        got = self.read_pmem(phys, length)
+        expected = (unit.encode() * (length // len(unit) + 1))[:length]
+        in_right_dimm = hit is not None and 0 <= hit[0] < len(self.pmem_modes) and self.pmem_modes[hit[0]] == want_mode
+        ok = got == expected and in_right_dimm
+        extra: dict[str, Any] = {"host_verified": ok}
+        if hit is not None:
+            extra.update(host_file=str(self.pmem_files[hit[0]]) if hit[0] < len(self.pmem_files) else None,
+                         host_offset=phys - hit[1].addr)
+        if not ok:
+            extra["host_error"] = ("stamp not at that address in the backing file" if in_right_dimm
+                                   else "address is not inside the expected NVDIMM")
+        return Check(check.name, check.ok and ok, dict(detail, **extra))
+
+    def expected_probe(self) -> dict[str, str]:
+        """What each probe row should give on this kernel: a struct page makes O_DIRECT work."""
+        k = self.kconfig
+        known = bool(k)
+
+        def on(flag: str, default: bool = True) -> bool:
+            return k.get(flag, "n") in ("y", "m") if known else default
+
+        return {
+            "ram": "ok",
+            "devdax": ("ok" if on("CONFIG_ZONE_DEVICE") and on("CONFIG_DEV_DAX") else "EFAULT")
+            if "devdax" in self.pmem_modes else "absent",
+            "fsdax": ("ok" if on("CONFIG_ZONE_DEVICE") and on("CONFIG_FS_DAX") else "EFAULT")
+            if "fsdax" in self.pmem_modes else "absent",
+            "bar": "EFAULT",
+            "p2pmem": "ok" if on("CONFIG_PCI_P2PDMA", default=False) else "absent",
+        }
+
+    def _verify_probe(self, check: Check) -> Check:
+        detail = check.detail if isinstance(check.detail, dict) else {}
+        rows = [r for r in detail.get("rows", []) if isinstance(r, dict)]
+        expected = self.expected_probe()
+        bar2 = next((d.bars.get(2) for d in self.pci if d.qdev_id == self.probe_bar_id), None)
+        all_ok = bool(rows) and {r.get("memory") for r in rows} >= set(expected)
+        out_rows = []
+        for row in rows:
+            mem = str(row.get("memory"))
+            want = expected.get(mem, "?")
+            phys = _int(row.get("phys"))
+            phys_ok: bool | None = None
+            if row.get("result") not in ("absent", None):
+                if mem == "ram":
+                    phys_ok = 0 < phys < self.memory
+                elif mem in ("devdax", "fsdax"):
+                    hit = self.nvdimm_at(phys)
+                    phys_ok = hit is not None and hit[0] < len(self.pmem_modes) and self.pmem_modes[hit[0]] == mem
+                elif mem == "bar":
+                    phys_ok = bar2 is not None and phys == bar2[0]
+            matches = row.get("result") == want and phys_ok is not False
+            all_ok = all_ok and matches
+            out_rows.append(dict(row, expected=want, phys_ok=phys_ok, matches=matches))
+        return Check(check.name, check.ok and all_ok,
+                     dict(detail, rows=out_rows, qmp_bar2=list(bar2) if bar2 else None,
+                          kernel_config_known=bool(self.kconfig)))

@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from guest.cache import cache_root
 from guest.image import GuestImage, build_image
+from guest.kernel import kernel_config
 
 from .accel import AccelChoice, choose_accel
 from .config import KernelSpec, VmConfig
 from .errors import GuestError
-from .machine import Vm, find_qemu, qemu_version
-from .results import Check, RunResult, verify_nvdimm
+from .machine import PROBE_BAR_ID, Vm, find_qemu, qemu_version
+from .results import Check, HostVerifier, RunResult
 
 Progress = Callable[[str], None]
 
@@ -40,7 +42,7 @@ def prepare(config: VmConfig, kernel: KernelSpec, progress: Progress) -> Prepare
     qemu = find_qemu()
     version = qemu_version(qemu)
     progress(f"guest image: building for kernel {kernel.release}")
-    image = build_image(kernel)
+    image = build_image(kernel, guest_bins=config.guest_bins)
     progress(f"guest image: {image.path.name} ({'cached' if image.cached else 'built'}, "
              f"{len(image.modules)} modules)")
     accel = choose_accel(config.accel, kernel, image.path, qemu, version, cache_root())
@@ -48,38 +50,57 @@ def prepare(config: VmConfig, kernel: KernelSpec, progress: Progress) -> Prepare
     return Prepared(kernel, image, qemu, version, accel)
 
 
-def run_vm(config: VmConfig, prep: Prepared, run_dir: Path, progress: Progress, *, scenario: str = "default",
-           console_sink: Callable[[str], None] | None = None, name: str | None = None) -> RunResult:
-    """Boot once, collect the helper's checks, verify them on the host against QMP."""
+def _verifier(vm: Vm, config: VmConfig, kernel: KernelSpec) -> HostVerifier:
+    assert vm.qmp is not None
+    return HostVerifier(
+        devices=vm.qmp.memory_devices(),
+        pci=vm.qmp.pci_devices(),
+        pmem_files=[vm.paths.pmem(i) for i in range(len(config.pmem))],
+        pmem_modes=[p.mode for p in config.pmem],
+        kconfig=kernel_config(kernel),
+        memory=config.memory,
+        probe_bar_id=PROBE_BAR_ID,
+    )
+
+
+def boot_once(config: VmConfig, prep: Prepared, run_dir: Path, progress: Progress, *, scenario: str = "default",
+              console_sink: Callable[[str], None] | None = None, name: str | None = None,
+              guest_env: dict[str, str] | None = None) -> RunResult:
+    """Boot once, collect the helper's checks and figures, verify them on the host."""
     checks: list[Check] = []
     notes: list[str] = []
+    figures: dict[str, float] = {}
     with Vm(config, prep.kernel, prep.image.path, accel=prep.accel.accel, run_dir=run_dir, scenario=scenario,
-            qemu=prep.qemu, console_sink=console_sink, name=name) as vm:
+            qemu=prep.qemu, console_sink=console_sink, name=name, guest_env=guest_env) as vm:
         assert vm.qmp is not None
         progress(f"booting {vm.name} (QEMU {prep.qemu_version}, {prep.accel.accel}) in {vm.paths.run_dir}")
         qemu_ver = vm.qmp.version()
-        devices = vm.qmp.memory_devices()
+        verifier: HostVerifier | None = None
+        pending: list[Check] = []
         for msg in vm.messages():
             kind = msg.get("type")
             if kind == "hello":
+                # BARs are assigned by the guest's firmware: read the address map once the guest is up.
+                verifier = _verifier(vm, config, prep.kernel)
                 progress(f"guest up: helper started {vm.boot_s:.2f} s after QEMU start "
                          f"(guest uptime {msg.get('uptime_s')} s)")
                 if msg.get("kernel_release") != prep.kernel.release:
                     notes.append(f"guest reports kernel {msg.get('kernel_release')}")
             elif kind == "check":
-                name_ = str(msg.get("name", "?"))
-                check = Check(name_, bool(msg.get("ok")), msg.get("detail"))
-                if name_ == "nvdimm.present":
-                    check = verify_nvdimm(check, devices)
-                checks.append(check)
-                progress(f"  {'ok  ' if check.ok else 'FAIL'} {name_}")
+                check = Check(str(msg.get("name", "?")), bool(msg.get("ok")), msg.get("detail"))
+                progress(f"  guest: {'ok  ' if check.ok else 'FAIL'} {check.name}")
+                pending.append(check)
+            elif kind == "figures" and isinstance(msg.get("values"), dict):
+                figures.update({str(k): float(v) for k, v in msg["values"].items() if isinstance(v, (int, float))})
             elif kind == "log":
                 notes.append(str(msg.get("message")))
             elif kind == "garbage":
                 notes.append(f"unparseable result line: {msg.get('raw')}")
         poweroff_s = vm.wait_poweroff()
         progress(f"guest powered off {poweroff_s:.2f} s after QEMU start")
-        if not checks:
+        # Verify after poweroff: the guest has flushed and QEMU has written everything back.
+        checks = [verifier.verify(c) for c in pending] if verifier else pending
+        if not checks and scenario == "default":
             raise GuestError("the guest helper reported no checks")
         return RunResult(
             ok=all(c.ok for c in checks),
@@ -92,4 +113,40 @@ def run_vm(config: VmConfig, prep: Prepared, run_dir: Path, progress: Progress, 
             run_dir=str(vm.paths.run_dir),
             checks=checks,
             messages=notes,
+            figures=figures,
         )
+
+
+def run_vm(config: VmConfig, prep: Prepared, run_dir: Path, progress: Progress, *, reboot: bool = False,
+           console_sink: Callable[[str], None] | None = None, name: str | None = None) -> RunResult:
+    """The default scenario; with ``reboot``, boot twice in the same run dir and check persistence."""
+    token = secrets.token_hex(4)
+    first = boot_once(config, prep, run_dir, progress, console_sink=console_sink, name=name,
+                      guest_env={"aperture_stamp": token})
+    if not reboot:
+        return first
+    progress("rebooting to verify persistence")
+    second = boot_once(config, prep, run_dir, progress, console_sink=console_sink, name=name,
+                       guest_env={"aperture_stamp": secrets.token_hex(4), "aperture_expect": token})
+    return merge_boots([first, second])
+
+
+def merge_boots(results: list[RunResult]) -> RunResult:
+    """One result for several boots: a check is ok only if it was ok in every boot that reported it."""
+    merged: dict[str, Check] = {}
+    per_boot: dict[str, list[bool]] = {}
+    for r in results:
+        for c in r.checks:
+            per_boot.setdefault(c.name, []).append(c.ok)
+            prev = merged.get(c.name)
+            merged[c.name] = c if prev is None or prev.ok or not c.ok else prev
+    checks = []
+    for name, c in merged.items():
+        detail = dict(c.detail, ok_per_boot=per_boot[name]) if isinstance(c.detail, dict) else c.detail
+        checks.append(Check(name, all(per_boot[name]), detail))
+    last = results[-1]
+    return RunResult(
+        ok=all(c.ok for c in checks), accel=last.accel, accel_reason=last.accel_reason,
+        qemu_version=last.qemu_version, kernel_release=last.kernel_release, boot_s=results[0].boot_s,
+        poweroff_s=results[0].poweroff_s, run_dir=last.run_dir, checks=checks,
+        messages=[m for r in results for m in r.messages], figures=last.figures, boots=len(results))

@@ -41,6 +41,9 @@ class CpioWriter:
         name = entry.name.lstrip("/")
         if not name or name in self.names:
             raise ValueError(f"bad or duplicate cpio entry name {entry.name!r}")
+        parent = name.rpartition("/")[0]
+        if parent and parent not in self.names:  # the kernel does not create missing parents
+            self.add(Entry(parent, stat.S_IFDIR | 0o755))
         self.names.add(name)
         self._header(name, entry.mode, len(entry.data), entry.rdev)
         self.out.write(entry.data + _pad4(len(entry.data)))

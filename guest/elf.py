@@ -75,3 +75,47 @@ def pvh_entry(path: Path) -> int | None:
                     raw = desc if isinstance(desc, bytes) else bytes.fromhex(desc)
                     return int.from_bytes(raw[:8], "little")
     return None
+
+
+#: Where the guest's dynamic loader looks (Debian multiarch first); host copies are found in the same places.
+LIBRARY_DIRS = (Path("/lib/x86_64-linux-gnu"), Path("/usr/lib/x86_64-linux-gnu"), Path("/lib64"),
+                Path("/usr/lib64"), Path("/lib"), Path("/usr/lib"))
+
+
+def _find_library(name: str, rpath: tuple[Path, ...]) -> Path | None:
+    for d in rpath + LIBRARY_DIRS:
+        cand = d / name
+        if cand.exists():
+            return cand
+    return None
+
+
+def binary_closure(path: Path) -> dict[str, Path]:
+    """Everything a host binary needs to run in the guest: guest path → host file.
+
+    Reads PT_INTERP and DT_NEEDED (transitively) with pyelftools; a library that cannot be found is a
+    SetupError naming it. The binary itself is not included.
+    """
+    out: dict[str, Path] = {}
+    todo = [path]
+    seen: set[Path] = set()
+    while todo:
+        current = todo.pop()
+        real = current.resolve()
+        if real in seen:
+            continue
+        seen.add(real)
+        facts = elf_facts(real)
+        if facts.machine != "EM_X86_64":
+            raise SetupError(f"{current} is {facts.machine}, not x86-64")
+        if facts.interpreter and facts.interpreter not in out:
+            out[facts.interpreter] = Path(facts.interpreter).resolve()
+        for lib in facts.needed:
+            found = _find_library(lib, ())
+            if found is None:
+                raise SetupError(f"{path}: needed library {lib} not found on the host")
+            guest_path = f"/lib/x86_64-linux-gnu/{lib}"
+            if guest_path not in out:
+                out[guest_path] = found.resolve()
+                todo.append(found)
+    return out

@@ -18,14 +18,18 @@ from emulator.errors import SetupError
 
 from .cache import cache_root, read_manifest
 from .cpio import CpioWriter
-from .elf import check_static_x86_64
+from .elf import binary_closure, check_static_x86_64
 from .kmod import ModuleIndex
 
 #: Bump when the image layout changes, so cached images are rebuilt.
-IMAGE_FORMAT = 1
+IMAGE_FORMAT = 2
 
 #: The NVDIMM stack, in the order that works (dax core is built in).
-DEFAULT_MODULES: tuple[str, ...] = ("libnvdimm", "nfit", "nd_btt", "nd_pmem", "dax_pmem", "device_dax")
+DEFAULT_MODULES: tuple[str, ...] = ("libnvdimm", "nfit", "nd_btt", "nd_pmem", "dax_pmem", "device_dax",
+                                    "crc32c_generic", "ext4")
+
+#: Host binaries every image carries (with their shared-library closure): busybox has no mkfs.ext4.
+DEFAULT_GUEST_BINS: tuple[str, ...] = ("mke2fs",)
 
 
 def _helper_dir() -> Path:
@@ -89,9 +93,30 @@ def _busybox() -> Path:
     return bb
 
 
+def find_host_binary(name: str) -> Path:
+    for d in ("/usr/sbin", "/sbin", "/usr/bin", "/bin"):
+        if Path(d, name).is_file():
+            return Path(d, name)
+    found = shutil.which(name)
+    if found is None:
+        raise SetupError(f"{name} not found on the host (scripts/setup.sh installs e2fsprogs)")
+    return Path(found)
+
+
+def guest_files(bins: tuple[Path, ...]) -> dict[str, Path]:
+    """Guest path → host file for each binary (in /usr/local/bin) and its loader and libraries."""
+    files: dict[str, Path] = {}
+    for b in bins:
+        files[f"/usr/local/bin/{b.name}"] = b.resolve()
+        files.update(binary_closure(b))
+    return files
+
+
 def build_image(kernel: KernelSpec, modules: tuple[str, ...] = DEFAULT_MODULES, *, force: bool = False,
-                cache: Path | None = None) -> GuestImage:
+                cache: Path | None = None, guest_bins: tuple[Path, ...] = ()) -> GuestImage:
     root = cache or cache_root()
+    bins = tuple(find_host_binary(n) for n in DEFAULT_GUEST_BINS) + tuple(guest_bins)
+    extra = guest_files(bins)
     index = ModuleIndex(kernel.modules_dir, kernel.release)
     closure = index.closure(list(modules))  # checks vermagic before anything is written
     helper = build_helper(root)
@@ -105,6 +130,9 @@ def build_image(kernel: KernelSpec, modules: tuple[str, ...] = DEFAULT_MODULES, 
         digest.update(f"{m.name}:{m.path}:{st.st_size}:{st.st_mtime_ns}\n".encode())
     for blob in (helper.read_bytes(), busybox.read_bytes(), init):
         digest.update(hashlib.sha256(blob).digest())
+    for guest_path, host in sorted(extra.items()):
+        st = host.stat()
+        digest.update(f"{guest_path}:{host}:{st.st_size}:{st.st_mtime_ns}\n".encode())
     hexdigest = digest.hexdigest()[:20]
     out = root / "images" / f"initramfs-{hexdigest}.cpio"
     names = tuple(m.name for m in closure)
@@ -127,6 +155,8 @@ def build_image(kernel: KernelSpec, modules: tuple[str, ...] = DEFAULT_MODULES, 
         for m in closure:
             w.file(f"lib/modules/{m.name}.ko", m.data)
         w.file("etc/aperture/modules", ("\n".join(names) + "\n").encode())
+        for guest_path, host in sorted(extra.items()):
+            w.file(guest_path, host.read_bytes(), 0o755)
         w.close()
     tmp.replace(out)
     return GuestImage(out, hexdigest, kernel.release, names, cached=False)

@@ -1,7 +1,8 @@
 #!/bin/busybox sh
 # aperture guest /init: mount, load modules, run the helper, power off. Never returns to the kernel.
 /bin/busybox --install -s /bin
-export PATH=/bin:/sbin
+export PATH=/usr/local/bin:/bin:/sbin
+export LD_LIBRARY_PATH=/lib/x86_64-linux-gnu
 mkdir -p /proc /sys /dev /tmp /run /mnt
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys

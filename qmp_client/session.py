@@ -37,6 +37,42 @@ class MemoryDevice:
                    data.get("memdev"))
 
 
+@dataclass(frozen=True)
+class PciDevice:
+    """One device of ``query-pci`` with its BARs (bar index → (address, size))."""
+
+    qdev_id: str
+    bus: int
+    slot: int
+    function: int
+    vendor: int
+    device: int
+    bars: dict[int, tuple[int, int]]
+
+    @property
+    def address(self) -> str:
+        return f"0000:{self.bus:02x}:{self.slot:02x}.{self.function:x}"
+
+
+def flatten_pci(buses: list[dict[str, Any]]) -> list[PciDevice]:
+    out: list[PciDevice] = []
+
+    def walk(devices: list[dict[str, Any]], bus: int) -> None:
+        for d in devices:
+            bars = {int(r["bar"]): (int(r["address"]), int(r["size"])) for r in d.get("regions", []) if "bar" in r}
+            ident = d.get("id", {})
+            out.append(PciDevice(d.get("qdev_id", ""), int(d.get("bus", bus)), int(d.get("slot", 0)),
+                                 int(d.get("function", 0)), int(ident.get("vendor", 0)), int(ident.get("device", 0)),
+                                 bars))
+            bridge = d.get("pci_bridge")
+            if bridge:
+                walk(bridge.get("devices", []), int(bridge.get("bus", {}).get("secondary", 0)))
+
+    for b in buses:
+        walk(b.get("devices", []), int(b.get("bus", 0)))
+    return out
+
+
 class QmpSession:
     """One connection to one QEMU's QMP socket."""
 
@@ -71,6 +107,9 @@ class QmpSession:
 
     async def memory_devices(self) -> list[MemoryDevice]:
         return [MemoryDevice.from_qmp(d) for d in await self.execute("query-memory-devices")]
+
+    async def pci_devices(self) -> list[PciDevice]:
+        return flatten_pci(await self.execute("query-pci"))
 
     async def status(self) -> str:
         return str((await self.execute("query-status"))["status"])
@@ -121,6 +160,9 @@ class SyncQmpSession:
 
     def memory_devices(self) -> list[MemoryDevice]:
         return self._run(self.session.memory_devices())
+
+    def pci_devices(self) -> list[PciDevice]:
+        return self._run(self.session.pci_devices())
 
     def quit(self) -> None:
         self._run(self.session.quit(), 10.0)

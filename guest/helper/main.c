@@ -2,6 +2,7 @@
  * Usage: aperture-helper [SCENARIO]   (default: $aperture_scenario, else "default")
  *   probe    hello + done only (accelerator probe, boot benchmarks)
  *   default  every check this build knows
+ *   bench-dax  configure DAX, report memcpy figures
  *   hang     report hello, then never finish (exercises the host's run timeout)
  */
 #include "report.h"
@@ -37,8 +38,13 @@ int main(int argc, char **argv)
         for (;;)
             pause();
     modules_check();
-    if (strcmp(scenario, "default") == 0 || strcmp(scenario, "nvdimm") == 0) {
+    if (strcmp(scenario, "default") == 0) {
         scenario_nvdimm();
+        scenario_dax(0);
+    } else if (strcmp(scenario, "nvdimm") == 0) {
+        scenario_nvdimm();
+    } else if (strcmp(scenario, "bench-dax") == 0) {
+        scenario_dax(1);
     } else {
         report_log("unknown scenario %s", scenario);
     }

@@ -7,13 +7,6 @@
 #include <string.h>
 #include <unistd.h>
 
-#define MAX_REGIONS 16
-
-struct region {
-    char name[256];
-    unsigned long long addr, size;
-};
-
 static int list_regions(struct region *out, int max)
 {
     int n = 0;
@@ -39,18 +32,31 @@ static int list_regions(struct region *out, int max)
     return n;
 }
 
-void scenario_nvdimm(void)
+static int by_addr(const void *a, const void *b)
 {
-    int expected = atoi(env_or("aperture_pmem", "1"));
-    struct region regions[MAX_REGIONS];
+    const struct region *x = a, *y = b;
+    return x->addr < y->addr ? -1 : x->addr > y->addr;
+}
+
+int nd_regions(struct region *out, int max, int expected)
+{
     int n = 0;
     /* Region devices are registered as the nfit driver probes; give them up to 5 s to appear. */
     for (int i = 0; i < 500; i++) {
-        n = list_regions(regions, MAX_REGIONS);
+        n = list_regions(out, max);
         if (n >= expected)
             break;
         usleep(10000);
     }
+    qsort(out, (size_t)n, sizeof(*out), by_addr);
+    return n;
+}
+
+void scenario_nvdimm(void)
+{
+    int expected = atoi(env_or("aperture_pmem", "1"));
+    struct region regions[MAX_REGIONS];
+    int n = nd_regions(regions, MAX_REGIONS, expected);
     struct jbuf jb;
     jb_init(&jb);
     jb_printf(&jb, "{\"expected\":%d,\"regions\":[", expected);

@@ -25,7 +25,26 @@ void report_log(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
 int read_text(const char *path, char *out, size_t outlen); /* 0 on success, trailing newline stripped */
 const char *env_or(const char *name, const char *fallback);
 
+/* sysfs / procfs utilities (util.c) */
+int write_text(const char *path, const char *value);          /* 0 or -errno */
+int run_cmd(const char *cmdline);                              /* system(), returns exit status or -1 */
+unsigned long long virt_to_phys(const void *addr);             /* via /proc/self/pagemap; 0 if unknown */
+void random_uuid(char out[37]);
+void fill_stamp(char *buf, size_t len, const char *unit);      /* unit repeated, truncated to len */
+void flush_range(const void *addr, size_t len);                /* clwb/clflushopt/clflush + sfence */
+const char *flush_method(void);
+double now_s(void);
+
+/* NVDIMM regions (nvdimm.c), sorted by physical address */
+#define MAX_REGIONS 16
+struct region {
+    char name[256];
+    unsigned long long addr, size;
+};
+int nd_regions(struct region *out, int max, int expected);
+
 /* Scenarios: each reports its own checks. */
 void scenario_nvdimm(void);
+void scenario_dax(int bench);
 
 #endif

@@ -52,3 +52,12 @@ def test_duplicate_names_rejected() -> None:
 def test_bad_magic() -> None:
     with pytest.raises(ValueError):
         read_cpio(b"garbage" * 100)
+
+
+def test_missing_parents_are_created() -> None:
+    buf = io.BytesIO()
+    w = CpioWriter(buf)
+    w.file("usr/local/bin/tool", b"x")
+    w.close()
+    names = [e.name for e in read_cpio(buf.getvalue())]
+    assert names == ["usr", "usr/local", "usr/local/bin", "usr/local/bin/tool"]

@@ -31,12 +31,20 @@ def test_default_argv_shape() -> None:
     assert _opt_values(argv, "-cpu") == ["max"]
 
 
+def test_default_topology_is_fsdax_plus_devdax_and_a_probe_bar() -> None:
+    argv = _argv(VmConfig())
+    assert "aperture_pmem_modes=fsdax,devdax" in _opt_values(argv, "-append")[0]
+    assert "ivshmem-plain,id=probe-bar,memdev=probebar" in _opt_values(argv, "-device")
+    assert any("id=probebar" in o and "size=2097152" in o for o in _opt_values(argv, "-object"))
+
+
 def test_two_pmem_and_kvm() -> None:
-    argv = _argv(VmConfig(pmem=(PmemConfig(), PmemConfig.parse("64M:devdax"))), accel="kvm")
+    argv = _argv(VmConfig(pmem=(PmemConfig(), PmemConfig.parse("64M:devdax"), PmemConfig())), accel="kvm")
     assert _opt_values(argv, "-cpu") == ["host"]
-    assert sum(1 for d in _opt_values(argv, "-device") if d.startswith("nvdimm,")) == 2
-    assert "slots=2" in _opt_values(argv, "-m")[0]
-    assert "aperture_pmem=2" in _opt_values(argv, "-append")[0]
+    assert sum(1 for d in _opt_values(argv, "-device") if d.startswith("nvdimm,")) == 3
+    assert "slots=3" in _opt_values(argv, "-m")[0]
+    assert "aperture_pmem=3" in _opt_values(argv, "-append")[0]
+    assert "aperture_pmem_modes=raw,devdax,raw" in _opt_values(argv, "-append")[0]
 
 
 def test_verify_nvdimm() -> None:

@@ -1,0 +1,736 @@
+/* DAX and ZONE_DEVICE: put NVDIMM regions into fsdax/devdax through sysfs only, prove MAP_SYNC, persistence,
+ * and the struct-page probe matrix (O_DIRECT into RAM, DAX mappings and a PCI BAR mapping).
+ *
+ * Checks: dax.fsdax, dax.devdax, dax.map_sync, dax.persistence (when $aperture_expect is set), zone_device.probe.
+ */
+#define _GNU_SOURCE
+#include "report.h"
+
+#include <dirent.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <linux/fiemap.h>
+#include <linux/fs.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/ioctl.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#ifndef MAP_SHARED_VALIDATE
+#define MAP_SHARED_VALIDATE 0x03
+#endif
+#ifndef MAP_SYNC
+#define MAP_SYNC 0x80000
+#endif
+#ifndef STATX_ATTR_DAX
+#define STATX_ATTR_DAX 0x00200000
+#endif
+
+#define ND "/sys/bus/nd/devices"
+#define MIB (1024ULL * 1024ULL)
+#define STAMP_LEN 4096
+#define DEVDAX_STAMP_OFF (2 * MIB)
+#define MAPSYNC_LEN (2 * MIB)
+#define FSDAX_DIR "/mnt/fsdax"
+
+struct pmem {
+    struct region r;
+    int region_id;
+    char want[16];      /* fsdax | devdax */
+    char ns[64];        /* namespaceN.M */
+    char claim[64];     /* pfnN.M | daxN.M after configuration */
+    char dev[96];       /* /dev/pmemN or /dev/daxN.M */
+    unsigned long long data_phys;
+    char action[32];    /* reused | configured | reconfigured */
+    char error[1024];
+};
+
+static int path_exists(const char *p) { return access(p, F_OK) == 0; }
+
+/* namespaceN.M, not the region's namespace_seed attribute */
+static int is_namespace_dev(const char *dir, const char *name)
+{
+    (void)dir;
+    return name[9] >= '0' && name[9] <= '9';
+}
+
+/* First entry of dir whose name starts with prefix (and passes accept, if given). */
+static int find_entry(const char *dir, const char *prefix, char *out, size_t outlen,
+                      int (*accept)(const char *dir, const char *name))
+{
+    DIR *d = opendir(dir);
+    struct dirent *e;
+    int found = 0;
+    while (d && (e = readdir(d)) && !found) {
+        if (strncmp(e->d_name, prefix, strlen(prefix)) != 0)
+            continue;
+        if (accept && !accept(dir, e->d_name))
+            continue;
+        snprintf(out, outlen, "%s", e->d_name);
+        found = 1;
+    }
+    if (d)
+        closedir(d);
+    return found;
+}
+
+/* A pfn/dax/btt device that claims a namespace and has a driver bound. */
+static int claims_namespace(const char *dir, const char *name)
+{
+    char path[512], buf[128];
+    snprintf(path, sizeof(path), "%s/%s/namespace", dir, name);
+    if (read_text(path, buf, sizeof(buf)) != 0 || !buf[0])
+        return 0;
+    snprintf(path, sizeof(path), "%s/%s/driver", dir, name);
+    return path_exists(path);
+}
+
+static const char *mode_of_claim(const char *claim)
+{
+    if (!strncmp(claim, "pfn", 3))
+        return "fsdax";
+    if (!strncmp(claim, "dax", 3))
+        return "devdax";
+    if (!strncmp(claim, "btt", 3))
+        return "sector";
+    return "raw";
+}
+
+static int current_claim(struct pmem *p, char *out, size_t outlen)
+{
+    char dir[512];
+    snprintf(dir, sizeof(dir), ND "/%s", p->r.name);
+    return find_entry(dir, "pfn", out, outlen, claims_namespace) ||
+           find_entry(dir, "dax", out, outlen, claims_namespace) ||
+           find_entry(dir, "btt", out, outlen, claims_namespace);
+}
+
+static int wait_for(const char *path)
+{
+    for (int i = 0; i < 300 && !path_exists(path); i++)
+        usleep(10000);
+    return path_exists(path);
+}
+
+static int raw_blockdev(struct pmem *p, char *out, size_t outlen)
+{
+    char dir[512], name[64], drv[512];
+    snprintf(drv, sizeof(drv), ND "/%s/driver", p->ns);
+    if (!path_exists(drv) && write_text("/sys/bus/nd/drivers/nd_pmem/bind", p->ns) != 0)
+        return 0;
+    snprintf(dir, sizeof(dir), ND "/%s/block", p->ns);
+    for (int i = 0; i < 200; i++) {
+        if (find_entry(dir, "pmem", name, sizeof(name), NULL)) {
+            snprintf(out, outlen, "/dev/%s", name);
+            return wait_for(out);
+        }
+        usleep(10000);
+    }
+    return 0;
+}
+
+/* The info block (pfn/dax superblock) lives at 4 KiB into the namespace. */
+static int info_area(const char *dev, int wipe, int *nonzero)
+{
+    char buf[4096];
+    int fd = open(dev, (wipe ? O_RDWR : O_RDONLY) | O_CLOEXEC | O_SYNC);
+    if (fd < 0)
+        return -errno;
+    if (pread(fd, buf, sizeof(buf), 4096) != (ssize_t)sizeof(buf)) {
+        close(fd);
+        return -EIO;
+    }
+    *nonzero = 0;
+    for (size_t i = 0; i < sizeof(buf); i++)
+        *nonzero |= buf[i] != 0;
+    if (wipe) {
+        memset(buf, 0, sizeof(buf));
+        if (pwrite(fd, buf, sizeof(buf), 4096) != (ssize_t)sizeof(buf)) {
+            close(fd);
+            return -EIO;
+        }
+        fsync(fd);
+    }
+    close(fd);
+    return 0;
+}
+
+static void describe(struct pmem *p)
+{
+    char path[512], buf[64], name[64];
+    snprintf(path, sizeof(path), ND "/%s/resource", p->claim);
+    if (read_text(path, buf, sizeof(buf)) == 0)
+        p->data_phys = strtoull(buf, NULL, 0);
+    if (!strcmp(p->want, "fsdax")) {
+        snprintf(path, sizeof(path), ND "/%s/block", p->claim);
+        if (find_entry(path, "pmem", name, sizeof(name), NULL))
+            snprintf(p->dev, sizeof(p->dev), "/dev/%s", name);
+    } else {
+        char prefix[32];
+        snprintf(prefix, sizeof(prefix), "dax%d.", p->region_id);
+        for (int i = 0; i < 200 && !find_entry("/sys/bus/dax/devices", prefix, name, sizeof(name), NULL); i++)
+            usleep(10000);
+        if (find_entry("/sys/bus/dax/devices", prefix, name, sizeof(name), NULL))
+            snprintf(p->dev, sizeof(p->dev), "/dev/%s", name);
+    }
+    if (p->dev[0] && !wait_for(p->dev))
+        snprintf(p->error, sizeof(p->error), "%s did not appear", p->dev);
+}
+
+/* Bring the region into p->want through sysfs. Never destroys foreign data unless force. */
+static int configure(struct pmem *p, int force)
+{
+    char claim[64], path[512], uuid[37], seed[64], raw[96];
+    const char *kind = !strcmp(p->want, "fsdax") ? "pfn" : "dax";
+    const char *driver = !strcmp(p->want, "fsdax") ? "nd_pmem" : "dax_pmem";
+    int nonzero = 0, err;
+
+    snprintf(path, sizeof(path), ND "/%s", p->r.name);
+    if (!find_entry(path, "namespace", p->ns, sizeof(p->ns), is_namespace_dev)) {
+        snprintf(p->error, sizeof(p->error), "%s has no namespace", p->r.name);
+        return -1;
+    }
+    snprintf(p->action, sizeof(p->action), "configured");
+    if (current_claim(p, claim, sizeof(claim))) {
+        if (!strcmp(mode_of_claim(claim), p->want)) {
+            snprintf(p->claim, sizeof(p->claim), "%s", claim);
+            snprintf(p->action, sizeof(p->action), "reused");
+            describe(p);
+            return p->error[0] ? -1 : 0;
+        }
+        if (!force) {
+            snprintf(p->error, sizeof(p->error),
+                     "%s holds a %s info block (%s), not %s; refusing to reconfigure it without --force "
+                     "(that destroys its data)", p->r.name, mode_of_claim(claim), claim, p->want);
+            return -1;
+        }
+        snprintf(path, sizeof(path), ND "/%s/driver/unbind", claim);
+        write_text(path, claim);
+        snprintf(path, sizeof(path), ND "/%s/namespace", claim);
+        write_text(path, "\n");
+        snprintf(p->action, sizeof(p->action), "reconfigured");
+        /* nd_pmem would find the old info block again and refuse the raw namespace: force it raw once. */
+        snprintf(path, sizeof(path), ND "/%s/force_raw", p->ns);
+        write_text(path, "1");
+        force = 2; /* wipe unconditionally below */
+    }
+    if (!raw_blockdev(p, raw, sizeof(raw))) {
+        snprintf(p->error, sizeof(p->error), "cannot bind %s to nd_pmem for its raw block device", p->ns);
+        return -1;
+    }
+    err = info_area(raw, 0, &nonzero);
+    if (err) {
+        snprintf(p->error, sizeof(p->error), "reading the info block area of %s: %s", raw, strerror(-err));
+        return -1;
+    }
+    if (nonzero || force == 2) {
+        if (!force) {
+            snprintf(p->error, sizeof(p->error),
+                     "%s (%s) has foreign or corrupted data where the info block goes (4 KiB in); "
+                     "refusing to overwrite it without --force", p->r.name, raw);
+            return -1;
+        }
+        info_area(raw, 1, &nonzero);
+        snprintf(p->action, sizeof(p->action), "reconfigured");
+    }
+    write_text("/sys/bus/nd/drivers/nd_pmem/unbind", p->ns);
+    snprintf(path, sizeof(path), ND "/%s/force_raw", p->ns);
+    write_text(path, "0");
+    snprintf(path, sizeof(path), ND "/%s/%s_seed", p->r.name, kind);
+    if (read_text(path, seed, sizeof(seed)) != 0 || !seed[0]) {
+        snprintf(p->error, sizeof(p->error), "%s has no %s_seed", p->r.name, kind);
+        return -1;
+    }
+    random_uuid(uuid);
+    const char *attrs[][2] = {{"uuid", uuid}, {"align", "2097152"}, {"mode", "pmem"}, {"namespace", p->ns}};
+    for (size_t i = 0; i < sizeof(attrs) / sizeof(attrs[0]); i++) {
+        snprintf(path, sizeof(path), ND "/%s/%s", seed, attrs[i][0]);
+        if ((err = write_text(path, attrs[i][1])) != 0) {
+            snprintf(p->error, sizeof(p->error), "writing %s to %s: %s", attrs[i][1], path, strerror(-err));
+            return -1;
+        }
+    }
+    snprintf(path, sizeof(path), "/sys/bus/nd/drivers/%s/bind", driver);
+    if ((err = write_text(path, seed)) != 0) {
+        snprintf(p->error, sizeof(p->error), "binding %s to %s: %s", seed, driver, strerror(-err));
+        return -1;
+    }
+    snprintf(p->claim, sizeof(p->claim), "%s", seed);
+    describe(p);
+    return p->error[0] ? -1 : 0;
+}
+
+static const char *errno_name(int e)
+{
+    switch (e) {
+    case 0: return "ok";
+    case EFAULT: return "EFAULT";
+    case EINVAL: return "EINVAL";
+    case EIO: return "EIO";
+    case ENOMEM: return "ENOMEM";
+    case EOPNOTSUPP: return "EOPNOTSUPP";
+    case EREMOTEIO: return "EREMOTEIO";
+    case EPERM: return "EPERM";
+    case ENXIO: return "ENXIO";
+    case ENODEV: return "ENODEV";
+    case EACCES: return "EACCES";
+    default: return "EUNKNOWN";
+    }
+}
+
+static void stamp_unit(char *out, size_t len, const char *token, const char *kind)
+{
+    snprintf(out, len, "aperture:%s:%s\n", token, kind);
+}
+
+static int check_bytes(const char *got, size_t len, const char *unit)
+{
+    size_t ulen = strlen(unit);
+    for (size_t i = 0; i < len; i++)
+        if (got[i] != unit[i % ulen])
+            return 0;
+    return 1;
+}
+
+static void json_pmem(struct jbuf *jb, const struct pmem *p)
+{
+    jb_printf(jb, "\"region\":");
+    jb_str(jb, p->r.name);
+    jb_printf(jb, ",\"region_addr\":%llu,\"device\":", p->r.addr);
+    jb_str(jb, p->dev);
+    jb_printf(jb, ",\"claim\":");
+    jb_str(jb, p->claim);
+    jb_printf(jb, ",\"action\":");
+    jb_str(jb, p->action);
+    jb_printf(jb, ",\"data_phys\":%llu", p->data_phys);
+    if (p->error[0]) {
+        jb_printf(jb, ",\"error\":");
+        jb_str(jb, p->error);
+    }
+}
+
+/* ---------------------------------------------------------------- fsdax */
+struct fsdax_state {
+    int mounted;
+    char *probe_map;      /* 2 MiB MAP_SHARED file mapping for the probe matrix */
+    unsigned long long probe_phys;
+};
+
+static unsigned long long fiemap_physical(int fd)
+{
+    struct {
+        struct fiemap fm;
+        struct fiemap_extent ext[1];
+    } req;
+    memset(&req, 0, sizeof(req));
+    req.fm.fm_length = ~0ULL;
+    req.fm.fm_flags = FIEMAP_FLAG_SYNC;
+    req.fm.fm_extent_count = 1;
+    if (ioctl(fd, FS_IOC_FIEMAP, &req) != 0 || req.fm.fm_mapped_extents < 1)
+        return 0;
+    return req.ext[0].fe_physical;
+}
+
+static int is_dax_file(const char *path)
+{
+    struct statx st;
+    if (statx(AT_FDCWD, path, 0, STATX_BASIC_STATS, &st) != 0)
+        return 0;
+    return (st.stx_attributes_mask & STATX_ATTR_DAX) && (st.stx_attributes & STATX_ATTR_DAX);
+}
+
+static void fsdax_checks(struct pmem *p, const char *token, const char *expect, struct fsdax_state *fs,
+                         struct jbuf *persist)
+{
+    char cmd[512], unit[128], buf[STAMP_LEN];
+    struct jbuf jb;
+    int mkfs = 0, ok = 0;
+    unsigned long long fe = 0, stamp_phys = 0, page_phys = 0;
+
+    jb_init(&jb);
+    jb_printf(&jb, "{");
+    json_pmem(&jb, p);
+    if (!p->error[0]) {
+        mkdir(FSDAX_DIR, 0755);
+        snprintf(cmd, sizeof(cmd), "mount -t ext4 -o dax=always %s " FSDAX_DIR " 2>/dev/null", p->dev);
+        if (run_cmd(cmd) != 0) {
+            mkfs = 1;
+            snprintf(cmd, sizeof(cmd), "/usr/local/bin/mke2fs -q -F -t ext4 -b 4096 %s 2>&1", p->dev);
+            if (run_cmd(cmd) == 0) {
+                snprintf(cmd, sizeof(cmd), "mount -t ext4 -o dax=always %s " FSDAX_DIR, p->dev);
+                fs->mounted = run_cmd(cmd) == 0;
+            }
+        } else {
+            fs->mounted = 1;
+        }
+    }
+    jb_printf(&jb, ",\"mkfs\":%s,\"mounted\":%s", mkfs ? "true" : "false", fs->mounted ? "true" : "false");
+    if (fs->mounted) {
+        const char *stamp_path = FSDAX_DIR "/aperture-persist";
+        if (expect) {
+            int fd = open(stamp_path, O_RDONLY);
+            int good = fd >= 0 && pread(fd, buf, sizeof(buf), 0) == (ssize_t)sizeof(buf);
+            stamp_unit(unit, sizeof(unit), expect, "fsdax");
+            good = good && check_bytes(buf, sizeof(buf), unit);
+            if (fd >= 0)
+                close(fd);
+            jb_printf(persist, "%s\"fsdax\":%s", persist->len > 1 ? "," : "", good ? "true" : "false");
+        }
+        stamp_unit(unit, sizeof(unit), token, "fsdax");
+        fill_stamp(buf, sizeof(buf), unit);
+        int fd = open(stamp_path, O_CREAT | O_TRUNC | O_RDWR, 0644);
+        if (fd >= 0 && pwrite(fd, buf, sizeof(buf), 0) == (ssize_t)sizeof(buf) && fsync(fd) == 0) {
+            fe = fiemap_physical(fd);
+            stamp_phys = fe ? p->data_phys + fe : 0;
+            char *m = mmap(NULL, sizeof(buf), PROT_READ, MAP_SHARED, fd, 0);
+            if (m != MAP_FAILED) {
+                volatile char c = m[0];
+                (void)c;
+                page_phys = virt_to_phys(m);
+                munmap(m, sizeof(buf));
+            }
+        }
+        if (fd >= 0)
+            close(fd);
+        int dax = is_dax_file(stamp_path);
+        ok = dax && stamp_phys && page_phys == stamp_phys;
+        jb_printf(&jb, ",\"statx_dax\":%s,\"fiemap_physical\":%llu,\"stamp_phys\":%llu,\"pagemap_phys\":%llu,"
+                  "\"stamp_len\":%d,\"stamp\":", dax ? "true" : "false", fe, stamp_phys, page_phys, STAMP_LEN);
+        jb_str(&jb, unit);
+
+        /* A mapping kept for the probe matrix. */
+        fd = open(FSDAX_DIR "/aperture-probe", O_CREAT | O_RDWR, 0644);
+        if (fd >= 0 && ftruncate(fd, 2 * MIB) == 0) {
+            char *m = mmap(NULL, 2 * MIB, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+            if (m != MAP_FAILED) {
+                memset(m, 0x11, 2 * MIB);
+                fs->probe_map = m;
+                fs->probe_phys = virt_to_phys(m);
+            }
+        }
+        if (fd >= 0)
+            close(fd);
+    }
+    jb_printf(&jb, "}");
+    report_check("dax.fsdax", ok && !p->error[0], jb.buf);
+}
+
+static void map_sync_check(const struct fsdax_state *fs)
+{
+    struct jbuf jb;
+    int ok = 0, err = 0;
+    unsigned long long phys = 0;
+    jb_init(&jb);
+    if (fs->mounted) {
+        int fd = open(FSDAX_DIR "/aperture-mapsync", O_CREAT | O_RDWR | O_TRUNC, 0644);
+        if (fd >= 0 && ftruncate(fd, MAPSYNC_LEN) == 0) {
+            char *m = mmap(NULL, MAPSYNC_LEN, PROT_READ | PROT_WRITE, MAP_SHARED_VALIDATE | MAP_SYNC, fd, 0);
+            if (m == MAP_FAILED) {
+                err = errno;
+            } else {
+                for (size_t i = 0; i < MAPSYNC_LEN; i++)
+                    m[i] = (char)(i * 7 + 3);
+                flush_range(m, MAPSYNC_LEN);
+                phys = virt_to_phys(m);
+                munmap(m, MAPSYNC_LEN);
+                char *back = malloc(MAPSYNC_LEN);
+                ok = back && pread(fd, back, MAPSYNC_LEN, 0) == (ssize_t)MAPSYNC_LEN;
+                for (size_t i = 0; ok && i < MAPSYNC_LEN; i++)
+                    ok = back[i] == (char)(i * 7 + 3);
+                free(back);
+            }
+        } else {
+            err = errno;
+        }
+        if (fd >= 0)
+            close(fd);
+    }
+    jb_printf(&jb, "{\"mmap\":\"%s\",\"flush\":\"%s\",\"bytes\":%llu,\"phys\":%llu,\"mounted\":%s}",
+              !fs->mounted ? "not attempted: no fsdax mount" : err ? errno_name(err) : "ok", flush_method(),
+              MAPSYNC_LEN, phys, fs->mounted ? "true" : "false");
+    report_check("dax.map_sync", ok, jb.buf);
+}
+
+/* ---------------------------------------------------------------- devdax */
+struct devdax_state {
+    char *map;
+    size_t size;
+    unsigned long long phys;
+};
+
+static void devdax_checks(struct pmem *p, const char *token, const char *expect, struct devdax_state *dd,
+                          struct jbuf *persist)
+{
+    char path[512], buf[64], unit[128];
+    struct jbuf jb;
+    int ok = 0;
+    unsigned long long align = 2 * MIB, stamp_phys = 0;
+
+    jb_init(&jb);
+    jb_printf(&jb, "{");
+    json_pmem(&jb, p);
+    if (!p->error[0]) {
+        const char *name = strrchr(p->dev, '/') + 1;
+        snprintf(path, sizeof(path), "/sys/bus/dax/devices/%s/size", name);
+        if (read_text(path, buf, sizeof(buf)) == 0)
+            dd->size = strtoull(buf, NULL, 0);
+        snprintf(path, sizeof(path), "/sys/bus/dax/devices/%s/align", name);
+        if (read_text(path, buf, sizeof(buf)) == 0)
+            align = strtoull(buf, NULL, 0);
+        int fd = open(p->dev, O_RDWR | O_CLOEXEC);
+        if (fd >= 0 && dd->size >= 4 * MIB && dd->size % align == 0) {
+            char *m = mmap(NULL, dd->size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+            if (m != MAP_FAILED)
+                dd->map = m;
+        }
+        if (fd >= 0)
+            close(fd);
+    }
+    jb_printf(&jb, ",\"size\":%zu,\"align\":%llu,\"mapped\":%s", dd->size, align, dd->map ? "true" : "false");
+    if (dd->map) {
+        char *stamp = dd->map + DEVDAX_STAMP_OFF;
+        if (expect) {
+            stamp_unit(unit, sizeof(unit), expect, "devdax");
+            int good = check_bytes(stamp, STAMP_LEN, unit);
+            jb_printf(persist, "%s\"devdax\":%s", persist->len > 1 ? "," : "", good ? "true" : "false");
+        }
+        /* Pattern over the first 2 MiB, verified after a flush. */
+        for (size_t i = 0; i < DEVDAX_STAMP_OFF; i++)
+            dd->map[i] = (char)(i * 13 + 1);
+        flush_range(dd->map, DEVDAX_STAMP_OFF);
+        ok = 1;
+        for (size_t i = 0; ok && i < DEVDAX_STAMP_OFF; i++)
+            ok = dd->map[i] == (char)(i * 13 + 1);
+        stamp_unit(unit, sizeof(unit), token, "devdax");
+        fill_stamp(stamp, STAMP_LEN, unit);
+        flush_range(stamp, STAMP_LEN);
+        dd->phys = virt_to_phys(dd->map);
+        stamp_phys = virt_to_phys(stamp);
+        ok = ok && stamp_phys == p->data_phys + DEVDAX_STAMP_OFF;
+        jb_printf(&jb, ",\"pattern_bytes\":%llu,\"pagemap_phys\":%llu,\"stamp_phys\":%llu,\"stamp_len\":%d,"
+                  "\"stamp\":", DEVDAX_STAMP_OFF, dd->phys, stamp_phys, STAMP_LEN);
+        jb_str(&jb, unit);
+    }
+    jb_printf(&jb, "}");
+    report_check("dax.devdax", ok && !p->error[0], jb.buf);
+}
+
+/* ---------------------------------------------------------------- probe matrix */
+struct bar {
+    char addr[32];
+    unsigned long long phys, size;
+    char *map;
+};
+
+static int is_ivshmem(const char *dir, const char *name)
+{
+    char path[512], v[32], d[32];
+    snprintf(path, sizeof(path), "%s/%s/vendor", dir, name);
+    if (read_text(path, v, sizeof(v)) != 0)
+        return 0;
+    snprintf(path, sizeof(path), "%s/%s/device", dir, name);
+    if (read_text(path, d, sizeof(d)) != 0)
+        return 0;
+    return !strcmp(v, "0x1af4") && !strcmp(d, "0x1110");
+}
+
+static void map_bar2(struct bar *b)
+{
+    char path[512], text[2048];
+    if (!find_entry("/sys/bus/pci/devices", "0000:", b->addr, sizeof(b->addr), is_ivshmem))
+        return;
+    snprintf(path, sizeof(path), "/sys/bus/pci/devices/%s/resource", b->addr);
+    if (read_text(path, text, sizeof(text)) != 0)
+        return;
+    char *line = text;
+    for (int i = 0; i < 2 && line; i++)
+        line = strchr(line, '\n') ? strchr(line, '\n') + 1 : NULL;
+    if (!line)
+        return;
+    unsigned long long start = strtoull(line, &line, 0), end = strtoull(line, NULL, 0);
+    if (!start || end <= start)
+        return;
+    b->phys = start;
+    b->size = end - start + 1;
+    snprintf(path, sizeof(path), "/sys/bus/pci/devices/%s/resource2", b->addr);
+    int fd = open(path, O_RDWR | O_SYNC | O_CLOEXEC);
+    if (fd < 0)
+        return;
+    char *m = mmap(NULL, b->size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+    close(fd);
+    if (m != MAP_FAILED)
+        b->map = m;
+}
+
+static int has_p2pmem(const char *dir, const char *name)
+{
+    char path[512];
+    snprintf(path, sizeof(path), "%s/%s/p2pmem/allocate", dir, name);
+    return path_exists(path);
+}
+
+static const char *odirect_into(int src, void *dst)
+{
+    if (!dst)
+        return "unmapped";
+    ssize_t n = pread(src, dst, 4096, 0);
+    if (n == 4096)
+        return "ok";
+    return n < 0 ? errno_name(errno) : "short";
+}
+
+static void probe_matrix(const struct pmem *fsdax, const struct devdax_state *dd, const struct fsdax_state *fs)
+{
+    struct jbuf jb;
+    struct bar bar = {0};
+    int src = fsdax && fsdax->dev[0] ? open(fsdax->dev, O_RDONLY | O_DIRECT | O_CLOEXEC) : -1;
+    void *ram = aligned_alloc(4096, 4096);
+    char p2p[512];
+
+    map_bar2(&bar);
+    if (ram)
+        memset(ram, 0, 4096);
+    jb_init(&jb);
+    jb_printf(&jb, "{\"source\":");
+    jb_str(&jb, fsdax ? fsdax->dev : "");
+    jb_printf(&jb, ",\"source_open\":\"%s\",\"rows\":[",
+              src >= 0 ? "ok" : (fsdax && fsdax->dev[0]) ? errno_name(errno) : "no fsdax device");
+    if (src >= 0) {
+        /* Do each read before asking pagemap: a page is only present once touched. */
+        char *dd_dst = dd->map ? dd->map + 4 * MIB : NULL;
+        const char *r_ram = odirect_into(src, ram);
+        const char *r_dd = dd_dst ? odirect_into(src, dd_dst) : "absent";
+        const char *r_fs = fs->probe_map ? odirect_into(src, fs->probe_map) : "absent";
+        const char *r_bar = bar.map ? odirect_into(src, bar.map) : "absent";
+        jb_printf(&jb, "{\"memory\":\"ram\",\"result\":\"%s\",\"phys\":%llu},", r_ram,
+                  ram ? virt_to_phys(ram) : 0ULL);
+        jb_printf(&jb, "{\"memory\":\"devdax\",\"result\":\"%s\",\"phys\":%llu},", r_dd,
+                  dd_dst ? virt_to_phys(dd_dst) : 0ULL);
+        jb_printf(&jb, "{\"memory\":\"fsdax\",\"result\":\"%s\",\"phys\":%llu},", r_fs,
+                  fs->probe_map ? virt_to_phys(fs->probe_map) : 0ULL);
+        jb_printf(&jb, "{\"memory\":\"bar\",\"result\":\"%s\",\"phys\":%llu,\"pagemap_phys\":%llu,\"pci\":",
+                  r_bar, bar.phys, bar.map ? virt_to_phys(bar.map) : 0ULL);
+        jb_str(&jb, bar.addr);
+        jb_printf(&jb, ",\"size\":%llu},", bar.size);
+        if (find_entry("/sys/bus/pci/devices", "0000:", p2p, sizeof(p2p), has_p2pmem)) {
+            char path[600];
+            void *m = MAP_FAILED;
+            snprintf(path, sizeof(path), "/sys/bus/pci/devices/%s/p2pmem/allocate", p2p);
+            int fd = open(path, O_RDWR | O_CLOEXEC);
+            if (fd >= 0) {
+                m = mmap(NULL, 4096, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+                close(fd);
+            }
+            jb_printf(&jb, "{\"memory\":\"p2pmem\",\"result\":\"%s\",\"pci\":",
+                      m != MAP_FAILED ? odirect_into(src, m) : errno_name(errno));
+            jb_str(&jb, p2p);
+            jb_printf(&jb, "}");
+        } else {
+            jb_printf(&jb, "{\"memory\":\"p2pmem\",\"result\":\"absent\",\"why\":\"no "
+                           "/sys/bus/pci/devices/*/p2pmem: kernel without CONFIG_PCI_P2PDMA or no provider\"}");
+        }
+        close(src);
+    }
+    jb_printf(&jb, "]}");
+    /* The host decides ok against the kernel's configuration; the guest reports what happened. */
+    report_check("zone_device.probe", src >= 0, jb.buf);
+    free(ram);
+}
+
+/* ---------------------------------------------------------------- bench */
+static double memcpy_mbps(char *dst, const char *src, size_t len)
+{
+    double t0 = now_s(), t;
+    size_t bytes = 0;
+    do {
+        memcpy(dst, src, len);
+        bytes += len;
+        t = now_s();
+    } while (t - t0 < 0.4);
+    return (double)bytes / (t - t0) / 1e6;
+}
+
+static void bench(const struct devdax_state *dd, const struct fsdax_state *fs)
+{
+    const size_t len = 1 * MIB;
+    char *src = malloc(len), *ram = malloc(len), line[256];
+    if (!src || !ram)
+        return;
+    memset(src, 0x5a, len);
+    memset(ram, 0, len);
+    double r = memcpy_mbps(ram, src, len);
+    double d = dd->map ? memcpy_mbps(dd->map + 4 * MIB, src, len) : 0;
+    double f = fs->probe_map ? memcpy_mbps(fs->probe_map, src, len) : 0;
+    snprintf(line, sizeof(line), "{\"type\":\"figures\",\"values\":{\"memcpy_ram_MBps\":%.1f,"
+             "\"memcpy_devdax_MBps\":%.1f,\"memcpy_fsdax_MBps\":%.1f}}", r, d, f);
+    report_line(line);
+    free(src);
+    free(ram);
+}
+
+void scenario_dax(int bench_only)
+{
+    int expected = atoi(env_or("aperture_pmem", "1"));
+    const char *modes = env_or("aperture_pmem_modes", "");
+    const char *token = env_or("aperture_stamp", "none");
+    const char *expect = getenv("aperture_expect");
+    int force = atoi(env_or("aperture_force", "0"));
+    struct region regions[MAX_REGIONS];
+    static struct pmem pm[MAX_REGIONS];
+    struct pmem *fsdax = NULL, *devdax = NULL;
+    struct fsdax_state fs = {0};
+    struct devdax_state dd = {0};
+    struct jbuf persist;
+    char modebuf[256];
+    int n = nd_regions(regions, MAX_REGIONS, expected);
+
+    snprintf(modebuf, sizeof(modebuf), "%s", modes);
+    char *save = NULL, *tok = strtok_r(modebuf, ",", &save);
+    for (int i = 0; i < n && tok; i++, tok = strtok_r(NULL, ",", &save)) {
+        pm[i].r = regions[i];
+        pm[i].region_id = atoi(regions[i].name + 6);
+        snprintf(pm[i].want, sizeof(pm[i].want), "%s", tok);
+        if (strcmp(tok, "fsdax") && strcmp(tok, "devdax"))
+            continue;
+        configure(&pm[i], force);
+        if (!strcmp(tok, "fsdax") && !fsdax)
+            fsdax = &pm[i];
+        if (!strcmp(tok, "devdax") && !devdax)
+            devdax = &pm[i];
+    }
+    jb_init(&persist);
+    jb_printf(&persist, "{");
+    if (fsdax) {
+        if (bench_only) {
+            struct jbuf dummy;
+            jb_init(&dummy);
+            fsdax_checks(fsdax, token, NULL, &fs, &dummy);
+        } else {
+            fsdax_checks(fsdax, token, expect, &fs, &persist);
+            map_sync_check(&fs);
+        }
+    }
+    if (devdax)
+        devdax_checks(devdax, token, bench_only ? NULL : expect, &dd, &persist);
+    if (bench_only) {
+        bench(&dd, &fs);
+        return;
+    }
+    if (expect) {
+        jb_printf(&persist, "%s\"expected_token\":", persist.len > 1 ? "," : "");
+        jb_str(&persist, expect);
+        jb_printf(&persist, "}");
+        int ok = (fsdax || devdax) && !strstr(persist.buf, "false");
+        report_check("dax.persistence", ok, persist.buf);
+    }
+    probe_matrix(fsdax, &dd, &fs);
+    if (fs.probe_map)
+        munmap(fs.probe_map, 2 * MIB);
+    if (dd.map)
+        munmap(dd.map, dd.size);
+    if (fs.mounted)
+        run_cmd("umount " FSDAX_DIR);
+}
