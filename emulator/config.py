@@ -70,8 +70,90 @@ class PmemConfig:
         return cls(size=parse_size(size_text), mode=(mode or "raw"))  # type: ignore[arg-type]
 
 
+def _pow2(n: int) -> bool:
+    return n > 0 and n & (n - 1) == 0
+
+
+@dataclass(frozen=True)
+class DeviceConfig:
+    """One aperture device: ``mem`` bytes of device memory seen through a ``window``-sized BAR of ``slot``-sized
+    slots (a slot maps one device page of the same size). ``hidden`` ranges can never be mapped."""
+
+    mem: int = 256 * MiB
+    window: int = 16 * MiB
+    slot: int = 2 * MiB
+    hidden: tuple[tuple[int, int], ...] = ((240 * MiB, 256 * MiB),)
+
+    def __post_init__(self) -> None:
+        from .abi import MAX_HIDDEN, MAX_SLOTS
+
+        if not _pow2(self.window):
+            raise ConfigError(f"window {format_size(self.window)} is not a power of two (QEMU aborts on such BARs)")
+        if not _pow2(self.slot) or self.slot < 4 * KiB:
+            raise ConfigError(f"slot {format_size(self.slot)} must be a power of two, at least 4K")
+        if self.slot > self.window:
+            raise ConfigError(f"slot {format_size(self.slot)} is larger than the window {format_size(self.window)}")
+        if self.window // self.slot > MAX_SLOTS:
+            raise ConfigError(f"window/slot gives {self.window // self.slot} slots; at most {MAX_SLOTS}")
+        if self.mem % self.slot or self.mem < self.window:
+            raise ConfigError(f"device memory {format_size(self.mem)} must be a multiple of the slot size "
+                              f"{format_size(self.slot)} and at least the window size")
+        if self.mem > 64 * GiB:
+            raise ConfigError("device memory above 64G is not supported")
+        if len(self.hidden) > MAX_HIDDEN:
+            raise ConfigError(f"at most {MAX_HIDDEN} hidden ranges")
+        for start, end in self.hidden:
+            if not 0 <= start < end <= self.mem or start % self.slot or end % self.slot:
+                raise ConfigError(f"hidden range {format_size(start)}-{format_size(end)} must be page-aligned "
+                                  f"({format_size(self.slot)}) and inside device memory")
+        if sum(e - s for s, e in self.hidden) >= self.mem:
+            raise ConfigError("hidden ranges cover all device memory")
+
+    @property
+    def nr_slots(self) -> int:
+        return self.window // self.slot
+
+    @property
+    def nr_pages(self) -> int:
+        return self.mem // self.slot
+
+    def page_hidden(self, page: int) -> bool:
+        off = page * self.slot
+        return any(s <= off < e for s, e in self.hidden)
+
+    @classmethod
+    def parse(cls, text: str) -> DeviceConfig:
+        """``aperture[,mem=SIZE,window=SIZE,slot=SIZE,hidden=START-END[+START-END]]``."""
+        kind, _, rest = text.partition(",")
+        if kind != "aperture":
+            raise ConfigError(f"unknown device kind {kind!r}: expected 'aperture[,mem=..,window=..,slot=..,hidden=..]'")
+        values: dict[str, str] = {}
+        for item in filter(None, rest.split(",")):
+            key, sep, value = item.partition("=")
+            if not sep or key not in ("mem", "window", "slot", "hidden"):
+                raise ConfigError(f"bad device option {item!r}: use mem=, window=, slot=, hidden=START-END")
+            values[key] = value
+        mem = parse_size(values["mem"]) if "mem" in values else 256 * MiB
+        hidden: tuple[tuple[int, int], ...]
+        if "hidden" in values:
+            ranges = []
+            for part in filter(None, values["hidden"].split("+")):
+                a, sep, b = part.partition("-")
+                if not sep:
+                    raise ConfigError(f"bad hidden range {part!r}: expected START-END")
+                ranges.append((parse_size(a), parse_size(b)))
+            hidden = tuple(ranges)
+        else:
+            hidden = ((mem - 16 * MiB, mem),) if mem > 32 * MiB else ()
+        return cls(mem=mem, window=parse_size(values.get("window", "16M")), slot=parse_size(values.get("slot", "2M")),
+                   hidden=hidden)
+
+
 #: The default topology: one NVDIMM in fsdax mode, one in devdax mode.
 DEFAULT_PMEM: tuple[PmemConfig, ...] = (PmemConfig(256 * MiB, "fsdax"), PmemConfig(256 * MiB, "devdax"))
+
+#: Two aperture devices, so device-to-device P2P is exercised.
+DEFAULT_DEVICES: tuple[DeviceConfig, ...] = (DeviceConfig(), DeviceConfig())
 
 #: Size of the plain ivshmem BAR the probe matrix maps (a power of two: QEMU aborts otherwise).
 PROBE_BAR_SIZE = 2 * MiB
@@ -88,6 +170,7 @@ class VmConfig:
     run_timeout: float = 120.0
     kernel_cmdline_extra: tuple[str, ...] = ()
     smp: int = 1
+    devices: tuple[DeviceConfig, ...] = field(default_factory=lambda: DEFAULT_DEVICES)
     force: bool = False  # let the guest overwrite foreign/mismatched NVDIMM info blocks
     guest_bins: tuple[Path, ...] = ()
 
@@ -100,6 +183,8 @@ class VmConfig:
             raise ConfigError(f"invalid accelerator {self.accel!r}: choose auto, kvm or tcg")
         if not 0 < self.boot_timeout <= 3600 or not 0 < self.run_timeout <= 24 * 3600:
             raise ConfigError("timeouts must be positive (boot at most 3600 s)")
+        if len(self.devices) > 4:
+            raise ConfigError("at most 4 aperture devices")
         if len(self.pmem) > 8:
             raise ConfigError("at most 8 NVDIMMs")
         for arg in self.kernel_cmdline_extra:

@@ -14,6 +14,7 @@ import secrets
 import shutil
 import signal
 import subprocess
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -24,10 +25,12 @@ from qmp_client.session import SyncQmpSession
 
 from .config import NVDIMM_LABEL_SIZE, PROBE_BAR_SIZE, GiB, KernelSpec, VmConfig, format_size
 from .errors import ConfigError, GuestError, SetupError, VmLaunchError
+from .service import DeviceFiles, DeviceService, device_qemu_args
 
 PANIC_RE = re.compile(r"Kernel panic - not syncing[^\n]*")
 RESULTS_PORT = "aperture.results"
 PROBE_BAR_ID = "probe-bar"
+PROBE_BAR_SLOT = 0x0F
 
 
 def find_qemu() -> str:
@@ -50,6 +53,7 @@ class RunPaths:
     run_dir: Path
     name: str
     shm_dir: Path
+    sock_dir: Path  # short path: unix socket names are limited to 107 bytes
 
     @property
     def console(self) -> Path:
@@ -65,7 +69,19 @@ class RunPaths:
 
     @property
     def qmp_socket(self) -> Path:
-        return self.run_dir / "qmp.sock"
+        return self.sock_dir / "qmp.sock"
+
+    def devmem(self, index: int) -> Path:
+        return self.run_dir / f"devmem{index}.img"
+
+    def window(self, index: int) -> Path:
+        return self.shm_dir / f"aperture-{self.name}-win{index}"
+
+    def device_socket(self, index: int) -> Path:
+        return self.sock_dir / f"aperture{index}.sock"
+
+    def device_files(self, count: int) -> list[DeviceFiles]:
+        return [DeviceFiles(self.devmem(i), self.window(i), self.device_socket(i)) for i in range(count)]
 
     def pmem(self, index: int) -> Path:
         return self.run_dir / f"pmem{index}.img"
@@ -78,8 +94,12 @@ class RunPaths:
     def probe_bar(self) -> Path:
         return self.shm_dir / f"aperture-{self.name}-probebar"
 
-    def shm_files(self) -> list[Path]:
-        return [self.ram, self.probe_bar]
+    def shm_files(self, devices: int = 0) -> list[Path]:
+        return [self.ram, self.probe_bar] + [self.window(i) for i in range(devices)]
+
+
+def default_sock_dir(name: str) -> Path:
+    return Path(tempfile.gettempdir()) / f"aperture-{os.getuid()}" / name
 
 
 def build_argv(qemu: str, config: VmConfig, kernel: KernelSpec, initrd: Path, paths: RunPaths, accel: str,
@@ -108,8 +128,10 @@ def build_argv(qemu: str, config: VmConfig, kernel: KernelSpec, initrd: Path, pa
         "-append", cmdline,
         "-no-reboot",
         "-object", f"memory-backend-file,id=probebar,size={PROBE_BAR_SIZE},mem-path={paths.probe_bar},share=on",
-        "-device", f"ivshmem-plain,id={PROBE_BAR_ID},memdev=probebar",
+        "-device", f"ivshmem-plain,id={PROBE_BAR_ID},memdev=probebar,addr={PROBE_BAR_SLOT:#x}",
     ]
+    for i, (dev, files) in enumerate(zip(config.devices, paths.device_files(len(config.devices)), strict=True)):
+        argv += device_qemu_args(i, dev, files)
     for i, p in enumerate(config.pmem):
         argv += [
             "-object", f"memory-backend-file,id=pmem{i},size={p.file_size},mem-path={paths.pmem(i)},share=on",
@@ -121,7 +143,8 @@ def build_argv(qemu: str, config: VmConfig, kernel: KernelSpec, initrd: Path, pa
 def kernel_cmdline(config: VmConfig, scenario: str, guest_env: dict[str, str] | None = None) -> str:
     """Kernel arguments; ``aperture_*`` ones reach the guest's /init and helper as environment variables."""
     env = {"aperture_scenario": scenario, "aperture_pmem": str(len(config.pmem)),
-           "aperture_pmem_modes": ",".join(p.mode for p in config.pmem), "aperture_force": str(int(config.force))}
+           "aperture_pmem_modes": ",".join(p.mode for p in config.pmem), "aperture_force": str(int(config.force)),
+           "aperture_devices": str(len(config.devices)), "aperture_probe_bar": f"0000:00:{PROBE_BAR_SLOT:02x}.0"}
     env.update(guest_env or {})
     parts = ["console=ttyS0", "panic=-1", "quiet"] + [f"{k}={v}" for k, v in env.items()]
     return " ".join(parts + list(config.kernel_cmdline_extra))
@@ -139,13 +162,15 @@ class Vm:
         self.initrd = initrd
         self.accel = accel
         self.name = name or f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}-{secrets.token_hex(2)}"
-        self.paths = RunPaths(run_dir.resolve(), self.name, Path(os.environ.get("APERTURE_SHM", "/dev/shm")))
+        self.paths = RunPaths(run_dir.resolve(), self.name, Path(os.environ.get("APERTURE_SHM", "/dev/shm")),
+                              default_sock_dir(self.name))
         self.qemu = qemu or find_qemu()
         self.argv = build_argv(self.qemu, config, kernel, initrd, self.paths, accel,
                                kernel_cmdline(config, scenario, guest_env))
         self.console_sink = console_sink
         self.process: subprocess.Popen[bytes] | None = None
         self.qmp: SyncQmpSession | None = None
+        self.service: DeviceService | None = None
         self.started_at = 0.0
         self.first_message_at: float | None = None
         self._cleanup: list[Callable[[], None]] = []
@@ -182,9 +207,10 @@ class Vm:
             else:
                 with open(path, "wb") as f:  # sparse; contents persist across runs of this run dir
                     f.truncate(p.file_size)
-        for shm in self.paths.shm_files():
+        for shm in self.paths.shm_files(len(self.config.devices)):
             self._register(lambda shm=shm: shm.unlink(missing_ok=True))
-        self._register(lambda: self.paths.qmp_socket.unlink(missing_ok=True))
+        self._register(lambda: shutil.rmtree(self.paths.sock_dir, ignore_errors=True))
+        self.paths.sock_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
 
     def launch(self) -> None:
         self._prepare_files()
@@ -194,6 +220,14 @@ class Vm:
         self._register(log.close)
         self.qmp = SyncQmpSession(self.name)
         self._register(self._close_qmp)
+        if self.config.devices:
+            # Listening before QEMU starts (else QEMU exits); stopped after QEMU (final write-back).
+            self.service = DeviceService(
+                self.config.devices, self.paths.device_files(len(self.config.devices)), ram=self.paths.ram,
+                memory=self.config.memory,
+                pmem=[(self.paths.pmem(i), p) for i, p in enumerate(self.config.pmem)], qmp=lambda: self.qmp)
+            self._register(self.service.stop)
+            self.service.start()
         self._register(self._stop_process)
         self.started_at = time.monotonic()
         try:

@@ -50,6 +50,12 @@ def verify_nvdimm(check: Check, devices: list[MemoryDevice]) -> Check:
     return Check(check.name, bool(check.ok and matches and expected), detail)
 
 
+def device_pattern(seed: int, length: int) -> bytes:
+    """The guest helper's pattern (aperture.c): byte i = seed*7 + (i % 251)*13 (mod 256)."""
+    block = bytes((seed * 7 + k * 13) & 0xFF for k in range(251))
+    return (block * (length // 251 + 1))[:length]
+
+
 def _int(value: Any) -> int:
     try:
         return int(value)
@@ -68,6 +74,7 @@ class HostVerifier:
     kconfig: dict[str, str]
     memory: int
     probe_bar_id: str
+    devmem_files: list[Path] = field(default_factory=list)
 
     def nvdimm_at(self, phys: int, length: int = 1) -> tuple[int, MemoryDevice] | None:
         """Index and device of the NVDIMM holding [phys, phys+length), in configuration order."""
@@ -86,7 +93,9 @@ class HostVerifier:
             f.seek(phys - hit[1].addr)
             return f.read(length)
 
-    def verify(self, check: Check) -> Check:
+    def verify(self, check: Check, written: list[dict[str, Any]] | None = None) -> Check:
+        if check.name == "aperture.window":
+            return self._verify_written(check, written or [])
         if check.name == "nvdimm.present":
             return verify_nvdimm(check, self.devices)
         if check.name in ("dax.fsdax", "dax.devdax"):
@@ -94,6 +103,31 @@ class HostVerifier:
         if check.name == "zone_device.probe":
             return self._verify_probe(check)
         return check
+
+    def _verify_written(self, check: Check, written: list[dict[str, Any]]) -> Check:
+        """Device memory after the run holds every pattern the guest says it wrote (window, DMA, P2P)."""
+        mismatches = []
+        superseded = 0
+        covered: list[tuple[int, int, int]] = []  # (device, start, end) checked so far, newest first
+        for w in reversed(written):
+            dev, off, length, seed = (_int(w.get(k)) for k in ("device", "offset", "len", "seed"))
+            if not 0 <= dev < len(self.devmem_files) or off < 0 or not 0 < length <= 64 << 20 or seed < 0:
+                mismatches.append({"record": w, "why": "malformed record"})
+                continue
+            if any(d == dev and off < e and s < off + length for d, s, e in covered):
+                superseded += 1  # a later write overlaps it: only the later one is still in memory
+                continue
+            covered.append((dev, off, off + length))
+            with open(self.devmem_files[dev], "rb") as f:
+                f.seek(off)
+                got = f.read(length)
+            if got != device_pattern(seed, length):
+                mismatches.append({"device": dev, "offset": off, "len": length, "seed": seed})
+        detail = check.detail if isinstance(check.detail, dict) else {"guest": check.detail}
+        ok = bool(written) and not mismatches
+        return Check(check.name, check.ok and ok,
+                     dict(detail, host_verified_regions=len(covered) - len(mismatches), host_superseded=superseded,
+                          host_mismatches=mismatches))
 
     def _verify_stamp(self, check: Check) -> Check:
         """The guest's stamp must be in the NVDIMM's backing file at the physical address it reports."""

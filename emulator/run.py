@@ -57,6 +57,7 @@ def _verifier(vm: Vm, config: VmConfig, kernel: KernelSpec) -> HostVerifier:
         pci=vm.qmp.pci_devices(),
         pmem_files=[vm.paths.pmem(i) for i in range(len(config.pmem))],
         pmem_modes=[p.mode for p in config.pmem],
+        devmem_files=[vm.paths.devmem(i) for i in range(len(config.devices))],
         kconfig=kernel_config(kernel),
         memory=config.memory,
         probe_bar_id=PROBE_BAR_ID,
@@ -70,6 +71,7 @@ def boot_once(config: VmConfig, prep: Prepared, run_dir: Path, progress: Progres
     checks: list[Check] = []
     notes: list[str] = []
     figures: dict[str, float] = {}
+    written: list[dict] = []
     with Vm(config, prep.kernel, prep.image.path, accel=prep.accel.accel, run_dir=run_dir, scenario=scenario,
             qemu=prep.qemu, console_sink=console_sink, name=name, guest_env=guest_env) as vm:
         assert vm.qmp is not None
@@ -92,29 +94,34 @@ def boot_once(config: VmConfig, prep: Prepared, run_dir: Path, progress: Progres
                 pending.append(check)
             elif kind == "figures" and isinstance(msg.get("values"), dict):
                 figures.update({str(k): float(v) for k, v in msg["values"].items() if isinstance(v, (int, float))})
+            elif kind == "written" and isinstance(msg.get("regions"), list):
+                written.extend(r for r in msg["regions"] if isinstance(r, dict))
             elif kind == "log":
                 notes.append(str(msg.get("message")))
             elif kind == "garbage":
                 notes.append(f"unparseable result line: {msg.get('raw')}")
         poweroff_s = vm.wait_poweroff()
         progress(f"guest powered off {poweroff_s:.2f} s after QEMU start")
-        # Verify after poweroff: the guest has flushed and QEMU has written everything back.
-        checks = [verifier.verify(c) for c in pending] if verifier else pending
-        if not checks and scenario == "default":
-            raise GuestError("the guest helper reported no checks")
-        return RunResult(
-            ok=all(c.ok for c in checks),
-            accel=prep.accel.accel,
-            accel_reason=prep.accel.reason,
-            qemu_version=qemu_ver,
-            kernel_release=prep.kernel.release,
-            boot_s=round(vm.boot_s, 3) if vm.boot_s is not None else None,
-            poweroff_s=round(poweroff_s, 3),
-            run_dir=str(vm.paths.run_dir),
-            checks=checks,
-            messages=notes,
-            figures=figures,
-        )
+        device_stats = vm.service.stats() if vm.service else []
+    # Verify after the VM is gone: the guest has flushed, QEMU has exited, window slots are written back.
+    checks = [verifier.verify(c, written) for c in pending] if verifier else pending
+    if not checks and scenario == "default":
+        raise GuestError("the guest helper reported no checks")
+    if device_stats:
+        figures.update({f"device{d['index']}_completed": float(d["completed"]) for d in device_stats})
+    return RunResult(
+        ok=all(c.ok for c in checks),
+        accel=prep.accel.accel,
+        accel_reason=prep.accel.reason,
+        qemu_version=qemu_ver,
+        kernel_release=prep.kernel.release,
+        boot_s=round(vm.boot_s, 3) if vm.boot_s is not None else None,
+        poweroff_s=round(poweroff_s, 3),
+        run_dir=str(vm.paths.run_dir),
+        checks=checks,
+        messages=notes,
+        figures=figures,
+    )
 
 
 def run_vm(config: VmConfig, prep: Prepared, run_dir: Path, progress: Progress, *, reboot: bool = False,

@@ -59,7 +59,8 @@ def flatten_pci(buses: list[dict[str, Any]]) -> list[PciDevice]:
 
     def walk(devices: list[dict[str, Any]], bus: int) -> None:
         for d in devices:
-            bars = {int(r["bar"]): (int(r["address"]), int(r["size"])) for r in d.get("regions", []) if "bar" in r}
+            bars = {int(r["bar"]): (int(r["address"]), int(r["size"])) for r in d.get("regions", [])
+                    if "bar" in r and r.get("type") == "memory"}
             ident = d.get("id", {})
             out.append(PciDevice(d.get("qdev_id", ""), int(d.get("bus", bus)), int(d.get("slot", 0)),
                                  int(d.get("function", 0)), int(ident.get("vendor", 0)), int(ident.get("device", 0)),

@@ -520,7 +520,7 @@ static void devdax_checks(struct pmem *p, const char *token, const char *expect,
 
 /* ---------------------------------------------------------------- probe matrix */
 struct bar {
-    char addr[32];
+    char addr[256];
     unsigned long long phys, size;
     char *map;
 };
@@ -540,7 +540,12 @@ static int is_ivshmem(const char *dir, const char *name)
 static void map_bar2(struct bar *b)
 {
     char path[512], text[2048];
-    if (!find_entry("/sys/bus/pci/devices", "0000:", b->addr, sizeof(b->addr), is_ivshmem))
+    const char *want = env_or("aperture_probe_bar", "");
+    char path0[512];
+    snprintf(path0, sizeof(path0), "/sys/bus/pci/devices/%s", want);
+    if (want[0] && path_exists(path0))
+        snprintf(b->addr, sizeof(b->addr), "%s", want);
+    else if (!find_entry("/sys/bus/pci/devices", "0000:", b->addr, sizeof(b->addr), is_ivshmem))
         return;
     snprintf(path, sizeof(path), "/sys/bus/pci/devices/%s/resource", b->addr);
     if (read_text(path, text, sizeof(text)) != 0)
@@ -671,8 +676,10 @@ static void bench(const struct devdax_state *dd, const struct fsdax_state *fs)
     free(ram);
 }
 
-void scenario_dax(int bench_only)
+/* mode: 0 checks, 1 bench (memcpy figures), 2 configure only (for other scenarios that need DAX) */
+void scenario_dax(int mode)
 {
+    int bench_only = mode == 1;
     int expected = atoi(env_or("aperture_pmem", "1"));
     const char *modes = env_or("aperture_pmem_modes", "");
     const char *token = env_or("aperture_stamp", "none");
@@ -701,6 +708,8 @@ void scenario_dax(int bench_only)
         if (!strcmp(tok, "devdax") && !devdax)
             devdax = &pm[i];
     }
+    if (mode == 2)
+        return;
     jb_init(&persist);
     jb_printf(&persist, "{");
     if (fsdax) {

@@ -3,6 +3,7 @@
  *   probe    hello + done only (accelerator probe, boot benchmarks)
  *   default  every check this build knows
  *   bench-dax  configure DAX, report memcpy figures
+ *   bench-device  MAP round trips and DMA throughput figures (needs a configured devdax)
  *   hang     report hello, then never finish (exercises the host's run timeout)
  */
 #include "report.h"
@@ -41,6 +42,10 @@ int main(int argc, char **argv)
     if (strcmp(scenario, "default") == 0) {
         scenario_nvdimm();
         scenario_dax(0);
+        scenario_aperture(0);
+    } else if (strcmp(scenario, "bench-device") == 0) {
+        scenario_dax(2);
+        scenario_aperture(1);
     } else if (strcmp(scenario, "nvdimm") == 0) {
         scenario_nvdimm();
     } else if (strcmp(scenario, "bench-dax") == 0) {

@@ -46,5 +46,6 @@ int nd_regions(struct region *out, int max, int expected);
 /* Scenarios: each reports its own checks. */
 void scenario_nvdimm(void);
 void scenario_dax(int bench);
+void scenario_aperture(int bench);
 
 #endif

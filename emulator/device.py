@@ -1,0 +1,189 @@
+"""``ApertureDevice``: one device's memory, window, control memory, rings and command dispatch.
+
+A hostile guest controls every byte of the control memory and the rings: each value is copied once, validated,
+and answered with a status; nothing the guest writes can raise out of ``process_ring`` or make it loop forever.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+from . import abi
+from .addrmap import AddressMap, DmaFault
+from .config import DeviceConfig
+from .dma import DmaEngine
+from .memory import ControlMemory, FileBuffer, Window
+
+ST = abi.STATUS_CODES
+
+
+class ApertureDevice:
+    def __init__(self, index: int, config: DeviceConfig, devmem_path: Path, window_path: Path,
+                 window_pci_slot: int, addrmap: Callable[[], AddressMap | None],
+                 lock: threading.RLock | None = None) -> None:
+        self.index = index
+        self.config = config
+        self.devmem = FileBuffer(devmem_path, config.mem)
+        self.window_file = FileBuffer(window_path, config.window)
+        self.ctl_fd = os.memfd_create(f"aperture{index}-ctl", os.MFD_CLOEXEC)
+        os.ftruncate(self.ctl_fd, abi.CTL_SIZE)
+        self.ctl_mm = mmap.mmap(self.ctl_fd, abi.CTL_SIZE, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        self.ctl = ControlMemory(self.ctl_mm)
+        self.ctl.init(index, config, window_pci_slot)
+        self.window = Window(config, self.devmem.view, self.window_file.view, self.ctl)
+        self.dma = DmaEngine(addrmap, self.local_segments)
+        self.lock = lock or threading.RLock()  # shared by all devices of a VM: P2P touches two devices
+        self.errors: dict[str, int] = {}
+        self.maps = 0
+
+    # ------------------------------------------------------------------ device-local addressing
+    def local_segments(self, offset: int, length: int) -> list[memoryview]:
+        """Device-local [offset, +length): split per page, each page's live copy (window slot or memory)."""
+        if not 0 <= offset < self.config.mem or length <= 0 or offset + length > self.config.mem:
+            raise DmaFault("ERANGE", f"device offset [{offset:#x}, +{length:#x}) outside device memory")
+        out = []
+        page = self.config.slot
+        while length:
+            n = min(length, page - offset % page)
+            out.append(self.window.device_view(offset, n))
+            offset += n
+            length -= n
+        return out
+
+    # ------------------------------------------------------------------ commands
+    def _check_slot(self, slot: int) -> None:
+        if not 0 <= slot < self.config.nr_slots:
+            raise DmaFault("ERANGE", f"slot {slot} out of range")
+
+    def execute(self, raw: bytes) -> tuple[int, int]:
+        """Run one descriptor; returns (status, result). Never raises."""
+        try:
+            d = abi.Descriptor.unpack(raw)
+        except Exception:  # noqa: BLE001
+            return ST["EINVAL"], 0
+        try:
+            if d.reserved0 or d.reserved1 or d.reserved2:
+                raise DmaFault("EINVAL", "reserved field set")
+            if d.opcode == abi.OP_NOP:
+                return ST["OK"], 0
+            if d.opcode == abi.OP_MAP:
+                return self._map(d.slot, d.page, d.flags)
+            if d.opcode == abi.OP_UNMAP:
+                if d.flags:
+                    raise DmaFault("EINVAL", "flags on UNMAP")
+                self._check_slot(d.slot)
+                self.window.unmap(d.slot)
+                return ST["OK"], 0
+            if d.opcode == abi.OP_DMA:
+                return ST["OK"], self.dma.transfer(d.src, d.dst, d.length, d.flags)
+            if d.opcode == abi.OP_DMA_LIST:
+                if d.flags:
+                    raise DmaFault("EINVAL", "flags on DMA_LIST")
+                try:
+                    return ST["OK"], self.dma.transfer_list(d.src, d.length)
+                except DmaFault as fault:
+                    self._count(fault)
+                    return fault.status, getattr(fault, "index", 0)
+            raise DmaFault("EINVAL", f"unknown opcode {d.opcode}")
+        except DmaFault as fault:
+            self._count(fault)
+            return fault.status, 0
+        except Exception as exc:  # noqa: BLE001 - a bug must not kill the device; the guest gets an error
+            self.errors["internal:" + type(exc).__name__] = self.errors.get("internal:" + type(exc).__name__, 0) + 1
+            return ST["EINVAL"], 0
+
+    def _count(self, fault: DmaFault) -> None:
+        name = abi.STATUS_NAMES.get(fault.status, "?")
+        self.errors[name] = self.errors.get(name, 0) + 1
+
+    def _map(self, slot: int, page: int, flags: int) -> tuple[int, int]:
+        if flags:
+            raise DmaFault("EINVAL", "flags on MAP")
+        self._check_slot(slot)
+        if not 0 <= page < self.config.nr_pages:
+            raise DmaFault("ERANGE", f"page {page} out of range")
+        if self.config.page_hidden(page):
+            raise DmaFault("EACCES", f"page {page} is not exposable")
+        other = self.window.page_slot.get(page)
+        if other is not None and other != slot:
+            raise DmaFault("EBUSY", f"page {page} already mapped in slot {other}")
+        if other != slot:
+            self.window.map(slot, page)
+        self.maps += 1
+        return ST["OK"], 0
+
+    # ------------------------------------------------------------------ the ring
+    def process_ring(self) -> int:
+        """Consume the submission ring; returns descriptors completed. Bounded whatever the guest writes."""
+        done = 0
+        with self.lock:
+            ctl = self.ctl
+            ctl.set("DOORBELLS", ctl.get("DOORBELLS") + 1)
+            for _ in range(4):  # a guest that keeps producing gets served in bounded rounds
+                head, tail = ctl.get("SQ_HEAD"), ctl.get("SQ_TAIL")
+                pending = (head - tail) & 0xFFFFFFFF
+                if pending == 0:
+                    break
+                if pending > abi.RING_ENTRIES:
+                    ctl.set("ERRORS", ctl.get("ERRORS") + 1)
+                    ctl.set("STATUS", ctl.get("STATUS") | abi.STATUS_RING_ERROR)
+                    ctl.set("SQ_TAIL", head)  # drop the garbage, resynchronise
+                    break
+                for _ in range(pending):
+                    cq_head, cq_tail = ctl.get("CQ_HEAD"), ctl.get("CQ_TAIL")
+                    used = (cq_head - cq_tail) & 0xFFFFFFFF
+                    if used > abi.RING_ENTRIES:  # garbage CQ_TAIL: resynchronise rather than trust it
+                        ctl.set("ERRORS", ctl.get("ERRORS") + 1)
+                        ctl.set("STATUS", ctl.get("STATUS") | abi.STATUS_RING_ERROR)
+                        ctl.set("CQ_TAIL", cq_head)
+                    elif used == abi.RING_ENTRIES:
+                        return done  # completion ring full: the guest must consume first
+                    raw = ctl.descriptor(tail)
+                    status, result = self.execute(raw)
+                    tag = int.from_bytes(raw[4:8], "little")
+                    opcode = int.from_bytes(raw[0:2], "little")
+                    ctl.write_completion(cq_head, tag, status, opcode, result)
+                    tail = (tail + 1) & 0xFFFFFFFF
+                    ctl.set("SQ_TAIL", tail)
+                    ctl.set("CQ_HEAD", (cq_head + 1) & 0xFFFFFFFF)
+                    ctl.set("COMPLETED", ctl.get("COMPLETED") + 1)
+                    done += 1
+        return done
+
+    def retarget(self, moves: dict[int, int | None]) -> None:
+        """Host-driven remap (validated here too: callers may be interactive users)."""
+        with self.lock:
+            for slot, page in moves.items():
+                self._check_slot(slot)
+                if page is not None and (not 0 <= page < self.config.nr_pages or self.config.page_hidden(page)):
+                    raise DmaFault("EACCES" if page is not None and 0 <= page < self.config.nr_pages else "ERANGE",
+                                   f"page {page} cannot be mapped")
+            self.window.retarget(moves)
+
+    def stats(self) -> dict[str, object]:
+        return {"index": self.index, "completed": self.ctl.get("COMPLETED"), "doorbells": self.ctl.get("DOORBELLS"),
+                "maps": self.maps, "remaps": self.window.remaps, "dma_bytes": self.dma.bytes_copied,
+                "dma_descriptors": self.dma.descriptors, "errors": dict(self.errors),
+                "ring_errors": self.ctl.get("ERRORS"),
+                "slots": [p for p in self.window.slots]}
+
+    def close(self) -> None:
+        """Write every mapped slot back, then release the buffers. Idempotent."""
+        with self.lock:
+            if self.ctl_fd < 0:
+                return
+            try:
+                self.window.writeback_all()
+            finally:
+                self.devmem.close()
+                self.window_file.close()
+                try:
+                    self.ctl_mm.close()
+                except (BufferError, ValueError):
+                    pass
+                os.close(self.ctl_fd)
+                self.ctl_fd = -1

@@ -1,0 +1,161 @@
+"""Device memory, the control memory, and the BAR window onto device memory.
+
+Invariant: a device page mapped into a window slot has exactly one live copy, the slot. Mapping another page
+into the slot, unmapping it, or shutting down writes the slot back to device memory first.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import struct
+from pathlib import Path
+
+from . import abi
+from .config import DeviceConfig
+
+_U32 = struct.Struct("<I")
+_U64 = struct.Struct("<Q")
+
+
+class FileBuffer:
+    """A shared, writable mmap of a whole file, created at ``size`` if missing (sparse)."""
+
+    def __init__(self, path: Path, size: int) -> None:
+        self.path = path
+        self.size = size
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            if os.fstat(fd).st_size < size:
+                os.ftruncate(fd, size)
+            self.mm = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        finally:
+            os.close(fd)
+        self.view = memoryview(self.mm)
+
+    def close(self) -> None:
+        try:
+            self.view.release()
+            self.mm.flush()
+            self.mm.close()
+        except (ValueError, BufferError, OSError):
+            pass
+
+
+class ControlMemory:
+    """Typed access to the control BAR: registers, hidden ranges, slot table, rings (see emulator/abi.py)."""
+
+    def __init__(self, buf: mmap.mmap) -> None:
+        if len(buf) < abi.CTL_SIZE:
+            raise ValueError("control memory too small")
+        self.buf = buf
+
+    def get(self, name: str) -> int:
+        off, kind = abi.REGS[name]
+        return (_U64 if kind == "u64" else _U32).unpack_from(self.buf, off)[0]
+
+    def set(self, name: str, value: int) -> None:
+        off, kind = abi.REGS[name]
+        s = _U64 if kind == "u64" else _U32
+        s.pack_into(self.buf, off, value & ((1 << (8 * s.size)) - 1))
+
+    def slot_entry(self, slot: int) -> int:
+        return _U64.unpack_from(self.buf, abi.reg("SLOT_TABLE") + 8 * slot)[0]
+
+    def set_slot_entry(self, slot: int, value: int) -> None:
+        _U64.pack_into(self.buf, abi.reg("SLOT_TABLE") + 8 * slot, value)
+
+    def descriptor(self, index: int) -> bytes:
+        """A copy of SQ entry ``index % RING_ENTRIES`` (copied once: the guest may change it under us)."""
+        off = abi.reg("SQ") + (index % abi.RING_ENTRIES) * abi.DESC_SIZE
+        return bytes(self.buf[off : off + abi.DESC_SIZE])
+
+    def write_completion(self, index: int, tag: int, status: int, opcode: int, result: int) -> None:
+        off = abi.reg("CQ") + (index % abi.RING_ENTRIES) * abi.COMPL_SIZE
+        abi.COMPL.pack_into(self.buf, off, tag & 0xFFFFFFFF, status, opcode & 0xFFFF, result & (2**64 - 1))
+
+    def init(self, index: int, config: DeviceConfig, window_pci_slot: int) -> None:
+        self.buf[: abi.CTL_SIZE] = bytes(abi.CTL_SIZE)
+        self.set("ABI_VERSION", abi.ABI_MAJOR << 16 | abi.ABI_MINOR)
+        self.set("DEVICE_INDEX", index)
+        self.set("DEVMEM_SIZE", config.mem)
+        self.set("WINDOW_SIZE", config.window)
+        self.set("SLOT_SIZE", config.slot)
+        self.set("NR_SLOTS", config.nr_slots)
+        self.set("RING_ENTRIES", abi.RING_ENTRIES)
+        self.set("NR_HIDDEN", len(config.hidden))
+        self.set("WINDOW_PCI_SLOT", window_pci_slot)
+        for i, (start, end) in enumerate(config.hidden):
+            _U64.pack_into(self.buf, abi.reg("HIDDEN") + 16 * i, start)
+            _U64.pack_into(self.buf, abi.reg("HIDDEN") + 16 * i + 8, end)
+        self.set("STATUS", abi.STATUS_READY)
+        self.set("MAGIC", abi.MAGIC)  # last: the guest trusts nothing before it sees the magic
+
+
+class Window:
+    """The BAR window: ``nr_slots`` slots, each the live copy of at most one device page."""
+
+    def __init__(self, config: DeviceConfig, devmem: memoryview, window: memoryview, ctl: ControlMemory) -> None:
+        self.config = config
+        self.devmem = devmem
+        self.window = window
+        self.ctl = ctl
+        self.slots: list[int | None] = [None] * config.nr_slots
+        self.page_slot: dict[int, int] = {}
+        self.remaps = 0
+
+    def _slot_view(self, slot: int) -> memoryview:
+        s = self.config.slot
+        return self.window[slot * s : (slot + 1) * s]
+
+    def _page_view(self, page: int) -> memoryview:
+        s = self.config.slot
+        return self.devmem[page * s : (page + 1) * s]
+
+    def _publish(self, changes: dict[int, int]) -> None:
+        """Update slot-table entries under the seqlock: generation odd while entries change."""
+        gen = self.ctl.get("GENERATION")
+        if gen & 1:
+            gen += 1
+        self.ctl.set("GENERATION", gen + 1)
+        for slot, value in changes.items():
+            self.ctl.set_slot_entry(slot, value)
+        self.ctl.set("GENERATION", gen + 2)
+
+    def retarget(self, moves: dict[int, int | None]) -> None:
+        """Point each slot at a page (or nothing); callers have validated slots and pages."""
+        for slot, page in moves.items():
+            old = self.slots[slot]
+            if old is not None:
+                self._page_view(old)[:] = self._slot_view(slot)
+                del self.page_slot[old]
+                self.slots[slot] = None
+            if page is not None:
+                self._slot_view(slot)[:] = self._page_view(page)
+                self.slots[slot] = page
+                self.page_slot[page] = slot
+            else:
+                self._slot_view(slot)[:] = bytes(self.config.slot)
+        self.remaps += len(moves)
+        self._publish({slot: 0 if page is None else page + 1 for slot, page in moves.items()})
+
+    def map(self, slot: int, page: int) -> None:
+        self.retarget({slot: page})
+
+    def unmap(self, slot: int) -> None:
+        self.retarget({slot: None})
+
+    def writeback_all(self) -> None:
+        """Copy every mapped slot back to device memory (device memory is then the whole truth)."""
+        for slot, page in enumerate(self.slots):
+            if page is not None:
+                self._page_view(page)[:] = self._slot_view(slot)
+
+    def device_view(self, offset: int, length: int) -> memoryview:
+        """The live bytes for device-local [offset, offset+length), which must stay inside one page."""
+        page, inner = divmod(offset, self.config.slot)
+        slot = self.page_slot.get(page)
+        if slot is not None:
+            base = slot * self.config.slot + inner
+            return self.window[base : base + length]
+        return self.devmem[offset : offset + length]

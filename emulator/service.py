@@ -1,0 +1,196 @@
+"""``DeviceService``: the host side of every aperture device in one VM.
+
+Owns the devices, their ivshmem servers and one emulator thread that accepts QEMU's connections and serves
+doorbells. Started before QEMU (QEMU exits if the server is not listening) and stopped after it (so the final
+write-back of window slots sees every guest write).
+"""
+
+from __future__ import annotations
+
+import os
+import selectors
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .addrmap import AddressMap, DmaFault, Region, flat
+from .config import DeviceConfig, PmemConfig
+from .device import ApertureDevice
+from .ivshmem_server import IvshmemServer
+from .memory import FileBuffer
+
+PCI_SLOT_BASE = 0x10
+
+
+def ctl_id(i: int) -> str:
+    return f"aperture{i}-ctl"
+
+
+def win_id(i: int) -> str:
+    return f"aperture{i}-win"
+
+
+@dataclass(frozen=True)
+class DeviceFiles:
+    devmem: Path  # persisted device memory (run dir)
+    window: Path  # the window BAR's backing file (shm)
+    socket: Path  # our ivshmem server socket
+
+
+def device_qemu_args(i: int, config: DeviceConfig, files: DeviceFiles) -> list[str]:
+    """QEMU arguments for device ``i``: a doorbell device served by us, and the window BAR."""
+    return [
+        "-chardev", f"socket,id=apctl{i},path={files.socket}",
+        "-device", f"ivshmem-doorbell,id={ctl_id(i)},chardev=apctl{i},vectors=1,addr={PCI_SLOT_BASE + 2 * i:#x}",
+        "-object", f"memory-backend-file,id=apwin{i},size={config.window},mem-path={files.window},share=on",
+        "-device", f"ivshmem-plain,id={win_id(i)},memdev=apwin{i},addr={PCI_SLOT_BASE + 2 * i + 1:#x}",
+    ]
+
+
+class DeviceService:
+    def __init__(self, configs: tuple[DeviceConfig, ...], files: list[DeviceFiles], *, ram: Path, memory: int,
+                 pmem: list[tuple[Path, PmemConfig]], qmp: Callable[[], Any]) -> None:
+        self.configs = configs
+        self.files = files
+        self.ram_path = ram
+        self.memory = memory
+        self.pmem_spec = pmem
+        self._qmp = qmp
+        self.devices: list[ApertureDevice] = []
+        self.servers: list[IvshmemServer] = []
+        self.lock = threading.RLock()
+        self._map: AddressMap | None = None
+        self._buffers: list[FileBuffer] = []
+        self._thread: threading.Thread | None = None
+        self._stop_fd = -1
+        self.loop_errors: list[str] = []
+
+    def qemu_args(self) -> list[str]:
+        return [a for i, (c, f) in enumerate(zip(self.configs, self.files, strict=True))
+                for a in device_qemu_args(i, c, f)]
+
+    # ------------------------------------------------------------------ lifecycle
+    def start(self) -> None:
+        self._buffers.append(FileBuffer(self.ram_path, self.memory))
+        for path, p in self.pmem_spec:
+            self._buffers.append(FileBuffer(path, p.file_size))
+        for i, (config, files) in enumerate(zip(self.configs, self.files, strict=True)):
+            dev = ApertureDevice(i, config, files.devmem, files.window, PCI_SLOT_BASE + 2 * i + 1,
+                                 self.address_map, lock=self.lock)
+            self.devices.append(dev)
+            self.servers.append(IvshmemServer(files.socket, dev.ctl_fd))
+        self._stop_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        self._thread = threading.Thread(target=self._loop, name="aperture-emulator", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop the thread, close servers, write back and close devices. Idempotent."""
+        if self._thread is not None:
+            os.eventfd_write(self._stop_fd, 1)
+            self._thread.join(10)
+            self._thread = None
+        for srv in self.servers:
+            srv.close()
+        self.servers = []
+        for dev in self.devices:
+            dev.close()
+        for buf in self._buffers:
+            buf.close()
+        self._buffers = []
+        if self._stop_fd >= 0:
+            os.close(self._stop_fd)
+            self._stop_fd = -1
+
+    def _loop(self) -> None:
+        sel = selectors.DefaultSelector()
+        sel.register(self._stop_fd, selectors.EVENT_READ, ("stop", None))
+        for dev, srv in zip(self.devices, self.servers, strict=True):
+            sel.register(srv.sock, selectors.EVENT_READ, ("accept", srv))
+            for fd in srv.doorbells:
+                sel.register(fd, selectors.EVENT_READ, ("bell", dev))
+        while True:
+            for key, _ in sel.select(timeout=1.0):
+                kind, obj = key.data
+                try:
+                    if kind == "stop":
+                        sel.close()
+                        return
+                    if kind == "bell":
+                        try:
+                            os.eventfd_read(key.fd)  # type: ignore[arg-type]
+                        except BlockingIOError:
+                            pass
+                        obj.process_ring()
+                    elif kind == "accept":
+                        conn = obj.accept()
+                        if conn is not None:
+                            sel.register(conn, selectors.EVENT_READ, ("client", obj))
+                    elif kind == "client":
+                        if not key.fileobj.recv(64):  # type: ignore[union-attr]
+                            sel.unregister(key.fileobj)
+                            obj.drop_client()
+                except Exception as exc:  # noqa: BLE001 - the emulator thread must survive anything
+                    self.loop_errors.append(f"{type(exc).__name__}: {exc}")
+                    if kind == "client":
+                        try:
+                            sel.unregister(key.fileobj)
+                        except (KeyError, ValueError):
+                            pass
+
+    # ------------------------------------------------------------------ address map
+    def invalidate_map(self) -> None:
+        with self.lock:
+            self._map = None
+
+    def address_map(self) -> AddressMap | None:
+        """Built from QMP on first use (BARs are assigned by the guest's firmware), then cached."""
+        if self._map is None:
+            qmp = self._qmp()
+            if qmp is None:
+                return None
+            try:
+                self._map = self.build_map(qmp.memory_devices(), qmp.pci_devices())
+            except Exception as exc:  # noqa: BLE001 - QMP gone: DMA gets ENOMAP
+                self.loop_errors.append(f"address map: {exc}")
+                return None
+        return self._map
+
+    def build_map(self, memory_devices: list[Any], pci: list[Any]) -> AddressMap:
+        ram = self._buffers[0].view
+        regions = [Region(0, 0xA0000, "ram", "ram (low)", flat(ram)),
+                   Region(0x100000, self.memory, "ram", "ram", lambda off, n: [ram[0x100000 + off:0x100000 + off + n]])]
+        for md in memory_devices:
+            if md.kind != "nvdimm" or not md.memdev:
+                continue
+            idx = int(md.memdev.rsplit("pmem", 1)[-1])
+            view = self._buffers[1 + idx].view
+            regions.append(Region(md.addr, md.addr + md.size, "pmem", f"nvdimm{idx}", flat(view[: md.size])))
+        win_ids = {win_id(i): dev for i, dev in enumerate(self.devices)}
+        ctl_ids = {ctl_id(i) for i in range(len(self.devices))}
+        for d in pci:
+            for bar, (addr, size) in d.bars.items():
+                if addr <= 0 or size <= 0 or addr >= 2**63:
+                    continue
+                if d.qdev_id in win_ids and bar == 2:
+                    dev = win_ids[d.qdev_id]
+                    regions.append(Region(addr, addr + size, "window", f"{d.qdev_id} BAR2", self._window(dev)))
+                else:
+                    kind = "register" if d.qdev_id in ctl_ids or bar == 0 else "bar"
+                    regions.append(Region(addr, addr + size, kind, f"{d.qdev_id or d.address} BAR{bar}", None))
+        return AddressMap(regions)
+
+    @staticmethod
+    def _window(dev: ApertureDevice) -> Callable[[int, int], list[memoryview]]:
+        def resolve(offset: int, length: int) -> list[memoryview]:
+            s = dev.config.slot
+            for slot in range(offset // s, (offset + length - 1) // s + 1):
+                if dev.window.slots[slot] is None:
+                    raise DmaFault("EFAULT", f"slot {slot} of aperture{dev.index}'s window maps no page")
+            return [dev.window_file.view[offset : offset + length]]
+
+        return resolve
+
+    def stats(self) -> list[dict[str, object]]:
+        return [d.stats() for d in self.devices]
