@@ -9,7 +9,7 @@ from qmp_client.session import MemoryDevice
 
 
 def _argv(config: VmConfig, accel: str = "tcg") -> list[str]:
-    paths = RunPaths(Path("/r"), "t1", Path("/dev/shm"))
+    paths = RunPaths(Path("/r"), "t1", Path("/dev/shm"), Path("/tmp/aperture-0/t1"))
     kernel = KernelSpec(Path("/k/vmlinuz"), Path("/k/mods"), "6.1")
     return build_argv("qemu", config, kernel, Path("/i.cpio"), paths, accel, kernel_cmdline(config, "default"))
 
@@ -34,7 +34,12 @@ def test_default_argv_shape() -> None:
 def test_default_topology_is_fsdax_plus_devdax_and_a_probe_bar() -> None:
     argv = _argv(VmConfig())
     assert "aperture_pmem_modes=fsdax,devdax" in _opt_values(argv, "-append")[0]
-    assert "ivshmem-plain,id=probe-bar,memdev=probebar" in _opt_values(argv, "-device")
+    assert "ivshmem-plain,id=probe-bar,memdev=probebar,addr=0xf" in _opt_values(argv, "-device")
+    devices = _opt_values(argv, "-device")
+    assert "ivshmem-doorbell,id=aperture0-ctl,chardev=apctl0,vectors=1,addr=0x10" in devices
+    assert "ivshmem-plain,id=aperture1-win,memdev=apwin1,addr=0x13" in devices
+    assert "socket,id=apctl1,path=/tmp/aperture-0/t1/aperture1.sock" in _opt_values(argv, "-chardev")
+    assert "aperture_devices=2" in _opt_values(argv, "-append")[0]
     assert any("id=probebar" in o and "size=2097152" in o for o in _opt_values(argv, "-object"))
 
 

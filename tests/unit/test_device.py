@@ -1,0 +1,322 @@
+"""The device model without QEMU: rings, window invariants, DMA validation, a reference model, fuzzing."""
+
+from __future__ import annotations
+
+import os
+import random
+import time
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from emulator import abi
+from emulator.addrmap import AddressMap, DmaFault, Region, flat
+from emulator.config import DeviceConfig, KiB, MiB
+from emulator.device import ApertureDevice
+from emulator.memory import FileBuffer
+
+SMALL = DeviceConfig(mem=1 * MiB, window=64 * KiB, slot=16 * KiB, hidden=((960 * KiB, 1 * MiB),))
+RAM_BASE, RAM_SIZE = 0x10000, 256 * KiB
+HOLE = 0x8000000
+
+
+class Rig:
+    """One device, a RAM buffer at RAM_BASE, a register region, and a canary file nothing may touch."""
+
+    def __init__(self, tmp: Path, config: DeviceConfig = SMALL) -> None:
+        self.ram = FileBuffer(tmp / "ram", RAM_SIZE)
+        self.canary_path = tmp / "canary"
+        self.canary_path.write_bytes(b"\xAA" * 4096)
+        self.map = AddressMap([Region(RAM_BASE, RAM_BASE + RAM_SIZE, "ram", "ram", flat(self.ram.view)),
+                               Region(0x100000, 0x101000, "register", "ctl BAR", None)])
+        self.dev = ApertureDevice(0, config, tmp / "devmem", tmp / "window", 0x11, lambda: self.map)
+        self.sq = 0
+        self.cq = 0
+
+    def submit(self, *descs: abi.Descriptor) -> list[tuple[int, int, int]]:
+        ctl = self.dev.ctl
+        for d in descs:
+            off = abi.reg("SQ") + (self.sq % abi.RING_ENTRIES) * abi.DESC_SIZE
+            ctl.buf[off : off + abi.DESC_SIZE] = d.pack()
+            self.sq = (self.sq + 1) & 0xFFFFFFFF
+        ctl.set("SQ_HEAD", self.sq)
+        self.dev.process_ring()
+        out = []
+        while self.cq != ctl.get("CQ_HEAD"):
+            off = abi.reg("CQ") + (self.cq % abi.RING_ENTRIES) * abi.COMPL_SIZE
+            tag, status, opcode, result = abi.COMPL.unpack_from(ctl.buf, off)
+            out.append((tag, status, result))
+            self.cq = (self.cq + 1) & 0xFFFFFFFF
+            ctl.set("CQ_TAIL", self.cq)
+        return out
+
+    def one(self, opcode: int, **kw: int) -> tuple[int, int]:
+        fields = dict(flags=0, tag=1, slot=0, reserved0=0, page=0, src=0, dst=0, length=0, reserved1=0, reserved2=0)
+        fields.update(kw)
+        (_, status, result), = self.submit(abi.Descriptor(opcode=opcode, **fields))
+        return status, result
+
+    def close(self) -> None:
+        self.dev.close()
+        self.ram.close()
+
+
+@pytest.fixture
+def rig(tmp_path: Path):
+    r = Rig(tmp_path)
+    yield r
+    r.close()
+
+
+ST = abi.STATUS_CODES
+
+
+def test_control_memory_advertises_the_device(rig: Rig) -> None:
+    ctl = rig.dev.ctl
+    assert ctl.get("MAGIC") == abi.MAGIC
+    assert ctl.get("ABI_VERSION") >> 16 == abi.ABI_MAJOR
+    assert ctl.get("NR_SLOTS") == 4 and ctl.get("SLOT_SIZE") == 16 * KiB
+    assert ctl.get("STATUS") & abi.STATUS_READY
+
+
+def test_map_makes_the_slot_the_live_copy_and_remap_writes_back(rig: Rig) -> None:
+    s = SMALL.slot
+    assert rig.one(abi.OP_MAP, slot=1, page=3) == (ST["OK"], 0)
+    assert rig.dev.ctl.slot_entry(1) == 4
+    rig.dev.window_file.view[s : s + 5] = b"hello"  # the guest writes through the window
+    assert bytes(rig.dev.devmem.view[3 * s : 3 * s + 5]) == bytes(5)  # not yet in device memory
+    assert rig.one(abi.OP_MAP, slot=1, page=4)[0] == ST["OK"]  # remap: write back page 3, load page 4
+    assert bytes(rig.dev.devmem.view[3 * s : 3 * s + 5]) == b"hello"
+    assert bytes(rig.dev.window_file.view[s : s + 5]) == bytes(5)
+    assert rig.dev.ctl.get("GENERATION") % 2 == 0
+    assert rig.one(abi.OP_MAP, slot=2, page=3)[0] == ST["OK"]
+    assert bytes(rig.dev.window_file.view[2 * s : 2 * s + 5]) == b"hello"
+
+
+def test_map_refusals(rig: Rig) -> None:
+    assert rig.one(abi.OP_MAP, slot=4, page=0)[0] == ST["ERANGE"]
+    assert rig.one(abi.OP_MAP, slot=0, page=64)[0] == ST["ERANGE"]
+    assert rig.one(abi.OP_MAP, slot=0, page=60)[0] == ST["EACCES"]  # 960K / 16K: hidden
+    assert rig.one(abi.OP_MAP, slot=0, page=1)[0] == ST["OK"]
+    assert rig.one(abi.OP_MAP, slot=1, page=1)[0] == ST["EBUSY"]
+    assert rig.one(abi.OP_MAP, slot=0, page=1, reserved1=5)[0] == ST["EINVAL"]
+    assert rig.one(99)[0] == ST["EINVAL"]
+
+
+def test_dma_resolves_and_validates(rig: Rig) -> None:
+    rig.ram.view[0:4] = b"abcd"
+    assert rig.one(abi.OP_DMA, src=RAM_BASE, dst=0x100, length=4, flags=abi.DMA_DST_LOCAL) == (ST["OK"], 4)
+    assert bytes(rig.dev.devmem.view[0x100:0x104]) == b"abcd"
+    # the device's own DMA reaches hidden memory
+    assert rig.one(abi.OP_DMA, src=RAM_BASE, dst=960 * KiB, length=4, flags=abi.DMA_DST_LOCAL)[0] == ST["OK"]
+    cases = {
+        "hole": dict(src=RAM_BASE, dst=HOLE, length=4),
+        "register": dict(src=RAM_BASE, dst=0x100000, length=4),
+        "cross": dict(src=RAM_BASE + RAM_SIZE - 2, dst=0, length=4, flags=abi.DMA_DST_LOCAL),
+        "zero": dict(src=RAM_BASE, dst=RAM_BASE, length=0),
+        "big": dict(src=0, dst=0, length=abi.MAX_DMA_LENGTH + 1, flags=3),
+        "local range": dict(src=SMALL.mem - 2, dst=RAM_BASE, length=4, flags=abi.DMA_SRC_LOCAL),
+        "flags": dict(src=RAM_BASE, dst=RAM_BASE, length=4, flags=0x40),
+    }
+    expect = {"hole": "EFAULT", "register": "EFAULT", "cross": "ECROSS", "zero": "EINVAL", "big": "ETOOBIG",
+              "local range": "ERANGE", "flags": "EINVAL"}
+    for name, kw in cases.items():
+        assert rig.one(abi.OP_DMA, **kw)[0] == ST[expect[name]], name
+
+
+def test_dma_into_a_mapped_page_lands_in_its_slot(rig: Rig) -> None:
+    s = SMALL.slot
+    rig.one(abi.OP_MAP, slot=2, page=5)
+    rig.ram.view[0:3] = b"xyz"
+    rig.one(abi.OP_DMA, src=RAM_BASE, dst=5 * s + 10, length=3, flags=abi.DMA_DST_LOCAL)
+    assert bytes(rig.dev.window_file.view[2 * s + 10 : 2 * s + 13]) == b"xyz"
+
+
+def test_dma_list_is_all_or_nothing(rig: Rig) -> None:
+    table = abi.LIST_ENTRY.pack(RAM_BASE + 4096, RAM_BASE + 8192, 16, 0, 0) + \
+        abi.LIST_ENTRY.pack(RAM_BASE + 4096, HOLE, 16, 0, 0)
+    rig.ram.view[0 : len(table)] = table
+    rig.ram.view[4096 : 4096 + 16] = b"S" * 16
+    assert rig.one(abi.OP_DMA_LIST, src=RAM_BASE, length=2) == (ST["EFAULT"], 1)
+    assert bytes(rig.ram.view[8192 : 8192 + 16]) == bytes(16)
+    assert rig.one(abi.OP_DMA_LIST, src=RAM_BASE, length=1) == (ST["OK"], 16)
+    assert bytes(rig.ram.view[8192 : 8192 + 16]) == b"S" * 16
+    assert rig.one(abi.OP_DMA_LIST, src=RAM_BASE, length=abi.MAX_LIST_ENTRIES + 1)[0] == ST["ETOOBIG"]
+
+
+def test_no_address_map_gives_enomap(tmp_path: Path) -> None:
+    dev = ApertureDevice(0, SMALL, tmp_path / "d", tmp_path / "w", 0x11, lambda: None)
+    try:
+        assert dev.execute(abi.Descriptor(abi.OP_DMA, 0, 1, 0, 0, 0, 0, 0, 4, 0, 0).pack())[0] == ST["ENOMAP"]
+    finally:
+        dev.close()
+
+
+def test_garbage_ring_indices_are_flagged_not_trusted(rig: Rig) -> None:
+    rig.dev.ctl.set("SQ_HEAD", 100000)
+    assert rig.dev.process_ring() == 0
+    assert rig.dev.ctl.get("STATUS") & abi.STATUS_RING_ERROR
+    assert rig.dev.ctl.get("SQ_TAIL") == 100000
+    rig.sq = 100000
+    rig.dev.ctl.set("CQ_TAIL", 12345)  # garbage consumer index
+    assert rig.one(abi.OP_NOP)[0] == ST["OK"]
+
+
+def test_full_completion_ring_waits_for_the_guest(rig: Rig) -> None:
+    ctl = rig.dev.ctl
+    nop = abi.Descriptor(abi.OP_NOP, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0).pack()
+    for i in range(abi.RING_ENTRIES):
+        off = abi.reg("SQ") + i * abi.DESC_SIZE
+        ctl.buf[off : off + abi.DESC_SIZE] = nop
+    ctl.set("SQ_HEAD", abi.RING_ENTRIES)
+    assert rig.dev.process_ring() == abi.RING_ENTRIES
+    ctl.set("SQ_HEAD", abi.RING_ENTRIES + 1)  # CQ full (guest consumed nothing)
+    assert rig.dev.process_ring() == 0
+    ctl.set("CQ_TAIL", 1)
+    assert rig.dev.process_ring() == 1
+
+
+def test_device_memory_persists_across_close(tmp_path: Path) -> None:
+    r = Rig(tmp_path)
+    r.one(abi.OP_MAP, slot=0, page=2)
+    r.dev.window_file.view[0:4] = b"keep"
+    r.close()  # writes the mapped slot back
+    r2 = Rig(tmp_path)
+    assert bytes(r2.dev.devmem.view[2 * SMALL.slot : 2 * SMALL.slot + 4]) == b"keep"
+    r2.close()
+
+
+# ---------------------------------------------------------------- reference model (hypothesis)
+ops = st.one_of(
+    st.tuples(st.just("map"), st.integers(0, 5), st.integers(0, 65)),
+    st.tuples(st.just("unmap"), st.integers(0, 5)),
+    st.tuples(st.just("winwrite"), st.integers(0, 3), st.integers(0, SMALL.slot - 1),
+              st.binary(min_size=1, max_size=64)),
+    st.tuples(st.just("ram2dev"), st.integers(0, RAM_SIZE - 1), st.integers(0, SMALL.mem - 1), st.integers(1, 40000)),
+    st.tuples(st.just("dev2ram"), st.integers(0, SMALL.mem - 1), st.integers(0, RAM_SIZE - 1), st.integers(1, 40000)),
+    st.tuples(st.just("dev2dev"), st.integers(0, SMALL.mem - 1), st.integers(0, SMALL.mem - 1), st.integers(1, 40000)),
+)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(ops, max_size=30))
+def test_matches_reference_model(tmp_path_factory: pytest.TempPathFactory, sequence: list[tuple]) -> None:
+    tmp = tmp_path_factory.mktemp("ref")
+    rig = Rig(tmp)
+    dev_ref = bytearray(SMALL.mem)  # logical device memory (whatever copy is live)
+    ram_ref = bytearray(RAM_SIZE)
+    slots: dict[int, int] = {}
+    try:
+        for op in sequence:
+            kind = op[0]
+            if kind == "map":
+                _, slot, page = op
+                status = rig.one(abi.OP_MAP, slot=slot, page=page)[0]
+                if slot >= SMALL.nr_slots or page >= SMALL.nr_pages:
+                    want = "ERANGE"
+                elif SMALL.page_hidden(page):
+                    want = "EACCES"
+                elif page in slots.values() and slots.get(slot) != page:
+                    want = "EBUSY"
+                else:
+                    want = "OK"
+                    slots[slot] = page
+                assert status == ST[want], op
+            elif kind == "unmap":
+                status = rig.one(abi.OP_UNMAP, slot=op[1])[0]
+                assert status == ST["OK" if op[1] < SMALL.nr_slots else "ERANGE"]
+                slots.pop(op[1], None)
+            elif kind == "winwrite":
+                _, slot, off, data = op
+                if slot not in slots:
+                    continue
+                off = min(off, SMALL.slot - len(data))
+                base = slot * SMALL.slot + off
+                rig.dev.window_file.view[base : base + len(data)] = data
+                page_off = slots[slot] * SMALL.slot + off
+                dev_ref[page_off : page_off + len(data)] = data
+            else:
+                _, a, b, n = op
+                src_size, dst_size = {"ram2dev": (RAM_SIZE, SMALL.mem), "dev2ram": (SMALL.mem, RAM_SIZE),
+                                      "dev2dev": (SMALL.mem, SMALL.mem)}[kind]
+                flags = {"ram2dev": abi.DMA_DST_LOCAL, "dev2ram": abi.DMA_SRC_LOCAL, "dev2dev": 3}[kind]
+                src = a + (RAM_BASE if kind == "ram2dev" else 0)
+                dst = b + (RAM_BASE if kind == "dev2ram" else 0)
+                status, result = rig.one(abi.OP_DMA, src=src, dst=dst, length=n, flags=flags)
+                if a + n > src_size or b + n > dst_size:
+                    assert status in (ST["ECROSS"], ST["ERANGE"]), op
+                    continue
+                assert (status, result) == (ST["OK"], n), op
+                sbuf = ram_ref if kind == "ram2dev" else dev_ref
+                dbuf = ram_ref if kind == "dev2ram" else dev_ref
+                dbuf[b : b + n] = bytes(sbuf[a : a + n])
+            # the device's view of every byte equals the model's
+            live = b"".join(bytes(v) for v in rig.dev.local_segments(0, SMALL.mem))
+            assert live == bytes(dev_ref)
+            assert bytes(rig.ram.view) == bytes(ram_ref)
+    finally:
+        rig.close()
+    assert Path(tmp / "devmem").read_bytes() == bytes(dev_ref)  # after write-back, memory is the truth
+
+
+def test_ram_model_seeded(tmp_path: Path) -> None:
+    """RAM writes from the 'guest' side are seen by DMA (the reference model starts from zeros)."""
+    rig = Rig(tmp_path)
+    try:
+        rig.ram.view[100:104] = b"ramm"
+        rig.one(abi.OP_DMA, src=RAM_BASE + 100, dst=0, length=4, flags=abi.DMA_DST_LOCAL)
+        assert bytes(rig.dev.devmem.view[0:4]) == b"ramm"
+    finally:
+        rig.close()
+
+
+# ---------------------------------------------------------------- fuzzing
+def test_fuzz_rings_and_descriptors(tmp_path: Path) -> None:
+    """Random bytes everywhere the guest can write: no exception, bounded work, nothing outside our buffers."""
+    rig = Rig(tmp_path)
+    rng = random.Random(1234)
+    canary_before = rig.canary_path.read_bytes()
+    try:
+        t0 = time.monotonic()
+        for _ in range(300):
+            ctl = rig.dev.ctl
+            # garbage descriptors: some structured (valid opcodes, wild numbers), some pure noise
+            for i in range(abi.RING_ENTRIES):
+                off = abi.reg("SQ") + i * abi.DESC_SIZE
+                if rng.random() < 0.5:
+                    raw = bytearray(rng.randbytes(abi.DESC_SIZE))
+                    raw[0:2] = rng.choice([0, 1, 2, 3, 4, 5, 0xFFFF]).to_bytes(2, "little")
+                    if rng.random() < 0.5:
+                        raw[8:64] = bytes(56)
+                        raw[16:24] = rng.randrange(0, 80).to_bytes(8, "little")
+                        raw[24:32] = (RAM_BASE + rng.randrange(-8, RAM_SIZE + 8)).to_bytes(8, "little", signed=True)
+                        raw[32:40] = rng.randrange(0, SMALL.mem + 8).to_bytes(8, "little")
+                        raw[40:48] = rng.randrange(0, 70000).to_bytes(8, "little")
+                        raw[2:4] = rng.randrange(0, 4).to_bytes(2, "little")
+                    ctl.buf[off : off + abi.DESC_SIZE] = bytes(raw)
+                else:
+                    ctl.buf[off : off + abi.DESC_SIZE] = rng.randbytes(abi.DESC_SIZE)
+            for reg in ("SQ_HEAD", "CQ_TAIL", "SQ_TAIL", "CQ_HEAD", "GENERATION"):
+                if rng.random() < 0.3:
+                    ctl.set(reg, rng.getrandbits(32))
+            rig.ram.view[0:4096] = rng.randbytes(4096)  # garbage DMA lists
+            done = rig.dev.process_ring()
+            assert 0 <= done <= 4 * abi.RING_ENTRIES
+            ctl.set("CQ_TAIL", ctl.get("CQ_HEAD"))
+        assert time.monotonic() - t0 < 60
+    finally:
+        rig.close()
+    assert rig.canary_path.read_bytes() == canary_before
+    assert sorted(os.listdir(tmp_path)) == ["canary", "devmem", "ram", "window"]
+    assert (tmp_path / "devmem").stat().st_size == SMALL.mem
+    assert (tmp_path / "window").stat().st_size == SMALL.window
+
+
+def test_address_map_rejects_overlaps() -> None:
+    with pytest.raises(ValueError):
+        AddressMap([Region(0, 10, "ram", "a", None), Region(5, 20, "ram", "b", None)])
+    m = AddressMap([Region(0, 10, "ram", "a", None)])
+    with pytest.raises(DmaFault):
+        m.resolve(2**64, 1)
