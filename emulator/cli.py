@@ -17,7 +17,7 @@ from typing import Any
 
 import click
 
-from .config import DEFAULT_PMEM, PmemConfig, VmConfig, format_size, parse_size
+from .config import DEFAULT_DEVICES, DEFAULT_PMEM, DeviceConfig, PmemConfig, VmConfig, format_size, parse_size
 from .errors import ApertureError, ConfigError, VmLaunchError
 
 
@@ -54,6 +54,17 @@ def _pmem(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]) -
         raise click.BadParameter(exc.message) from None
 
 
+def _devices(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]) -> tuple[DeviceConfig, ...] | None:
+    if not values:
+        return None
+    if values == ("none",):
+        return ()
+    try:
+        return tuple(DeviceConfig.parse(v) for v in values)
+    except ConfigError as exc:
+        raise click.BadParameter(exc.message) from None
+
+
 def vm_options(f: Any) -> Any:
     """Options shared by every command that boots a VM."""
     opts = [
@@ -64,6 +75,10 @@ def vm_options(f: Any) -> Any:
         click.option("--pmem", "pmem", multiple=True, callback=_pmem, metavar="SIZE[:MODE]",
                      help="An NVDIMM of SIZE (multiple of 2M; the 128K label is added), MODE raw|fsdax|devdax. "
                      "Repeatable. Default: 256M:fsdax and 256M:devdax."),
+        click.option("--device", "devices", multiple=True, callback=_devices,
+                     metavar="aperture[,mem=SIZE,window=SIZE,slot=SIZE,hidden=START-END]",
+                     help="An aperture device (repeatable; 'none' for no device). Default: two of "
+                     "mem=256M,window=16M,slot=2M,hidden=240M-256M."),
         click.option("--memory", default="512M", callback=_size, show_default=True, help="Guest RAM."),
         click.option("--accel", type=click.Choice(["auto", "kvm", "tcg"]), default="auto", show_default=True,
                      help="auto: KVM only if a probe boot works, else TCG."),
@@ -81,9 +96,11 @@ def vm_options(f: Any) -> Any:
 
 
 def make_config(pmem: tuple[PmemConfig, ...], memory: int, accel: str, boot_timeout: float,
-                run_timeout: float, append: tuple[str, ...] = ()) -> VmConfig:
+                run_timeout: float, append: tuple[str, ...] = (),
+                devices: tuple[DeviceConfig, ...] | None = None) -> VmConfig:
     return VmConfig(memory=memory, pmem=pmem or DEFAULT_PMEM, accel=accel,  # type: ignore[arg-type]
-                    boot_timeout=boot_timeout, run_timeout=run_timeout, kernel_cmdline_extra=append)
+                    boot_timeout=boot_timeout, run_timeout=run_timeout, kernel_cmdline_extra=append,
+                    devices=DEFAULT_DEVICES if devices is None else devices)
 
 
 def emit_json(obj: Any) -> None:
@@ -136,7 +153,50 @@ def _summarize_detail(name: str, detail: Any) -> str:
         if not cells:
             return f"no O_DIRECT source {d.get('source') or '(no fsdax device)'}: {d.get('source_open')}"
         return "O_DIRECT into: " + ", ".join(cells)
+    if name.startswith(("aperture.", "p2p.")) and d:
+        return _summarize_device(name, d)
     text = json.dumps(detail, separators=(",", ":"))
+    return text if len(text) <= 90 else text[:87] + "..."
+
+
+def _summarize_device(name: str, d: dict[str, Any]) -> str:
+    if d.get("error"):
+        return str(d["error"])
+    if name == "aperture.window":
+        devs = d.get("devices") or []
+        parts = [f"dev{x.get('device')}: {x.get('survived')}/{x.get('of')} pages survived remaps through "
+                 f"{x.get('nr_slots')} slots of {format_size(int(x.get('slot_size', 0)))}" for x in devs]
+        host = (f"host verified {d.get('host_verified_regions')} written regions in device memory"
+                if not d.get("host_mismatches") else f"host found {len(d['host_mismatches'])} regions NOT written")
+        return "; ".join(parts) + f"; {host}"
+    if name == "aperture.hidden_refused":
+        return (f"MAP of hidden pages: {d.get('map_first_hidden')}/{d.get('map_last_hidden')}; device DMA into "
+                f"hidden memory: {d.get('device_dma_into_hidden')}, round trip "
+                f"{'ok' if d.get('round_trip_ok') else 'FAILED'}")
+    if name == "p2p.pmem_to_device":
+        return (f"{format_size(int(d.get('len', 0)))} devdax @ {int(d.get('src_phys', 0)):#x} → dev{d.get('device')} "
+                f"+{int(d.get('dst_device_offset', 0)):#x}: {d.get('status')}, "
+                f"{'verified through the window' if d.get('verified_through_window') else 'NOT verified'}")
+    if name == "p2p.device_to_pmem":
+        return (f"{format_size(int(d.get('len', 0)))} dev{d.get('device')} +{int(d.get('src_device_offset', 0)):#x} → "
+                f"devdax @ {int(d.get('dst_phys', 0)):#x}: {d.get('status')}, "
+                f"{'verified in the devdax mapping' if d.get('verified_in_devdax_mapping') else 'NOT verified'}")
+    if name == "p2p.ram_to_device":
+        return (f"{d.get('pages')} scattered RAM pages ⇄ dev{d.get('device')} by DMA_LIST: in {d.get('ram_to_device')}"
+                f", out {d.get('device_to_ram')}")
+    if name == "p2p.device_to_device":
+        return (f"{format_size(int(d.get('len', 0)))} dev{d.get('src_device')} → dev{d.get('dst_device')}'s window "
+                f"@ {int(d.get('dst_window_phys', 0)):#x} (page {d.get('dst_page')}): {d.get('status')}, "
+                f"{'seen in the peer window' if d.get('seen_in_peer_window') else 'NOT seen'}")
+    if name == "aperture.bad_descriptors":
+        cases = d.get("cases") or []
+        bad = [c for c in cases if "expected" in c and c.get("status") != c.get("expected")]
+        extra = [c for c in cases if "expected" not in c]
+        tail = "; ".join(f"{c.get('case')}: " + ", ".join(f"{k}={v}" for k, v in c.items() if k != "case")
+                         for c in extra)
+        return f"{len(cases) - len(extra) - len(bad)}/{len(cases) - len(extra)} hostile descriptors refused as " \
+               f"expected{'; MISMATCH: ' + str(bad[:2]) if bad else ''}; {tail}"
+    text = json.dumps(d, separators=(",", ":"))
     return text if len(text) <= 90 else text[:87] + "..."
 
 
@@ -167,7 +227,7 @@ def print_summary(result: Any) -> None:
             print_probe_table(c.detail)
     for note in result.messages:
         click.echo(f"  note: {note}")
-    click.echo(f"  run dir: {result.run_dir} (console.log, results.jsonl, pmem*.img)")
+    click.echo(f"  run dir: {result.run_dir} (console.log, results.jsonl, pmem*.img, devmem*.img)")
 
 
 @cli.command()
@@ -182,7 +242,8 @@ def print_summary(result: Any) -> None:
               help="Host binary to put into the guest's /usr/local/bin, with its shared libraries. Repeatable.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object (the documented contract).")
 @click.option("-v", "--verbose", is_flag=True, help="Stream the guest console to stderr.")
-def run(kernel: Path | None, modules: Path | None, pmem: tuple[PmemConfig, ...], memory: int, accel: str,
+def run(kernel: Path | None, modules: Path | None, pmem: tuple[PmemConfig, ...],
+        devices: tuple[DeviceConfig, ...] | None, memory: int, accel: str,
         boot_timeout: float, run_timeout: float, append: tuple[str, ...], quiet: bool, run_dir: Path | None,
         reboot: bool, force: bool, guest_bins: tuple[Path, ...], as_json: bool, verbose: bool) -> None:
     """Boot the default VM scenario, run the guest checks, print the results.
@@ -194,7 +255,7 @@ def run(kernel: Path | None, modules: Path | None, pmem: tuple[PmemConfig, ...],
     from .run import default_run_dir, prepare, run_vm
 
     ui = Ui(quiet, verbose)
-    config = dataclasses.replace(make_config(pmem, memory, accel, boot_timeout, run_timeout, append),
+    config = dataclasses.replace(make_config(pmem, memory, accel, boot_timeout, run_timeout, append, devices),
                                  force=force, guest_bins=guest_bins)
     spec = resolve_kernel(kernel, modules)
     prep = prepare(config, spec, ui.progress)
@@ -291,7 +352,8 @@ def bench() -> None:
 @vm_options
 @click.option("-n", "--boots", type=click.IntRange(1, 50), default=5, show_default=True)
 @click.option("--json", "as_json", is_flag=True)
-def bench_boot(kernel: Path | None, modules: Path | None, pmem: tuple[PmemConfig, ...], memory: int,
+def bench_boot(kernel: Path | None, modules: Path | None, pmem: tuple[PmemConfig, ...],
+               devices: tuple[DeviceConfig, ...] | None, memory: int,
                accel: str, boot_timeout: float, run_timeout: float, append: tuple[str, ...], quiet: bool,
                boots: int, as_json: bool) -> None:
     """Cold boots: time to the helper's first message and to poweroff (bzImage, and PVH vmlinux if possible)."""
@@ -300,7 +362,7 @@ def bench_boot(kernel: Path | None, modules: Path | None, pmem: tuple[PmemConfig
     from .bench import bench_boot as run_bench
 
     ui = Ui(quiet)
-    config = make_config(pmem, memory, accel, boot_timeout, run_timeout, append)
+    config = make_config(pmem, memory, accel, boot_timeout, run_timeout, append, devices)
     report = run_bench(config, resolve_kernel(kernel, modules), boots, ui.progress)
     print_bench(report, as_json)
 
@@ -308,7 +370,8 @@ def bench_boot(kernel: Path | None, modules: Path | None, pmem: tuple[PmemConfig
 @bench.command("dax")
 @vm_options
 @click.option("--json", "as_json", is_flag=True)
-def bench_dax_cmd(kernel: Path | None, modules: Path | None, pmem: tuple[PmemConfig, ...], memory: int,
+def bench_dax_cmd(kernel: Path | None, modules: Path | None, pmem: tuple[PmemConfig, ...],
+                  devices: tuple[DeviceConfig, ...] | None, memory: int,
                   accel: str, boot_timeout: float, run_timeout: float, append: tuple[str, ...], quiet: bool,
                   as_json: bool) -> None:
     """Guest memcpy bandwidth into devdax and fsdax mappings, as ratios of memcpy into anonymous RAM."""
@@ -317,9 +380,25 @@ def bench_dax_cmd(kernel: Path | None, modules: Path | None, pmem: tuple[PmemCon
     from .bench import bench_dax
 
     ui = Ui(quiet)
-    config = make_config(pmem, memory, accel, boot_timeout, run_timeout, append)
+    config = make_config(pmem, memory, accel, boot_timeout, run_timeout, append, devices)
     report = bench_dax(config, resolve_kernel(kernel, modules), ui.progress)
     print_bench(report, as_json)
+
+
+@bench.command("device")
+@vm_options
+@click.option("--json", "as_json", is_flag=True)
+def bench_device_cmd(kernel: Path | None, modules: Path | None, pmem: tuple[PmemConfig, ...],
+                     devices: tuple[DeviceConfig, ...] | None, memory: int, accel: str, boot_timeout: float,
+                     run_timeout: float, append: tuple[str, ...], quiet: bool, as_json: bool) -> None:
+    """MAP round trip vs its host floor, DMA throughput vs host memcpy (4 KiB and 2 MiB), same run."""
+    from guest.kernel import resolve_kernel
+
+    from .bench import bench_device
+
+    ui = Ui(quiet)
+    config = make_config(pmem, memory, accel, boot_timeout, run_timeout, append, devices)
+    print_bench(bench_device(config, resolve_kernel(kernel, modules), ui.progress), as_json)
 
 
 def print_bench(report: dict[str, Any], as_json: bool) -> None:

@@ -30,6 +30,8 @@ class RunResult:
     messages: list[str] = field(default_factory=list)
     figures: dict[str, float] = field(default_factory=dict)
     boots: int = 1
+    run_name: str = ""
+    devices: list[dict[str, Any]] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)

@@ -107,8 +107,6 @@ def boot_once(config: VmConfig, prep: Prepared, run_dir: Path, progress: Progres
     checks = [verifier.verify(c, written) for c in pending] if verifier else pending
     if not checks and scenario == "default":
         raise GuestError("the guest helper reported no checks")
-    if device_stats:
-        figures.update({f"device{d['index']}_completed": float(d["completed"]) for d in device_stats})
     return RunResult(
         ok=all(c.ok for c in checks),
         accel=prep.accel.accel,
@@ -121,6 +119,8 @@ def boot_once(config: VmConfig, prep: Prepared, run_dir: Path, progress: Progres
         checks=checks,
         messages=notes,
         figures=figures,
+        run_name=vm.name,
+        devices=device_stats,
     )
 
 
@@ -156,4 +156,5 @@ def merge_boots(results: list[RunResult]) -> RunResult:
         ok=all(c.ok for c in checks), accel=last.accel, accel_reason=last.accel_reason,
         qemu_version=last.qemu_version, kernel_release=last.kernel_release, boot_s=results[0].boot_s,
         poweroff_s=results[0].poweroff_s, run_dir=last.run_dir, checks=checks,
-        messages=[m for r in results for m in r.messages], figures=last.figures, boots=len(results))
+        messages=[m for r in results for m in r.messages], figures=last.figures, boots=len(results),
+        run_name=last.run_name, devices=[d for r in results for d in r.devices])
