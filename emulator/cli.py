@@ -17,7 +17,17 @@ from typing import Any
 
 import click
 
-from .config import DEFAULT_DEVICES, DEFAULT_PMEM, DeviceConfig, PmemConfig, VmConfig, format_size, parse_size
+from .config import (
+    DEFAULT_DEVICES,
+    DEFAULT_PMEM,
+    DeviceConfig,
+    PmemConfig,
+    RemapPlan,
+    VmConfig,
+    format_size,
+    parse_duration,
+    parse_size,
+)
 from .errors import ApertureError, ConfigError, VmLaunchError
 
 
@@ -50,6 +60,15 @@ def _size(ctx: click.Context, param: click.Parameter, value: str | None) -> int 
 def _pmem(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]) -> tuple[PmemConfig, ...]:
     try:
         return tuple(PmemConfig.parse(v) for v in values)
+    except ConfigError as exc:
+        raise click.BadParameter(exc.message) from None
+
+
+def _duration(value: str | None) -> float | None:
+    if value is None:
+        return None
+    try:
+        return parse_duration(value)
     except ConfigError as exc:
         raise click.BadParameter(exc.message) from None
 
@@ -153,6 +172,13 @@ def _summarize_detail(name: str, detail: Any) -> str:
         if not cells:
             return f"no O_DIRECT source {d.get('source') or '(no fsdax device)'}: {d.get('source_open')}"
         return "O_DIRECT into: " + ", ".join(cells)
+    if name == "remap.consistency" and d:
+        return (f"{d.get('remaps')} {d.get('mode')}-mode remaps (p50 {d.get('latency_ms_p50')} ms, p99 "
+                f"{d.get('latency_ms_p99')} ms, max {d.get('latency_ms_max')} ms); guest: {d.get('reads')} checked "
+                f"reads, {d.get('writes')} stamps, {d.get('violations')} violations, {d.get('seqlock_retries')} "
+                f"seqlock retries")
+    if name == "remap.integrity" and d:
+        return f"{d.get('pages_checked')} pages' last stamps found in device memory; {d.get('mismatch_count')} missing"
     if name.startswith(("aperture.", "p2p.")) and d:
         return _summarize_device(name, d)
     text = json.dumps(detail, separators=(",", ":"))
@@ -240,12 +266,20 @@ def print_summary(result: Any) -> None:
               "corrupted or of another mode (destroys that NVDIMM's data).")
 @click.option("--guest-bin", "guest_bins", multiple=True, type=click.Path(path_type=Path, dir_okay=False),
               help="Host binary to put into the guest's /usr/local/bin, with its shared libraries. Repeatable.")
+@click.option("--remap-every", callback=lambda c, p, v: _duration(v), metavar="DURATION",
+              help="Run the window workload instead of the default checks, while the host remaps random slots "
+              "every DURATION (e.g. 20ms).")
+@click.option("--remap-mode", type=click.Choice(["pause", "hotplug"]), default="pause", show_default=True,
+              help="pause: stop, retarget slots, cont. hotplug: re-plug the window at a new device-memory offset.")
+@click.option("--duration", callback=lambda c, p, v: _duration(v), default="10s", show_default=True,
+              help="How long the remap workload runs.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object (the documented contract).")
 @click.option("-v", "--verbose", is_flag=True, help="Stream the guest console to stderr.")
 def run(kernel: Path | None, modules: Path | None, pmem: tuple[PmemConfig, ...],
         devices: tuple[DeviceConfig, ...] | None, memory: int, accel: str,
         boot_timeout: float, run_timeout: float, append: tuple[str, ...], quiet: bool, run_dir: Path | None,
-        reboot: bool, force: bool, guest_bins: tuple[Path, ...], as_json: bool, verbose: bool) -> None:
+        reboot: bool, force: bool, guest_bins: tuple[Path, ...], remap_every: float | None, remap_mode: str,
+        duration: float, as_json: bool, verbose: bool) -> None:
     """Boot the default VM scenario, run the guest checks, print the results.
 
     Exit 0 when every check passed, 1 when one failed.
@@ -257,14 +291,26 @@ def run(kernel: Path | None, modules: Path | None, pmem: tuple[PmemConfig, ...],
     ui = Ui(quiet, verbose)
     config = dataclasses.replace(make_config(pmem, memory, accel, boot_timeout, run_timeout, append, devices),
                                  force=force, guest_bins=guest_bins)
+    remap = None
+    if remap_every is not None:
+        if not config.devices:
+            raise ConfigError("--remap-every needs at least one aperture device")
+        if reboot:
+            raise ConfigError("--remap-every and --reboot cannot be combined")
+        remap = RemapPlan(every=remap_every, mode=remap_mode, duration=duration)
+        config = dataclasses.replace(config, run_timeout=max(config.run_timeout, duration + 90))
     spec = resolve_kernel(kernel, modules)
     prep = prepare(config, spec, ui.progress)
+    if remap is not None and remap.mode == "hotplug":
+        from .hotplug import require_hotplug
+
+        require_hotplug(prep.qemu)
     import secrets
     import time
 
     name = f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}-{secrets.token_hex(2)}"
     result = run_vm(config, prep, run_dir or default_run_dir(name), ui.progress, name=name, reboot=reboot,
-                    console_sink=ui.console if verbose else None)
+                    console_sink=ui.console if verbose else None, remap=remap)
     if as_json:
         emit_json(result.to_json())
     else:

@@ -197,6 +197,34 @@ class VmConfig:
             raise ConfigError("smp must be between 1 and 8")
 
 
+_DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m)?\s*$")
+
+
+def parse_duration(text: str) -> float:
+    """``20ms``, ``1.5s``, ``2m`` or plain seconds → seconds."""
+    m = _DURATION_RE.match(text)
+    if not m:
+        raise ConfigError(f"invalid duration {text!r}: expected e.g. 20ms, 10s, 2m")
+    return float(m.group(1)) * {"ms": 1e-3, "s": 1.0, "m": 60.0, None: 1.0}[m.group(2)]
+
+
+@dataclass(frozen=True)
+class RemapPlan:
+    """Host-driven remaps while the guest runs its window workload."""
+
+    every: float = 0.02
+    mode: str = "pause"
+    duration: float = 10.0
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("pause", "hotplug"):
+            raise ConfigError(f"invalid remap mode {self.mode!r}: choose pause or hotplug")
+        if not 0.001 <= self.every <= 60:
+            raise ConfigError("--remap-every must be between 1ms and 60s")
+        if not 0.5 <= self.duration <= 3600:
+            raise ConfigError("--duration must be between 0.5s and 1h")
+
+
 @dataclass(frozen=True)
 class KernelSpec:
     """A guest kernel and the directory of its modules (``lib/modules/<release>``)."""

@@ -154,15 +154,22 @@ class ApertureDevice:
                     done += 1
         return done
 
-    def retarget(self, moves: dict[int, int | None]) -> None:
+    def retarget(self, moves: dict[int, int | None], seqlock: bool = True) -> None:
         """Host-driven remap (validated here too: callers may be interactive users)."""
         with self.lock:
+            staying = {p for s, p in enumerate(self.window.slots) if p is not None and s not in moves}
+            targets = [p for p in moves.values() if p is not None]
             for slot, page in moves.items():
                 self._check_slot(slot)
-                if page is not None and (not 0 <= page < self.config.nr_pages or self.config.page_hidden(page)):
-                    raise DmaFault("EACCES" if page is not None and 0 <= page < self.config.nr_pages else "ERANGE",
-                                   f"page {page} cannot be mapped")
-            self.window.retarget(moves)
+                if page is None:
+                    continue
+                if not 0 <= page < self.config.nr_pages:
+                    raise DmaFault("ERANGE", f"page {page} out of range")
+                if self.config.page_hidden(page):
+                    raise DmaFault("EACCES", f"page {page} is not exposable")
+                if page in staying or targets.count(page) > 1:
+                    raise DmaFault("EBUSY", f"page {page} would be live in two slots")
+            self.window.retarget(moves, seqlock)
 
     def stats(self) -> dict[str, object]:
         return {"index": self.index, "completed": self.ctl.get("COMPLETED"), "doorbells": self.ctl.get("DOORBELLS"),

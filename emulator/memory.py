@@ -112,8 +112,12 @@ class Window:
         s = self.config.slot
         return self.devmem[page * s : (page + 1) * s]
 
-    def _publish(self, changes: dict[int, int]) -> None:
+    def _publish(self, changes: dict[int, int], seqlock: bool = True) -> None:
         """Update slot-table entries under the seqlock: generation odd while entries change."""
+        if not seqlock:  # negative control only: the guest can no longer tell a remap happened
+            for slot, value in changes.items():
+                self.ctl.set_slot_entry(slot, value)
+            return
         gen = self.ctl.get("GENERATION")
         if gen & 1:
             gen += 1
@@ -122,14 +126,21 @@ class Window:
             self.ctl.set_slot_entry(slot, value)
         self.ctl.set("GENERATION", gen + 2)
 
-    def retarget(self, moves: dict[int, int | None]) -> None:
-        """Point each slot at a page (or nothing); callers have validated slots and pages."""
-        for slot, page in moves.items():
+    def retarget(self, moves: dict[int, int | None], seqlock: bool = True) -> None:
+        """Point each slot at a page (or nothing); callers have validated slots and pages.
+
+        Two phases: every moved slot is written back and released before any is loaded, so a page that moves
+        from one slot to another within the same call is loaded with its latest contents.
+        """
+        if not seqlock:  # negative control: announce the new mapping before the data is there
+            self._publish({slot: 0 if page is None else page + 1 for slot, page in moves.items()}, seqlock)
+        for slot in moves:
             old = self.slots[slot]
             if old is not None:
                 self._page_view(old)[:] = self._slot_view(slot)
                 del self.page_slot[old]
                 self.slots[slot] = None
+        for slot, page in moves.items():
             if page is not None:
                 self._slot_view(slot)[:] = self._page_view(page)
                 self.slots[slot] = page
@@ -137,7 +148,8 @@ class Window:
             else:
                 self._slot_view(slot)[:] = bytes(self.config.slot)
         self.remaps += len(moves)
-        self._publish({slot: 0 if page is None else page + 1 for slot, page in moves.items()})
+        if seqlock:
+            self._publish({slot: 0 if page is None else page + 1 for slot, page in moves.items()})
 
     def map(self, slot: int, page: int) -> None:
         self.retarget({slot: page})

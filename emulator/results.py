@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import struct
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -131,6 +132,27 @@ class HostVerifier:
                      dict(detail, host_verified_regions=len(covered) - len(mismatches), host_superseded=superseded,
                           host_mismatches=mismatches))
 
+    def verify_stamps(self, stamps: list[Any], devices: Any) -> Check:
+        """``remap.integrity``: each page's header in device memory is the last stamp the guest wrote to it."""
+        bad = []
+        checked = 0
+        for item in stamps:
+            if not (isinstance(item, list) and len(item) == 3 and all(isinstance(v, int) for v in item)):
+                bad.append({"record": item, "why": "malformed"})
+                continue
+            dev, page, seq = item
+            if not 0 <= dev < len(self.devmem_files) or not 0 <= page < devices[dev].nr_pages:
+                bad.append({"record": item, "why": "out of range"})
+                continue
+            with open(self.devmem_files[dev], "rb") as f:
+                f.seek(page * devices[dev].slot)
+                got_page, got_seq = struct.unpack("<QQ", f.read(16))
+            checked += 1
+            if (got_page, got_seq) != (page, seq):
+                bad.append({"device": dev, "page": page, "want_seq": seq, "found": [got_page, got_seq]})
+        return Check("remap.integrity", checked > 0 and not bad,
+                     {"pages_checked": checked, "mismatches": bad[:20], "mismatch_count": len(bad)})
+
     def _verify_stamp(self, check: Check) -> Check:
         """The guest's stamp must be in the NVDIMM's backing file at the physical address it reports."""
         detail = check.detail if isinstance(check.detail, dict) else {}
@@ -196,3 +218,12 @@ class HostVerifier:
         return Check(check.name, check.ok and all_ok,
                      dict(detail, rows=out_rows, qmp_bar2=list(bar2) if bar2 else None,
                           kernel_config_known=bool(self.kconfig)))
+
+
+def remap_consistency(check: Check, stats: Any) -> Check:
+    """The guest saw no violation, and the host really remapped (a run with no remap proves nothing)."""
+    detail = dict(check.detail) if isinstance(check.detail, dict) else {"guest": check.detail}
+    summary = stats.summary() if stats is not None else {"remaps": 0}
+    detail.update(summary)
+    ok = check.ok and summary.get("remaps", 0) > 0 and not summary.get("errors")
+    return Check(check.name, bool(ok), detail)

@@ -2,20 +2,23 @@
 
 from __future__ import annotations
 
+import os
 import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from guest.cache import cache_root
 from guest.image import GuestImage, build_image
 from guest.kernel import kernel_config
+from qmp_client.remap import RemapController
 
 from .accel import AccelChoice, choose_accel
-from .config import KernelSpec, VmConfig
+from .config import KernelSpec, RemapPlan, VmConfig
 from .errors import GuestError
 from .machine import PROBE_BAR_ID, Vm, find_qemu, qemu_version
-from .results import Check, HostVerifier, RunResult
+from .results import Check, HostVerifier, RunResult, remap_consistency
 
 Progress = Callable[[str], None]
 
@@ -66,12 +69,15 @@ def _verifier(vm: Vm, config: VmConfig, kernel: KernelSpec) -> HostVerifier:
 
 def boot_once(config: VmConfig, prep: Prepared, run_dir: Path, progress: Progress, *, scenario: str = "default",
               console_sink: Callable[[str], None] | None = None, name: str | None = None,
-              guest_env: dict[str, str] | None = None) -> RunResult:
+              guest_env: dict[str, str] | None = None, remap: RemapPlan | None = None) -> RunResult:
     """Boot once, collect the helper's checks and figures, verify them on the host."""
     checks: list[Check] = []
     notes: list[str] = []
     figures: dict[str, float] = {}
     written: list[dict] = []
+    stamps: list[Any] = []
+    controller: RemapController | None = None
+    remap_stats = None
     with Vm(config, prep.kernel, prep.image.path, accel=prep.accel.accel, run_dir=run_dir, scenario=scenario,
             qemu=prep.qemu, console_sink=console_sink, name=name, guest_env=guest_env) as vm:
         assert vm.qmp is not None
@@ -94,6 +100,16 @@ def boot_once(config: VmConfig, prep: Prepared, run_dir: Path, progress: Progres
                 pending.append(check)
             elif kind == "figures" and isinstance(msg.get("values"), dict):
                 figures.update({str(k): float(v) for k, v in msg["values"].items() if isinstance(v, (int, float))})
+            elif kind == "phase" and msg.get("name") == "remap_start" and remap and vm.service and not controller:
+                mode = os.environ.get("APERTURE_REMAP_MODE") or remap.mode  # "unsafe": negative control
+                controller = RemapController(vm.qmp, vm.service.devices, remap.every, mode)
+                controller.start()
+                progress(f"guest workload running; remapping every {remap.every * 1e3:g} ms ({remap.mode} mode)")
+            elif kind == "phase" and msg.get("name") == "remap_end" and controller:
+                remap_stats = controller.stop()
+                progress(f"{remap_stats.remaps} remaps done")
+            elif kind == "stamps" and isinstance(msg.get("stamps"), list):
+                stamps.extend(msg["stamps"])
             elif kind == "written" and isinstance(msg.get("regions"), list):
                 written.extend(r for r in msg["regions"] if isinstance(r, dict))
             elif kind == "log":
@@ -104,7 +120,13 @@ def boot_once(config: VmConfig, prep: Prepared, run_dir: Path, progress: Progres
         progress(f"guest powered off {poweroff_s:.2f} s after QEMU start")
         device_stats = vm.service.stats() if vm.service else []
     # Verify after the VM is gone: the guest has flushed, QEMU has exited, window slots are written back.
+    if controller and remap_stats is None:
+        remap_stats = controller.stop()
     checks = [verifier.verify(c, written) for c in pending] if verifier else pending
+    if remap is not None:
+        checks = [remap_consistency(c, remap_stats) if c.name == "remap.consistency" else c for c in checks]
+        if verifier:
+            checks.append(verifier.verify_stamps(stamps, config.devices))
     if not checks and scenario == "default":
         raise GuestError("the guest helper reported no checks")
     return RunResult(
@@ -125,9 +147,15 @@ def boot_once(config: VmConfig, prep: Prepared, run_dir: Path, progress: Progres
 
 
 def run_vm(config: VmConfig, prep: Prepared, run_dir: Path, progress: Progress, *, reboot: bool = False,
-           console_sink: Callable[[str], None] | None = None, name: str | None = None) -> RunResult:
-    """The default scenario; with ``reboot``, boot twice in the same run dir and check persistence."""
+           console_sink: Callable[[str], None] | None = None, name: str | None = None,
+           remap: RemapPlan | None = None) -> RunResult:
+    """The default scenario; with ``reboot``, boot twice in the same run dir and check persistence;
+    with ``remap``, the window workload under host-driven remaps instead."""
     token = secrets.token_hex(4)
+    if remap is not None:
+        return boot_once(config, prep, run_dir, progress, scenario="remap", console_sink=console_sink, name=name,
+                         guest_env={"aperture_stamp": token, "aperture_duration": f"{remap.duration:g}"},
+                         remap=remap)
     first = boot_once(config, prep, run_dir, progress, console_sink=console_sink, name=name,
                       guest_env={"aperture_stamp": token})
     if not reboot:

@@ -12,7 +12,7 @@ from collections.abc import Coroutine
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from qemu.qmp import ConnectError, ExecuteError, QMPClient
+from qemu.qmp import ConnectError, EventListener, ExecuteError, QMPClient
 from qemu.qmp.error import QMPError
 
 from emulator.errors import QmpError
@@ -115,6 +115,50 @@ class QmpSession:
     async def status(self) -> str:
         return str((await self.execute("query-status"))["status"])
 
+    async def stop(self) -> None:
+        await self.execute("stop")
+
+    async def cont(self) -> None:
+        await self.execute("cont")
+
+    async def object_add(self, qom_type: str, obj_id: str, **props: Any) -> None:
+        await self.execute("object-add", {"qom-type": qom_type, "id": obj_id, **props})
+
+    async def object_del(self, obj_id: str) -> None:
+        await self.execute("object-del", {"id": obj_id})
+
+    async def device_add(self, driver: str, dev_id: str, **props: Any) -> None:
+        await self.execute("device_add", {"driver": driver, "id": dev_id, **props})
+
+    async def device_del(self, dev_id: str) -> None:
+        await self.execute("device_del", {"id": dev_id})
+
+    async def qom_list_properties(self, typename: str) -> list[str]:
+        return [p["name"] for p in await self.execute("qom-list-properties", {"typename": typename})]
+
+    async def memdevs(self) -> list[dict[str, Any]]:
+        return list(await self.execute("query-memdev"))
+
+    async def commands(self) -> list[str]:
+        return sorted(c["name"] for c in await self.execute("query-commands"))
+
+    async def wait_event(self, name: str, timeout: float, trigger: Coroutine[Any, Any, Any] | None = None,
+                         match: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Run ``trigger`` (if any) while listening, and return the first ``name`` event whose data has ``match``."""
+        def wanted(msg: Any) -> bool:
+            data = msg.get("data", {})
+            return all(data.get(k) == v for k, v in (match or {}).items())
+
+        listener = EventListener(name, event_filter=wanted)
+        with self._client.listen(listener):
+            if trigger is not None:
+                await trigger
+            try:
+                event = await asyncio.wait_for(listener.get(), timeout)
+            except TimeoutError:
+                raise QmpError(f"no {name} event within {timeout:.1f} s") from None
+        return dict(event)
+
     async def quit(self) -> None:
         """Ask QEMU to exit; the connection closing under us is the expected outcome."""
         try:
@@ -164,6 +208,16 @@ class SyncQmpSession:
 
     def pci_devices(self) -> list[PciDevice]:
         return self._run(self.session.pci_devices())
+
+    def stop(self) -> None:
+        self._run(self.session.stop())
+
+    def cont(self) -> None:
+        self._run(self.session.cont())
+
+    def call(self, coro: Coroutine[Any, Any, T], timeout: float = 30.0) -> T:
+        """Run any ``QmpSession`` coroutine, e.g. ``sync.call(sync.session.device_del("x"))``."""
+        return self._run(coro, timeout)
 
     def quit(self) -> None:
         self._run(self.session.quit(), 10.0)

@@ -601,6 +601,44 @@ static void check_bad(struct apdev *d, struct daxmap *dx)
     report_check("aperture.bad_descriptors", ok, jb.buf);
 }
 
+/* ---------------------------------------------------------------- API for other scenarios (remap.c) */
+int aperture_discover(void) { return discover(); }
+uint32_t aperture_nr_slots(int i) { return devs[i].nr_slots; }
+uint64_t aperture_slot_size(int i) { return devs[i].slot; }
+uint8_t *aperture_window(int i) { return devs[i].win; }
+uint32_t aperture_generation(int i) { return r32(&devs[i], APERTURE_REG_GENERATION); }
+
+/* A consistent copy of the slot table (seqlock); returns the (even) generation it belongs to. */
+uint32_t aperture_snapshot(int i, uint64_t *table, uint64_t *retries)
+{
+    struct apdev *d = &devs[i];
+    for (;;) {
+        uint32_t g1 = r32(d, APERTURE_REG_GENERATION);
+        __sync_synchronize();
+        for (uint32_t s = 0; s < d->nr_slots; s++)
+            table[s] = r64(d, APERTURE_REG_SLOT_TABLE + 8 * s);
+        __sync_synchronize();
+        if (!(g1 & 1) && g1 == r32(d, APERTURE_REG_GENERATION))
+            return g1;
+        (*retries)++;
+    }
+}
+
+int aperture_dma(int i, uint64_t src, uint64_t dst, uint64_t len, uint16_t flags)
+{
+    return dma(&devs[i], src, dst, len, flags);
+}
+
+int aperture_ram_page(void **buf, unsigned long long *phys)
+{
+    static struct rambuf r;
+    if (ram_alloc(&r, 1) != 0)
+        return -1;
+    *buf = r.buf;
+    *phys = r.phys[0];
+    return 0;
+}
+
 /* ---------------------------------------------------------------- bench */
 static int cmp_double(const void *a, const void *b)
 {

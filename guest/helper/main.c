@@ -4,6 +4,7 @@
  *   default  every check this build knows
  *   bench-dax  configure DAX, report memcpy figures
  *   bench-device  MAP round trips and DMA throughput figures (needs a configured devdax)
+ *   remap      the window workload while the host remaps slots ($aperture_duration seconds)
  *   hang     report hello, then never finish (exercises the host's run timeout)
  */
 #include "report.h"
@@ -43,6 +44,9 @@ int main(int argc, char **argv)
         scenario_nvdimm();
         scenario_dax(0);
         scenario_aperture(0);
+    } else if (strcmp(scenario, "remap") == 0) {
+        scenario_nvdimm();
+        scenario_remap();
     } else if (strcmp(scenario, "bench-device") == 0) {
         scenario_dax(2);
         scenario_aperture(1);

@@ -47,5 +47,17 @@ int nd_regions(struct region *out, int max, int expected);
 void scenario_nvdimm(void);
 void scenario_dax(int bench);
 void scenario_aperture(int bench);
+void scenario_remap(void);
+
+/* aperture.c API for other scenarios */
+#include <stdint.h>
+int aperture_discover(void);
+uint32_t aperture_nr_slots(int i);
+uint64_t aperture_slot_size(int i);
+uint8_t *aperture_window(int i);
+uint32_t aperture_generation(int i);
+uint32_t aperture_snapshot(int i, uint64_t *table, uint64_t *retries);
+int aperture_dma(int i, uint64_t src, uint64_t dst, uint64_t len, uint16_t flags);
+int aperture_ram_page(void **buf, unsigned long long *phys);
 
 #endif

@@ -320,3 +320,26 @@ def test_address_map_rejects_overlaps() -> None:
     m = AddressMap([Region(0, 10, "ram", "a", None)])
     with pytest.raises(DmaFault):
         m.resolve(2**64, 1)
+
+
+def test_retarget_moving_a_page_between_slots_keeps_its_data(rig: Rig) -> None:
+    """Regression: {A: x, B: page-A-had} in one call must write A back before loading B."""
+    s = SMALL.slot
+    rig.dev.retarget({0: 7})
+    rig.dev.window_file.view[0:4] = b"live"
+    rig.dev.retarget({1: 7, 0: 8})  # B takes A's page while A moves on
+    assert bytes(rig.dev.window_file.view[s : s + 4]) == b"live"
+    assert rig.dev.window.page_slot == {7: 1, 8: 0}
+    rig.dev.retarget({1: None, 0: None})
+    assert rig.dev.window.page_slot == {}
+    assert bytes(rig.dev.devmem.view[7 * s : 7 * s + 4]) == b"live"
+
+
+def test_retarget_refuses_double_mapping(rig: Rig) -> None:
+    rig.dev.retarget({0: 3})
+    with pytest.raises(DmaFault):
+        rig.dev.retarget({1: 3})
+    with pytest.raises(DmaFault):
+        rig.dev.retarget({1: 5, 2: 5})
+    with pytest.raises(DmaFault):
+        rig.dev.retarget({1: 60})  # hidden

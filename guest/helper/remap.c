@@ -1,0 +1,131 @@
+/* remap: the window workload that runs while the host remaps slots (aperture run --remap-every).
+ *
+ * Reads: a consistent slot-table snapshot (seqlock), then the header of a mapped slot; if the generation is
+ * unchanged the header must belong to the page the table names, with a sequence number no older than the
+ * last one written to that page (else: a violation). Writes: a new {page, seq} stamp through the device's
+ * DMA engine (device-local, so it lands in the page whatever slot maps it). Reports the counters and the
+ * last stamp of every page; the host then checks device memory holds them (remap.integrity).
+ */
+#define _GNU_SOURCE
+#include "aperture_abi.h"
+#include "report.h"
+
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define MAX_PAGES 4096
+
+struct stamp {
+    uint64_t page;
+    uint64_t seq;
+};
+
+void scenario_remap(void)
+{
+    double duration = atof(env_or("aperture_duration", "10"));
+    int n = aperture_discover();
+    if (n <= 0) {
+        report_check("remap.consistency", 0, "{\"error\":\"no aperture device\"}");
+        return;
+    }
+    static uint64_t last[4][MAX_PAGES];
+    uint64_t reads = 0, writes = 0, violations = 0, retries = 0, unmapped_rounds = 0, gen_changes = 0;
+    uint32_t first_gen[4], prev_gen[4];
+    char first_violation[256] = "";
+    void *ram = NULL;
+    unsigned long long ram_phys = 0;
+    if (aperture_ram_page(&ram, &ram_phys) != 0) {
+        report_check("remap.consistency", 0, "{\"error\":\"no locked RAM page\"}");
+        return;
+    }
+    for (int i = 0; i < n; i++)
+        prev_gen[i] = first_gen[i] = aperture_generation(i);
+    report_line("{\"type\":\"phase\",\"name\":\"remap_start\"}");
+    double deadline = now_s() + duration;
+    unsigned rr = 0;
+    while (now_s() < deadline) {
+        for (int i = 0; i < n; i++) {
+            uint64_t table[APERTURE_MAX_SLOTS];
+            uint32_t nslots = aperture_nr_slots(i);
+            int slot = -1;
+            uint64_t page = 0;
+            /* A burst of reads with no device command in between: they run while remaps may be happening. */
+            for (int burst = 0; burst < 16; burst++) {
+                uint32_t g = aperture_snapshot(i, table, &retries);
+                if (g != prev_gen[i]) {
+                    gen_changes++;
+                    prev_gen[i] = g;
+                }
+                slot = -1;
+                for (uint32_t k = 0; k < nslots; k++) {
+                    uint32_t s = (rr + k) % nslots;
+                    if (table[s]) {
+                        slot = (int)s;
+                        break;
+                    }
+                }
+                rr++;
+                if (slot < 0) {
+                    unmapped_rounds++;
+                    break;
+                }
+                page = table[slot] - 1;
+                if (page >= MAX_PAGES) {
+                    slot = -1;
+                    break;
+                }
+                struct stamp seen;
+                memcpy(&seen, aperture_window(i) + (uint64_t)slot * aperture_slot_size(i), sizeof(seen));
+                __sync_synchronize();
+                if (aperture_generation(i) != g) {
+                    retries++; /* remapped between snapshot and read: not trustworthy, not a violation */
+                    continue;
+                }
+                reads++;
+                int bad = (seen.page || seen.seq) && (seen.page != page || seen.seq < last[i][page]);
+                bad |= !seen.page && !seen.seq && last[i][page];
+                if (bad) {
+                    if (!violations)
+                        snprintf(first_violation, sizeof(first_violation),
+                                 "dev%d slot %d maps page %llu (gen %u) but shows page %llu seq %llu (last %llu)",
+                                 i, slot, (unsigned long long)page, g, (unsigned long long)seen.page,
+                                 (unsigned long long)seen.seq, (unsigned long long)last[i][page]);
+                    violations++;
+                }
+            }
+            if (slot < 0)
+                continue;
+            struct stamp st = {page, last[i][page] + 1};
+            memcpy(ram, &st, sizeof(st));
+            if (aperture_dma(i, ram_phys, page * aperture_slot_size(i), sizeof(st), APERTURE_DMA_DST_LOCAL) == 0) {
+                last[i][page] = st.seq;
+                writes++;
+            }
+        }
+    }
+    report_line("{\"type\":\"phase\",\"name\":\"remap_end\"}");
+    struct jbuf jb;
+    jb_init(&jb);
+    jb_printf(&jb, "{\"reads\":%llu,\"writes\":%llu,\"violations\":%llu,\"seqlock_retries\":%llu,"
+              "\"generation_changes_seen\":%llu,\"rounds_without_mapped_slot\":%llu,\"devices\":%d,\"first_violation\":",
+              (unsigned long long)reads, (unsigned long long)writes, (unsigned long long)violations,
+              (unsigned long long)retries, (unsigned long long)gen_changes, (unsigned long long)unmapped_rounds, n);
+    jb_str(&jb, first_violation);
+    jb_printf(&jb, "}");
+    report_check("remap.consistency", violations == 0 && reads > 0 && writes > 0, jb.buf);
+    /* The last stamp of every page written, for the host's device-memory check. */
+    struct jbuf out;
+    jb_init(&out);
+    jb_printf(&out, "{\"type\":\"stamps\",\"stamps\":[");
+    int first = 1;
+    for (int i = 0; i < n; i++)
+        for (uint32_t p = 0; p < MAX_PAGES; p++)
+            if (last[i][p]) {
+                jb_printf(&out, "%s[%d,%u,%llu]", first ? "" : ",", i, p, (unsigned long long)last[i][p]);
+                first = 0;
+            }
+    jb_printf(&out, "]}");
+    report_line(out.buf);
+}

@@ -1,0 +1,108 @@
+"""Host-driven window remaps while the guest works.
+
+``pause`` mode: QMP ``stop`` → the emulator retargets slots (write back, load, seqlock generation += 2) →
+``cont``. The guest cannot observe a half-done remap: it is not running while the slot changes.
+"""
+
+from __future__ import annotations
+
+import random
+import statistics
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from emulator.errors import ApertureError
+
+
+@dataclass
+class RemapStats:
+    mode: str
+    remaps: int = 0
+    slots_moved: int = 0
+    latencies_ms: list[float] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+
+    def summary(self) -> dict[str, Any]:
+        lat = sorted(self.latencies_ms)
+
+        def pct(q: float) -> float | None:
+            return round(lat[min(len(lat) - 1, int(q * len(lat)))], 3) if lat else None
+
+        return {"mode": self.mode, "remaps": self.remaps, "slots_moved": self.slots_moved,
+                "latency_ms_p50": round(statistics.median(lat), 3) if lat else None,
+                "latency_ms_p99": pct(0.99), "latency_ms_max": round(max(lat), 3) if lat else None,
+                "errors": self.errors[:10]}
+
+
+def random_moves(device: Any, rng: random.Random, max_slots: int = 2) -> dict[int, int | None]:
+    """Pick 1..max_slots slots of ``device`` and exposable pages not live elsewhere."""
+    cfg = device.config
+    slots = rng.sample(range(cfg.nr_slots), k=min(cfg.nr_slots, rng.randint(1, max_slots)))
+    busy = {p for s, p in enumerate(device.window.slots) if p is not None and s not in slots}
+    free = [p for p in range(cfg.nr_pages) if not cfg.page_hidden(p) and p not in busy]
+    pages = rng.sample(free, k=len(slots))
+    return dict(zip(slots, pages, strict=True))
+
+
+class RemapController:
+    """A thread that remaps random slots of random devices every ``every`` seconds until stopped."""
+
+    def __init__(self, qmp: Any, devices: list[Any], every: float, mode: str = "pause", seed: int | None = None
+                 ) -> None:
+        if mode == "unsafe":
+            # Negative control (APERTURE_REMAP_MODE=unsafe): retarget without pausing the guest and without the
+            # seqlock, to show that the guest's checks do catch torn remaps. Never a user-facing mode.
+            self.pause = False
+        elif mode != "pause":
+            raise ApertureError(f"remap mode {mode!r} is not supported by this controller")
+        self.pause = getattr(self, "pause", True)
+        self.qmp = qmp
+        self.devices = devices
+        self.every = every
+        self.stats = RemapStats(mode)
+        self.rng = random.Random(seed)
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def remap_once(self) -> float:
+        """One pause-mode remap; returns its latency in ms (stop → retarget → cont)."""
+        device = self.rng.choice(self.devices)
+        with device.lock:  # the guest's own MAP commands wait: the chosen pages stay free
+            moves = random_moves(device, self.rng)
+            t0 = time.perf_counter()
+            if not self.pause:
+                device.retarget(moves, seqlock=False)
+            else:
+                self.qmp.stop()
+                try:
+                    device.retarget(moves)
+                finally:
+                    self.qmp.cont()
+            ms = (time.perf_counter() - t0) * 1e3
+        self.stats.remaps += 1
+        self.stats.slots_moved += len(moves)
+        self.stats.latencies_ms.append(ms)
+        return ms
+
+    def _loop(self) -> None:
+        next_at = time.monotonic() + self.every
+        while not self._stop.wait(max(0.0, next_at - time.monotonic())):
+            next_at += self.every
+            try:
+                self.remap_once()
+            except Exception as exc:  # noqa: BLE001 - QEMU gone, etc.: record and stop remapping
+                self.stats.errors.append(f"{type(exc).__name__}: {exc}")
+                return
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="aperture-remap", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> RemapStats:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(10)
+            self._thread = None
+        return self.stats
