@@ -459,6 +459,99 @@ def print_bench(report: dict[str, Any], as_json: bool) -> None:
         click.echo(f"  note: {note}")
 
 
+@cli.command()
+@click.argument("name", default="default")
+@vm_options
+@click.option("--run-dir", type=click.Path(path_type=Path), help="Default: a directory named after the VM, so "
+              "device memory and NVDIMM contents carry over between up/down cycles.")
+def up(name: str, kernel: Path | None, modules: Path | None, pmem: tuple[PmemConfig, ...],
+       devices: tuple[DeviceConfig, ...] | None, memory: int, accel: str, boot_timeout: float, run_timeout: float,
+       append: tuple[str, ...], quiet: bool, run_dir: Path | None) -> None:
+    """Start a VM (QEMU + device model) in the background and return once the guest is ready."""
+    from guest.kernel import resolve_kernel
+
+    from .lifecycle import up as start
+    from .registry import check_name
+    from .run import default_run_dir, prepare
+
+    ui = Ui(quiet)
+    check_name(name)
+    config = make_config(pmem, memory, accel, boot_timeout, run_timeout, append, devices)
+    prep = prepare(config, resolve_kernel(kernel, modules), ui.progress)
+    rec = start(name, config, prep, run_dir or default_run_dir(name), ui.progress)
+    click.echo(f"{name} is up: daemon pid {rec.pid}, QEMU pid {rec.qemu_pid}, {rec.accel}, run dir {rec.run_dir}")
+    click.echo(f"  aperture qmp {name}    aperture console {name}    aperture down {name}")
+
+
+@cli.command("ls")
+@click.option("--json", "as_json", is_flag=True)
+def ls_cmd(as_json: bool) -> None:
+    """List the VMs started with 'aperture up'."""
+    from .registry import list_records
+
+    recs = list_records()
+    if as_json:
+        emit_json([dict(dataclasses.asdict(r), uptime_s=round(r.uptime_s, 1)) for r in recs])
+        return
+    if not recs:
+        click.echo("no VMs are up")
+        return
+    click.echo(f"{'NAME':<16} {'PID':>7} {'ACCEL':<5} {'STATE':<8} {'UPTIME':>8}  RUN DIR")
+    for r in recs:
+        click.echo(f"{r.name:<16} {r.pid:>7} {r.accel:<5} {r.state:<8} {r.uptime_s:>7.0f}s  {r.run_dir}")
+
+
+@cli.command()
+@click.argument("names", nargs=-1)
+@click.option("--all", "all_", is_flag=True, help="Every VM that is up.")
+def down(names: tuple[str, ...], all_: bool) -> None:
+    """Shut VMs down cleanly (QMP quit; killed after a timeout). Device memory stays in the run dir."""
+    from .lifecycle import down as stop
+    from .registry import list_records
+
+    targets = [r.name for r in list_records()] if all_ else list(names)
+    if not targets:
+        raise ConfigError("name a VM (see 'aperture ls') or pass --all")
+    missing = [n for n in targets if not stop(n)]
+    for n in targets:
+        if n not in missing:
+            click.echo(f"{n} is down")
+    if missing:
+        raise ConfigError(f"not up: {', '.join(missing)}")
+
+
+@cli.command()
+@click.argument("name", default="default")
+@click.option("-f", "--follow", is_flag=True, help="Keep printing until the VM stops (Ctrl-C to leave).")
+def console(name: str, follow: bool) -> None:
+    """Show a running VM's serial console."""
+    from .lifecycle import follow_console
+
+    rec = _record(name)
+    follow_console(rec, follow, lambda text: (sys.stdout.write(text), sys.stdout.flush()))
+
+
+@cli.command()
+@click.argument("name", default="default")
+@click.option("--json", "as_json", is_flag=True, help="Print each reply as one JSON line.")
+def qmp(name: str, as_json: bool) -> None:
+    """A QMP shell on a running VM, with window/memmap/dma/remap commands. Reads a terminal or stdin."""
+    from qmp_client.shell import QmpShell
+
+    rec = _record(name)
+    shell = QmpShell(rec, as_json=as_json)
+    sys.exit(shell.loop(sys.stdin))
+
+
+def _record(name: str) -> Any:
+    from .registry import read_record
+
+    rec = read_record(name)
+    if rec is None or not rec.alive():
+        raise ConfigError(f"no VM named {name!r} is up (see 'aperture ls')")
+    return rec
+
+
 # ---------------------------------------------------------------------------- entry point
 def _raise_interrupt(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt

@@ -233,3 +233,26 @@ class KernelSpec:
     modules_dir: Path
     release: str
     config_file: Path | None = None
+
+
+def config_to_dict(config: VmConfig) -> dict:
+    """JSON-able form (for the ``aperture up`` daemon); ``config_from_dict`` re-validates it."""
+    return {
+        "memory": config.memory, "accel": config.accel, "boot_timeout": config.boot_timeout,
+        "run_timeout": config.run_timeout, "kernel_cmdline_extra": list(config.kernel_cmdline_extra),
+        "smp": config.smp, "force": config.force, "guest_bins": [str(p) for p in config.guest_bins],
+        "pmem": [{"size": p.size, "mode": p.mode} for p in config.pmem],
+        "devices": [{"mem": d.mem, "window": d.window, "slot": d.slot, "hidden": [list(h) for h in d.hidden]}
+                    for d in config.devices],
+    }
+
+
+def config_from_dict(data: dict) -> VmConfig:
+    return VmConfig(
+        memory=data["memory"], accel=data["accel"], boot_timeout=data["boot_timeout"],
+        run_timeout=data["run_timeout"], kernel_cmdline_extra=tuple(data["kernel_cmdline_extra"]), smp=data["smp"],
+        force=data["force"], guest_bins=tuple(Path(p) for p in data["guest_bins"]),
+        pmem=tuple(PmemConfig(p["size"], p["mode"]) for p in data["pmem"]),
+        devices=tuple(DeviceConfig(d["mem"], d["window"], d["slot"], tuple(tuple(h) for h in d["hidden"]))
+                      for d in data["devices"]),
+    )

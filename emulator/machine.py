@@ -71,6 +71,15 @@ class RunPaths:
     def qmp_socket(self) -> Path:
         return self.sock_dir / "qmp.sock"
 
+    @property
+    def user_qmp_socket(self) -> Path:
+        """A second QMP monitor for people and scripts (the first belongs to the emulator)."""
+        return self.sock_dir / "qmp-user.sock"
+
+    @property
+    def control_socket(self) -> Path:
+        return self.sock_dir / "control.sock"
+
     def devmem(self, index: int) -> Path:
         return self.run_dir / f"devmem{index}.img"
 
@@ -103,7 +112,7 @@ def default_sock_dir(name: str) -> Path:
 
 
 def build_argv(qemu: str, config: VmConfig, kernel: KernelSpec, initrd: Path, paths: RunPaths, accel: str,
-               cmdline: str) -> list[str]:
+               cmdline: str, user_qmp: bool = False) -> list[str]:
     """The full QEMU command line for one VM (pure: unit-tested without QEMU)."""
     mem = config.memory
     pmem_total = sum(-(-p.file_size // GiB) * GiB for p in config.pmem)
@@ -132,6 +141,9 @@ def build_argv(qemu: str, config: VmConfig, kernel: KernelSpec, initrd: Path, pa
     ]
     for i, (dev, files) in enumerate(zip(config.devices, paths.device_files(len(config.devices)), strict=True)):
         argv += device_qemu_args(i, dev, files)
+    if user_qmp:
+        argv += ["-chardev", f"socket,id=uqmp,path={paths.user_qmp_socket},server=on,wait=off",
+                 "-mon", "chardev=uqmp,mode=control"]
     for i, p in enumerate(config.pmem):
         argv += [
             "-object", f"memory-backend-file,id=pmem{i},size={p.file_size},mem-path={paths.pmem(i)},share=on",
@@ -155,8 +167,8 @@ class Vm:
 
     def __init__(self, config: VmConfig, kernel: KernelSpec, initrd: Path, *, accel: str, run_dir: Path,
                  scenario: str = "default", name: str | None = None, qemu: str | None = None,
-                 console_sink: Callable[[str], None] | None = None, guest_env: dict[str, str] | None = None
-                 ) -> None:
+                 console_sink: Callable[[str], None] | None = None, guest_env: dict[str, str] | None = None,
+                 user_qmp: bool = False) -> None:
         self.config = config
         self.kernel = kernel
         self.initrd = initrd
@@ -166,7 +178,7 @@ class Vm:
                               default_sock_dir(self.name))
         self.qemu = qemu or find_qemu()
         self.argv = build_argv(self.qemu, config, kernel, initrd, self.paths, accel,
-                               kernel_cmdline(config, scenario, guest_env))
+                               kernel_cmdline(config, scenario, guest_env), user_qmp)
         self.console_sink = console_sink
         self.process: subprocess.Popen[bytes] | None = None
         self.qmp: SyncQmpSession | None = None
@@ -307,14 +319,17 @@ class Vm:
         raise VmLaunchError(f"{what} (exit code {code}){': ' + first if first else ''}",
                             exit_code=code, argv=self.argv, output_tail=tail)
 
-    def messages(self, boot_timeout: float | None = None, run_timeout: float | None = None
-                 ) -> Iterator[dict[str, Any]]:
-        """Yield the helper's JSON messages until ``done``; raise GuestError on panic, death or timeout."""
+    def messages(self, boot_timeout: float | None = None, run_timeout: float | None = None,
+                 should_stop: Callable[[], bool] | None = None) -> Iterator[dict[str, Any]]:
+        """Yield the helper's JSON messages until ``done`` (or ``should_stop()``); raise GuestError on panic,
+        death or timeout."""
         boot_timeout = boot_timeout or self.config.boot_timeout
         run_timeout = run_timeout or self.config.run_timeout
         pos = 0
         buf = b""
         while True:
+            if should_stop is not None and should_stop():
+                return
             new_console = self._read_console()
             if new_console and self.console_sink:
                 self.console_sink(new_console)

@@ -98,7 +98,9 @@ class QmpSession:
         try:
             return await self._client.execute(command, arguments)
         except ExecuteError as exc:
-            raise QmpError(f"QMP {command} failed: {exc.error.desc}") from None
+            err = getattr(exc.error, "error", None)
+            desc = getattr(err, "desc", None) or str(exc)
+            raise QmpError(f"QMP {command} failed: {desc}") from None
         except (QMPError, EOFError, OSError) as exc:
             raise QmpError(f"QMP {command}: connection lost ({type(exc).__name__})") from None
 

@@ -27,10 +27,10 @@ def aperture_argv() -> list[str]:
 
 
 def run_aperture(*args: str, timeout: float = 300, env: dict[str, str] | None = None,
-                 cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+                 cwd: Path | None = None, input: str | None = None) -> subprocess.CompletedProcess[str]:
     full_env = dict(os.environ, **(env or {}))
     return subprocess.run(aperture_argv() + list(args), capture_output=True, text=True, timeout=timeout,
-                          env=full_env, cwd=cwd)
+                          env=full_env, cwd=cwd, input=input if input is not None else "")
 
 
 @pytest.fixture(scope="session")

@@ -5,6 +5,7 @@
  *   bench-dax  configure DAX, report memcpy figures
  *   bench-device  MAP round trips and DMA throughput figures (needs a configured devdax)
  *   remap      the window workload while the host remaps slots ($aperture_duration seconds)
+ *   idle       configure DAX, report, then stay up (aperture up)
  *   hang     report hello, then never finish (exercises the host's run timeout)
  */
 #include "report.h"
@@ -44,6 +45,13 @@ int main(int argc, char **argv)
         scenario_nvdimm();
         scenario_dax(0);
         scenario_aperture(0);
+    } else if (strcmp(scenario, "idle") == 0) {
+        /* aperture up: configure DAX, say so, and stay up for interactive use */
+        scenario_nvdimm();
+        scenario_dax(2);
+        report_line("{\"type\":\"phase\",\"name\":\"idle\"}");
+        for (;;)
+            pause();
     } else if (strcmp(scenario, "remap") == 0) {
         scenario_nvdimm();
         scenario_remap();

@@ -1,0 +1,206 @@
+"""The process behind ``aperture up``: owns one VM (QEMU + device model) until ``aperture down``.
+
+It records itself in the state directory, serves domain commands on a control socket (window show/map/unmap,
+memmap, dma stats, remap start/stop, shutdown) and leaves a second QMP monitor free for users.
+Usage (internal): ``python -m emulator.daemon SPEC.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from qmp_client.remap import RemapController
+
+from .addrmap import DmaFault
+from .config import KernelSpec, config_from_dict
+from .errors import ApertureError
+from .machine import Vm
+from .registry import VmRecord, remove_record, write_record
+
+
+class Daemon:
+    def __init__(self, spec: dict[str, Any]) -> None:
+        self.spec = spec
+        self.stop = threading.Event()
+        self.vm: Vm | None = None
+        self.remapper: RemapController | None = None
+        self.record: VmRecord | None = None
+
+    # ------------------------------------------------------------------ domain commands
+    def _device(self, dev: Any) -> Any:
+        assert self.vm is not None and self.vm.service is not None
+        devices = self.vm.service.devices
+        try:
+            index = int(dev)
+        except (TypeError, ValueError):
+            raise ApertureError(f"device must be a number, got {dev!r}") from None
+        if not 0 <= index < len(devices):
+            raise ApertureError(f"no device {index} (this VM has {len(devices)})")
+        return devices[index]
+
+    def _remap(self, dev: Any, moves: dict[int, int | None]) -> dict[str, Any]:
+        device = self._device(dev)
+        assert self.vm is not None and self.vm.qmp is not None
+        with device.lock:
+            t0 = time.perf_counter()
+            self.vm.qmp.stop()
+            try:
+                device.retarget(moves)
+            except DmaFault as fault:
+                raise ApertureError(fault.why) from None
+            finally:
+                self.vm.qmp.cont()
+        return {"latency_ms": round((time.perf_counter() - t0) * 1e3, 3), "slots": device.window.slots}
+
+    @staticmethod
+    def _int(value: Any, what: str) -> int:
+        try:
+            return int(str(value), 0)
+        except ValueError:
+            raise ApertureError(f"{what} must be a number, got {value!r}") from None
+
+    def handle(self, cmd: str, args: dict[str, Any]) -> Any:
+        assert self.vm is not None
+        service = self.vm.service
+        if cmd == "status":
+            return {"name": self.spec["name"], "state": self.record.state if self.record else "?",
+                    "qemu": self.vm.qmp.call(self.vm.qmp.session.status()) if self.vm.qmp else None,
+                    "remapping": self.remapper is not None}
+        if cmd == "shutdown":
+            self.stop.set()
+            return "shutting down"
+        if service is None:
+            raise ApertureError("this VM has no aperture devices")
+        if cmd == "window.show":
+            devs = [self._device(args["dev"])] if args.get("dev") is not None else service.devices
+            return [{"device": d.index, "slot_size": d.config.slot, "nr_slots": d.config.nr_slots,
+                     "pages": d.config.nr_pages, "hidden": [list(h) for h in d.config.hidden],
+                     "generation": d.ctl.get("GENERATION"), "slots": d.window.slots} for d in devs]
+        if cmd == "window.map":
+            slot, page = self._int(args.get("slot"), "slot"), self._int(args.get("page"), "page")
+            return self._remap(args.get("dev"), {slot: page})
+        if cmd == "window.unmap":
+            return self._remap(args.get("dev"), {self._int(args.get("slot"), "slot"): None})
+        if cmd == "memmap":
+            service.invalidate_map()
+            amap = service.address_map()
+            if amap is None:
+                raise ApertureError("no address map: QMP is unavailable")
+            return amap.describe()
+        if cmd == "dma.stats":
+            return service.stats()
+        if cmd == "remap.start":
+            if self.remapper is not None:
+                raise ApertureError("already remapping; 'remap stop' first")
+            every = float(args.get("every", 0.02))
+            if not 0.001 <= every <= 60:
+                raise ApertureError("remap interval must be between 1ms and 60s")
+            assert self.vm.qmp is not None
+            self.remapper = RemapController(self.vm.qmp, service.devices, every)
+            self.remapper.start()
+            return f"remapping every {every * 1e3:g} ms"
+        if cmd == "remap.stop":
+            if self.remapper is None:
+                raise ApertureError("not remapping")
+            stats, self.remapper = self.remapper.stop(), None
+            return stats.summary()
+        raise ApertureError(f"unknown command {cmd!r}")
+
+    def serve_control(self, path: Path) -> None:
+        srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        path.unlink(missing_ok=True)
+        srv.bind(str(path))
+        srv.listen(8)
+        srv.settimeout(0.2)
+        while not self.stop.is_set():
+            try:
+                conn, _ = srv.accept()
+            except TimeoutError:
+                continue
+            with conn:
+                try:
+                    conn.settimeout(10)
+                    buf = b""
+                    while not buf.endswith(b"\n") and len(buf) < 1 << 16:
+                        chunk = conn.recv(4096)
+                        if not chunk:
+                            break
+                        buf += chunk
+                    req = json.loads(buf or b"{}")
+                    result = self.handle(str(req.get("cmd")), dict(req.get("args") or {}))
+                    reply = {"ok": True, "result": result}
+                except ApertureError as exc:
+                    reply = {"ok": False, "error": exc.one_line()}
+                except Exception as exc:  # noqa: BLE001 - a bad request must not kill the VM
+                    reply = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
+                try:
+                    conn.sendall(json.dumps(reply).encode() + b"\n")
+                except OSError:
+                    pass
+        srv.close()
+        path.unlink(missing_ok=True)
+
+    # ------------------------------------------------------------------ lifecycle
+    def run(self) -> int:
+        spec = self.spec
+        config = config_from_dict(spec["config"])
+        kernel = KernelSpec(Path(spec["kernel"]["image"]), Path(spec["kernel"]["modules_dir"]),
+                            spec["kernel"]["release"])
+        name = spec["name"]
+        with Vm(config, kernel, Path(spec["initrd"]), accel=spec["accel"], run_dir=Path(spec["run_dir"]),
+                scenario="idle", name=name, qemu=spec["qemu"], user_qmp=True) as vm:
+            self.vm = vm
+            assert vm.process is not None
+            self.record = VmRecord(name=name, pid=os.getpid(), qemu_pid=vm.process.pid, accel=spec["accel"],
+                                   started=time.time(), run_dir=str(vm.paths.run_dir),
+                                   qmp_socket=str(vm.paths.user_qmp_socket),
+                                   control_socket=str(vm.paths.control_socket), kernel_release=kernel.release)
+            write_record(self.record)
+            ctl = threading.Thread(target=self.serve_control, args=(vm.paths.control_socket,), daemon=True)
+            ctl.start()
+            try:
+                for msg in vm.messages(run_timeout=float("inf"), should_stop=self.stop.is_set):
+                    if msg.get("type") == "phase" and msg.get("name") == "idle":
+                        self.record.state = "ready"
+                        write_record(self.record)
+                        print(f"{name}: guest ready after {vm.boot_s:.2f} s", flush=True)
+            finally:
+                self.record.state = "stopping"
+                write_record(self.record)
+                self.stop.set()
+                if self.remapper is not None:
+                    self.remapper.stop()
+                ctl.join(5)
+        return 0
+
+
+def main(argv: list[str]) -> int:
+    spec = json.loads(Path(argv[0]).read_text())
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupt)
+    signal.signal(signal.SIGHUP, interrupt)
+    daemon = Daemon(spec)
+    try:
+        return daemon.run()
+    except KeyboardInterrupt:
+        return 0
+    except ApertureError as exc:
+        print(f"aperture daemon: {exc.one_line()}", file=sys.stderr, flush=True)
+        return exc.exit_code
+    finally:
+        remove_record(spec["name"])
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

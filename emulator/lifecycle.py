@@ -1,0 +1,121 @@
+"""``aperture up / ls / down / console``: long-lived VMs run by a background daemon (emulator/daemon.py)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from qmp_client.control import ControlError, call
+
+from .config import KernelSpec, VmConfig, config_to_dict
+from .errors import ConfigError, GuestError
+from .registry import VmRecord, check_name, read_record, remove_record
+from .run import Prepared
+
+Progress = Callable[[str], None]
+
+
+def up(name: str, config: VmConfig, prep: Prepared, run_dir: Path, progress: Progress) -> VmRecord:
+    """Start the daemon and wait until the guest says it is ready (or the daemon dies)."""
+    check_name(name)
+    existing = read_record(name)
+    if existing is not None and existing.alive():
+        raise ConfigError(f"a VM named {name!r} is already up (pid {existing.pid}); 'aperture down {name}' first")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    kernel: KernelSpec = prep.kernel
+    spec = {"name": name, "config": config_to_dict(config), "initrd": str(prep.image.path), "qemu": prep.qemu,
+            "accel": prep.accel.accel, "run_dir": str(run_dir.resolve()),
+            "kernel": {"image": str(kernel.image), "modules_dir": str(kernel.modules_dir), "release": kernel.release}}
+    spec_path = run_dir / "daemon-spec.json"
+    spec_path.write_text(json.dumps(spec, indent=2))
+    log_path = run_dir / "daemon.log"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "emulator.daemon", str(spec_path)], stdin=subprocess.DEVNULL,
+                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                                cwd=str(Path(__file__).resolve().parent.parent))
+    progress(f"daemon pid {proc.pid} booting {name} ({prep.accel.accel}) in {run_dir}")
+    deadline = time.monotonic() + config.boot_timeout + 30
+    try:
+        while True:
+            rec = read_record(name)
+            if rec is not None and rec.pid == proc.pid and rec.state == "ready":
+                return rec
+            if proc.poll() is not None:
+                tail = log_path.read_text(errors="replace").strip().splitlines()[-1:] or ["(no output)"]
+                raise GuestError(f"VM {name} failed to start: {tail[0]} (see {log_path})")
+            if time.monotonic() > deadline:
+                _kill(proc.pid)
+                raise GuestError(f"VM {name} did not become ready within {config.boot_timeout:.0f} s "
+                                 f"(see {run_dir / 'console.log'})")
+            time.sleep(0.1)
+    except KeyboardInterrupt:
+        _kill(proc.pid)
+        raise
+
+
+def _kill(pid: int, timeout: float = 20.0) -> None:
+    """SIGTERM the daemon (it cleans up), then SIGKILL its whole process group."""
+    for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 5.0)):
+        try:
+            os.killpg(pid, sig)
+        except ProcessLookupError:
+            return
+        end = time.monotonic() + wait
+        while time.monotonic() < end:
+            try:
+                if os.waitpid(pid, os.WNOHANG)[0] == pid:
+                    return
+            except ChildProcessError:
+                try:
+                    os.kill(pid, 0)
+                except ProcessLookupError:
+                    return
+            time.sleep(0.05)
+
+
+def down(name: str, timeout: float = 20.0) -> bool:
+    """Shut a VM down cleanly (control socket → QMP quit), then by signal. False if it was not up."""
+    rec = read_record(name)
+    if rec is None or not rec.alive():
+        remove_record(name)
+        return False
+    try:
+        call(rec.control_socket, "shutdown", timeout=5)
+    except ControlError:
+        pass
+    end = time.monotonic() + timeout
+    while rec.alive() and time.monotonic() < end:
+        time.sleep(0.1)
+    if rec.alive():
+        _kill(rec.pid, 5)
+    try:
+        os.kill(rec.qemu_pid, 0)
+        os.kill(rec.qemu_pid, signal.SIGKILL)  # never leave QEMU behind
+    except ProcessLookupError:
+        pass
+    remove_record(name)
+    return True
+
+
+def follow_console(rec: VmRecord, follow: bool, write: Callable[[str], None]) -> None:
+    path = Path(rec.run_dir) / "console.log"
+    pos = 0
+    while True:
+        try:
+            with open(path, "rb") as f:
+                f.seek(pos)
+                data = f.read()
+        except FileNotFoundError:
+            data = b""
+        pos += len(data)
+        if data:
+            write(data.decode("utf-8", "replace"))
+        if not follow or not rec.alive():
+            return
+        time.sleep(0.2)

@@ -1,0 +1,91 @@
+"""Where long-lived VMs (``aperture up``) are recorded: one JSON file per VM in the state directory."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from .errors import ConfigError
+
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,40}$")
+
+
+def state_dir() -> Path:
+    env = os.environ.get("APERTURE_STATE")
+    base = Path(env) if env else Path(os.environ.get("XDG_STATE_HOME") or Path.home() / ".local/state") / "aperture"
+    return base / "vms"
+
+
+def check_name(name: str) -> str:
+    if not NAME_RE.match(name):
+        raise ConfigError(f"invalid VM name {name!r}: letters, digits, '.', '_', '-' (at most 41 characters)")
+    return name
+
+
+@dataclass
+class VmRecord:
+    name: str
+    pid: int  # the daemon (owns QEMU and the device model)
+    qemu_pid: int
+    accel: str
+    started: float
+    run_dir: str
+    qmp_socket: str  # a QMP monitor reserved for users
+    control_socket: str  # the daemon's domain commands
+    state: str = "starting"  # starting | ready | stopping
+    kernel_release: str = ""
+
+    @property
+    def uptime_s(self) -> float:
+        return time.time() - self.started
+
+    def alive(self) -> bool:
+        try:
+            os.kill(self.pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return True
+
+
+def record_path(name: str) -> Path:
+    return state_dir() / f"{name}.json"
+
+
+def write_record(rec: VmRecord) -> None:
+    path = record_path(rec.name)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(asdict(rec), indent=2))
+    tmp.replace(path)
+
+
+def read_record(name: str) -> VmRecord | None:
+    try:
+        return VmRecord(**json.loads(record_path(name).read_text()))
+    except (FileNotFoundError, json.JSONDecodeError, TypeError):
+        return None
+
+
+def remove_record(name: str) -> None:
+    record_path(name).unlink(missing_ok=True)
+
+
+def list_records() -> list[VmRecord]:
+    """Every recorded VM; records whose daemon is gone are removed (a crashed daemon leaves one)."""
+    out = []
+    d = state_dir()
+    for path in sorted(d.glob("*.json")) if d.is_dir() else []:
+        rec = read_record(path.stem)
+        if rec is None:
+            continue
+        if not rec.alive():
+            remove_record(rec.name)
+            continue
+        out.append(rec)
+    return out

@@ -1,0 +1,36 @@
+"""Client for a long-lived VM's control socket: one JSON request per line, one JSON reply per line."""
+
+from __future__ import annotations
+
+import json
+import socket
+from typing import Any
+
+from emulator.errors import GuestError
+
+
+class ControlError(GuestError):
+    """The daemon refused a command or is unreachable."""
+
+
+def call(path: str, cmd: str, timeout: float = 30.0, **args: Any) -> Any:
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.settimeout(timeout)
+            s.connect(path)
+            s.sendall(json.dumps({"cmd": cmd, "args": args}).encode() + b"\n")
+            buf = b""
+            while not buf.endswith(b"\n"):
+                chunk = s.recv(65536)
+                if not chunk:
+                    break
+                buf += chunk
+    except OSError as exc:
+        raise ControlError(f"VM control socket unreachable ({exc.strerror or exc}); is the VM still up?") from None
+    try:
+        reply = json.loads(buf)
+    except json.JSONDecodeError:
+        raise ControlError("garbled reply from the VM daemon") from None
+    if not reply.get("ok"):
+        raise ControlError(str(reply.get("error", "command failed")))
+    return reply.get("result")

@@ -1,0 +1,226 @@
+"""``aperture qmp NAME``: an interactive (or scripted) QMP shell with aperture's domain commands.
+
+Raw QMP in qmp-shell syntax (``query-pci``, ``device_del id=x``; values are JSON when they parse, else
+strings) or a whole JSON command. Domain commands go to the VM daemon: ``window show [DEV]``, ``window map
+DEV SLOT PAGE``, ``window unmap DEV SLOT``, ``memmap``, ``dma stats``, ``remap start EVERY``, ``remap stop``.
+Bad input, unknown commands and a vanished QEMU give one-line messages; the shell keeps going.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TextIO
+
+from emulator.config import parse_duration
+from emulator.errors import ApertureError
+from emulator.registry import VmRecord, state_dir
+
+from .control import call
+from .session import SyncQmpSession
+
+DOMAIN = {
+    "window show [DEV]": "slot → page table of one or every device",
+    "window map DEV SLOT PAGE": "map a device page into a window slot (VM paused around it)",
+    "window unmap DEV SLOT": "write the slot back and empty it",
+    "memmap": "the guest-physical address map the DMA engine uses",
+    "dma stats": "per-device counters: completions, maps, remaps, DMA bytes, errors",
+    "remap start EVERY": "remap random slots every EVERY (e.g. 20ms) until 'remap stop'",
+    "remap stop": "stop remapping; prints latency percentiles",
+}
+
+
+class ShellError(ApertureError):
+    pass
+
+
+def parse_qmp(line: str) -> tuple[str, dict[str, Any]]:
+    """``cmd key=value ...`` or a JSON object → (command, arguments)."""
+    line = line.strip()
+    if line.startswith("{"):
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise ShellError(f"malformed JSON: {exc.msg}") from None
+        if not isinstance(obj, dict) or not isinstance(obj.get("execute"), str):
+            raise ShellError('a JSON command needs {"execute": NAME, "arguments": {...}}')
+        args = obj.get("arguments", {})
+        if not isinstance(args, dict):
+            raise ShellError("arguments must be an object")
+        return obj["execute"], args
+    try:
+        words = shlex.split(line)
+    except ValueError as exc:
+        raise ShellError(f"malformed arguments: {exc}") from None
+    cmd, args = words[0], {}
+    for word in words[1:]:
+        key, sep, value = word.partition("=")
+        if not sep or not key:
+            raise ShellError(f"malformed argument {word!r}: expected key=value")
+        try:
+            args[key] = json.loads(value)
+        except json.JSONDecodeError:
+            args[key] = value
+    return cmd, args
+
+
+class QmpShell:
+    def __init__(self, rec: VmRecord, *, as_json: bool = False, out: TextIO = sys.stdout,
+                 err: TextIO = sys.stderr) -> None:
+        self.rec = rec
+        self.as_json = as_json
+        self.out = out
+        self.err = err
+        self.qmp = SyncQmpSession(f"shell-{rec.name}")
+        self.qmp.connect(rec.qmp_socket, timeout=5)
+        try:
+            self.commands = self.qmp.call(self.qmp.session.commands())
+        except ApertureError:
+            self.commands = []
+        self.failures = 0
+        self.qemu_gone = False
+
+    # ------------------------------------------------------------------ output
+    def _reply(self, line: str, result: Any, human: Callable[[Any], str] | None = None) -> None:
+        if self.as_json:
+            print(json.dumps({"command": line, "ok": True, "return": result}), file=self.out, flush=True)
+        else:
+            print(human(result) if human else json.dumps(result, indent=2), file=self.out, flush=True)
+
+    def _error(self, line: str, message: str) -> None:
+        self.failures += 1
+        if self.as_json:
+            print(json.dumps({"command": line, "ok": False, "error": message}), file=self.out, flush=True)
+        else:
+            print(f"error: {message}", file=self.err, flush=True)
+
+    # ------------------------------------------------------------------ commands
+    def _domain(self, words: list[str]) -> tuple[Any, Callable[[Any], str] | None]:
+        sock = self.rec.control_socket
+        head = " ".join(words[:2])
+        if words[0] == "window" and len(words) >= 2 and words[1] == "show" and len(words) <= 3:
+            args = {"dev": words[2]} if len(words) == 3 else {}
+            return call(sock, "window.show", **args), _show_windows
+        if head == "window map" and len(words) == 5:
+            return call(sock, "window.map", dev=words[2], slot=words[3], page=words[4]), None
+        if head == "window unmap" and len(words) == 4:
+            return call(sock, "window.unmap", dev=words[2], slot=words[3]), None
+        if words == ["memmap"]:
+            return call(sock, "memmap"), _show_memmap
+        if words == ["dma", "stats"]:
+            return call(sock, "dma.stats"), None
+        if head == "remap start" and len(words) == 3:
+            return call(sock, "remap.start", every=parse_duration(words[2])), str
+        if words == ["remap", "stop"]:
+            return call(sock, "remap.stop", timeout=60), None
+        usage = next((u for u in DOMAIN if u.split()[:2] == words[:2]), None) or \
+            next((u for u in DOMAIN if u.split()[0] == words[0]), None)
+        raise ShellError(f"usage: {usage}" if usage else f"unknown command {words[0]!r}")
+
+    def run_line(self, line: str) -> bool:
+        """Run one line; False means the user asked to leave."""
+        line = line.strip()
+        if not line or line.startswith("#"):
+            return True
+        if line in ("quit", "exit"):
+            return False
+        if line in ("help", "?"):
+            print("QMP: any command from query-commands, as 'name key=value ...' or JSON. Domain commands:",
+                  file=self.out)
+            for usage, what in DOMAIN.items():
+                print(f"  {usage:<28} {what}", file=self.out)
+            return True
+        try:
+            words = line.split()
+            if words[0] in ("window", "memmap", "dma", "remap"):
+                result, human = self._domain(words)
+                self._reply(line, result, human)
+                return True
+            cmd, args = parse_qmp(line)
+            if self.commands and cmd not in self.commands:
+                raise ShellError(f"unknown command {cmd!r} (try 'help', or tab completion)")
+            if self.qemu_gone:
+                raise ShellError("QEMU is gone; only 'quit' is left")
+            self._reply(line, self.qmp.execute(cmd, args or None))
+        except ApertureError as exc:
+            msg = exc.one_line()
+            if "connection lost" in msg or "closed" in msg:
+                self.qemu_gone = True
+                msg = f"{msg}: QEMU is gone"
+            self._error(line, msg)
+        return True
+
+    def loop(self, stream: TextIO) -> int:
+        interactive = stream.isatty()
+        if interactive:
+            _setup_readline(self.commands + sorted({u.split()[0] for u in DOMAIN}) + ["help", "quit"])
+            print(f"aperture qmp: {self.rec.name} (QEMU pid {self.rec.qemu_pid}); 'help' lists commands, "
+                  "'quit' leaves", file=self.out)
+        try:
+            while True:
+                try:
+                    line = input(f"({self.rec.name}) ") if interactive else stream.readline()
+                except EOFError:
+                    break
+                except KeyboardInterrupt:
+                    print(file=self.out)
+                    continue
+                if not interactive and line == "":
+                    break
+                if not self.run_line(line):
+                    break
+        finally:
+            self.qmp.close()
+        return 1 if self.failures else 0
+
+
+def _setup_readline(words: list[str]) -> None:
+    try:
+        import readline
+    except ImportError:
+        return
+    history = state_dir().parent / "qmp_history"
+    try:
+        readline.read_history_file(history)
+    except OSError:
+        pass
+
+    def complete(text: str, state: int) -> str | None:
+        matches = [w for w in words if w.startswith(text)]
+        return matches[state] if state < len(matches) else None
+
+    readline.set_completer(complete)
+    readline.set_completer_delims(" ")
+    readline.parse_and_bind("tab: complete")
+    import atexit
+
+    def save() -> None:
+        try:
+            history.parent.mkdir(parents=True, exist_ok=True)
+            readline.write_history_file(history)
+        except OSError:
+            pass
+
+    atexit.register(save)
+
+
+def _show_windows(devs: list[dict[str, Any]]) -> str:
+    lines = []
+    for d in devs:
+        lines.append(f"device {d['device']}: {d['nr_slots']} slots of {d['slot_size'] >> 20}M, {d['pages']} pages, "
+                     f"hidden {[[h[0] >> 20, h[1] >> 20] for h in d['hidden']]} MiB, generation {d['generation']}")
+        for slot, page in enumerate(d["slots"]):
+            lines.append(f"  slot {slot}: {'-' if page is None else f'page {page}'}")
+    return "\n".join(lines)
+
+
+def _show_memmap(regions: list[dict[str, Any]]) -> str:
+    return "\n".join(f"  {r['start']:#014x}-{r['end']:#014x}  {r['kind']:<8} {'dma' if r['dma'] else '   '}  "
+                     f"{r['name']}" for r in regions)
+
+
+def history_path() -> Path:
+    return state_dir().parent / "qmp_history"

@@ -1,0 +1,151 @@
+"""Long-lived VMs as a person uses them in a terminal: up, ls, qmp (through a pty), console, down."""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from pathlib import Path
+
+import pexpect
+import pytest
+
+from tests.conftest import aperture_argv, qemu_processes, run_aperture
+
+
+@pytest.fixture(scope="module")
+def live_vm(tmp_path_factory: pytest.TempPathFactory):
+    """One VM shared by the read-mostly interactive tests; always taken down."""
+    state = tmp_path_factory.mktemp("state")
+    env = {"APERTURE_STATE": str(state)}
+    name = f"t{uuid.uuid4().hex[:6]}"
+    run_dir = tmp_path_factory.mktemp("up") / name
+    proc = run_aperture("up", name, "--run-dir", str(run_dir), env=env, timeout=240)
+    try:
+        assert proc.returncode == 0, proc.stderr
+        yield name, env, run_dir
+    finally:
+        run_aperture("down", name, env=env, timeout=120)
+
+
+def _spawn(args: list[str], env: dict[str, str]) -> pexpect.spawn:
+    argv = aperture_argv() + args
+    return pexpect.spawn(argv[0], argv[1:], env=dict(os.environ, **env), encoding="utf-8", timeout=60,
+                         dimensions=(40, 160))
+
+
+def test_up_and_ls(live_vm) -> None:
+    name, env, run_dir = live_vm
+    proc = run_aperture("ls", "--json", env=env)
+    assert proc.returncode == 0
+    rec = next(r for r in json.loads(proc.stdout) if r["name"] == name)
+    assert rec["state"] == "ready" and rec["accel"] in ("tcg", "kvm")
+    assert Path(rec["run_dir"]) == run_dir.resolve()
+    assert qemu_processes(str(run_dir))
+    human = run_aperture("ls", env=env).stdout
+    assert name in human and "ready" in human
+
+
+def test_interactive_shell_through_a_pty(live_vm) -> None:
+    name, env, _ = live_vm
+    sh = _spawn(["qmp", name], env)
+    prompt = f"({name}) "
+    sh.expect_exact(prompt)
+    sh.sendline("query-status")
+    sh.expect('"running"')
+    sh.expect_exact(prompt)
+    sh.sendline("query-versi\t")  # tab completion from query-commands
+    sh.expect('"qemu"')
+    sh.expect_exact(prompt)
+    sh.sendline("window map 0 3 7")
+    sh.expect("latency_ms")
+    sh.expect_exact(prompt)
+    sh.sendline("window show 0")
+    sh.expect("slot 3: page 7")
+    sh.expect_exact(prompt)
+    sh.sendline("window map 0 4 7")  # one page, two slots: refused, shell carries on
+    sh.expect("error: page 7 would be live in two slots")
+    sh.expect_exact(prompt)
+    sh.sendline("no-such-command")
+    sh.expect("error: unknown command")
+    sh.expect_exact(prompt)
+    sh.sendline("device_del")
+    sh.expect("error: QMP device_del failed")
+    sh.expect_exact(prompt)
+    sh.sendline('query-pci x="unterminated')
+    sh.expect("error: malformed arguments")
+    sh.expect_exact(prompt)
+    sh.sendline("memmap")
+    sh.expect("aperture0-win BAR2")
+    sh.expect_exact(prompt)
+    sh.sendline("window unmap 0 3")
+    sh.expect("latency_ms")
+    sh.expect_exact(prompt)
+    sh.sendline("quit")
+    sh.expect(pexpect.EOF)
+    sh.close()
+    assert "Traceback" not in (sh.before or "")
+
+
+def test_scripted_shell_json_and_remaps(live_vm) -> None:
+    name, env, _ = live_vm
+    script = "query-version\nremap start 20ms\n" + "query-status\n" * 3 + "dma stats\n"
+    proc = run_aperture("qmp", name, "--json", env=env, timeout=120, input=script)
+    lines = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert proc.returncode == 0, proc.stderr
+    assert lines[0]["return"]["qemu"]["major"] >= 7
+    assert all(line["ok"] for line in lines)
+    import time
+
+    time.sleep(1.0)
+    stop = run_aperture("qmp", name, "--json", env=env, timeout=120, input="remap stop\n")
+    summary = json.loads(stop.stdout)["return"]
+    assert summary["mode"] == "pause" and summary["remaps"] >= 5 and summary["errors"] == []
+
+
+def test_console(live_vm) -> None:
+    name, env, _ = live_vm
+    proc = run_aperture("console", name, env=env)
+    assert proc.returncode == 0 and "aperture: helper starting" in proc.stdout
+
+
+def test_unknown_vm_and_bad_name() -> None:
+    env = {"APERTURE_STATE": "/nonexistent-aperture-state"}
+    for args in (["qmp", "nope"], ["down", "nope"], ["console", "nope"]):
+        proc = run_aperture(*args, env=env, timeout=60)
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr, (args, proc.stderr)
+    proc = run_aperture("up", "bad/name", env=env, timeout=60)
+    assert proc.returncode == 2 and "invalid VM name" in proc.stderr
+
+
+def test_shell_survives_qemu_going_away(tmp_path: Path) -> None:
+    env = {"APERTURE_STATE": str(tmp_path / "state")}
+    name = f"g{uuid.uuid4().hex[:6]}"
+    assert run_aperture("up", name, "--run-dir", str(tmp_path / "run"), env=env, timeout=240).returncode == 0
+    try:
+        sh = _spawn(["qmp", name], env)
+        sh.expect_exact(f"({name}) ")
+        sh.sendline('{"execute": "quit"}')  # plain 'quit' leaves the shell; this stops QEMU under it
+        sh.expect_exact(f"({name}) ")
+        sh.sendline("query-status")
+        sh.expect("error: .*QEMU is gone")
+        sh.expect_exact(f"({name}) ")
+        sh.sendline("quit")
+        sh.expect(pexpect.EOF)
+        assert "Traceback" not in (sh.before or "")
+    finally:
+        run_aperture("down", name, env=env, timeout=120)
+    assert not qemu_processes(str(tmp_path / "run"))
+    assert run_aperture("ls", "--json", env=env).stdout.strip() == "[]"
+
+
+def test_down_leaves_nothing_running(tmp_path: Path) -> None:
+    env = {"APERTURE_STATE": str(tmp_path / "state")}
+    name = f"d{uuid.uuid4().hex[:6]}"
+    run_dir = tmp_path / "run"
+    assert run_aperture("up", name, "--run-dir", str(run_dir), env=env, timeout=240).returncode == 0
+    proc = run_aperture("down", name, env=env, timeout=120)
+    assert proc.returncode == 0 and f"{name} is down" in proc.stdout
+    assert not qemu_processes(str(run_dir))
+    assert not [p for p in os.listdir("/dev/shm") if name in p]
+    assert (run_dir / "devmem0.img").exists()  # device memory stays
