@@ -447,6 +447,23 @@ def bench_device_cmd(kernel: Path | None, modules: Path | None, pmem: tuple[Pmem
     print_bench(bench_device(config, resolve_kernel(kernel, modules), ui.progress), as_json)
 
 
+@bench.command("remap")
+@vm_options
+@click.option("-n", "--rounds", type=click.IntRange(10, 5000), default=200, show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+def bench_remap_cmd(kernel: Path | None, modules: Path | None, pmem: tuple[PmemConfig, ...],
+                    devices: tuple[DeviceConfig, ...] | None, memory: int, accel: str, boot_timeout: float,
+                    run_timeout: float, append: tuple[str, ...], quiet: bool, rounds: int, as_json: bool) -> None:
+    """Pause-mode remap latency vs bare QMP stop+cont, same VM, same run."""
+    from guest.kernel import resolve_kernel
+
+    from .bench import bench_remap
+
+    ui = Ui(quiet)
+    config = make_config(pmem, memory, accel, boot_timeout, run_timeout, append, devices)
+    print_bench(bench_remap(config, resolve_kernel(kernel, modules), ui.progress, rounds), as_json)
+
+
 def print_bench(report: dict[str, Any], as_json: bool) -> None:
     if as_json:
         emit_json(report)
