@@ -274,12 +274,14 @@ def print_summary(result: Any) -> None:
 @click.option("--duration", callback=lambda c, p, v: _duration(v), default="10s", show_default=True,
               help="How long the remap workload runs.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object (the documented contract).")
+@click.option("--junit-xml", type=click.Path(path_type=Path, dir_okay=False), help="Also write the checks as "
+              "JUnit XML (one testcase per check) for CI systems.")
 @click.option("-v", "--verbose", is_flag=True, help="Stream the guest console to stderr.")
 def run(kernel: Path | None, modules: Path | None, pmem: tuple[PmemConfig, ...],
         devices: tuple[DeviceConfig, ...] | None, memory: int, accel: str,
         boot_timeout: float, run_timeout: float, append: tuple[str, ...], quiet: bool, run_dir: Path | None,
         reboot: bool, force: bool, guest_bins: tuple[Path, ...], remap_every: float | None, remap_mode: str,
-        duration: float, as_json: bool, verbose: bool) -> None:
+        duration: float, as_json: bool, junit_xml: Path | None, verbose: bool) -> None:
     """Boot the default VM scenario, run the guest checks, print the results.
 
     Exit 0 when every check passed, 1 when one failed.
@@ -311,6 +313,10 @@ def run(kernel: Path | None, modules: Path | None, pmem: tuple[PmemConfig, ...],
     name = f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}-{secrets.token_hex(2)}"
     result = run_vm(config, prep, run_dir or default_run_dir(name), ui.progress, name=name, reboot=reboot,
                     console_sink=ui.console if verbose else None, remap=remap)
+    if junit_xml is not None:
+        from .results import junit_xml as to_junit
+
+        junit_xml.write_text(to_junit(result))
     if as_json:
         emit_json(result.to_json())
     else:

@@ -13,6 +13,7 @@ import re
 import secrets
 import shutil
 import signal
+import socket
 import subprocess
 import tempfile
 import time
@@ -29,6 +30,7 @@ from .service import DeviceFiles, DeviceService, device_qemu_args
 
 PANIC_RE = re.compile(r"Kernel panic - not syncing[^\n]*")
 RESULTS_PORT = "aperture.results"
+COMMAND_PORT = "aperture.cmd"
 PROBE_BAR_ID = "probe-bar"
 PROBE_BAR_SLOT = 0x0F
 
@@ -80,6 +82,11 @@ class RunPaths:
     def control_socket(self) -> Path:
         return self.sock_dir / "control.sock"
 
+    @property
+    def command_socket(self) -> Path:
+        """Host → guest commands for the helper's `serve` loop (virtio-serial port aperture.cmd)."""
+        return self.sock_dir / "cmd.sock"
+
     def devmem(self, index: int) -> Path:
         return self.run_dir / f"devmem{index}.img"
 
@@ -112,7 +119,7 @@ def default_sock_dir(name: str) -> Path:
 
 
 def build_argv(qemu: str, config: VmConfig, kernel: KernelSpec, initrd: Path, paths: RunPaths, accel: str,
-               cmdline: str, user_qmp: bool = False) -> list[str]:
+               cmdline: str, user_qmp: bool = False, command_channel: bool = False) -> list[str]:
     """The full QEMU command line for one VM (pure: unit-tested without QEMU)."""
     mem = config.memory
     pmem_total = sum(-(-p.file_size // GiB) * GiB for p in config.pmem)
@@ -144,6 +151,9 @@ def build_argv(qemu: str, config: VmConfig, kernel: KernelSpec, initrd: Path, pa
     if user_qmp:
         argv += ["-chardev", f"socket,id=uqmp,path={paths.user_qmp_socket},server=on,wait=off",
                  "-mon", "chardev=uqmp,mode=control"]
+    if command_channel:
+        argv += ["-chardev", f"socket,id=cmd,path={paths.command_socket},server=on,wait=off",
+                 "-device", f"virtserialport,bus=vser0.0,chardev=cmd,name={COMMAND_PORT}"]
     for i, p in enumerate(config.pmem):
         argv += [
             "-object", f"memory-backend-file,id=pmem{i},size={p.file_size},mem-path={paths.pmem(i)},share=on",
@@ -178,7 +188,12 @@ class Vm:
                               default_sock_dir(self.name))
         self.qemu = qemu or find_qemu()
         self.argv = build_argv(self.qemu, config, kernel, initrd, self.paths, accel,
-                               kernel_cmdline(config, scenario, guest_env), user_qmp)
+                               kernel_cmdline(config, scenario, guest_env), user_qmp,
+                               command_channel=scenario == "idle")
+        self._results_pos = 0
+        self._results_buf = b""
+        self._cmd_sock: socket.socket | None = None
+        self._cmd_id = 0
         self.console_sink = console_sink
         self.process: subprocess.Popen[bytes] | None = None
         self.qmp: SyncQmpSession | None = None
@@ -251,6 +266,11 @@ class Vm:
             self.qmp.connect(str(self.paths.qmp_socket), timeout=15.0, alive=self.alive)
         except GuestError:
             self._raise_exited("QEMU failed to start")
+        if "aperture.cmd" in " ".join(self.argv):
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+            self._register(sock.close)
+            sock.connect(str(self.paths.command_socket))
+            self._cmd_sock = sock
 
     def alive(self) -> bool:
         return self.process is not None and self.process.poll() is None
@@ -325,8 +345,6 @@ class Vm:
         death or timeout."""
         boot_timeout = boot_timeout or self.config.boot_timeout
         run_timeout = run_timeout or self.config.run_timeout
-        pos = 0
-        buf = b""
         while True:
             if should_stop is not None and should_stop():
                 return
@@ -338,14 +356,14 @@ class Vm:
                 raise GuestError(f"guest kernel panicked: {panic.group(0).strip()} (console: {self.paths.console})")
             try:
                 with open(self.paths.results, "rb") as f:
-                    f.seek(pos)
+                    f.seek(self._results_pos)
                     chunk = f.read()
             except FileNotFoundError:
                 chunk = b""
-            pos += len(chunk)
-            buf += chunk
-            while b"\n" in buf:
-                raw, buf = buf.split(b"\n", 1)
+            self._results_pos += len(chunk)
+            self._results_buf += chunk
+            while b"\n" in self._results_buf:
+                raw, self._results_buf = self._results_buf.split(b"\n", 1)
                 if self.first_message_at is None:
                     self.first_message_at = time.monotonic()
                 try:
@@ -359,7 +377,7 @@ class Vm:
                     return
             elapsed = time.monotonic() - self.started_at
             if not self.alive():
-                if chunk or buf:
+                if chunk or self._results_buf:
                     continue  # drain what the guest wrote before it went away
                 self._read_console()
                 panic = PANIC_RE.search(self._console_text)
@@ -373,6 +391,24 @@ class Vm:
             if elapsed > run_timeout:
                 raise GuestError(f"guest run timed out after {run_timeout:.0f} s (console: {self.paths.console})")
             time.sleep(0.01)
+
+    def command(self, request: dict[str, Any], timeout: float = 120.0) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+        """Send one command to the helper's `serve` loop; return its cmd-done message and what came before."""
+        if self._cmd_sock is None:
+            raise GuestError("this VM has no command channel (boot it with scenario 'idle')")
+        self._cmd_id += 1
+        ident = self._cmd_id
+        try:
+            self._cmd_sock.sendall(json.dumps(dict(request, id=ident)).encode() + b"\n")
+        except OSError as exc:
+            raise GuestError(f"guest command channel closed: {exc}") from None
+        deadline = time.monotonic() + timeout
+        seen: list[dict[str, Any]] = []
+        for msg in self.messages(run_timeout=float("inf"), should_stop=lambda: time.monotonic() > deadline):
+            if msg.get("type") == "cmd-done" and msg.get("id") == ident:
+                return msg, seen
+            seen.append(msg)
+        raise GuestError(f"guest command {request} timed out after {timeout:.0f} s")
 
     def wait_poweroff(self, timeout: float = 15.0) -> float:
         """Wait for the guest to power off after ``done``; return host seconds since QEMU start."""

@@ -227,3 +227,24 @@ def remap_consistency(check: Check, stats: Any) -> Check:
     detail.update(summary)
     ok = check.ok and summary.get("remaps", 0) > 0 and not summary.get("errors")
     return Check(check.name, bool(ok), detail)
+
+
+def junit_xml(result: RunResult) -> str:
+    """The run as JUnit XML (one testcase per check) for CI systems that are not pytest."""
+    import json as _json
+    import xml.etree.ElementTree as ET
+
+    failures = sum(not c.ok for c in result.checks)
+    suite = ET.Element("testsuite", name="aperture", tests=str(len(result.checks)), failures=str(failures),
+                       errors="0", time=str(result.poweroff_s or 0))
+    props = ET.SubElement(suite, "properties")
+    for key in ("accel", "qemu_version", "kernel_release", "boot_s", "run_dir"):
+        ET.SubElement(props, "property", name=key, value=str(getattr(result, key)))
+    for c in result.checks:
+        case = ET.SubElement(suite, "testcase", classname=f"aperture.{c.name.split('.')[0]}", name=c.name)
+        detail = _json.dumps(c.detail, indent=1, default=str)
+        if not c.ok:
+            ET.SubElement(case, "failure", message=f"{c.name} failed").text = detail
+        else:
+            ET.SubElement(case, "system-out").text = detail
+    return ET.tostring(ET.ElementTree(suite).getroot(), encoding="unicode", xml_declaration=True)

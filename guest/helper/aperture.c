@@ -752,3 +752,72 @@ void scenario_aperture(int bench_only)
     jb_printf(&written, "]}");
     report_line(written.buf);
 }
+
+/* ---------------------------------------------------------------- command-line tools (in a live guest) */
+static unsigned long long num(const char *s) { return strtoull(s, NULL, 0); }
+
+static struct apdev *tool_dev(const char *idx)
+{
+    int n = discover();
+    int i = (int)num(idx);
+    if (i < 0 || i >= n) {
+        fprintf(stderr, "no aperture device %s (found %d)\n", idx, n);
+        return NULL;
+    }
+    return &devs[i];
+}
+
+int helper_tool(int argc, char **argv)
+{
+    if (argc < 2)
+        return -1;
+    const char *t = argv[1];
+    struct apdev *d;
+    int st;
+    if (!strcmp(t, "info") && argc == 2) {
+        int n = discover();
+        for (int i = 0; i < n; i++)
+            printf("device %d: ctl %s window %s @ %#llx, %u slots of %#llx, %u pages\n", devs[i].index,
+                   devs[i].ctl_bdf, devs[i].win_bdf, devs[i].win_phys, devs[i].nr_slots,
+                   (unsigned long long)devs[i].slot, devs[i].nr_pages);
+        return n > 0 ? 0 : 1;
+    }
+    if (!strcmp(t, "map") && argc == 5 && (d = tool_dev(argv[2]))) {
+        st = map_page(d, (uint32_t)num(argv[3]), num(argv[4]));
+    } else if (!strcmp(t, "unmap") && argc == 4 && (d = tool_dev(argv[2]))) {
+        st = unmap_slot(d, (uint32_t)num(argv[3]));
+    } else if (!strcmp(t, "dma") && (argc == 6 || argc == 7) && (d = tool_dev(argv[2]))) {
+        st = dma(d, num(argv[3]), num(argv[4]), num(argv[5]), argc == 7 ? (uint16_t)num(argv[6]) : 0);
+    } else if (!strcmp(t, "peek") && argc == 6 && (d = tool_dev(argv[2]))) {
+        uint64_t slot = num(argv[3]), off = num(argv[4]), len = num(argv[5]);
+        if (slot >= d->nr_slots || off + len > d->slot || len > 4096) {
+            fprintf(stderr, "peek: out of range\n");
+            return 2;
+        }
+        for (uint64_t i = 0; i < len; i++)
+            printf("%02x", d->win[slot * d->slot + off + i]);
+        printf("\n");
+        return 0;
+    } else if (!strcmp(t, "poke") && argc == 6 && (d = tool_dev(argv[2]))) {
+        uint64_t slot = num(argv[3]), off = num(argv[4]);
+        size_t len = strlen(argv[5]) / 2;
+        if (slot >= d->nr_slots || off + len > d->slot) {
+            fprintf(stderr, "poke: out of range\n");
+            return 2;
+        }
+        for (size_t i = 0; i < len; i++) {
+            char byte[3] = {argv[5][2 * i], argv[5][2 * i + 1], 0};
+            d->win[slot * d->slot + off + i] = (uint8_t)strtoul(byte, NULL, 16);
+        }
+        return 0;
+    } else if (!strcmp(t, "map") || !strcmp(t, "unmap") || !strcmp(t, "dma") || !strcmp(t, "peek") ||
+               !strcmp(t, "poke") || !strcmp(t, "info")) {
+        fprintf(stderr, "usage: aperture-helper info | map DEV SLOT PAGE | unmap DEV SLOT | "
+                        "dma DEV SRC DST LEN [FLAGS] | peek DEV SLOT OFF LEN | poke DEV SLOT OFF HEX\n");
+        return 2;
+    } else {
+        return -1;
+    }
+    printf("%s\n", st < 0 ? "TIMEOUT" : aperture_status_name((unsigned)st));
+    return st == 0 ? 0 : 1;
+}

@@ -5,7 +5,9 @@
  *   bench-dax  configure DAX, report memcpy figures
  *   bench-device  MAP round trips and DMA throughput figures (needs a configured devdax)
  *   remap      the window workload while the host remaps slots ($aperture_duration seconds)
- *   idle       configure DAX, report, then stay up (aperture up)
+ *   idle       configure DAX, report, then serve commands from the host (aperture up, pytest plugin)
+ * Tools (print to stdout, for `exec` in a live guest): info | map DEV SLOT PAGE | unmap DEV SLOT |
+ *   dma DEV SRC DST LEN [FLAGS] | peek DEV SLOT OFF LEN | poke DEV SLOT OFF HEX
  *   hang     report hello, then never finish (exercises the host's run timeout)
  */
 #include "report.h"
@@ -30,6 +32,9 @@ static void modules_check(void)
 
 int main(int argc, char **argv)
 {
+    int tool = helper_tool(argc, argv);
+    if (tool >= 0)
+        return tool;
     const char *scenario = argc > 1 ? argv[1] : env_or("aperture_scenario", "default");
     report_open();
     report_hello();
@@ -50,8 +55,7 @@ int main(int argc, char **argv)
         scenario_nvdimm();
         scenario_dax(2);
         report_line("{\"type\":\"phase\",\"name\":\"idle\"}");
-        for (;;)
-            pause();
+        scenario_serve(); /* never returns */
     } else if (strcmp(scenario, "remap") == 0) {
         scenario_nvdimm();
         scenario_remap();

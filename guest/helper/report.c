@@ -43,27 +43,34 @@ void jb_str(struct jbuf *jb, const char *s)
     jb_printf(jb, "\"");
 }
 
-/* Find /dev/vportNpM whose /sys/class/virtio-ports/.../name is aperture.results. */
-void report_open(void)
+/* Open /dev/vportNpM whose /sys/class/virtio-ports/.../name is `name` (waits up to 2 s). */
+int open_port(const char *name, int flags)
 {
-    for (int tries = 0; tries < 200 && results_fd < 0; tries++) {
+    int fd = -1;
+    for (int tries = 0; tries < 200 && fd < 0; tries++) {
         DIR *d = opendir("/sys/class/virtio-ports");
         struct dirent *e;
-        while (d && (e = readdir(d))) {
-            char path[512], name[128];
+        while (d && (e = readdir(d)) && fd < 0) {
+            char path[512], pname[128];
             if (e->d_name[0] == '.')
                 continue;
             snprintf(path, sizeof(path), "/sys/class/virtio-ports/%s/name", e->d_name);
-            if (read_text(path, name, sizeof(name)) == 0 && strcmp(name, "aperture.results") == 0) {
+            if (read_text(path, pname, sizeof(pname)) == 0 && strcmp(pname, name) == 0) {
                 snprintf(path, sizeof(path), "/dev/%s", e->d_name);
-                results_fd = open(path, O_WRONLY | O_CLOEXEC);
+                fd = open(path, flags | O_CLOEXEC);
             }
         }
         if (d)
             closedir(d);
-        if (results_fd < 0)
+        if (fd < 0)
             usleep(10000);
     }
+    return fd;
+}
+
+void report_open(void)
+{
+    results_fd = open_port("aperture.results", O_WRONLY);
     if (results_fd < 0)
         fprintf(stderr, "aperture-helper: results port not found; reporting on stdout\n");
 }

@@ -15,6 +15,7 @@ void jb_printf(struct jbuf *jb, const char *fmt, ...) __attribute__((format(prin
 void jb_str(struct jbuf *jb, const char *s); /* appends a quoted, escaped JSON string */
 
 void report_open(void);
+int open_port(const char *name, int flags); /* a virtio-serial port by name, or -1 */
 void report_line(const char *json);
 void report_hello(void);
 void report_check(const char *name, int ok, const char *detail_json);
@@ -48,6 +49,8 @@ void scenario_nvdimm(void);
 void scenario_dax(int bench);
 void scenario_aperture(int bench);
 void scenario_remap(void);
+void scenario_serve(void);
+int helper_tool(int argc, char **argv); /* map/unmap/dma/peek/poke/info; -1 if argv[1] is not a tool */
 
 /* aperture.c API for other scenarios */
 #include <stdint.h>

@@ -12,6 +12,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import aperture_argv, qemu_processes, run_aperture
 
 
@@ -25,6 +27,31 @@ def test_json_contract(default_run) -> None:
     assert Path(result["run_dir"]) == run_dir.resolve()
     for check in result["checks"]:
         assert set(check) >= {"name", "ok", "detail"}
+
+
+def test_json_matches_the_published_schema(default_run) -> None:
+    import json
+
+    import jsonschema
+
+    schema = json.loads((Path(__file__).resolve().parents[2] / "docs" / "run-schema.json").read_text())
+    jsonschema.validate(default_run[1], schema)
+    broken = dict(default_run[1], accel="xen")
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(broken, schema)
+
+
+def test_junit_xml(tmp_path: Path) -> None:
+    import xml.etree.ElementTree as ET
+
+    out = tmp_path / "aperture.xml"
+    proc = run_aperture("run", "-q", "--device", "none", "--junit-xml", str(out), "--run-dir",
+                        str(tmp_path / "r"), timeout=240)
+    assert proc.returncode == 0, proc.stderr
+    suite = ET.parse(out).getroot()
+    names = {c.get("name") for c in suite.iter("testcase")}
+    assert {"nvdimm.present", "dax.fsdax", "zone_device.probe"} <= names
+    assert suite.get("failures") == "0" and int(suite.get("tests")) == len(names)
 
 
 def test_nvdimm_present_matches_qmp(default_run) -> None:

@@ -1,0 +1,171 @@
+"""pytest plugin (entry point ``pytest11: aperture``): boot aperture VMs from a user's own tests.
+
+    @pytest.mark.aperture(pmem=["256M:devdax"], devices=2)
+    def test_dma(aperture_vm):
+        aperture_vm.map(0, 1, 5)                       # host side, VM paused around it
+        r = aperture_vm.exec("aperture-helper peek 0 1 0 16")
+        assert r.rc == 0
+
+Every VM gets its own name, run directory (under the test's tmp_path), sockets and shm files, so
+``pytest -n auto`` runs several at once. The VM is torn down even when the test fails; a failing test's
+report carries the guest console tail and the run directory.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from .config import DEFAULT_DEVICES, DEFAULT_PMEM, DeviceConfig, PmemConfig, VmConfig, parse_size
+from .errors import GuestError
+from .machine import Vm
+from .results import Check
+
+
+@dataclass(frozen=True)
+class ExecResult:
+    rc: int
+    output: str
+
+
+class ApertureVM:
+    """A booted guest (helper serving commands), its QMP session and its host-side device models."""
+
+    def __init__(self, vm: Vm) -> None:
+        self.vm = vm
+        self.checks: list[Check] = []
+
+    @property
+    def name(self) -> str:
+        return self.vm.name
+
+    @property
+    def run_dir(self) -> Path:
+        return self.vm.paths.run_dir
+
+    @property
+    def qmp(self) -> Any:
+        """Synchronous QMP (``execute(cmd, args)``, ``stop()``, ``cont()``, ``pci_devices()``, ...)."""
+        return self.vm.qmp
+
+    @property
+    def devices(self) -> list[Any]:
+        """The host-side ``ApertureDevice`` objects (device memory, window, DMA engine, stats)."""
+        return self.vm.service.devices if self.vm.service else []
+
+    def exec(self, command: str, timeout: float = 120.0) -> ExecResult:
+        """Run a shell command in the guest (busybox sh; ``aperture-helper`` tools are on PATH)."""
+        done, _ = self.vm.command({"exec": command}, timeout)
+        return ExecResult(int(done.get("rc", -1)), str(done.get("output", "")))
+
+    def run_scenario(self, name: str = "aperture", timeout: float = 300.0) -> dict[str, Check]:
+        """Run a helper scenario (default, nvdimm, dax, aperture) in the live guest; its checks by name."""
+        done, seen = self.vm.command({"scenario": name}, timeout)
+        if done.get("rc") != 0:
+            raise GuestError(f"scenario {name!r}: {done.get('output')}")
+        checks = {str(m["name"]): Check(str(m["name"]), bool(m.get("ok")), m.get("detail"))
+                  for m in seen if m.get("type") == "check"}
+        self.checks.extend(checks.values())
+        return checks
+
+    def map(self, device: int, slot: int, page: int | None) -> float:
+        """Host-driven (pause-mode) remap of one slot; ``page=None`` unmaps. Returns milliseconds."""
+        dev = self.devices[device]
+        assert self.vm.qmp is not None
+        with dev.lock:
+            t0 = time.perf_counter()
+            self.vm.qmp.stop()
+            try:
+                dev.retarget({slot: page})
+            finally:
+                self.vm.qmp.cont()
+        return (time.perf_counter() - t0) * 1e3
+
+    def results(self) -> dict[str, Any]:
+        return {"name": self.name, "run_dir": str(self.run_dir), "ok": all(c.ok for c in self.checks),
+                "checks": [{"name": c.name, "ok": c.ok, "detail": c.detail} for c in self.checks]}
+
+    def console_tail(self, lines: int = 40) -> str:
+        return self.vm.console_tail(lines)
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("aperture", "aperture VMs")
+    group.addoption("--aperture-kernel", default=None, help="guest kernel (default: the cached Debian kernel)")
+    group.addoption("--aperture-modules", default=None, help="modules directory for --aperture-kernel")
+    group.addoption("--aperture-accel", default="auto", choices=["auto", "kvm", "tcg"])
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "aperture(pmem=['256M:devdax'], devices=2 | ['aperture,mem=64M'], memory='512M', "
+        "boot_timeout=60): topology of the VM the aperture_vm fixture boots")
+
+
+def _config_from_marker(marker: pytest.Mark | None, accel: str) -> VmConfig:
+    kw = dict(marker.kwargs) if marker else {}
+    pmem = tuple(PmemConfig.parse(p) for p in kw.pop("pmem")) if "pmem" in kw else DEFAULT_PMEM
+    devices_kw = kw.pop("devices", None)
+    if devices_kw is None:
+        devices = DEFAULT_DEVICES
+    elif isinstance(devices_kw, int):
+        devices = tuple(DeviceConfig() for _ in range(devices_kw))
+    else:
+        devices = tuple(DeviceConfig.parse(d) for d in devices_kw)
+    memory = parse_size(kw.pop("memory", "512M"))
+    boot_timeout = float(kw.pop("boot_timeout", 90))
+    if kw:
+        raise pytest.UsageError(f"unknown aperture marker arguments: {', '.join(kw)}")
+    return VmConfig(memory=memory, pmem=pmem, devices=devices, accel=accel,  # type: ignore[arg-type]
+                    boot_timeout=boot_timeout, run_timeout=24 * 3600)
+
+
+@pytest.fixture(scope="session")
+def _aperture_prepared(request: pytest.FixtureRequest) -> dict[Any, Any]:
+    return {}
+
+
+@pytest.fixture
+def aperture_vm(request: pytest.FixtureRequest, tmp_path: Path, _aperture_prepared: dict[Any, Any]
+                ) -> Iterator[ApertureVM]:
+    """A booted VM configured by the test's ``@pytest.mark.aperture(...)``; torn down after the test."""
+    from guest.kernel import resolve_kernel
+
+    from .run import prepare
+
+    opts = request.config.option
+    config = _config_from_marker(request.node.get_closest_marker("aperture"), opts.aperture_accel)
+    kernel_path = Path(opts.aperture_kernel) if opts.aperture_kernel else None
+    modules = Path(opts.aperture_modules) if opts.aperture_modules else None
+    key = (kernel_path, modules, opts.aperture_accel)
+    if key not in _aperture_prepared:
+        _aperture_prepared[key] = prepare(config, resolve_kernel(kernel_path, modules), lambda s: None)
+    prep = _aperture_prepared[key]
+    name = f"pytest-{uuid.uuid4().hex[:10]}"
+    with Vm(config, prep.kernel, prep.image.path, accel=prep.accel.accel, run_dir=tmp_path / "aperture",
+            scenario="idle", name=name, qemu=prep.qemu) as vm:
+        handle = ApertureVM(vm)
+        request.node._aperture_vm = handle
+        for msg in vm.messages(run_timeout=config.boot_timeout):
+            if msg.get("type") == "phase" and msg.get("name") == "idle":
+                break
+        yield handle
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[Any]) -> Iterator[None]:
+    outcome = yield
+    report = outcome.get_result()
+    handle = getattr(item, "_aperture_vm", None)
+    if handle is not None and report.failed:
+        try:
+            report.sections.append(("aperture console tail", handle.console_tail(40)))
+        except OSError:
+            pass
+        report.sections.append(("aperture run dir", str(handle.run_dir)))

@@ -1,0 +1,136 @@
+/* serve: after `idle`, run commands the host sends on the aperture.cmd port (one JSON object per line):
+ *   {"id": N, "exec": "shell command"}   → {"type":"cmd-done","id":N,"rc":RC,"output":"..."}
+ *   {"id": N, "scenario": "default"|"nvdimm"|"dax"|"aperture"} → the scenario's checks, then cmd-done
+ * This is how the pytest plugin runs things in an already booted guest.
+ */
+#define _GNU_SOURCE
+#include "report.h"
+
+#include <fcntl.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+/* Extract the string value of "key" from a flat JSON object (handles \" \\ \n \t escapes). */
+static int json_string(const char *obj, const char *key, char *out, size_t outlen)
+{
+    char pat[64];
+    snprintf(pat, sizeof(pat), "\"%s\"", key);
+    const char *p = strstr(obj, pat);
+    if (!p)
+        return -1;
+    p = strchr(p + strlen(pat), ':');
+    if (!p)
+        return -1;
+    while (*++p == ' ')
+        ;
+    if (*p != '"')
+        return -1;
+    size_t n = 0;
+    for (p++; *p && *p != '"' && n + 1 < outlen; p++) {
+        if (*p == '\\' && p[1]) {
+            p++;
+            out[n++] = *p == 'n' ? '\n' : *p == 't' ? '\t' : *p;
+        } else {
+            out[n++] = *p;
+        }
+    }
+    out[n] = 0;
+    return *p == '"' ? 0 : -1;
+}
+
+static long json_int(const char *obj, const char *key)
+{
+    char pat[64];
+    snprintf(pat, sizeof(pat), "\"%s\"", key);
+    const char *p = strstr(obj, pat);
+    if (!p || !(p = strchr(p + strlen(pat), ':')))
+        return -1;
+    return strtol(p + 1, NULL, 10);
+}
+
+static void run_exec(long id, const char *cmd)
+{
+    static char output[32768];
+    size_t n = 0;
+    char full[4200];
+    snprintf(full, sizeof(full), "%s 2>&1", cmd);
+    FILE *f = popen(full, "r");
+    int rc = -1;
+    if (f) {
+        size_t got;
+        while ((got = fread(output + n, 1, sizeof(output) - 1 - n, f)) > 0)
+            n += got;
+        int st = pclose(f);
+        rc = WIFEXITED(st) ? WEXITSTATUS(st) : 128 + (WIFSIGNALED(st) ? WTERMSIG(st) : 0);
+    }
+    output[n] = 0;
+    struct jbuf *jb = malloc(sizeof(*jb));
+    if (!jb)
+        return;
+    jb_init(jb);
+    jb_printf(jb, "{\"type\":\"cmd-done\",\"id\":%ld,\"rc\":%d,\"output\":", id, rc);
+    jb_str(jb, output);
+    jb_printf(jb, "}");
+    report_line(jb->buf);
+    free(jb);
+}
+
+static void run_scenario(long id, const char *name)
+{
+    int known = 1;
+    if (!strcmp(name, "default")) {
+        scenario_nvdimm();
+        scenario_dax(0);
+        scenario_aperture(0);
+    } else if (!strcmp(name, "nvdimm")) {
+        scenario_nvdimm();
+    } else if (!strcmp(name, "dax")) {
+        scenario_dax(0);
+    } else if (!strcmp(name, "aperture")) {
+        scenario_aperture(0);
+    } else {
+        known = 0;
+    }
+    char line[160];
+    snprintf(line, sizeof(line), "{\"type\":\"cmd-done\",\"id\":%ld,\"rc\":%d,\"output\":\"%s\"}", id,
+             known ? 0 : 2, known ? "" : "unknown scenario");
+    report_line(line);
+}
+
+void scenario_serve(void)
+{
+    int fd = open_port("aperture.cmd", O_RDONLY);
+    if (fd < 0)
+        for (;;)
+            pause();
+    static char buf[8192];
+    size_t len = 0;
+    for (;;) {
+        ssize_t n = read(fd, buf + len, sizeof(buf) - 1 - len);
+        if (n <= 0) {
+            usleep(50000); /* host not connected (yet): the port reads EOF */
+            continue;
+        }
+        len += (size_t)n;
+        buf[len] = 0;
+        char *nl;
+        while ((nl = strchr(buf, '\n'))) {
+            *nl = 0;
+            char arg[4096];
+            long id = json_int(buf, "id");
+            if (json_string(buf, "exec", arg, sizeof(arg)) == 0)
+                run_exec(id, arg);
+            else if (json_string(buf, "scenario", arg, sizeof(arg)) == 0)
+                run_scenario(id, arg);
+            else
+                report_log("serve: unparseable command");
+            len -= (size_t)(nl + 1 - buf);
+            memmove(buf, nl + 1, len + 1);
+        }
+        if (len >= sizeof(buf) - 1)
+            len = 0; /* a line longer than the buffer: drop it */
+    }
+}

@@ -1,0 +1,56 @@
+"""The pytest plugin: the project's own tests use it, and a user's project gets it by installing the package."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.aperture(pmem=["64M:devdax"], devices=2)
+def test_fixture_exec_map_and_scenario(aperture_vm) -> None:
+    assert aperture_vm.exec("uname -r").rc == 0
+    assert aperture_vm.exec("exit 3").rc == 3
+    ms = aperture_vm.map(0, 2, 11)  # host-side, VM paused around it
+    assert ms > 0
+    r = aperture_vm.exec("aperture-helper poke 0 2 0 abcd && aperture-helper peek 0 2 0 2")
+    assert r.output.split()[-1] == "abcd"
+    aperture_vm.map(0, 2, None)  # unmapped: written back to device memory
+    dev = aperture_vm.devices[0]
+    assert bytes(dev.devmem.view[11 * dev.config.slot : 11 * dev.config.slot + 2]) == b"\xab\xcd"
+    checks = aperture_vm.run_scenario("nvdimm")
+    assert checks["nvdimm.present"].ok
+    assert checks["nvdimm.present"].detail["regions"][0]["size"] == 64 << 20
+    assert aperture_vm.results()["ok"]
+
+
+def _user_project(tmp_path: Path) -> Path:
+    proj = tmp_path / "userproj"
+    proj.mkdir()
+    shutil.copy(ROOT / "examples" / "test_example.py", proj / "test_example.py")
+    (proj / "test_failing.py").write_text(
+        "import pytest\n\n@pytest.mark.aperture(devices=1)\n"
+        "def test_fails(aperture_vm):\n    assert aperture_vm.exec('false').rc == 0\n")
+    return proj
+
+
+@pytest.mark.parametrize("workers", [None, "2"])
+def test_user_project_with_and_without_xdist(tmp_path: Path, workers: str | None) -> None:
+    proj = _user_project(tmp_path)
+    argv = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--basetemp", str(tmp_path / "bt")]
+    if workers:
+        argv += ["-n", workers]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_")}
+    proc = subprocess.run(argv, cwd=proj, capture_output=True, text=True, timeout=600, env=env)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 1, out  # the one failing test fails; the examples pass
+    assert "3 passed" in out and "1 failed" in out, out
+    assert "aperture console tail" in out and "aperture run dir" in out
+    leftovers = subprocess.run(["pgrep", "-f", str(tmp_path / "bt")], capture_output=True, text=True).stdout
+    assert leftovers.strip() == ""
