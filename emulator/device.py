@@ -129,17 +129,19 @@ class ApertureDevice:
                 if pending == 0:
                     break
                 if pending > abi.RING_ENTRIES:
-                    ctl.set("ERRORS", ctl.get("ERRORS") + 1)
+                    # Resynchronise first, publish the error last: a guest that sees ERRORS change may
+                    # immediately read SQ_TAIL and must find the new value.
+                    ctl.set("SQ_TAIL", head)
                     ctl.set("STATUS", ctl.get("STATUS") | abi.STATUS_RING_ERROR)
-                    ctl.set("SQ_TAIL", head)  # drop the garbage, resynchronise
+                    ctl.set("ERRORS", ctl.get("ERRORS") + 1)
                     break
                 for _ in range(pending):
                     cq_head, cq_tail = ctl.get("CQ_HEAD"), ctl.get("CQ_TAIL")
                     used = (cq_head - cq_tail) & 0xFFFFFFFF
                     if used > abi.RING_ENTRIES:  # garbage CQ_TAIL: resynchronise rather than trust it
-                        ctl.set("ERRORS", ctl.get("ERRORS") + 1)
-                        ctl.set("STATUS", ctl.get("STATUS") | abi.STATUS_RING_ERROR)
                         ctl.set("CQ_TAIL", cq_head)
+                        ctl.set("STATUS", ctl.get("STATUS") | abi.STATUS_RING_ERROR)
+                        ctl.set("ERRORS", ctl.get("ERRORS") + 1)
                     elif used == abi.RING_ENTRIES:
                         return done  # completion ring full: the guest must consume first
                     raw = ctl.descriptor(tail)

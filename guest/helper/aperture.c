@@ -583,11 +583,12 @@ static void check_bad(struct apdev *d, struct daxmap *dx)
     }
     /* Garbage ring index: the host flags it, resynchronises, and keeps serving. */
     {
-        uint32_t errors_before = r32(d, APERTURE_REG_ERRORS);
-        w32(d, APERTURE_REG_SQ_HEAD, d->sq_head + 100000);
+        uint32_t errors_before = r32(d, APERTURE_REG_ERRORS), garbage = d->sq_head + 100000;
+        w32(d, APERTURE_REG_SQ_HEAD, garbage);
         d->regs[3] = 0;
         double deadline = now_s() + 5;
-        while (r32(d, APERTURE_REG_ERRORS) == errors_before && now_s() < deadline)
+        while ((r32(d, APERTURE_REG_ERRORS) == errors_before || r32(d, APERTURE_REG_SQ_TAIL) != garbage) &&
+               now_s() < deadline)
             usleep(100);
         int flagged = r32(d, APERTURE_REG_ERRORS) > errors_before &&
                       (r32(d, APERTURE_REG_STATUS) & APERTURE_STATUS_RING_ERROR);
