@@ -177,6 +177,11 @@ def _summarize_detail(name: str, detail: Any) -> str:
                 f"{d.get('latency_ms_p99')} ms, max {d.get('latency_ms_max')} ms); guest: {d.get('reads')} checked "
                 f"reads, {d.get('writes')} stamps, {d.get('violations')} violations, {d.get('seqlock_retries')} "
                 f"seqlock retries")
+    if name == "remap.hotplug" and d:
+        return (f"{d.get('remaps')} windows re-plugged (DEVICE_DELETED after {d.get('device_deleted_ms_p50')} ms, "
+                f"new device added after {d.get('latency_ms_p50')} ms, p50); guest re-probed {d.get('guest_reprobes')}"
+                f" times (avg {d.get('guest_reprobe_ms_avg')} ms, max {d.get('guest_reprobe_ms_max')} ms), "
+                f"{d.get('guest_reprobe_failures')} failures")
     if name == "remap.integrity" and d:
         return f"{d.get('pages_checked')} pages' last stamps found in device memory; {d.get('mismatch_count')} missing"
     if name.startswith(("aperture.", "p2p.")) and d:

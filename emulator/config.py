@@ -172,6 +172,7 @@ class VmConfig:
     smp: int = 1
     devices: tuple[DeviceConfig, ...] = field(default_factory=lambda: DEFAULT_DEVICES)
     force: bool = False  # let the guest overwrite foreign/mismatched NVDIMM info blocks
+    window_hotplug: bool = False  # windows behind root ports, backed by device memory (hotplug remaps)
     guest_bins: tuple[Path, ...] = ()
 
     def __post_init__(self) -> None:
@@ -240,7 +241,8 @@ def config_to_dict(config: VmConfig) -> dict:
     return {
         "memory": config.memory, "accel": config.accel, "boot_timeout": config.boot_timeout,
         "run_timeout": config.run_timeout, "kernel_cmdline_extra": list(config.kernel_cmdline_extra),
-        "smp": config.smp, "force": config.force, "guest_bins": [str(p) for p in config.guest_bins],
+        "smp": config.smp, "force": config.force, "window_hotplug": config.window_hotplug,
+        "guest_bins": [str(p) for p in config.guest_bins],
         "pmem": [{"size": p.size, "mode": p.mode} for p in config.pmem],
         "devices": [{"mem": d.mem, "window": d.window, "slot": d.slot, "hidden": [list(h) for h in d.hidden]}
                     for d in config.devices],
@@ -251,7 +253,8 @@ def config_from_dict(data: dict) -> VmConfig:
     return VmConfig(
         memory=data["memory"], accel=data["accel"], boot_timeout=data["boot_timeout"],
         run_timeout=data["run_timeout"], kernel_cmdline_extra=tuple(data["kernel_cmdline_extra"]), smp=data["smp"],
-        force=data["force"], guest_bins=tuple(Path(p) for p in data["guest_bins"]),
+        force=data["force"], window_hotplug=data.get("window_hotplug", False),
+        guest_bins=tuple(Path(p) for p in data["guest_bins"]),
         pmem=tuple(PmemConfig(p["size"], p["mode"]) for p in data["pmem"]),
         devices=tuple(DeviceConfig(d["mem"], d["window"], d["slot"], tuple(tuple(h) for h in d["hidden"]))
                       for d in data["devices"]),

@@ -73,8 +73,8 @@ class ApertureDevice:
             if d.opcode == abi.OP_MAP:
                 return self._map(d.slot, d.page, d.flags)
             if d.opcode == abi.OP_UNMAP:
-                if d.flags:
-                    raise DmaFault("EINVAL", "flags on UNMAP")
+                if d.flags or self.window.direct_offset is not None:
+                    raise DmaFault("EINVAL", "flags on UNMAP, or a host-managed window")
                 self._check_slot(d.slot)
                 self.window.unmap(d.slot)
                 return ST["OK"], 0
@@ -101,6 +101,8 @@ class ApertureDevice:
         self.errors[name] = self.errors.get(name, 0) + 1
 
     def _map(self, slot: int, page: int, flags: int) -> tuple[int, int]:
+        if self.window.direct_offset is not None:
+            raise DmaFault("EINVAL", "the window is host-managed (hotplug topology)")
         if flags:
             raise DmaFault("EINVAL", "flags on MAP")
         self._check_slot(slot)
@@ -159,6 +161,8 @@ class ApertureDevice:
     def retarget(self, moves: dict[int, int | None], seqlock: bool = True) -> None:
         """Host-driven remap (validated here too: callers may be interactive users)."""
         with self.lock:
+            if self.window.direct_offset is not None:
+                raise DmaFault("EINVAL", "the window is host-managed (hotplug topology): re-plug it instead")
             staying = {p for s, p in enumerate(self.window.slots) if p is not None and s not in moves}
             targets = [p for p in moves.values() if p is not None]
             for slot, page in moves.items():

@@ -6,8 +6,11 @@ from .doctor import qemu_object_props
 from .errors import SetupError
 
 
+def hotplug_supported(qemu: str) -> bool:
+    return "offset" in qemu_object_props(qemu, "memory-backend-file")
+
+
 def require_hotplug(qemu: str) -> None:
-    if "offset" not in qemu_object_props(qemu, "memory-backend-file"):
+    if not hotplug_supported(qemu):
         raise SetupError("--remap-mode hotplug needs a QEMU whose memory-backend-file has the 'offset' property "
                          "(QEMU 10 from bookworm-backports has it; run scripts/setup.sh)")
-    raise SetupError("--remap-mode hotplug is not implemented yet; use --remap-mode pause")

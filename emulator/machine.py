@@ -147,7 +147,7 @@ def build_argv(qemu: str, config: VmConfig, kernel: KernelSpec, initrd: Path, pa
         "-device", f"ivshmem-plain,id={PROBE_BAR_ID},memdev=probebar,addr={PROBE_BAR_SLOT:#x}",
     ]
     for i, (dev, files) in enumerate(zip(config.devices, paths.device_files(len(config.devices)), strict=True)):
-        argv += device_qemu_args(i, dev, files)
+        argv += device_qemu_args(i, dev, files, config.window_hotplug)
     if user_qmp:
         argv += ["-chardev", f"socket,id=uqmp,path={paths.user_qmp_socket},server=on,wait=off",
                  "-mon", "chardev=uqmp,mode=control"]
@@ -252,7 +252,8 @@ class Vm:
             self.service = DeviceService(
                 self.config.devices, self.paths.device_files(len(self.config.devices)), ram=self.paths.ram,
                 memory=self.config.memory,
-                pmem=[(self.paths.pmem(i), p) for i, p in enumerate(self.config.pmem)], qmp=lambda: self.qmp)
+                pmem=[(self.paths.pmem(i), p) for i, p in enumerate(self.config.pmem)], qmp=lambda: self.qmp,
+                hotplug=self.config.window_hotplug)
             self._register(self.service.stop)
             self.service.start()
         self._register(self._stop_process)

@@ -103,6 +103,7 @@ class Window:
         self.slots: list[int | None] = [None] * config.nr_slots
         self.page_slot: dict[int, int] = {}
         self.remaps = 0
+        self.direct_offset: int | None = None  # hotplug topology: the window *is* device memory at this offset
 
     def _slot_view(self, slot: int) -> memoryview:
         s = self.config.slot
@@ -157,8 +158,35 @@ class Window:
     def unmap(self, slot: int) -> None:
         self.retarget({slot: None})
 
+    def begin_transition(self) -> None:
+        """Hotplug remap starting: generation odd and the table empty until ``set_direct`` publishes."""
+        gen = self.ctl.get("GENERATION")
+        self.ctl.set("GENERATION", gen + 1 if gen % 2 == 0 else gen)
+        for slot in range(self.config.nr_slots):
+            self.ctl.set_slot_entry(slot, 0)
+
+    def set_direct(self, offset: int) -> None:
+        """Zero-copy window: slot k is device page offset/slot + k, no copies (hotplug mode)."""
+        if self.direct_offset is None:
+            self.writeback_all()
+        s = self.config.slot
+        self.direct_offset = offset
+        self.window = self.devmem[offset : offset + self.config.window]
+        first = offset // s
+        self.slots = [first + k for k in range(self.config.nr_slots)]
+        self.page_slot = {p: k for k, p in enumerate(self.slots) if p is not None}
+        self.remaps += 1
+        gen = self.ctl.get("GENERATION")
+        if gen % 2 == 0:
+            self.ctl.set("GENERATION", gen + 1)
+        for slot, page in enumerate(self.slots):
+            self.ctl.set_slot_entry(slot, page + 1)
+        self.ctl.set("GENERATION", (gen | 1) + 1)
+
     def writeback_all(self) -> None:
         """Copy every mapped slot back to device memory (device memory is then the whole truth)."""
+        if self.direct_offset is not None:
+            return  # the window is device memory
         for slot, page in enumerate(self.slots):
             if page is not None:
                 self._page_view(page)[:] = self._slot_view(slot)

@@ -229,6 +229,19 @@ def remap_consistency(check: Check, stats: Any) -> Check:
     return Check(check.name, bool(ok), detail)
 
 
+def remap_hotplug(consistency: Check | None, stats: Any) -> Check:
+    """``remap.hotplug``: windows were re-plugged, and the guest found every new window and carried on."""
+    summary = stats.summary() if stats is not None else {"remaps": 0}
+    guest = consistency.detail if consistency is not None and isinstance(consistency.detail, dict) else {}
+    detail = {k: summary.get(k) for k in ("remaps", "latency_ms_p50", "latency_ms_max", "device_deleted_ms_p50",
+                                          "errors")}
+    detail.update({k: guest.get(k) for k in ("guest_reprobes", "guest_reprobe_failures", "guest_reprobe_ms_avg",
+                                             "guest_reprobe_ms_max", "violations")})
+    ok = (summary.get("remaps", 0) > 0 and not summary.get("errors") and (guest.get("guest_reprobes") or 0) > 0
+          and not guest.get("guest_reprobe_failures") and guest.get("violations") == 0)
+    return Check("remap.hotplug", bool(ok), detail)
+
+
 def junit_xml(result: RunResult) -> str:
     """The run as JUnit XML (one testcase per check) for CI systems that are not pytest."""
     import json as _json

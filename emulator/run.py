@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import secrets
 from collections.abc import Callable
@@ -18,7 +19,7 @@ from .accel import AccelChoice, choose_accel
 from .config import KernelSpec, RemapPlan, VmConfig
 from .errors import GuestError
 from .machine import PROBE_BAR_ID, Vm, find_qemu, qemu_version
-from .results import Check, HostVerifier, RunResult, remap_consistency
+from .results import Check, HostVerifier, RunResult, remap_consistency, remap_hotplug
 
 Progress = Callable[[str], None]
 
@@ -103,6 +104,7 @@ def boot_once(config: VmConfig, prep: Prepared, run_dir: Path, progress: Progres
             elif kind == "phase" and msg.get("name") == "remap_start" and remap and vm.service and not controller:
                 mode = os.environ.get("APERTURE_REMAP_MODE") or remap.mode  # "unsafe": negative control
                 controller = RemapController(vm.qmp, vm.service.devices, remap.every, mode)
+                controller.on_replug = vm.service.invalidate_map
                 controller.start()
                 progress(f"guest workload running; remapping every {remap.every * 1e3:g} ms ({remap.mode} mode)")
             elif kind == "phase" and msg.get("name") == "remap_end" and controller:
@@ -125,6 +127,9 @@ def boot_once(config: VmConfig, prep: Prepared, run_dir: Path, progress: Progres
     checks = [verifier.verify(c, written) for c in pending] if verifier else pending
     if remap is not None:
         checks = [remap_consistency(c, remap_stats) if c.name == "remap.consistency" else c for c in checks]
+        if remap.mode == "hotplug":
+            checks.append(remap_hotplug(next((c for c in checks if c.name == "remap.consistency"), None),
+                                        remap_stats))
         if verifier:
             checks.append(verifier.verify_stamps(stamps, config.devices))
     if not checks and scenario == "default":
@@ -153,8 +158,11 @@ def run_vm(config: VmConfig, prep: Prepared, run_dir: Path, progress: Progress, 
     with ``remap``, the window workload under host-driven remaps instead."""
     token = secrets.token_hex(4)
     if remap is not None:
+        if remap.mode == "hotplug":
+            config = dataclasses.replace(config, window_hotplug=True)
         return boot_once(config, prep, run_dir, progress, scenario="remap", console_sink=console_sink, name=name,
-                         guest_env={"aperture_stamp": token, "aperture_duration": f"{remap.duration:g}"},
+                         guest_env={"aperture_stamp": token, "aperture_duration": f"{remap.duration:g}",
+                                    "aperture_remap_mode": remap.mode},
                          remap=remap)
     first = boot_once(config, prep, run_dir, progress, console_sink=console_sink, name=name,
                       guest_env={"aperture_stamp": token})

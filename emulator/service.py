@@ -39,19 +39,37 @@ class DeviceFiles:
     socket: Path  # our ivshmem server socket
 
 
-def device_qemu_args(i: int, config: DeviceConfig, files: DeviceFiles) -> list[str]:
-    """QEMU arguments for device ``i``: a doorbell device served by us, and the window BAR."""
-    return [
+def port_id(i: int) -> str:
+    return f"aprp{i}"
+
+
+def device_qemu_args(i: int, config: DeviceConfig, files: DeviceFiles, hotplug: bool = False) -> list[str]:
+    """QEMU arguments for device ``i``: a doorbell device served by us, and the window BAR.
+
+    With ``hotplug`` the window sits behind its own pcie-root-port (ACPI hotplug) and is backed directly by
+    the device-memory file at offset 0 (zero-copy; re-plugged at other offsets by hotplug remaps).
+    """
+    args = [
         "-chardev", f"socket,id=apctl{i},path={files.socket}",
         "-device", f"ivshmem-doorbell,id={ctl_id(i)},chardev=apctl{i},vectors=1,addr={PCI_SLOT_BASE + 2 * i:#x}",
-        "-object", f"memory-backend-file,id=apwin{i},size={config.window},mem-path={files.window},share=on",
-        "-device", f"ivshmem-plain,id={win_id(i)},memdev=apwin{i},addr={PCI_SLOT_BASE + 2 * i + 1:#x}",
+    ]
+    if not hotplug:
+        return args + [
+            "-object", f"memory-backend-file,id=apwin{i},size={config.window},mem-path={files.window},share=on",
+            "-device", f"ivshmem-plain,id={win_id(i)},memdev=apwin{i},addr={PCI_SLOT_BASE + 2 * i + 1:#x}",
+        ]
+    return args + [
+        "-device", f"pcie-root-port,id={port_id(i)},chassis={i + 1},slot={i + 1},pref64-reserve=64M,"
+                   f"addr={PCI_SLOT_BASE + 2 * i + 1:#x}",
+        "-object", f"memory-backend-file,id=apwin{i},size={config.window},mem-path={files.devmem},offset=0,share=on",
+        "-device", f"ivshmem-plain,id={win_id(i)},memdev=apwin{i},bus={port_id(i)}",
     ]
 
 
 class DeviceService:
     def __init__(self, configs: tuple[DeviceConfig, ...], files: list[DeviceFiles], *, ram: Path, memory: int,
-                 pmem: list[tuple[Path, PmemConfig]], qmp: Callable[[], Any]) -> None:
+                 pmem: list[tuple[Path, PmemConfig]], qmp: Callable[[], Any], hotplug: bool = False) -> None:
+        self.hotplug = hotplug
         self.configs = configs
         self.files = files
         self.ram_path = ram
@@ -69,7 +87,7 @@ class DeviceService:
 
     def qemu_args(self) -> list[str]:
         return [a for i, (c, f) in enumerate(zip(self.configs, self.files, strict=True))
-                for a in device_qemu_args(i, c, f)]
+                for a in device_qemu_args(i, c, f, self.hotplug)]
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> None:
@@ -79,6 +97,8 @@ class DeviceService:
         for i, (config, files) in enumerate(zip(self.configs, self.files, strict=True)):
             dev = ApertureDevice(i, config, files.devmem, files.window, PCI_SLOT_BASE + 2 * i + 1,
                                  self.address_map, lock=self.lock)
+            if self.hotplug:
+                dev.window.set_direct(0)
             self.devices.append(dev)
             self.servers.append(IvshmemServer(files.socket, dev.ctl_fd))
         self._stop_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
@@ -188,7 +208,7 @@ class DeviceService:
             for slot in range(offset // s, (offset + length - 1) // s + 1):
                 if dev.window.slots[slot] is None:
                     raise DmaFault("EFAULT", f"slot {slot} of aperture{dev.index}'s window maps no page")
-            return [dev.window_file.view[offset : offset + length]]
+            return [dev.window.window[offset : offset + length]]
 
         return resolve
 

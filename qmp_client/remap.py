@@ -22,6 +22,7 @@ class RemapStats:
     remaps: int = 0
     slots_moved: int = 0
     latencies_ms: list[float] = field(default_factory=list)
+    deleted_ms: list[float] = field(default_factory=list)  # hotplug: device_del → DEVICE_DELETED
     errors: list[str] = field(default_factory=list)
 
     def summary(self) -> dict[str, Any]:
@@ -30,10 +31,13 @@ class RemapStats:
         def pct(q: float) -> float | None:
             return round(lat[min(len(lat) - 1, int(q * len(lat)))], 3) if lat else None
 
-        return {"mode": self.mode, "remaps": self.remaps, "slots_moved": self.slots_moved,
-                "latency_ms_p50": round(statistics.median(lat), 3) if lat else None,
-                "latency_ms_p99": pct(0.99), "latency_ms_max": round(max(lat), 3) if lat else None,
-                "errors": self.errors[:10]}
+        out = {"mode": self.mode, "remaps": self.remaps, "slots_moved": self.slots_moved,
+               "latency_ms_p50": round(statistics.median(lat), 3) if lat else None,
+               "latency_ms_p99": pct(0.99), "latency_ms_max": round(max(lat), 3) if lat else None,
+               "errors": self.errors[:10]}
+        if self.deleted_ms:
+            out["device_deleted_ms_p50"] = round(statistics.median(self.deleted_ms), 3)
+        return out
 
 
 def random_moves(device: Any, rng: random.Random, max_slots: int = 2) -> dict[int, int | None]:
@@ -51,11 +55,15 @@ class RemapController:
 
     def __init__(self, qmp: Any, devices: list[Any], every: float, mode: str = "pause", seed: int | None = None
                  ) -> None:
+        self.hotplug = mode == "hotplug"
+        self._memdev: dict[int, str] = {}
+        self._serial = 0
+        self.on_replug: Any = None  # called after each hotplug remap (e.g. to drop a cached address map)
         if mode == "unsafe":
             # Negative control (APERTURE_REMAP_MODE=unsafe): retarget without pausing the guest and without the
             # seqlock, to show that the guest's checks do catch torn remaps. Never a user-facing mode.
             self.pause = False
-        elif mode != "pause":
+        elif mode not in ("pause", "hotplug"):
             raise ApertureError(f"remap mode {mode!r} is not supported by this controller")
         self.pause = getattr(self, "pause", True)
         self.qmp = qmp
@@ -86,12 +94,47 @@ class RemapController:
         self.stats.latencies_ms.append(ms)
         return ms
 
+    def hotplug_once(self) -> float:
+        """Zero-copy retarget of a whole window: plug a new memory-backend-file (device memory at another
+        offset) in place of the window device. Returns ms from the start to the new device being added."""
+        from emulator.service import port_id, win_id
+
+        device = self.rng.choice(self.devices)
+        cfg, i = device.config, device.index
+        current = device.window.direct_offset
+        offsets = [off for off in range(0, cfg.mem - cfg.window + 1, cfg.slot) if off != current and
+                   not any(s < off + cfg.window and off < e for s, e in cfg.hidden)]
+        offset = self.rng.choice(offsets)
+        self._serial += 1
+        old_id, new_id = self._memdev.get(i, f"apwin{i}"), f"apwin{i}-g{self._serial}"
+        session = self.qmp.session
+        t0 = time.perf_counter()
+        with device.lock:
+            device.window.begin_transition()
+        self.qmp.call(session.object_add("memory-backend-file", new_id, **{
+            "mem-path": str(device.devmem.path), "size": cfg.window, "offset": offset, "share": True}))
+        self.qmp.call(session.wait_event("DEVICE_DELETED", 15.0, trigger=session.device_del(win_id(i)),
+                                         match={"device": win_id(i)}), timeout=20)
+        self.stats.deleted_ms.append((time.perf_counter() - t0) * 1e3)
+        self.qmp.call(session.object_del(old_id))
+        self.qmp.call(session.device_add("ivshmem-plain", win_id(i), memdev=new_id, bus=port_id(i)))
+        self._memdev[i] = new_id
+        with device.lock:
+            device.window.set_direct(offset)
+        if self.on_replug is not None:
+            self.on_replug()
+        ms = (time.perf_counter() - t0) * 1e3
+        self.stats.remaps += 1
+        self.stats.slots_moved += cfg.nr_slots
+        self.stats.latencies_ms.append(ms)
+        return ms
+
     def _loop(self) -> None:
         next_at = time.monotonic() + self.every
         while not self._stop.wait(max(0.0, next_at - time.monotonic())):
             next_at += self.every
             try:
-                self.remap_once()
+                self.hotplug_once() if self.hotplug else self.remap_once()
             except Exception as exc:  # noqa: BLE001 - QEMU gone, etc.: record and stop remapping
                 self.stats.errors.append(f"{type(exc).__name__}: {exc}")
                 return

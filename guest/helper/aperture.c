@@ -90,6 +90,52 @@ static void *map_bar(const char *bdf, int bar, size_t size)
     return m == MAP_FAILED ? NULL : m;
 }
 
+/* The window device: on bus 0 at WINDOW_PCI_SLOT, or (hotplug topology) the function behind the root port
+ * there. Hot-added devices get BARs but no memory decoding until enabled: write sysfs `enable`. */
+static int map_window(struct apdev *d, double wait_s)
+{
+    char port[64], path[512], cls[32], child[256] = "";
+    double deadline = now_s() + wait_s;
+    snprintf(port, sizeof(port), "0000:00:%02x.0", r32(d, APERTURE_REG_WINDOW_PCI_SLOT));
+    snprintf(path, sizeof(path), "/sys/bus/pci/devices/%s/class", port);
+    int bridge = read_text(path, cls, sizeof(cls)) == 0 && !strncmp(cls, "0x0604", 6);
+    if (d->win) {
+        munmap(d->win, d->win_size);
+        d->win = NULL;
+    }
+    for (;;) {
+        if (!bridge) {
+            snprintf(d->win_bdf, sizeof(d->win_bdf), "%s", port);
+        } else {
+            DIR *pd;
+            struct dirent *ce;
+            child[0] = 0;
+            snprintf(path, sizeof(path), "/sys/bus/pci/devices/%s", port);
+            if ((pd = opendir(path))) {
+                while ((ce = readdir(pd))) /* DDDD:BB:SS.F, not the port's service devices (…:pcie001) */
+                    if (!strncmp(ce->d_name, "0000:", 5) && strlen(ce->d_name) == 12)
+                        snprintf(child, sizeof(child), "%s", ce->d_name);
+                closedir(pd);
+            }
+            snprintf(d->win_bdf, sizeof(d->win_bdf), "%s", child);
+        }
+        if (d->win_bdf[0] && bar_range(d->win_bdf, 2, &d->win_phys, &d->win_size) == 0) {
+            if (bridge) {
+                snprintf(path, sizeof(path), "/sys/bus/pci/devices/%s/enable", d->win_bdf);
+                char en[8];
+                if (read_text(path, en, sizeof(en)) == 0 && en[0] == '0')
+                    write_text(path, "1");
+            }
+            d->win = map_bar(d->win_bdf, 2, d->win_size);
+            if (d->win)
+                return 0;
+        }
+        if (now_s() >= deadline)
+            return -1;
+        usleep(2000);
+    }
+}
+
 static int by_index(const void *a, const void *b)
 {
     return ((const struct apdev *)a)->index - ((const struct apdev *)b)->index;
@@ -138,9 +184,7 @@ static int discover(void)
             d->hidden_end = r64(d, APERTURE_REG_HIDDEN + 8);
         }
         d->regs = map_bar(e->d_name, 0, 4096);
-        snprintf(d->win_bdf, sizeof(d->win_bdf), "0000:00:%02x.0", r32(d, APERTURE_REG_WINDOW_PCI_SLOT));
-        if (bar_range(d->win_bdf, 2, &d->win_phys, &d->win_size) == 0)
-            d->win = map_bar(d->win_bdf, 2, d->win_size);
+        map_window(d, 0.0);
         if (d->regs && d->win)
             ndevs++;
     }
@@ -624,6 +668,8 @@ uint32_t aperture_snapshot(int i, uint64_t *table, uint64_t *retries)
         (*retries)++;
     }
 }
+
+int aperture_remap_window(int i, double wait_s) { return map_window(&devs[i], wait_s); }
 
 int aperture_dma(int i, uint64_t src, uint64_t dst, uint64_t len, uint16_t flags)
 {

@@ -27,6 +27,18 @@ def test_pause_mode_remaps_are_transparent(tmp_path: Path) -> None:
     assert checks["remap.integrity"]["detail"]["pages_checked"] > 10
 
 
+def test_hotplug_mode_replugs_windows_and_the_guest_follows(tmp_path: Path) -> None:
+    proc = run_aperture("run", "--remap-every", "300ms", "--remap-mode", "hotplug", "--duration", "4s", "--json",
+                        "-q", "--run-dir", str(tmp_path / "run"), timeout=300)
+    assert proc.returncode == 0, proc.stderr + proc.stdout[-2000:]
+    checks = _checks(json.loads(proc.stdout))
+    hotplug = checks["remap.hotplug"]["detail"]
+    assert checks["remap.hotplug"]["ok"] and checks["remap.consistency"]["ok"] and checks["remap.integrity"]["ok"]
+    assert hotplug["remaps"] >= 5 and hotplug["guest_reprobes"] >= 4 and hotplug["guest_reprobe_failures"] == 0
+    assert 0 < hotplug["device_deleted_ms_p50"] < 2000  # ACPI hotplug, not native pciehp's 5 s
+    assert checks["remap.consistency"]["detail"]["violations"] == 0
+
+
 def test_unsafe_remaps_are_caught(tmp_path: Path) -> None:
     """Negative control: retargeting without pausing and without the seqlock must produce violations."""
     proc = run_aperture("run", "--remap-every", "2ms", "--duration", "4s", "--json", "-q",

@@ -343,3 +343,26 @@ def test_retarget_refuses_double_mapping(rig: Rig) -> None:
         rig.dev.retarget({1: 5, 2: 5})
     with pytest.raises(DmaFault):
         rig.dev.retarget({1: 60})  # hidden
+
+
+def test_direct_window_is_device_memory(rig: Rig) -> None:
+    """Hotplug topology: the window is device memory at an offset; slots are fixed; guest MAP is refused."""
+    s = SMALL.slot
+    rig.dev.retarget({0: 2})
+    rig.dev.window_file.view[0:3] = b"old"  # live in a copied slot
+    rig.dev.window.begin_transition()
+    assert rig.dev.ctl.get("GENERATION") % 2 == 1
+    assert all(rig.dev.ctl.slot_entry(k) == 0 for k in range(SMALL.nr_slots))
+    rig.dev.window.set_direct(4 * s)
+    assert rig.dev.ctl.get("GENERATION") % 2 == 0
+    assert bytes(rig.dev.devmem.view[2 * s : 2 * s + 3]) == b"old"  # written back before going direct
+    assert [rig.dev.ctl.slot_entry(k) for k in range(SMALL.nr_slots)] == [5, 6, 7, 8]
+    rig.dev.window.window[0:2] = b"hi"  # the window IS device memory now
+    assert bytes(rig.dev.devmem.view[4 * s : 4 * s + 2]) == b"hi"
+    assert rig.one(abi.OP_MAP, slot=0, page=9)[0] == ST["EINVAL"]
+    assert rig.one(abi.OP_UNMAP, slot=0)[0] == ST["EINVAL"]
+    with pytest.raises(DmaFault):
+        rig.dev.retarget({0: 9})
+    rig.ram.view[0:2] = b"ok"
+    assert rig.one(abi.OP_DMA, src=RAM_BASE, dst=5 * s, length=2, flags=abi.DMA_DST_LOCAL)[0] == ST["OK"]
+    assert bytes(rig.dev.window.window[s : s + 2]) == b"ok"
