@@ -21,10 +21,19 @@ if [ "${ID:-}" = debian ] && [ -n "${VERSION_CODENAME:-}" ]; then
     backports="${VERSION_CODENAME}-backports"
     src=/etc/apt/sources.list.d/aperture-backports.sources
     if ! grep -rqs "$backports" /etc/apt/sources.list /etc/apt/sources.list.d/; then
-        say "adding the $backports apt source ($src)"
-        printf 'Types: deb\nURIs: http://deb.debian.org/debian\nSuites: %s\nComponents: main\nSigned-By: /usr/share/keyrings/debian-archive-keyring.gpg\n' \
-            "$backports" | $sudo tee "$src" >/dev/null
-        rm -f "$cache/.apt-updated"
+        # Use the mirror this machine's apt already uses for the main suite.
+        mirror=$(awk -v suite="$VERSION_CODENAME" '
+            /^URIs:/ {uri=$2} /^Suites:/ {for (i = 2; i <= NF; i++) if ($i == suite) found=uri}
+            /^deb / && $3 == suite && !found {found=$2}
+            END {print found}' $(ls /etc/apt/sources.list.d/*.sources /etc/apt/sources.list 2>/dev/null))
+        if [ -n "$mirror" ]; then
+            say "adding the $backports apt source ($src, mirror $mirror)"
+            printf 'Types: deb\nURIs: %s\nSuites: %s\nComponents: main\nSigned-By: /usr/share/keyrings/debian-archive-keyring.gpg\n' \
+                "$mirror" "$backports" | $sudo tee "$src" >/dev/null
+            rm -f "$cache/.apt-updated"
+        else
+            say "no apt source for $VERSION_CODENAME found; using the distribution's QEMU and kernel"
+        fi
     fi
 fi
 

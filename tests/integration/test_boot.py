@@ -154,3 +154,20 @@ def test_mismatched_modules_are_exit_3(tmp_path: Path, cached_kernel) -> None:
     proc = run_aperture("run", "--kernel", str(cached_kernel.image), "--modules", str(mods), timeout=120)
     assert proc.returncode == 3
     assert "modules do not match" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_pvh_vmlinux_boots(tmp_path: Path, cached_kernel) -> None:
+    """--kernel takes an ELF vmlinux with a PVH note (extracted from the Debian bzImage here)."""
+    from guest.pvh import extract_pvh_vmlinux
+
+    vmlinux, why = extract_pvh_vmlinux(cached_kernel)
+    if vmlinux is None:
+        pytest.skip(why)
+    proc = run_aperture("run", "--json", "-q", "--kernel", str(vmlinux), "--device", "none",
+                        "--pmem", "64M:devdax", "--run-dir", str(tmp_path / "r"), timeout=240)
+    assert proc.returncode == 0, proc.stderr
+    import json
+
+    result = json.loads(proc.stdout)
+    assert result["kernel_release"] == cached_kernel.release
+    assert {c["name"] for c in result["checks"]} >= {"nvdimm.present", "dax.devdax", "zone_device.probe"}
