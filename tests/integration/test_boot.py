@@ -170,4 +170,5 @@ def test_pvh_vmlinux_boots(tmp_path: Path, cached_kernel) -> None:
 
     result = json.loads(proc.stdout)
     assert result["kernel_release"] == cached_kernel.release
-    assert {c["name"] for c in result["checks"]} >= {"nvdimm.present", "dax.devdax", "zone_device.probe"}
+    assert {c["name"] for c in result["checks"]} == {"nvdimm.present", "dax.devdax"}
+    assert any("zone_device.probe not run" in m for m in result["messages"])  # needs an fsdax NVDIMM
