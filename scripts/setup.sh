@@ -9,7 +9,11 @@ set -euo pipefail
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 venv=${APERTURE_VENV:-$repo/.venv}
 cache=${APERTURE_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/aperture}
-say() { printf '\033[1m[setup]\033[0m %s\n' "$*" >&2; }
+if [ -t 2 ]; then
+    say() { printf '\033[1m[setup]\033[0m %s\n' "$*" >&2; }
+else
+    say() { printf '[setup] %s\n' "$*" >&2; }
+fi
 
 sudo=""
 if [ "$(id -u)" != 0 ]; then sudo="sudo"; fi
