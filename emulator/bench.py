@@ -183,12 +183,11 @@ def bench_device(config: VmConfig, kernel: KernelSpec, progress: Progress) -> di
 
 def bench_remap(config: VmConfig, kernel: KernelSpec, progress: Progress, rounds: int = 200) -> dict[str, Any]:
     """Pause-mode remap latency beside bare QMP stop+cont, both measured on one idle VM in the same run."""
-    import random
     import time
 
     from qmp_client.remap import RemapController
 
-    from .errors import ConfigError, GuestError
+    from .errors import ConfigError
 
     if not config.devices:
         raise ConfigError("bench remap needs at least one aperture device")
@@ -198,11 +197,7 @@ def bench_remap(config: VmConfig, kernel: KernelSpec, progress: Progress, rounds
         with Vm(config, kernel, prep.image.path, accel=prep.accel.accel, run_dir=Path(tmp), scenario="idle",
                 qemu=prep.qemu) as vm:
             assert vm.qmp is not None and vm.service is not None
-            for msg in vm.messages():
-                if msg.get("type") == "phase" and msg.get("name") == "idle":
-                    break
-            else:
-                raise GuestError("the guest never became idle")
+            vm.wait_idle()
             progress(f"guest idle; {rounds} bare stop+cont, then {rounds} pause-mode remaps")
             bare = []
             for _ in range(rounds):
@@ -210,27 +205,16 @@ def bench_remap(config: VmConfig, kernel: KernelSpec, progress: Progress, rounds
                 vm.qmp.stop()
                 vm.qmp.cont()
                 bare.append((time.perf_counter() - t0) * 1e3)
-            ctl = RemapController(vm.qmp, vm.service.devices, every=1.0, seed=1)
-            ctl.rng = random.Random(1)
+            dev0 = vm.service.devices[0]
+            ctl = RemapController(vm.qmp, [dev0], every=1.0, seed=1)
+            ctl.max_slots = 1
             # Warm-up (untimed): touch every exposable page once, so first-touch page faults on the sparse
             # device-memory file are not billed to the steady-state remap.
-            dev0 = vm.service.devices[0]
             for page in range(dev0.config.nr_pages):
                 if not dev0.config.page_hidden(page):
                     dev0.retarget({0: page})
             dev0.retarget({0: None})
-            one_slot = []
-            for _ in range(rounds):
-                device = vm.service.devices[0]
-                with device.lock:
-                    from qmp_client.remap import random_moves
-
-                    moves = random_moves(device, ctl.rng, max_slots=1)
-                    t0 = time.perf_counter()
-                    vm.qmp.stop()
-                    device.retarget(moves)
-                    vm.qmp.cont()
-                    one_slot.append((time.perf_counter() - t0) * 1e3)
+            one_slot = [ctl.remap_once() for _ in range(rounds)]
     hotplug_ms: list[float] = []
     deleted_ms: list[float] = []
     notes = ["one slot per remap: stop → write back + load 1 slot → cont; the guest is idle; device memory pages "
@@ -243,9 +227,7 @@ def bench_remap(config: VmConfig, kernel: KernelSpec, progress: Progress, rounds
             with Vm(hp_config, kernel, prep.image.path, accel=prep.accel.accel, run_dir=Path(tmp), scenario="idle",
                     qemu=prep.qemu) as vm:
                 assert vm.qmp is not None and vm.service is not None
-                for msg in vm.messages():
-                    if msg.get("type") == "phase" and msg.get("name") == "idle":
-                        break
+                vm.wait_idle()
                 progress("20 hotplug-mode remaps (re-plug the window at another device-memory offset)")
                 hp = RemapController(vm.qmp, vm.service.devices, every=1.0, mode="hotplug", seed=2)
                 hp.on_replug = vm.service.invalidate_map

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from qmp_client.remap import RemapController
+from qmp_client.remap import RemapController, pause_retarget
 
 from .addrmap import DmaFault
 from .config import KernelSpec, config_from_dict
@@ -49,16 +49,11 @@ class Daemon:
     def _remap(self, dev: Any, moves: dict[int, int | None]) -> dict[str, Any]:
         device = self._device(dev)
         assert self.vm is not None and self.vm.qmp is not None
-        with device.lock:
-            t0 = time.perf_counter()
-            self.vm.qmp.stop()
-            try:
-                device.retarget(moves)
-            except DmaFault as fault:
-                raise ApertureError(fault.why) from None
-            finally:
-                self.vm.qmp.cont()
-        return {"latency_ms": round((time.perf_counter() - t0) * 1e3, 3), "slots": device.window.slots}
+        try:
+            ms = pause_retarget(self.vm.qmp, device, moves)
+        except DmaFault as fault:
+            raise ApertureError(fault.why) from None
+        return {"latency_ms": round(ms, 3), "slots": device.window.slots}
 
     @staticmethod
     def _int(value: Any, what: str) -> int:

@@ -393,6 +393,13 @@ class Vm:
                 raise GuestError(f"guest run timed out after {run_timeout:.0f} s (console: {self.paths.console})")
             time.sleep(0.01)
 
+    def wait_idle(self, timeout: float | None = None) -> None:
+        """Wait for the `idle` scenario's helper to finish setting up (DAX configured, serving commands)."""
+        for msg in self.messages(run_timeout=timeout):
+            if msg.get("type") == "phase" and msg.get("name") == "idle":
+                return
+        raise GuestError("the guest finished without becoming idle")
+
     def command(self, request: dict[str, Any], timeout: float = 120.0) -> tuple[dict[str, Any], list[dict[str, Any]]]:
         """Send one command to the helper's `serve` loop; return its cmd-done message and what came before."""
         if self._cmd_sock is None:

@@ -13,7 +13,6 @@ report carries the guest console tail and the run directory.
 
 from __future__ import annotations
 
-import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -76,16 +75,10 @@ class ApertureVM:
 
     def map(self, device: int, slot: int, page: int | None) -> float:
         """Host-driven (pause-mode) remap of one slot; ``page=None`` unmaps. Returns milliseconds."""
-        dev = self.devices[device]
+        from qmp_client.remap import pause_retarget
+
         assert self.vm.qmp is not None
-        with dev.lock:
-            t0 = time.perf_counter()
-            self.vm.qmp.stop()
-            try:
-                dev.retarget({slot: page})
-            finally:
-                self.vm.qmp.cont()
-        return (time.perf_counter() - t0) * 1e3
+        return pause_retarget(self.vm.qmp, self.devices[device], {slot: page})
 
     def results(self) -> dict[str, Any]:
         return {"name": self.name, "run_dir": str(self.run_dir), "ok": all(c.ok for c in self.checks),
@@ -152,9 +145,7 @@ def aperture_vm(request: pytest.FixtureRequest, tmp_path: Path, _aperture_prepar
             scenario="idle", name=name, qemu=prep.qemu) as vm:
         handle = ApertureVM(vm)
         request.node._aperture_vm = handle
-        for msg in vm.messages(run_timeout=config.boot_timeout):
-            if msg.get("type") == "phase" and msg.get("name") == "idle":
-                break
+        vm.wait_idle(config.boot_timeout)
         yield handle
 
 

@@ -40,6 +40,18 @@ class RemapStats:
         return out
 
 
+def pause_retarget(qmp: Any, device: Any, moves: dict[int, int | None]) -> float:
+    """The pause-mode remap: QMP stop → retarget (under the device lock) → cont. Returns milliseconds."""
+    with device.lock:
+        t0 = time.perf_counter()
+        qmp.stop()
+        try:
+            device.retarget(moves)
+        finally:
+            qmp.cont()
+        return (time.perf_counter() - t0) * 1e3
+
+
 def random_moves(device: Any, rng: random.Random, max_slots: int = 2) -> dict[int, int | None]:
     """Pick 1..max_slots slots of ``device`` and exposable pages not live elsewhere."""
     cfg = device.config
@@ -66,6 +78,7 @@ class RemapController:
         elif mode not in ("pause", "hotplug"):
             raise ApertureError(f"remap mode {mode!r} is not supported by this controller")
         self.pause = getattr(self, "pause", True)
+        self.max_slots = 2
         self.qmp = qmp
         self.devices = devices
         self.every = every
@@ -78,17 +91,13 @@ class RemapController:
         """One pause-mode remap; returns its latency in ms (stop → retarget → cont)."""
         device = self.rng.choice(self.devices)
         with device.lock:  # the guest's own MAP commands wait: the chosen pages stay free
-            moves = random_moves(device, self.rng)
-            t0 = time.perf_counter()
-            if not self.pause:
-                device.retarget(moves, seqlock=False)
+            moves = random_moves(device, self.rng, self.max_slots)
+            if self.pause:
+                ms = pause_retarget(self.qmp, device, moves)
             else:
-                self.qmp.stop()
-                try:
-                    device.retarget(moves)
-                finally:
-                    self.qmp.cont()
-            ms = (time.perf_counter() - t0) * 1e3
+                t0 = time.perf_counter()
+                device.retarget(moves, seqlock=False)
+                ms = (time.perf_counter() - t0) * 1e3
         self.stats.remaps += 1
         self.stats.slots_moved += len(moves)
         self.stats.latencies_ms.append(ms)
