@@ -98,7 +98,8 @@ def vm_options(f: Any) -> Any:
                      metavar="aperture[,mem=SIZE,window=SIZE,slot=SIZE,hidden=START-END]",
                      help="An aperture device (repeatable; 'none' for no device). Default: two of "
                      "mem=256M,window=16M,slot=2M,hidden=240M-256M."),
-        click.option("--memory", default="512M", callback=_size, show_default=True, help="Guest RAM."),
+        click.option("--memory", default="512M", callback=_size, show_default=True, metavar="SIZE",
+                     help="Guest RAM."),
         click.option("--accel", type=click.Choice(["auto", "kvm", "tcg"]), default="auto", show_default=True,
                      help="auto: KVM only if a probe boot works, else TCG."),
         click.option("--boot-timeout", type=click.FloatRange(min=1, max=3600), default=60.0, show_default=True,
@@ -277,6 +278,7 @@ def print_summary(result: Any) -> None:
 @click.option("--remap-mode", type=click.Choice(["pause", "hotplug"]), default="pause", show_default=True,
               help="pause: stop, retarget slots, cont. hotplug: re-plug the window at a new device-memory offset.")
 @click.option("--duration", callback=lambda c, p, v: _duration(v), default="10s", show_default=True,
+              metavar="DURATION",
               help="How long the remap workload runs.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object (the documented contract).")
 @click.option("--junit-xml", type=click.Path(path_type=Path, dir_okay=False), help="Also write the checks as "

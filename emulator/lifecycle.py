@@ -15,7 +15,7 @@ from qmp_client.control import ControlError, call
 
 from .config import KernelSpec, VmConfig, config_to_dict
 from .errors import ConfigError, GuestError
-from .registry import VmRecord, check_name, read_record, remove_record
+from .registry import VmRecord, check_name, read_record, reap_orphan, remove_record
 from .run import Prepared
 
 Progress = Callable[[str], None]
@@ -94,11 +94,7 @@ def down(name: str, timeout: float = 20.0) -> bool:
         time.sleep(0.1)
     if rec.alive():
         _kill(rec.pid, 5)
-    try:
-        os.kill(rec.qemu_pid, 0)
-        os.kill(rec.qemu_pid, signal.SIGKILL)  # never leave QEMU behind
-    except ProcessLookupError:
-        pass
+    reap_orphan(rec)  # never leave QEMU, shm files or sockets behind
     remove_record(name)
     return True
 

@@ -44,13 +44,12 @@ class VmRecord:
         return time.time() - self.started
 
     def alive(self) -> bool:
+        """The daemon runs (a zombie, e.g. one nobody reaps after SIGKILL, counts as dead)."""
         try:
-            os.kill(self.pid, 0)
-        except ProcessLookupError:
+            stat = Path(f"/proc/{self.pid}/stat").read_text()
+        except OSError:
             return False
-        except PermissionError:
-            return True
-        return True
+        return stat.rsplit(")", 1)[-1].split()[0] != "Z"
 
 
 def record_path(name: str) -> Path:
@@ -85,7 +84,27 @@ def list_records() -> list[VmRecord]:
         if rec is None:
             continue
         if not rec.alive():
+            reap_orphan(rec)
             remove_record(rec.name)
             continue
         out.append(rec)
     return out
+
+
+def reap_orphan(rec: VmRecord) -> None:
+    """A daemon that died without cleaning up (SIGKILL, crash) leaves its QEMU, shm files and sockets."""
+    import shutil
+    import signal
+
+    from .machine import default_sock_dir
+
+    try:
+        cmdline = Path(f"/proc/{rec.qemu_pid}/cmdline").read_bytes().split(b"\0")
+        if b"-name" in cmdline and rec.name.encode() in cmdline:
+            os.kill(rec.qemu_pid, signal.SIGKILL)
+    except (OSError, ProcessLookupError):
+        pass
+    shm = Path(os.environ.get("APERTURE_SHM", "/dev/shm"))
+    for path in shm.glob(f"aperture-{rec.name}-*"):
+        path.unlink(missing_ok=True)
+    shutil.rmtree(default_sock_dir(rec.name), ignore_errors=True)

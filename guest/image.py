@@ -159,4 +159,12 @@ def build_image(kernel: KernelSpec, modules: tuple[str, ...] = DEFAULT_MODULES, 
             w.file(guest_path, host.read_bytes(), 0o755)
         w.close()
     tmp.replace(out)
+    _prune(out.parent, keep=6)
     return GuestImage(out, hexdigest, kernel.release, names, cached=False)
+
+
+def _prune(images: Path, keep: int) -> None:
+    """Images are cheap to rebuild: keep the newest few, so the cache does not grow with every change."""
+    old = sorted(images.glob("initramfs-*.cpio"), key=lambda p: p.stat().st_mtime, reverse=True)[keep:]
+    for path in old:
+        path.unlink(missing_ok=True)

@@ -149,3 +149,24 @@ def test_down_leaves_nothing_running(tmp_path: Path) -> None:
     assert not qemu_processes(str(run_dir))
     assert not [p for p in os.listdir("/dev/shm") if name in p]
     assert (run_dir / "devmem0.img").exists()  # device memory stays
+
+
+def test_killed_daemon_leaves_no_qemu(tmp_path: Path) -> None:
+    """If the daemon is SIGKILLed, `aperture ls` notices, drops the record and stops the orphaned QEMU."""
+    import signal
+    import time
+
+    env = {"APERTURE_STATE": str(tmp_path / "state")}
+    name = f"k{uuid.uuid4().hex[:6]}"
+    run_dir = tmp_path / "run"
+    assert run_aperture("up", name, "--run-dir", str(run_dir), env=env, timeout=240).returncode == 0
+    rec = json.loads(run_aperture("ls", "--json", env=env).stdout)[0]
+    os.kill(rec["pid"], signal.SIGKILL)
+    time.sleep(0.5)
+    assert json.loads(run_aperture("ls", "--json", env=env).stdout) == []
+    for _ in range(50):
+        if not qemu_processes(str(run_dir)):
+            break
+        time.sleep(0.1)
+    assert not qemu_processes(str(run_dir))
+    assert not [p for p in os.listdir("/dev/shm") if name in p]

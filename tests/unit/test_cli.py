@@ -39,3 +39,15 @@ def test_help_lists_commands() -> None:
     assert proc.returncode == 0
     for cmd in ("run", "image", "doctor", "bench", "fetch"):
         assert cmd in proc.stdout
+
+
+def test_doctor_json() -> None:
+    import json
+
+    proc = run_aperture("doctor", "--json", timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    assert set(report) == {"qemu", "cache", "accelerator", "kernel config"}
+    assert report["qemu"]["version"].count(".") == 2
+    assert report["kernel config"]["ZONE_DEVICE"] == "y"
+    assert "PCI_P2PDMA" in report["kernel config"]
