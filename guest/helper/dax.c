@@ -654,23 +654,38 @@ static double memcpy_mbps(char *dst, const char *src, size_t len)
         memcpy(dst, src, len);
         bytes += len;
         t = now_s();
-    } while (t - t0 < 0.4);
+    } while (t - t0 < 0.2);
     return (double)bytes / (t - t0) / 1e6;
 }
 
 static void bench(const struct devdax_state *dd, const struct fsdax_state *fs)
 {
     const size_t len = 1 * MIB;
-    char *src = malloc(len), *ram = malloc(len), line[256];
+    char line[256];
+    /* Anonymous RAM on 2 MiB-aligned, THP-advised buffers: DAX mappings use 2 MiB pages, so compare like
+     * with like (under TCG, 4 KiB pages alone halve memcpy bandwidth through the soft-MMU). */
+    char *src = aligned_alloc(2 * MIB, 2 * MIB), *ram = aligned_alloc(2 * MIB, 2 * MIB);
     if (!src || !ram)
         return;
+    madvise(src, 2 * MIB, MADV_HUGEPAGE);
+    madvise(ram, 2 * MIB, MADV_HUGEPAGE);
     memset(src, 0x5a, len);
     memset(ram, 0, len);
-    double r = memcpy_mbps(ram, src, len);
-    double d = dd->map ? memcpy_mbps(dd->map + 4 * MIB, src, len) : 0;
-    double f = fs->probe_map ? memcpy_mbps(fs->probe_map, src, len) : 0;
+    /* Interleaved rounds, best of three per target: TCG warm-up and host noise hit every target alike. */
+    double r = 0, d = 0, f = 0;
+    for (int round = 0; round < 3; round++) {
+        double x = memcpy_mbps(ram, src, len);
+        r = x > r ? x : r;
+        x = dd->map ? memcpy_mbps(dd->map + 4 * MIB, src, len) : 0;
+        d = x > d ? x : d;
+        x = fs->probe_map ? memcpy_mbps(fs->probe_map, src, len) : 0;
+        f = x > f ? x : f;
+    }
+    char thp[64] = "?";
+    read_text("/sys/kernel/mm/transparent_hugepage/enabled", thp, sizeof(thp));
     snprintf(line, sizeof(line), "{\"type\":\"figures\",\"values\":{\"memcpy_ram_MBps\":%.1f,"
              "\"memcpy_devdax_MBps\":%.1f,\"memcpy_fsdax_MBps\":%.1f}}", r, d, f);
+    report_log("bench-dax: transparent_hugepage %s", thp);
     report_line(line);
     free(src);
     free(ram);
