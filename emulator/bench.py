@@ -84,8 +84,8 @@ def bench_dax(config: VmConfig, kernel: KernelSpec, progress: Progress) -> dict[
     return {"bench": "dax", "accel": prep.accel.accel, "qemu_version": prep.qemu_version,
             "kernel_release": kernel.release, "figures": f, "ratios": ratios,
             "notes": ["1 MiB memcpy repeated for 0.2 s per target, inside the guest; three interleaved rounds, best "
-                      "of three per target; RAM buffers are 2 MiB-aligned and THP-advised, like the DAX mappings' "
-                      "2 MiB pages"] + result.messages}
+                      "of three per target; RAM buffers are 2 MiB-aligned and THP-advised (effective only if "
+                      "the guest's THP setting, noted below, allows)"] + result.messages}
 
 
 def _eventfd_wakeup_us(rounds: int = 2000) -> float:
