@@ -283,7 +283,7 @@ def print_summary(result: Any) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object (the documented contract).")
 @click.option("--junit-xml", type=click.Path(path_type=Path, dir_okay=False), help="Also write the checks as "
               "JUnit XML (one testcase per check) for CI systems.")
-@click.option("-v", "--verbose", is_flag=True, help="Stream the guest console to stderr.")
+@click.option("-v", "--verbose", is_flag=True, help="Stream the guest console (full kernel log) to stderr.")
 def run(kernel: Path | None, modules: Path | None, pmem: tuple[PmemConfig, ...],
         devices: tuple[DeviceConfig, ...] | None, memory: int, accel: str,
         boot_timeout: float, run_timeout: float, append: tuple[str, ...], quiet: bool, run_dir: Path | None,
@@ -298,6 +298,8 @@ def run(kernel: Path | None, modules: Path | None, pmem: tuple[PmemConfig, ...],
     from .run import default_run_dir, prepare, run_vm
 
     ui = Ui(quiet, verbose)
+    if verbose and not any(a.startswith("loglevel=") for a in append):
+        append = append + ("loglevel=7",)  # the whole kernel log on the streamed console (default: quiet)
     config = dataclasses.replace(make_config(pmem, memory, accel, boot_timeout, run_timeout, append, devices),
                                  force=force, guest_bins=guest_bins)
     remap = None
