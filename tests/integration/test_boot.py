@@ -92,7 +92,7 @@ def test_kernel_panic_is_exit_4(tmp_path: Path) -> None:
 
 
 def test_hung_guest_times_out_with_exit_4(tmp_path: Path) -> None:
-    proc = run_aperture("run", "--append", "aperture_scenario=hang", "--timeout", "15",
+    proc = run_aperture("run", "--append", "aperture_scenario=hang", "--timeout", "12",
                         "--run-dir", str(tmp_path / "r"), timeout=240)
     assert proc.returncode == 4
     assert "timed out" in proc.stderr and "Traceback" not in proc.stderr
