@@ -24,11 +24,11 @@ from .config import (
     PmemConfig,
     RemapPlan,
     VmConfig,
-    format_size,
     parse_duration,
     parse_size,
 )
 from .errors import ApertureError, ConfigError, VmLaunchError
+from .summary import print_bench, print_summary
 
 
 # ---------------------------------------------------------------------------- shared helpers
@@ -137,129 +137,6 @@ def cli() -> None:
     Start with:  aperture doctor     (what this machine has)
                  aperture run        (boot the default VM and print its checks)
     """
-
-
-def _summarize_detail(name: str, detail: Any) -> str:
-    """One human line per check; the full detail is in --json."""
-    d = detail if isinstance(detail, dict) else {}
-    if name == "nvdimm.present" and d:
-        regions = d.get("regions") or []
-        parts = [f"{r.get('name')} @ {int(r.get('addr', 0)):#x}, {format_size(int(r.get('size', 0)))}"
-                 for r in regions if isinstance(r, dict)]
-        match = "matches QMP" if d.get("matches_qmp") else f"QMP says {d.get('qmp')}"
-        return f"{'; '.join(parts) or 'no regions'} ({match})"
-    if name in ("dax.fsdax", "dax.devdax") and d:
-        if d.get("error") or d.get("host_error"):
-            return str(d.get("error") or d.get("host_error"))
-        how = f"{d.get('device')} ({d.get('claim')}, {d.get('action')}{', mkfs' if d.get('mkfs') else ''})"
-        where = (f"stamp verified in {Path(str(d.get('host_file'))).name}+{int(d.get('host_offset', 0)):#x}"
-                 if d.get("host_verified") else "stamp NOT found by the host")
-        return f"{how}; {where}"
-    if name == "dax.map_sync" and d:
-        if d.get("mmap") != "ok":
-            return f"MAP_SYNC mmap: {d.get('mmap')}"
-        return (f"MAP_SYNC mmap {d.get('mmap')}, {format_size(int(d.get('bytes', 0)))} written, "
-                f"flushed with {d.get('flush')}, read back")
-    if name == "dax.persistence" and d:
-        return ", ".join(f"{k} {'kept' if v else 'LOST'}" for k, v in d.items() if isinstance(v, bool)) + \
-            f" (previous boot's token {d.get('expected_token')})"
-    if name == "zone_device.probe" and d:
-        rows = d.get("rows") or []
-        cells = []
-        for r in rows:
-            if isinstance(r, dict):
-                miss = "" if r.get("matches") else f" (expected {r.get('expected')})"
-                cells.append(f"{r.get('memory')}={r.get('result')}{miss}")
-        if not cells:
-            return f"no O_DIRECT source {d.get('source') or '(no fsdax device)'}: {d.get('source_open')}"
-        return "O_DIRECT into: " + ", ".join(cells)
-    if name == "remap.consistency" and d:
-        return (f"{d.get('remaps')} {d.get('mode')}-mode remaps (p50 {d.get('latency_ms_p50')} ms, p99 "
-                f"{d.get('latency_ms_p99')} ms, max {d.get('latency_ms_max')} ms); guest: {d.get('reads')} checked "
-                f"reads, {d.get('writes')} stamps, {d.get('violations')} violations, {d.get('seqlock_retries')} "
-                f"seqlock retries")
-    if name == "remap.hotplug" and d:
-        return (f"{d.get('remaps')} windows re-plugged (DEVICE_DELETED after {d.get('device_deleted_ms_p50')} ms, "
-                f"new device added after {d.get('latency_ms_p50')} ms, p50); guest re-probed {d.get('guest_reprobes')}"
-                f" times (avg {d.get('guest_reprobe_ms_avg')} ms, max {d.get('guest_reprobe_ms_max')} ms), "
-                f"{d.get('guest_reprobe_failures')} failures")
-    if name == "remap.integrity" and d:
-        return f"{d.get('pages_checked')} pages' last stamps found in device memory; {d.get('mismatch_count')} missing"
-    if name.startswith(("aperture.", "p2p.")) and d:
-        return _summarize_device(name, d)
-    text = json.dumps(detail, separators=(",", ":"))
-    return text if len(text) <= 90 else text[:87] + "..."
-
-
-def _summarize_device(name: str, d: dict[str, Any]) -> str:
-    if d.get("error"):
-        return str(d["error"])
-    if name == "aperture.window":
-        devs = d.get("devices") or []
-        parts = [f"dev{x.get('device')}: {x.get('survived')}/{x.get('of')} pages survived remaps through "
-                 f"{x.get('nr_slots')} slots of {format_size(int(x.get('slot_size', 0)))}" for x in devs]
-        host = (f"host verified {d.get('host_verified_regions')} written regions in device memory"
-                if not d.get("host_mismatches") else f"host found {len(d['host_mismatches'])} regions NOT written")
-        return "; ".join(parts) + f"; {host}"
-    if name == "aperture.hidden_refused":
-        return (f"MAP of hidden pages: {d.get('map_first_hidden')}/{d.get('map_last_hidden')}; device DMA into "
-                f"hidden memory: {d.get('device_dma_into_hidden')}, round trip "
-                f"{'ok' if d.get('round_trip_ok') else 'FAILED'}")
-    if name == "p2p.pmem_to_device":
-        return (f"{format_size(int(d.get('len', 0)))} devdax @ {int(d.get('src_phys', 0)):#x} → dev{d.get('device')} "
-                f"+{int(d.get('dst_device_offset', 0)):#x}: {d.get('status')}, "
-                f"{'verified through the window' if d.get('verified_through_window') else 'NOT verified'}")
-    if name == "p2p.device_to_pmem":
-        return (f"{format_size(int(d.get('len', 0)))} dev{d.get('device')} +{int(d.get('src_device_offset', 0)):#x} → "
-                f"devdax @ {int(d.get('dst_phys', 0)):#x}: {d.get('status')}, "
-                f"{'verified in the devdax mapping' if d.get('verified_in_devdax_mapping') else 'NOT verified'}")
-    if name == "p2p.ram_to_device":
-        return (f"{d.get('pages')} scattered RAM pages ⇄ dev{d.get('device')} by DMA_LIST: in {d.get('ram_to_device')}"
-                f", out {d.get('device_to_ram')}")
-    if name == "p2p.device_to_device":
-        return (f"{format_size(int(d.get('len', 0)))} dev{d.get('src_device')} → dev{d.get('dst_device')}'s window "
-                f"@ {int(d.get('dst_window_phys', 0)):#x} (page {d.get('dst_page')}): {d.get('status')}, "
-                f"{'seen in the peer window' if d.get('seen_in_peer_window') else 'NOT seen'}")
-    if name == "aperture.bad_descriptors":
-        cases = d.get("cases") or []
-        bad = [c for c in cases if "expected" in c and c.get("status") != c.get("expected")]
-        extra = [c for c in cases if "expected" not in c]
-        tail = "; ".join(f"{c.get('case')}: " + ", ".join(f"{k}={v}" for k, v in c.items() if k != "case")
-                         for c in extra)
-        return f"{len(cases) - len(extra) - len(bad)}/{len(cases) - len(extra)} hostile descriptors refused as " \
-               f"expected{'; MISMATCH: ' + str(bad[:2]) if bad else ''}; {tail}"
-    text = json.dumps(d, separators=(",", ":"))
-    return text if len(text) <= 90 else text[:87] + "..."
-
-
-def print_probe_table(detail: Any) -> None:
-    rows = detail.get("rows") if isinstance(detail, dict) else None
-    if not rows:
-        return
-    click.echo(f"       {'memory':<8} {'O_DIRECT':<9} {'expected':<9} {'physical':<14} note")
-    for r in rows:
-        phys = int(r.get("phys") or 0)
-        note = r.get("why") or ("" if r.get("phys_ok") in (True, None) else "address does not match QMP")
-        click.echo(f"       {str(r.get('memory')):<8} {str(r.get('result')):<9} {str(r.get('expected')):<9} "
-                   f"{(hex(phys) if phys else '-'):<14} {note}")
-
-
-def print_summary(result: Any) -> None:
-    passed = sum(c.ok for c in result.checks)
-    verdict = click.style("PASS", fg="green", bold=True) if result.ok else click.style("FAIL", fg="red", bold=True)
-    click.echo(f"aperture run: {verdict} ({passed}/{len(result.checks)} checks) on {result.accel}, "
-               f"QEMU {result.qemu_version}, kernel {result.kernel_release}")
-    click.echo(f"  boot: helper reported {result.boot_s:.2f} s after QEMU start; "
-               f"powered off at {result.poweroff_s:.2f} s")
-    width = max(len(c.name) for c in result.checks)
-    for c in result.checks:
-        mark = click.style("ok  ", fg="green") if c.ok else click.style("FAIL", fg="red")
-        click.echo(f"  {mark} {c.name:<{width}}  {_summarize_detail(c.name, c.detail)}")
-        if c.name == "zone_device.probe":
-            print_probe_table(c.detail)
-    for note in result.messages:
-        click.echo(f"  note: {note}")
-    click.echo(f"  run dir: {result.run_dir} (console.log, results.jsonl, pmem*.img, devmem*.img)")
 
 
 @cli.command()
@@ -477,18 +354,6 @@ def bench_remap_cmd(kernel: Path | None, modules: Path | None, pmem: tuple[PmemC
     ui = Ui(quiet)
     config = make_config(pmem, memory, accel, boot_timeout, run_timeout, append, devices)
     print_bench(bench_remap(config, resolve_kernel(kernel, modules), ui.progress, rounds), as_json)
-
-
-def print_bench(report: dict[str, Any], as_json: bool) -> None:
-    if as_json:
-        emit_json(report)
-        return
-    for group in ("figures", "ratios"):
-        click.echo(click.style(group, bold=True))
-        for k, v in report[group].items():
-            click.echo(f"  {k:<34} {v}")
-    for note in report.get("notes", []):
-        click.echo(f"  note: {note}")
 
 
 @cli.command()
