@@ -425,7 +425,11 @@ def console(name: str, follow: bool) -> None:
     from .lifecycle import follow_console
 
     rec = _record(name)
-    follow_console(rec, follow, lambda text: (sys.stdout.write(text), sys.stdout.flush()))
+    def write(text: str) -> None:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+
+    follow_console(rec, follow, write)
 
 
 @cli.command()

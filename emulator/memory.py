@@ -180,7 +180,7 @@ class Window:
         if gen % 2 == 0:
             self.ctl.set("GENERATION", gen + 1)
         for slot, page in enumerate(self.slots):
-            self.ctl.set_slot_entry(slot, page + 1)
+            self.ctl.set_slot_entry(slot, 0 if page is None else page + 1)
         self.ctl.set("GENERATION", (gen | 1) + 1)
 
     def writeback_all(self) -> None:

@@ -46,7 +46,8 @@ def verify_nvdimm(check: Check, devices: list[MemoryDevice]) -> Check:
     """Host side of ``nvdimm.present``: the guest's regions must be exactly QMP's NVDIMMs."""
     expected = sorted((d.addr, d.size) for d in devices if d.kind == "nvdimm")
     detail = check.detail if isinstance(check.detail, dict) else {}
-    regions = detail.get("regions") if isinstance(detail.get("regions"), list) else []
+    raw = detail.get("regions")
+    regions: list[Any] = raw if isinstance(raw, list) else []
     seen = sorted((int(r.get("addr", -1)), int(r.get("size", -1))) for r in regions if isinstance(r, dict))
     matches = seen == expected
     detail = dict(detail, qmp=[{"addr": a, "size": s} for a, s in expected], matches_qmp=matches)
@@ -260,4 +261,4 @@ def junit_xml(result: RunResult) -> str:
             ET.SubElement(case, "failure", message=f"{c.name} failed").text = detail
         else:
             ET.SubElement(case, "system-out").text = detail
-    return ET.tostring(ET.ElementTree(suite).getroot(), encoding="unicode", xml_declaration=True)
+    return ET.tostring(suite, encoding="unicode", xml_declaration=True)

@@ -102,8 +102,9 @@ class QmpShell:
         sock = self.rec.control_socket
         head = " ".join(words[:2])
         if words[0] == "window" and len(words) >= 2 and words[1] == "show" and len(words) <= 3:
-            args = {"dev": words[2]} if len(words) == 3 else {}
-            return call(sock, "window.show", **args), _show_windows
+            if len(words) == 3:
+                return call(sock, "window.show", dev=words[2]), _show_windows
+            return call(sock, "window.show"), _show_windows
         if head == "window map" and len(words) == 5:
             return call(sock, "window.map", dev=words[2], slot=words[3], page=words[4]), None
         if head == "window unmap" and len(words) == 4:
