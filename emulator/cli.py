@@ -12,6 +12,7 @@ import os
 import signal
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -48,40 +49,30 @@ class Ui:
         sys.stderr.flush()
 
 
-def _size(ctx: click.Context, param: click.Parameter, value: str | None) -> int | None:
-    if value is None:
-        return None
-    try:
-        return parse_size(value)
-    except ConfigError as exc:
-        raise click.BadParameter(exc.message) from None
+def _edge(parse: Callable[[Any], Any]) -> Callable[[click.Context, click.Parameter, Any], Any]:
+    """A click callback that validates with ``parse`` and turns ConfigError into a usage error (exit 2)."""
+
+    def callback(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
+        try:
+            return parse(value)
+        except ConfigError as exc:
+            raise click.BadParameter(exc.message) from None
+
+    return callback
 
 
-def _pmem(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]) -> tuple[PmemConfig, ...]:
-    try:
-        return tuple(PmemConfig.parse(v) for v in values)
-    except ConfigError as exc:
-        raise click.BadParameter(exc.message) from None
-
-
-def _duration(value: str | None) -> float | None:
-    if value is None:
-        return None
-    try:
-        return parse_duration(value)
-    except ConfigError as exc:
-        raise click.BadParameter(exc.message) from None
-
-
-def _devices(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]) -> tuple[DeviceConfig, ...] | None:
+def _parse_devices(values: tuple[str, ...]) -> tuple[DeviceConfig, ...] | None:
     if not values:
         return None
     if values == ("none",):
         return ()
-    try:
-        return tuple(DeviceConfig.parse(v) for v in values)
-    except ConfigError as exc:
-        raise click.BadParameter(exc.message) from None
+    return tuple(DeviceConfig.parse(v) for v in values)
+
+
+_size = _edge(lambda v: None if v is None else parse_size(v))
+_duration = _edge(lambda v: None if v is None else parse_duration(v))
+_pmem = _edge(lambda values: tuple(PmemConfig.parse(v) for v in values))
+_devices = _edge(_parse_devices)
 
 
 def vm_options(f: Any) -> Any:
@@ -149,12 +140,12 @@ def cli() -> None:
               "corrupted or of another mode (destroys that NVDIMM's data).")
 @click.option("--guest-bin", "guest_bins", multiple=True, type=click.Path(path_type=Path, dir_okay=False),
               help="Host binary to put into the guest's /usr/local/bin, with its shared libraries. Repeatable.")
-@click.option("--remap-every", callback=lambda c, p, v: _duration(v), metavar="DURATION",
+@click.option("--remap-every", callback=_duration, metavar="DURATION",
               help="Run the window workload instead of the default checks, while the host remaps random slots "
               "every DURATION (e.g. 20ms).")
 @click.option("--remap-mode", type=click.Choice(["pause", "hotplug"]), default="pause", show_default=True,
               help="pause: stop, retarget slots, cont. hotplug: re-plug the window at a new device-memory offset.")
-@click.option("--duration", callback=lambda c, p, v: _duration(v), default="10s", show_default=True,
+@click.option("--duration", callback=_duration, default="10s", show_default=True,
               metavar="DURATION",
               help="How long the remap workload runs.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object (the documented contract).")
