@@ -8,6 +8,9 @@ mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev
 mount -t tmpfs tmpfs /run
+# The helper hands guest-physical addresses of mlock()ed buffers to the device's DMA engine. Userspace cannot
+# pin pages, and compaction may migrate mlocked pages (new physical address, DMA reads a stale page): forbid it.
+echo 0 > /proc/sys/vm/compact_unevictable_allowed 2>/dev/null
 : > /run/modules.failed
 for m in $(cat /etc/aperture/modules); do
     insmod "/lib/modules/$m.ko" 2>>/run/modules.err || printf '%s ' "$m" >> /run/modules.failed

@@ -56,8 +56,12 @@ def random_moves(device: Any, rng: random.Random, max_slots: int = 2) -> dict[in
     """Pick 1..max_slots slots of ``device`` and exposable pages not live elsewhere."""
     cfg = device.config
     slots = rng.sample(range(cfg.nr_slots), k=min(cfg.nr_slots, rng.randint(1, max_slots)))
-    busy = {p for s, p in enumerate(device.window.slots) if p is not None and s not in slots}
-    free = [p for p in range(cfg.nr_pages) if not cfg.page_hidden(p) and p not in busy]
+    while True:
+        busy = {p for s, p in enumerate(device.window.slots) if p is not None and s not in slots}
+        free = [p for p in range(cfg.nr_pages) if not cfg.page_hidden(p) and p not in busy]
+        if len(free) >= len(slots):
+            break
+        slots = slots[: len(free)]  # fewer exposable pages than slots: move fewer slots, recompute
     pages = rng.sample(free, k=len(slots))
     return dict(zip(slots, pages, strict=True))
 

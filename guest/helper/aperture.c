@@ -287,6 +287,30 @@ static void record(struct apdev *d, uint64_t offset, uint64_t len, uint32_t seed
               d->index, (unsigned long long)offset, (unsigned long long)len, seed);
 }
 
+/* ---------------------------------------------------------------- page budget */
+/* Pages the guest may map: up to the first hidden page. */
+static uint64_t exposable_pages(struct apdev *d)
+{
+    return d->hidden_end > d->hidden_start && d->hidden_start / d->slot < d->nr_pages ? d->hidden_start / d->slot
+                                                                                      : d->nr_pages;
+}
+
+/* The window check cycles through more pages than slots (when the device has them). */
+static uint32_t window_pages(struct apdev *d)
+{
+    uint64_t want = d->nr_slots + 3ull, have = exposable_pages(d);
+    return (uint32_t)(want < have ? want : have);
+}
+
+/* Scratch page k for the DMA checks: after the window check's pages, or UINT64_MAX if the device is too small. */
+static uint64_t scratch_page(struct apdev *d, unsigned k)
+{
+    uint64_t p = window_pages(d) + k;
+    return p < exposable_pages(d) ? p : UINT64_MAX;
+}
+
+static size_t chunk(struct apdev *d, size_t want) { return want < d->slot ? want : (size_t)d->slot; }
+
 /* ---------------------------------------------------------------- devdax for P2P */
 struct daxmap {
     uint8_t *map;
@@ -359,8 +383,8 @@ static int check_window(struct apdev *d, struct jbuf *out)
 {
     int ok = 1, survived = 0, total = 0;
     unsigned retries = 0;
-    const size_t len = 64 * KIB;
-    uint32_t pages = d->nr_slots + 3; /* more pages than slots: every slot gets remapped */
+    const size_t len = chunk(d, 64 * KIB);
+    uint32_t pages = window_pages(d); /* more pages than slots: every slot gets remapped */
     for (uint32_t s = 0; s < d->nr_slots; s++)
         ok &= slot_entry(d, s, &retries) == 0;
     int empty_at_start = ok;
@@ -373,6 +397,10 @@ static int check_window(struct apdev *d, struct jbuf *out)
     for (uint32_t p = 0; p < pages && ok; p++) {
         uint32_t slot = (p + 1) % d->nr_slots;
         total++;
+        if (slot != p % d->nr_slots) /* make room: the page may still be live in another slot */
+            for (uint32_t s2 = 0; s2 < d->nr_slots; s2++)
+                if (s2 != slot && slot_entry(d, s2, &retries) == p + 1)
+                    unmap_slot(d, s2);
         if (map_page(d, slot, p) != APERTURE_ST_OK) {
             ok = 0;
             break;
@@ -384,8 +412,10 @@ static int check_window(struct apdev *d, struct jbuf *out)
     /* One page can only be live in one slot. */
     int busy = -1;
     if (ok) {
+        for (uint32_t s = 0; s < d->nr_slots; s++)
+            unmap_slot(d, s);
         map_page(d, 0, 0);
-        busy = map_page(d, 1, 0);
+        busy = d->nr_slots > 1 ? map_page(d, 1, 0) : APERTURE_ST_EBUSY;
     }
     uint32_t gen = r32(d, APERTURE_REG_GENERATION);
     for (uint32_t s = 0; s < d->nr_slots; s++)
@@ -412,7 +442,7 @@ static void check_hidden(struct apdev *d, struct daxmap *dx)
     int last_st = map_page(d, 0, (d->hidden_end / d->slot) - 1);
     /* The device's own DMA still reaches hidden memory: pmem -> hidden -> pmem round trip. */
     int dma_in = -1, dma_out = -1, back = 0;
-    if (dx->map) {
+    if (dx->map && dx->size >= 16 * MIB) {
         pattern(dx->map + 12 * MIB, 64 * KIB, 301);
         flush_range(dx->map + 12 * MIB, 64 * KIB);
         memset(dx->map + 13 * MIB, 0, 64 * KIB);
@@ -434,34 +464,40 @@ static void check_hidden(struct apdev *d, struct daxmap *dx)
 
 static void check_pmem_device(struct apdev *d, struct daxmap *dx)
 {
-    const size_t len = 1 * MIB;
+    const size_t len = chunk(d, 1 * MIB);
     char detail[512];
+    uint64_t pin = scratch_page(d, 0), pout = scratch_page(d, 1);
     if (!dx->map) {
         report_log("p2p.pmem_to_device and p2p.device_to_pmem not run: no devdax NVDIMM in this topology");
+        return;
+    }
+    if (pout == UINT64_MAX || dx->size < 12 * MIB) {
+        report_log("p2p.pmem_to_device and p2p.device_to_pmem not run: device or devdax too small");
         return;
     }
     /* pmem -> device page 40 */
     pattern(dx->map + 8 * MIB, len, 201);
     flush_range(dx->map + 8 * MIB, len);
-    int st = dma(d, dx->phys + 8 * MIB, 40 * d->slot, len, APERTURE_DMA_DST_LOCAL);
-    int ok = st == 0 && map_page(d, 2, 40) == 0 && pattern_ok(d->win + 2 * d->slot, len, 201);
-    unmap_slot(d, 2);
-    record(d, 40 * d->slot, len, 201);
+    int st = dma(d, dx->phys + 8 * MIB, pin * d->slot, len, APERTURE_DMA_DST_LOCAL);
+    int ok = st == 0 && map_page(d, 2 % d->nr_slots, pin) == 0 &&
+             pattern_ok(d->win + (2 % d->nr_slots) * d->slot, len, 201);
+    unmap_slot(d, 2 % d->nr_slots);
+    record(d, pin * d->slot, len, 201);
     snprintf(detail, sizeof(detail), "{\"device\":%d,\"src_phys\":%llu,\"dst_device_offset\":%llu,\"len\":%zu,"
              "\"status\":\"%s\",\"verified_through_window\":%s}", d->index, dx->phys + 8 * MIB,
-             (unsigned long long)(40 * d->slot), len, st < 0 ? "timeout" : aperture_status_name((unsigned)st),
+             (unsigned long long)(pin * d->slot), len, st < 0 ? "timeout" : aperture_status_name((unsigned)st),
              ok ? "true" : "false");
     report_check("p2p.pmem_to_device", ok, detail);
 
     /* device page 41 (written through the window) -> pmem */
-    ok = fill_page(d, 3, 41, len, 202) == 0 && unmap_slot(d, 3) == 0;
-    record(d, 41 * d->slot, len, 202);
+    ok = fill_page(d, 3 % d->nr_slots, pout, len, 202) == 0 && unmap_slot(d, 3 % d->nr_slots) == 0;
+    record(d, pout * d->slot, len, 202);
     memset(dx->map + 10 * MIB, 0, len);
     flush_range(dx->map + 10 * MIB, len);
-    st = dma(d, 41 * d->slot, dx->phys + 10 * MIB, len, APERTURE_DMA_SRC_LOCAL);
+    st = dma(d, pout * d->slot, dx->phys + 10 * MIB, len, APERTURE_DMA_SRC_LOCAL);
     ok = ok && st == 0 && pattern_ok(dx->map + 10 * MIB, len, 202);
     snprintf(detail, sizeof(detail), "{\"device\":%d,\"src_device_offset\":%llu,\"dst_phys\":%llu,\"len\":%zu,"
-             "\"status\":\"%s\",\"verified_in_devdax_mapping\":%s}", d->index, (unsigned long long)(41 * d->slot),
+             "\"status\":\"%s\",\"verified_in_devdax_mapping\":%s}", d->index, (unsigned long long)(pout * d->slot),
              dx->phys + 10 * MIB, len, st < 0 ? "timeout" : aperture_status_name((unsigned)st), ok ? "true" : "false");
     report_check("p2p.device_to_pmem", ok, detail);
 }
@@ -470,22 +506,28 @@ static void check_ram_device(struct apdev *d)
 {
     struct rambuf data = {0}, table = {0};
     char detail[512];
-    const size_t pages = 16;
+    const size_t pages = chunk(d, 64 * KIB) / 4096;
+    uint64_t pr = scratch_page(d, 2);
+    uint32_t rs = 4 % d->nr_slots;
     int st_in = -1, st_out = -1, ok_in = 0, ok_out = 0;
+    if (pr == UINT64_MAX) {
+        report_log("p2p.ram_to_device not run: device too small");
+        return;
+    }
     if (ram_alloc(&data, pages) == 0 && ram_alloc(&table, 1) == 0) {
         struct aperture_list_entry *ents = (struct aperture_list_entry *)table.buf;
         pattern(data.buf, pages * 4096, 203);
         for (size_t i = 0; i < pages; i++)
-            ents[i] = (struct aperture_list_entry){.src = data.phys[i], .dst = 42 * d->slot + i * 4096,
+            ents[i] = (struct aperture_list_entry){.src = data.phys[i], .dst = pr * d->slot + i * 4096,
                                                    .length = 4096, .flags = APERTURE_DMA_DST_LOCAL};
         st_in = cmd(d, (struct aperture_desc){.opcode = APERTURE_OP_DMA_LIST, .src = table.phys[0],
                                               .length = pages}, NULL);
-        ok_in = st_in == 0 && map_page(d, 4, 42) == 0 && pattern_ok(d->win + 4 * d->slot, pages * 4096, 203);
-        unmap_slot(d, 4);
-        record(d, 42 * d->slot, pages * 4096, 203);
+        ok_in = st_in == 0 && map_page(d, rs, pr) == 0 && pattern_ok(d->win + rs * d->slot, pages * 4096, 203);
+        unmap_slot(d, rs);
+        record(d, pr * d->slot, pages * 4096, 203);
         memset(data.buf, 0, pages * 4096);
         for (size_t i = 0; i < pages; i++)
-            ents[i] = (struct aperture_list_entry){.src = 42 * d->slot + i * 4096, .dst = data.phys[i],
+            ents[i] = (struct aperture_list_entry){.src = pr * d->slot + i * 4096, .dst = data.phys[i],
                                                    .length = 4096, .flags = APERTURE_DMA_SRC_LOCAL};
         st_out = cmd(d, (struct aperture_desc){.opcode = APERTURE_OP_DMA_LIST, .src = table.phys[0],
                                                .length = pages}, NULL);
@@ -501,24 +543,30 @@ static void check_ram_device(struct apdev *d)
 
 static void check_device_device(struct apdev *a, struct apdev *b)
 {
-    const size_t len = 1 * MIB;
     char detail[512];
     if (!b) {
         report_log("p2p.device_to_device not run: it needs two aperture devices");
         return;
     }
-    int ok = fill_page(a, 5, 43, len, 204) == 0 && unmap_slot(a, 5) == 0;
-    record(a, 43 * a->slot, len, 204);
-    ok = ok && map_page(b, 1, 50) == 0;
-    memset(b->win + 1 * b->slot, 0, len);
-    /* A's DMA engine writes into B's BAR window: lands in the page B's slot 1 maps now (50). */
-    int st = dma(a, 43 * a->slot, b->win_phys + 1 * b->slot, len, APERTURE_DMA_SRC_LOCAL);
-    int seen = pattern_ok(b->win + 1 * b->slot, len, 204);
-    ok = ok && st == 0 && seen && unmap_slot(b, 1) == 0;
-    record(b, 50 * b->slot, len, 204);
+    const size_t len = chunk(a, chunk(b, 1 * MIB));
+    uint64_t src = scratch_page(a, 3), dst = scratch_page(b, 4);
+    uint32_t as = 5 % a->nr_slots, bs = 1 % b->nr_slots;
+    if (src == UINT64_MAX || dst == UINT64_MAX) {
+        report_log("p2p.device_to_device not run: device too small");
+        return;
+    }
+    int ok = fill_page(a, as, src, len, 204) == 0 && unmap_slot(a, as) == 0;
+    record(a, src * a->slot, len, 204);
+    ok = ok && map_page(b, bs, dst) == 0;
+    memset(b->win + bs * b->slot, 0, len);
+    /* A's DMA engine writes into B's BAR window: lands in the page B's slot maps now. */
+    int st = dma(a, src * a->slot, b->win_phys + bs * b->slot, len, APERTURE_DMA_SRC_LOCAL);
+    int seen = pattern_ok(b->win + bs * b->slot, len, 204);
+    ok = ok && st == 0 && seen && unmap_slot(b, bs) == 0;
+    record(b, dst * b->slot, len, 204);
     snprintf(detail, sizeof(detail), "{\"src_device\":%d,\"src_offset\":%llu,\"dst_device\":%d,\"dst_window_phys\":%llu,"
-             "\"dst_page\":50,\"len\":%zu,\"status\":\"%s\",\"seen_in_peer_window\":%s}", a->index,
-             (unsigned long long)(43 * a->slot), b->index, b->win_phys + b->slot, len,
+             "\"dst_page\":%llu,\"len\":%zu,\"status\":\"%s\",\"seen_in_peer_window\":%s}", a->index,
+             (unsigned long long)(src * a->slot), b->index, b->win_phys + bs * b->slot, (unsigned long long)dst, len,
              st < 0 ? "timeout" : aperture_status_name((unsigned)st), seen ? "true" : "false");
     report_check("p2p.device_to_device", ok, detail);
 }
@@ -714,7 +762,7 @@ static void bench_device(struct apdev *d, struct daxmap *dx)
     if (dx->map && dx->size >= 96 * MIB) {
         for (int i = 0; i < 32; i++)
             descs[i] = (struct aperture_desc){.opcode = APERTURE_OP_DMA, .flags = APERTURE_DMA_SRC_LOCAL,
-                                              .src = (uint64_t)(i % 64) * d->slot,
+                                              .src = (uint64_t)(i % exposable_pages(d)) * d->slot,
                                               .dst = dx->phys + 16 * MIB + (uint64_t)i * 2 * MIB, .length = 2 * MIB};
         double t0 = 0, bytes = 0;
         for (int r = 0; r < 5; r++) { /* round 0 warms the host's mappings (first-touch faults) */
@@ -736,7 +784,8 @@ static void bench_device(struct apdev *d, struct daxmap *dx)
         size_t entries = contiguous ? 1024 : 128;
         struct aperture_list_entry *ents = (struct aperture_list_entry *)table.buf;
         for (size_t i = 0; i < entries; i++)
-            ents[i] = (struct aperture_list_entry){.src = data.phys[i], .dst = 60 * d->slot + i * 4096,
+            ents[i] = (struct aperture_list_entry){.src = data.phys[i], .dst = (scratch_page(d, 0) == UINT64_MAX ? 0 : scratch_page(d, 0)) * d->slot +
+                                                         (i * 4096) % d->slot,
                                                    .length = 4096, .flags = APERTURE_DMA_DST_LOCAL};
         double t0 = 0, n = 0;
         for (int r = 0; r < 21; r++) { /* round 0: warm-up */

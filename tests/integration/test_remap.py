@@ -39,6 +39,17 @@ def test_hotplug_mode_replugs_windows_and_the_guest_follows(tmp_path: Path) -> N
     assert checks["remap.consistency"]["detail"]["violations"] == 0
 
 
+def test_remaps_on_a_crowded_device_in_a_small_guest(tmp_path: Path) -> None:
+    """Fewer exposable pages than slots, and a 256 MiB guest (memory pressure: DMA buffers must not migrate)."""
+    proc = run_aperture("run", "--remap-every", "20ms", "--duration", "4s", "--json", "-q", "--memory", "256M",
+                        "--device", "aperture,mem=16M,window=16M,slot=2M,hidden=14M-16M",
+                        "--run-dir", str(tmp_path / "run"), timeout=300)
+    checks = _checks(json.loads(proc.stdout))
+    assert proc.returncode == 0, checks
+    assert checks["remap.consistency"]["detail"]["violations"] == 0
+    assert checks["remap.consistency"]["detail"]["errors"] == []
+
+
 def test_unsafe_remaps_are_caught(tmp_path: Path) -> None:
     """Negative control: retargeting without pausing and without the seqlock must produce violations."""
     proc = run_aperture("run", "--remap-every", "2ms", "--duration", "4s", "--json", "-q",

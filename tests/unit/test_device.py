@@ -366,3 +366,19 @@ def test_direct_window_is_device_memory(rig: Rig) -> None:
     rig.ram.view[0:2] = b"ok"
     assert rig.one(abi.OP_DMA, src=RAM_BASE, dst=5 * s, length=2, flags=abi.DMA_DST_LOCAL)[0] == ST["OK"]
     assert bytes(rig.dev.window.window[s : s + 2]) == b"ok"
+
+
+def test_random_moves_never_double_map_on_a_crowded_device(tmp_path: Path) -> None:
+    """Regression: fewer exposable pages than slots; random remaps must never put a page in two slots."""
+    from qmp_client.remap import random_moves
+
+    crowded = DeviceConfig(mem=64 * KiB, window=64 * KiB, slot=16 * KiB, hidden=((48 * KiB, 64 * KiB),))
+    rig = Rig(tmp_path, crowded)
+    rng = random.Random(7)
+    try:
+        for _ in range(500):
+            rig.dev.retarget(random_moves(rig.dev, rng, max_slots=3))
+            live = [p for p in rig.dev.window.slots if p is not None]
+            assert len(live) == len(set(live)) and all(p < 3 for p in live)
+    finally:
+        rig.close()
