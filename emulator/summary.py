@@ -73,6 +73,9 @@ def _summarize_device(name: str, d: dict[str, Any]) -> str:
         host = (f"host verified {d.get('host_verified_regions')} written regions in device memory"
                 if not d.get("host_mismatches") else f"host found {len(d['host_mismatches'])} regions NOT written")
         return "; ".join(parts) + f"; {host}"
+    if name == "aperture.persistence":
+        return "; ".join(f"dev{x.get('device')}: {x.get('intact')}/{x.get('pages_checked')} pages from the first "
+                         "boot intact" for x in d.get("devices") or [])
     if name == "aperture.hidden_refused":
         return (f"MAP of hidden pages: {d.get('map_first_hidden')}/{d.get('map_last_hidden')}; device DMA into "
                 f"hidden memory: {d.get('device_dma_into_hidden')}, round trip "

@@ -41,6 +41,9 @@ def test_every_dax_check_ok(reboot_run) -> None:
     assert result["boots"] == 2
     assert checks["dax.persistence"]["detail"]["fsdax"] is True
     assert checks["dax.persistence"]["detail"]["devdax"] is True
+    # device memory written through the windows in the first boot was found intact by the second
+    assert checks["aperture.persistence"]["ok"]
+    assert all(d["intact"] == d["pages_checked"] > 8 for d in checks["aperture.persistence"]["detail"]["devices"])
     # The second boot found the NVDIMMs already configured and reused them.
     assert checks["dax.fsdax"]["detail"]["action"] == "reused"
     assert checks["dax.devdax"]["detail"]["action"] == "reused"
