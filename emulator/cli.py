@@ -179,9 +179,7 @@ def run(kernel: Path | None, modules: Path | None, pmem: tuple[PmemConfig, ...],
         remap = RemapPlan(every=remap_every, mode=remap_mode, duration=duration)
         if remap_mode == "hotplug":
             for d in config.devices:
-                spots = [o for o in range(0, d.mem - d.window + 1, d.slot)
-                         if not any(s < o + d.window and o < e for s, e in d.hidden)]
-                if len(spots) < 2:
+                if len(d.window_offsets()) < 2:
                     raise ConfigError("--remap-mode hotplug needs device memory with room for the window at two "
                                       "offsets outside the hidden ranges")
         config = dataclasses.replace(config, run_timeout=max(config.run_timeout, duration + 90))

@@ -117,6 +117,11 @@ class DeviceConfig:
     def nr_pages(self) -> int:
         return self.mem // self.slot
 
+    def window_offsets(self) -> list[int]:
+        """Device-memory offsets where the whole window fits without covering a hidden range (hotplug mode)."""
+        return [o for o in range(0, self.mem - self.window + 1, self.slot)
+                if not any(s < o + self.window and o < e for s, e in self.hidden)]
+
     def page_hidden(self, page: int) -> bool:
         off = page * self.slot
         return any(s <= off < e for s, e in self.hidden)

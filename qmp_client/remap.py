@@ -75,13 +75,11 @@ class RemapController:
         self._memdev: dict[int, str] = {}
         self._serial = 0
         self.on_replug: Any = None  # called after each hotplug remap (e.g. to drop a cached address map)
-        if mode == "unsafe":
-            # Negative control (APERTURE_REMAP_MODE=unsafe): retarget without pausing the guest and without the
-            # seqlock, to show that the guest's checks do catch torn remaps. Never a user-facing mode.
-            self.pause = False
-        elif mode not in ("pause", "hotplug"):
+        if mode not in ("pause", "hotplug", "unsafe"):
             raise ApertureError(f"remap mode {mode!r} is not supported by this controller")
-        self.pause = getattr(self, "pause", True)
+        # "unsafe" (APERTURE_REMAP_MODE=unsafe) is a negative control: retarget without pausing the guest and
+        # without the seqlock, to show that the guest's checks do catch torn remaps. Never a user-facing mode.
+        self.pause = mode != "unsafe"
         self.max_slots = 2
         self.qmp = qmp
         self.devices = devices
@@ -115,8 +113,7 @@ class RemapController:
         device = self.rng.choice(self.devices)
         cfg, i = device.config, device.index
         current = device.window.direct_offset
-        offsets = [off for off in range(0, cfg.mem - cfg.window + 1, cfg.slot) if off != current and
-                   not any(s < off + cfg.window and off < e for s, e in cfg.hidden)]
+        offsets = [off for off in cfg.window_offsets() if off != current]
         offset = self.rng.choice(offsets)
         self._serial += 1
         old_id, new_id = self._memdev.get(i, f"apwin{i}"), f"apwin{i}-g{self._serial}"
