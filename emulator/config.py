@@ -41,6 +41,12 @@ def format_size(n: int) -> str:
     return str(n)
 
 
+def pmem_index(memdev: str | None) -> int:
+    """NVDIMM index from its QMP memdev path (``/objects/pmemN``: the ids machine.build_argv gives), or -1."""
+    tail = (memdev or "").rsplit("pmem", 1)[-1]
+    return int(tail) if tail.isdigit() else -1
+
+
 @dataclass(frozen=True)
 class PmemConfig:
     """One emulated NVDIMM. ``size`` is the data size the guest sees; the file adds the label area."""

@@ -187,9 +187,10 @@ class Vm:
         self.paths = RunPaths(run_dir.resolve(), self.name, Path(os.environ.get("APERTURE_SHM", "/dev/shm")),
                               default_sock_dir(self.name))
         self.qemu = qemu or find_qemu()
+        self.command_channel = scenario == "idle"  # the helper's `serve` loop reads host commands
         self.argv = build_argv(self.qemu, config, kernel, initrd, self.paths, accel,
                                kernel_cmdline(config, scenario, guest_env), user_qmp,
-                               command_channel=scenario == "idle")
+                               command_channel=self.command_channel)
         self._results_pos = 0
         self._results_buf = b""
         self._cmd_sock: socket.socket | None = None
@@ -267,7 +268,7 @@ class Vm:
             self.qmp.connect(str(self.paths.qmp_socket), timeout=15.0, alive=self.alive)
         except GuestError:
             self._raise_exited("QEMU failed to start")
-        if "aperture.cmd" in " ".join(self.argv):
+        if self.command_channel:
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
             self._register(sock.close)
             sock.connect(str(self.paths.command_socket))

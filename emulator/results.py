@@ -9,6 +9,8 @@ from typing import Any
 
 from qmp_client.session import MemoryDevice, PciDevice
 
+from .config import pmem_index
+
 
 @dataclass
 class Check:
@@ -85,8 +87,7 @@ class HostVerifier:
         nvdimms = [d for d in self.devices if d.kind == "nvdimm"]
         for d in nvdimms:
             if d.addr <= phys and phys + length <= d.addr + d.size:
-                index = int((d.memdev or "pmem-1").rsplit("pmem", 1)[-1] or -1)
-                return index, d
+                return pmem_index(d.memdev), d
         return None
 
     def read_pmem(self, phys: int, length: int) -> bytes | None:

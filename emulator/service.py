@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from .addrmap import AddressMap, DmaFault, Region, flat
-from .config import DeviceConfig, PmemConfig
+from .config import DeviceConfig, PmemConfig, pmem_index
 from .device import ApertureDevice
 from .ivshmem_server import IvshmemServer
 from .memory import FileBuffer
@@ -182,9 +182,9 @@ class DeviceService:
         regions = [Region(0, 0xA0000, "ram", "ram (low)", flat(ram)),
                    Region(0x100000, self.memory, "ram", "ram", lambda off, n: [ram[0x100000 + off:0x100000 + off + n]])]
         for md in memory_devices:
-            if md.kind != "nvdimm" or not md.memdev:
+            idx = pmem_index(md.memdev)
+            if md.kind != "nvdimm" or not 0 <= idx < len(self.pmem_spec):
                 continue
-            idx = int(md.memdev.rsplit("pmem", 1)[-1])
             view = self._buffers[1 + idx].view
             regions.append(Region(md.addr, md.addr + md.size, "pmem", f"nvdimm{idx}", flat(view[: md.size])))
         win_ids = {win_id(i): dev for i, dev in enumerate(self.devices)}
