@@ -183,7 +183,7 @@ def _setup_readline(words: list[str]) -> None:
         import readline
     except ImportError:
         return
-    history = state_dir().parent / "qmp_history"
+    history = history_path()
     try:
         readline.read_history_file(history)
     except OSError:

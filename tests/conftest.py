@@ -33,6 +33,11 @@ def run_aperture(*args: str, timeout: float = 300, env: dict[str, str] | None = 
                           env=full_env, cwd=cwd, input=input if input is not None else "")
 
 
+def checks_by_name(result: dict) -> dict[str, dict]:
+    """The checks of an `aperture run --json` result, by name."""
+    return {c["name"]: c for c in result["checks"]}
+
+
 @pytest.fixture(scope="session")
 def cached_kernel():
     """The cached Debian kernel (scripts/setup.sh fetches it); its absence is a setup failure, not a skip."""

@@ -8,13 +8,11 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import checks_by_name as _checks
 from tests.conftest import run_aperture
 
 PMEM_FILE_SIZE = 256 * 2**20 + 128 * 1024
 
-
-def _checks(result: dict) -> dict[str, dict]:
-    return {c["name"]: c for c in result["checks"]}
 
 
 def _run_json(*args: str) -> tuple[int, dict, str]:

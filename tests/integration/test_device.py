@@ -8,15 +8,13 @@ from pathlib import Path
 import pytest
 
 from emulator.results import device_pattern
+from tests.conftest import checks_by_name as _checks
 from tests.conftest import run_aperture
 
 MiB = 1 << 20
 DEVICE_CHECKS = ("aperture.window", "aperture.hidden_refused", "aperture.bad_descriptors", "p2p.pmem_to_device",
                  "p2p.device_to_pmem", "p2p.ram_to_device", "p2p.device_to_device")
 
-
-def _checks(result: dict) -> dict[str, dict]:
-    return {c["name"]: c for c in result["checks"]}
 
 
 def test_every_device_check_ok(default_run) -> None:

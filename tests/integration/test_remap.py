@@ -5,11 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from tests.conftest import checks_by_name as _checks
 from tests.conftest import run_aperture
-
-
-def _checks(result: dict) -> dict[str, dict]:
-    return {c["name"]: c for c in result["checks"]}
 
 
 def test_pause_mode_remaps_are_transparent(tmp_path: Path) -> None:
