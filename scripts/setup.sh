@@ -50,17 +50,27 @@ if [ ! -e "$stamp" ] || [ -n "$(find "$stamp" -mmin +1440 2>/dev/null)" ]; then
 fi
 
 host_pkgs=(qemu-system-x86 gcc libc6-dev e2fsprogs cpio zstd)
+export DEBIAN_FRONTEND=noninteractive
+# Backports has QEMU 10.x (memory-backend-file.offset, needed by hotplug remaps); stock bookworm has 7.2.
+# Take it when it is newer than what is installed, including a stock QEMU installed earlier. (No `| grep -q`
+# on apt output: under pipefail, grep's early exit kills apt-cache with SIGPIPE and the test reads false.)
+bpo_qemu=""
+if [ -n "$backports" ]; then
+    bpo_qemu=$(apt-cache madison qemu-system-x86 2>/dev/null \
+        | awk -F'|' -v s="$backports/" 'index($3, s) && !v {gsub(/ /, "", $2); v=$2} END {print v}')
+    have_qemu=$(dpkg-query -W -f='${Version}' qemu-system-x86 2>/dev/null || true)
+    if [ -n "$bpo_qemu" ] && { [ -z "$have_qemu" ] || dpkg --compare-versions "$have_qemu" lt "$bpo_qemu"; }; then
+        say "installing qemu-system-x86 $bpo_qemu from $backports${have_qemu:+ (replacing $have_qemu)}"
+        $sudo apt-get install -y -qq -t "$backports" --no-install-recommends qemu-system-x86
+    fi
+fi
 missing=()
 for p in "${host_pkgs[@]}"; do
-    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+    status=$(dpkg-query -W -f='${Status}' "$p" 2>/dev/null || true)
+    [ "$status" = "install ok installed" ] || missing+=("$p")
 done
 if [ ${#missing[@]} -gt 0 ]; then
     say "installing host packages: ${missing[*]}"
-    export DEBIAN_FRONTEND=noninteractive
-    if [ -n "$backports" ] && apt-cache policy qemu-system-x86 | grep -q "$backports"; then
-        # Backports has QEMU 10.x (memory-backend-file.offset); stock bookworm has 7.2.
-        $sudo apt-get install -y -qq -t "$backports" --no-install-recommends qemu-system-x86
-    fi
     $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}"
 else
     say "host packages present: ${host_pkgs[*]}"
