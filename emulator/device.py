@@ -195,6 +195,7 @@ class ApertureDevice:
                 self.devmem.close()
                 self.window_file.close()
                 try:
+                    self.ctl.release()
                     self.ctl_mm.close()
                 except (BufferError, ValueError):
                     pass

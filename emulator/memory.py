@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import mmap
 import os
-import struct
+import sys
 from pathlib import Path
 
 from . import abi
 from .config import DeviceConfig
 
-_U32 = struct.Struct("<I")
-_U64 = struct.Struct("<Q")
+assert sys.byteorder == "little", "the device ABI is little-endian and the control memory uses native stores"
 
 
 class FileBuffer:
@@ -43,27 +42,38 @@ class FileBuffer:
 
 
 class ControlMemory:
-    """Typed access to the control BAR: registers, hidden ranges, slot table, rings (see emulator/abi.py)."""
+    """Typed access to the control BAR: registers, hidden ranges, slot table, rings (see emulator/abi.py).
+
+    The guest reads this memory while we write it, so every register and slot-table entry is written with
+    one aligned store through a typed memoryview. Never ``struct.pack_into`` here: CPython zero-fills the
+    destination before it stores the value, and a guest polling ``CQ_HEAD`` (or the seqlock generation)
+    sees that transient 0 — a completion that never happened.
+    """
 
     def __init__(self, buf: mmap.mmap) -> None:
         if len(buf) < abi.CTL_SIZE:
             raise ValueError("control memory too small")
         self.buf = buf
+        self._u32 = memoryview(buf).cast("I")  # native order: the host is x86-64, so little-endian like the ABI
+        self._u64 = memoryview(buf).cast("Q")
+
+    def _view(self, off: int, kind: str) -> tuple[memoryview, int]:
+        return (self._u64, off // 8) if kind == "u64" else (self._u32, off // 4)
 
     def get(self, name: str) -> int:
-        off, kind = abi.REGS[name]
-        return (_U64 if kind == "u64" else _U32).unpack_from(self.buf, off)[0]
+        view, i = self._view(*abi.REGS[name])
+        return int(view[i])
 
     def set(self, name: str, value: int) -> None:
         off, kind = abi.REGS[name]
-        s = _U64 if kind == "u64" else _U32
-        s.pack_into(self.buf, off, value & ((1 << (8 * s.size)) - 1))
+        view, i = self._view(off, kind)
+        view[i] = value & (2**64 - 1 if kind == "u64" else 0xFFFFFFFF)
 
     def slot_entry(self, slot: int) -> int:
-        return _U64.unpack_from(self.buf, abi.reg("SLOT_TABLE") + 8 * slot)[0]
+        return int(self._u64[abi.reg("SLOT_TABLE") // 8 + slot])
 
     def set_slot_entry(self, slot: int, value: int) -> None:
-        _U64.pack_into(self.buf, abi.reg("SLOT_TABLE") + 8 * slot, value)
+        self._u64[abi.reg("SLOT_TABLE") // 8 + slot] = value
 
     def descriptor(self, index: int) -> bytes:
         """A copy of SQ entry ``index % RING_ENTRIES`` (copied once: the guest may change it under us)."""
@@ -71,8 +81,15 @@ class ControlMemory:
         return bytes(self.buf[off : off + abi.DESC_SIZE])
 
     def write_completion(self, index: int, tag: int, status: int, opcode: int, result: int) -> None:
+        """Built whole, then copied in: the entry never passes through a zeroed state."""
         off = abi.reg("CQ") + (index % abi.RING_ENTRIES) * abi.COMPL_SIZE
-        abi.COMPL.pack_into(self.buf, off, tag & 0xFFFFFFFF, status, opcode & 0xFFFF, result & (2**64 - 1))
+        self.buf[off : off + abi.COMPL_SIZE] = abi.COMPL.pack(tag & 0xFFFFFFFF, status, opcode & 0xFFFF,
+                                                               result & (2**64 - 1))
+
+    def release(self) -> None:
+        """Drop the typed views so the mmap can be closed."""
+        self._u32.release()
+        self._u64.release()
 
     def init(self, index: int, config: DeviceConfig, window_pci_slot: int) -> None:
         self.buf[: abi.CTL_SIZE] = bytes(abi.CTL_SIZE)
@@ -86,8 +103,8 @@ class ControlMemory:
         self.set("NR_HIDDEN", len(config.hidden))
         self.set("WINDOW_PCI_SLOT", window_pci_slot)
         for i, (start, end) in enumerate(config.hidden):
-            _U64.pack_into(self.buf, abi.reg("HIDDEN") + 16 * i, start)
-            _U64.pack_into(self.buf, abi.reg("HIDDEN") + 16 * i + 8, end)
+            self._u64[abi.reg("HIDDEN") // 8 + 2 * i] = start
+            self._u64[abi.reg("HIDDEN") // 8 + 2 * i + 1] = end
         self.set("STATUS", abi.STATUS_READY)
         self.set("MAGIC", abi.MAGIC)  # last: the guest trusts nothing before it sees the magic
 

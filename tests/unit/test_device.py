@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import mmap
+import multiprocessing
 import os
 import random
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -162,6 +165,39 @@ def test_garbage_ring_indices_are_flagged_not_trusted(rig: Rig) -> None:
     rig.sq = 100000
     rig.dev.ctl.set("CQ_TAIL", 12345)  # garbage consumer index
     assert rig.one(abi.OP_NOP)[0] == ST["OK"]
+
+
+def _count_foreign_values(fd: int, offset: int, allowed: tuple[int, ...], stop: Any, counter: Any) -> None:
+    """Child process: poll one u32 of the control memory like the guest does; count values never written."""
+    view = memoryview(mmap.mmap(fd, abi.CTL_SIZE, mmap.MAP_SHARED, mmap.PROT_READ)).cast("I")
+    seen = 0
+    while not stop.is_set():
+        for _ in range(10000):
+            if view[offset // 4] not in allowed:
+                seen += 1
+    counter.value = seen
+
+
+def test_guest_never_sees_a_register_half_written(rig: Rig) -> None:
+    """A concurrent reader of CQ_HEAD only ever sees values the host wrote (struct.pack_into zero-fills first:
+    a guest polling CQ_HEAD then takes a transient 0 for a new completion and the ring desynchronises)."""
+    ctx = multiprocessing.get_context("fork")
+    stop, counter = ctx.Event(), ctx.Value("Q", 0)
+    values = (0x1234_5678, 0x1234_5679)
+    rig.dev.ctl.set("CQ_HEAD", values[0])
+    reader = ctx.Process(target=_count_foreign_values,
+                         args=(rig.dev.ctl_fd, abi.reg("CQ_HEAD"), values, stop, counter))
+    reader.start()
+    try:
+        deadline = time.monotonic() + 0.5
+        while time.monotonic() < deadline:
+            for i in range(10000):
+                rig.dev.ctl.set("CQ_HEAD", values[i & 1])
+    finally:
+        stop.set()
+        reader.join(10)
+    assert reader.exitcode == 0
+    assert counter.value == 0
 
 
 def test_full_completion_ring_waits_for_the_guest(rig: Rig) -> None:
