@@ -195,7 +195,11 @@ static int discover(void)
 }
 
 /* ---------------------------------------------------------------- rings */
-/* Submit n descriptors with one doorbell and wait for n completions (5 s). Returns 0 or -1 on timeout. */
+/* Submit n descriptors with one doorbell and wait for their n completions (5 s). Returns 0 or -1 on timeout.
+ * Completions are matched by tag: one left over from an earlier submission that timed out is drained, never
+ * taken for the answer to a later descriptor. */
+static unsigned long long stale_completions;
+
 static int submit(struct apdev *d, struct aperture_desc *descs, int n, struct aperture_compl *out)
 {
     for (int i = 0; i < n; i++) {
@@ -222,6 +226,10 @@ static int submit(struct apdev *d, struct aperture_desc *descs, int n, struct ap
                sizeof(out[got]));
         d->cq_tail++;
         w32(d, APERTURE_REG_CQ_TAIL, d->cq_tail);
+        if (out[got].tag != descs[got].tag) {
+            stale_completions++;
+            continue;
+        }
         got++;
     }
     return 0;
@@ -723,6 +731,8 @@ int aperture_dma(int i, uint64_t src, uint64_t dst, uint64_t len, uint16_t flags
 {
     return dma(&devs[i], src, dst, len, flags);
 }
+
+unsigned long long aperture_stale_completions(void) { return stale_completions; }
 
 int aperture_ram_page(void **buf, unsigned long long *phys)
 {

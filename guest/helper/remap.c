@@ -132,9 +132,11 @@ void scenario_remap(void)
               "\"guest_reprobe_ms_max\":%.2f,", (unsigned long long)reprobes, (unsigned long long)reprobe_failures,
               reprobes ? reprobe_ms_sum / (double)reprobes : 0.0, reprobe_ms_max);
     jb_printf(&jb, "\"reads\":%llu,\"writes\":%llu,\"violations\":%llu,\"seqlock_retries\":%llu,"
-              "\"generation_changes_seen\":%llu,\"rounds_without_mapped_slot\":%llu,\"devices\":%d,\"first_violation\":",
+              "\"generation_changes_seen\":%llu,\"rounds_without_mapped_slot\":%llu,\"stale_completions\":%llu,"
+              "\"devices\":%d,\"first_violation\":",
               (unsigned long long)reads, (unsigned long long)writes, (unsigned long long)violations,
-              (unsigned long long)retries, (unsigned long long)gen_changes, (unsigned long long)unmapped_rounds, n);
+              (unsigned long long)retries, (unsigned long long)gen_changes, (unsigned long long)unmapped_rounds,
+              aperture_stale_completions(), n);
     jb_str(&jb, first_violation);
     jb_printf(&jb, "}");
     report_check("remap.consistency", violations == 0 && reads > 0 && writes > 0 && !reprobe_failures, jb.buf);

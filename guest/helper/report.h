@@ -63,5 +63,6 @@ uint32_t aperture_snapshot(int i, uint64_t *table, uint64_t *retries);
 int aperture_remap_window(int i, double wait_s); /* re-probe a re-plugged window (hotplug mode) */
 int aperture_dma(int i, uint64_t src, uint64_t dst, uint64_t len, uint16_t flags);
 int aperture_ram_page(void **buf, unsigned long long *phys);
+unsigned long long aperture_stale_completions(void);
 
 #endif
