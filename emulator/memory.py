@@ -144,14 +144,19 @@ class Window:
             self.ctl.set_slot_entry(slot, value)
         self.ctl.set("GENERATION", gen + 2)
 
+    def announce(self, moves: dict[int, int | None]) -> None:
+        """Negative control only: publish the new table without the seqlock, before any data has moved."""
+        self._publish({slot: 0 if page is None else page + 1 for slot, page in moves.items()}, seqlock=False)
+
     def retarget(self, moves: dict[int, int | None], seqlock: bool = True) -> None:
         """Point each slot at a page (or nothing); callers have validated slots and pages.
 
         Two phases: every moved slot is written back and released before any is loaded, so a page that moves
-        from one slot to another within the same call is loaded with its latest contents.
+        from one slot to another within the same call is loaded with its latest contents. Without the seqlock
+        (negative control) the table is announced first, the data moves after.
         """
-        if not seqlock:  # negative control: announce the new mapping before the data is there
-            self._publish({slot: 0 if page is None else page + 1 for slot, page in moves.items()}, seqlock)
+        if not seqlock:
+            self.announce(moves)
         for slot in moves:
             old = self.slots[slot]
             if old is not None:

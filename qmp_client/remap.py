@@ -15,6 +15,8 @@ from typing import Any
 
 from emulator.errors import ApertureError
 
+UNSAFE_GAP_S = 0.001  # negative control: how long an unsafe remap leaves the table ahead of the data
+
 
 @dataclass
 class RemapStats:
@@ -90,20 +92,31 @@ class RemapController:
         self._thread: threading.Thread | None = None
 
     def remap_once(self) -> float:
-        """One pause-mode remap; returns its latency in ms (stop → retarget → cont)."""
+        """One pause-mode remap (or, as a negative control, an unsafe one); returns its latency in ms."""
         device = self.rng.choice(self.devices)
-        with device.lock:  # the guest's own MAP commands wait: the chosen pages stay free
-            moves = random_moves(device, self.rng, self.max_slots)
-            if self.pause:
+        if self.pause:
+            with device.lock:  # the guest's own MAP commands wait: the chosen pages stay free
+                moves = random_moves(device, self.rng, self.max_slots)
                 ms = pause_retarget(self.qmp, device, moves)
-            else:
-                t0 = time.perf_counter()
-                device.retarget(moves, seqlock=False)
-                ms = (time.perf_counter() - t0) * 1e3
+        else:
+            moves, ms = self._unsafe_remap(device)
         self.stats.remaps += 1
         self.stats.slots_moved += len(moves)
         self.stats.latencies_ms.append(ms)
         return ms
+
+    def _unsafe_remap(self, device: Any) -> tuple[dict[int, int | None], float]:
+        """Negative control: announce the new table, let the guest run, then move the data (no pause, no
+        seqlock). The gap stands in for a slow copy; the lock is not held across it, so the guest keeps
+        reading and DMAing through the torn window instead of waiting behind it, and the checks see it."""
+        t0 = time.perf_counter()
+        with device.lock:
+            moves = random_moves(device, self.rng, self.max_slots)
+            device.window.announce(moves)
+        time.sleep(min(UNSAFE_GAP_S, self.every / 2))
+        with device.lock:
+            device.retarget(moves, seqlock=False)
+        return moves, (time.perf_counter() - t0) * 1e3
 
     def hotplug_once(self) -> float:
         """Zero-copy retarget of a whole window: plug a new memory-backend-file (device memory at another

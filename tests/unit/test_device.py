@@ -381,6 +381,22 @@ def test_retarget_refuses_double_mapping(rig: Rig) -> None:
         rig.dev.retarget({1: 60})  # hidden
 
 
+def test_unsafe_announce_moves_the_table_ahead_of_the_data(rig: Rig) -> None:
+    """The negative control's torn state: the table names the new page, the slot still holds the old one's
+    bytes and the generation did not move; the later retarget brings the data and loses nothing."""
+    s = SMALL.slot
+    rig.dev.retarget({0: 2})
+    rig.dev.window_file.view[0:3] = b"two"
+    rig.dev.devmem.view[5 * s : 5 * s + 4] = b"five"
+    gen = rig.dev.ctl.get("GENERATION")
+    rig.dev.window.announce({0: 5})
+    assert rig.dev.ctl.slot_entry(0) == 6 and rig.dev.ctl.get("GENERATION") == gen
+    assert bytes(rig.dev.window_file.view[0:3]) == b"two"  # what a guest reading now sees: page 2's data
+    rig.dev.retarget({0: 5}, seqlock=False)
+    assert bytes(rig.dev.window_file.view[0:4]) == b"five"
+    assert bytes(rig.dev.devmem.view[2 * s : 2 * s + 3]) == b"two"
+
+
 def test_direct_window_is_device_memory(rig: Rig) -> None:
     """Hotplug topology: the window is device memory at an offset; slots are fixed; guest MAP is refused."""
     s = SMALL.slot
