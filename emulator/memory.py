@@ -153,10 +153,8 @@ class Window:
 
         Two phases: every moved slot is written back and released before any is loaded, so a page that moves
         from one slot to another within the same call is loaded with its latest contents. Without the seqlock
-        (negative control) the table is announced first, the data moves after.
+        (negative control, after ``announce``) only the data moves: the table already names the new pages.
         """
-        if not seqlock:
-            self.announce(moves)
         for slot in moves:
             old = self.slots[slot]
             if old is not None:

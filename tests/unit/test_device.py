@@ -393,7 +393,7 @@ def test_unsafe_announce_moves_the_table_ahead_of_the_data(rig: Rig) -> None:
     assert rig.dev.ctl.slot_entry(0) == 6 and rig.dev.ctl.get("GENERATION") == gen
     assert bytes(rig.dev.window_file.view[0:3]) == b"two"  # what a guest reading now sees: page 2's data
     rig.dev.retarget({0: 5}, seqlock=False)
-    assert bytes(rig.dev.window_file.view[0:4]) == b"five"
+    assert bytes(rig.dev.window_file.view[0:4]) == b"five" and rig.dev.ctl.slot_entry(0) == 6
     assert bytes(rig.dev.devmem.view[2 * s : 2 * s + 3]) == b"two"
 
 
