@@ -163,6 +163,7 @@ def run(kernel: Path | None, modules: Path | None, pmem: tuple[PmemConfig, ...],
     """
     from guest.kernel import resolve_kernel
 
+    from .machine import new_run_name
     from .run import default_run_dir, prepare, run_vm
 
     ui = Ui(quiet, verbose)
@@ -189,10 +190,7 @@ def run(kernel: Path | None, modules: Path | None, pmem: tuple[PmemConfig, ...],
         from .hotplug import require_hotplug
 
         require_hotplug(prep.qemu)
-    import secrets
-    import time
-
-    name = f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}-{secrets.token_hex(2)}"
+    name = new_run_name()
     result = run_vm(config, prep, run_dir or default_run_dir(name), ui.progress, name=name, reboot=reboot,
                     console_sink=ui.console if verbose else None, remap=remap)
     if junit_xml is not None:

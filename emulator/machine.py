@@ -172,6 +172,11 @@ def kernel_cmdline(config: VmConfig, scenario: str, guest_env: dict[str, str] | 
     return " ".join(parts + list(config.kernel_cmdline_extra))
 
 
+def new_run_name() -> str:
+    """Time, pid and a random suffix: unique per run, and the pid tells a live run's directory apart."""
+    return f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}-{secrets.token_hex(2)}"
+
+
 class Vm:
     """A VM: ``with Vm(...) as vm: for msg in vm.messages(): ...``."""
 
@@ -183,7 +188,7 @@ class Vm:
         self.kernel = kernel
         self.initrd = initrd
         self.accel = accel
-        self.name = name or f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}-{secrets.token_hex(2)}"
+        self.name = name or new_run_name()
         self.paths = RunPaths(run_dir.resolve(), self.name, Path(os.environ.get("APERTURE_SHM", "/dev/shm")),
                               default_sock_dir(self.name))
         self.qemu = qemu or find_qemu()

@@ -44,12 +44,17 @@ class VmRecord:
         return time.time() - self.started
 
     def alive(self) -> bool:
-        """The daemon runs (a zombie, e.g. one nobody reaps after SIGKILL, counts as dead)."""
-        try:
-            stat = Path(f"/proc/{self.pid}/stat").read_text()
-        except OSError:
-            return False
-        return stat.rsplit(")", 1)[-1].split()[0] != "Z"
+        """The daemon runs."""
+        return pid_alive(self.pid)
+
+
+def pid_alive(pid: int) -> bool:
+    """A process runs (a zombie, e.g. one nobody reaps after SIGKILL, counts as dead)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[-1].split()[0] != "Z"
 
 
 def record_path(name: str) -> Path:

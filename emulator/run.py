@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import secrets
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,18 +19,45 @@ from qmp_client.remap import RemapController
 
 from .accel import AccelChoice, choose_accel
 from .config import KernelSpec, RemapPlan, VmConfig
-from .errors import GuestError
+from .errors import ConfigError, GuestError
 from .machine import PROBE_BAR_ID, Vm, find_qemu, qemu_version
+from .registry import pid_alive
 from .results import Check, HostVerifier, RunResult, remap_consistency, remap_hotplug
 
 Progress = Callable[[str], None]
 
 
-def default_run_dir(name: str) -> Path:
-    import os
+AUTO_RUN_NAME = re.compile(r"\d{8}-\d{6}-(\d+)-[0-9a-f]{4}")  # new_run_name(): time, pid, random
 
+
+def default_run_dir(name: str) -> Path:
+    """``$APERTURE_RUNS/NAME`` (default /tmp/aperture-runs), after pruning old auto-named runs there."""
     base = Path(os.environ.get("APERTURE_RUNS", "/tmp/aperture-runs"))
+    keep = os.environ.get("APERTURE_KEEP_RUNS", "10")
+    if not keep.isdigit():
+        raise ConfigError(f"APERTURE_KEEP_RUNS={keep!r}: expected a whole number of run directories to keep")
+    prune_runs(base, int(keep))
     return base / name
+
+
+def prune_runs(base: Path, keep: int) -> list[Path]:
+    """An auto-named run directory holds ~0.5 GB of NVDIMM and device-memory files: keep the newest ``keep``.
+
+    Named directories (``--run-dir``, ``aperture up NAME``) are never touched, nor one whose run is alive.
+    """
+    try:
+        runs = [p for p in base.iterdir() if AUTO_RUN_NAME.fullmatch(p.name) and p.is_dir()]
+    except OSError:
+        return []
+    runs.sort(key=lambda p: p.stat().st_mtime, reverse=True)
+    removed = []
+    for path in runs[keep:]:
+        match = AUTO_RUN_NAME.fullmatch(path.name)
+        if match is None or pid_alive(int(match.group(1))):
+            continue
+        shutil.rmtree(path, ignore_errors=True)
+        removed.append(path)
+    return removed
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,10 @@
 
 from pathlib import Path
 
+import pytest
+
 from emulator.config import KernelSpec, PmemConfig, VmConfig
+from emulator.errors import ConfigError
 from emulator.machine import RunPaths, build_argv, kernel_cmdline
 from emulator.results import Check, verify_nvdimm
 from qmp_client.session import MemoryDevice
@@ -60,3 +63,31 @@ def test_verify_nvdimm() -> None:
     assert not verify_nvdimm(moved, devs).ok
     assert not verify_nvdimm(Check("nvdimm.present", True, "garbage"), devs).ok
     assert not verify_nvdimm(good, []).ok
+
+
+def test_old_auto_named_run_dirs_are_pruned(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each run dir holds ~0.5 GB: the newest auto-named ones stay, named and live ones are never touched."""
+    import os
+    import subprocess
+
+    from emulator.machine import new_run_name
+    from emulator.run import AUTO_RUN_NAME, default_run_dir
+
+    child = subprocess.Popen(["true"])  # its pid names runs whose process has exited
+    child.wait()
+    old_dead = [tmp_path / f"2026010{i}-120000-{child.pid}-abc{i}" for i in range(1, 5)]
+    live = tmp_path / f"20250101-120000-{os.getpid()}-beef"  # oldest, but its process runs
+    named = tmp_path / "dev"
+    for age, path in enumerate([live, named, *old_dead]):
+        path.mkdir()
+        (path / "devmem0.img").write_bytes(b"x")
+        os.utime(path, (1_000_000 + age, 1_000_000 + age))
+    assert AUTO_RUN_NAME.fullmatch(new_run_name())
+    monkeypatch.setenv("APERTURE_RUNS", str(tmp_path))
+    monkeypatch.setenv("APERTURE_KEEP_RUNS", "2")
+    assert default_run_dir("next") == tmp_path / "next"
+    left = {p.name for p in tmp_path.iterdir()}
+    assert left == {live.name, named.name, old_dead[3].name, old_dead[2].name}  # the two newest dead ones stay
+    monkeypatch.setenv("APERTURE_KEEP_RUNS", "lots")
+    with pytest.raises(ConfigError):
+        default_run_dir("next")
