@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import struct
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -155,6 +156,25 @@ class HostVerifier:
         return Check("remap.integrity", checked > 0 and not bad,
                      {"pages_checked": checked, "mismatches": bad[:20], "mismatch_count": len(bad)})
 
+    def _ndctl_witness(self, detail: dict[str, Any], want_mode: str) -> dict[str, Any]:
+        """What ``ndctl list -N`` (run in the guest after configuration) says about the checked device."""
+        raw = detail.get("ndctl")
+        if not isinstance(raw, str):
+            return {"present": False, "why": "no ndctl in the guest image (scripts/setup.sh installs it on the host)"}
+        device = str(detail.get("device", "")).removeprefix("/dev/")
+        witness: dict[str, Any] = {"present": True, "device": device, "expected_mode": want_mode}
+        try:
+            listed = json.loads(raw)
+        except ValueError:
+            return dict(witness, ok=False, why=f"ndctl output is not JSON: {raw[:120]!r}")
+        namespaces = listed if isinstance(listed, list) else [listed]  # ndctl prints a lone object unwrapped
+        for ns in namespaces:
+            if isinstance(ns, dict) and device and device in (ns.get("blockdev"), ns.get("chardev")):
+                mode = ns.get("mode")
+                return dict(witness, ok=mode == want_mode, namespace=ns.get("dev"), mode=mode,
+                            **({} if mode == want_mode else {"why": f"ndctl says {device} is in mode {mode}"}))
+        return dict(witness, ok=False, why=f"ndctl lists no namespace with device {device or '?'}")
+
     def _verify_stamp(self, check: Check) -> Check:
         """The guest's stamp must be in the NVDIMM's backing file at the physical address it reports."""
         detail = check.detail if isinstance(check.detail, dict) else {}
@@ -174,7 +194,10 @@ class HostVerifier:
         if not ok:
             extra["host_error"] = ("stamp not at that address in the backing file" if in_right_dimm
                                    else "address is not inside the expected NVDIMM")
-        return Check(check.name, check.ok and ok, dict(detail, **extra))
+        witness = self._ndctl_witness(detail, want_mode)
+        detail = {k: v for k, v in detail.items() if k != "ndctl"}  # the parsed witness replaces the raw listing
+        return Check(check.name, check.ok and ok and witness.get("ok", True), dict(detail, ndctl_witness=witness,
+                                                                                   **extra))
 
     def expected_probe(self) -> dict[str, str]:
         """What each probe row should give on this kernel: a struct page makes O_DIRECT work."""

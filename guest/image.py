@@ -31,6 +31,9 @@ DEFAULT_MODULES: tuple[str, ...] = ("libnvdimm", "nfit", "nd_btt", "nd_pmem", "d
 #: Host binaries every image carries (with their shared-library closure): busybox has no mkfs.ext4.
 DEFAULT_GUEST_BINS: tuple[str, ...] = ("mke2fs",)
 
+#: Carried when the host has them (scripts/setup.sh installs ndctl): ndctl is the DAX checks' independent witness.
+OPTIONAL_GUEST_BINS: tuple[str, ...] = ("ndctl",)
+
 
 def _helper_dir() -> Path:
     return Path(str(resources.files("guest") / "helper"))
@@ -99,8 +102,18 @@ def find_host_binary(name: str) -> Path:
             return Path(d, name)
     found = shutil.which(name)
     if found is None:
-        raise SetupError(f"{name} not found on the host (scripts/setup.sh installs e2fsprogs)")
+        raise SetupError(f"{name} not found on the host (scripts/setup.sh installs it)")
     return Path(found)
+
+
+def optional_host_binaries() -> tuple[Path, ...]:
+    found = []
+    for name in OPTIONAL_GUEST_BINS:
+        try:
+            found.append(find_host_binary(name))
+        except SetupError:
+            pass
+    return tuple(found)
 
 
 def guest_files(bins: tuple[Path, ...]) -> dict[str, Path]:
@@ -115,7 +128,7 @@ def guest_files(bins: tuple[Path, ...]) -> dict[str, Path]:
 def build_image(kernel: KernelSpec, modules: tuple[str, ...] = DEFAULT_MODULES, *, force: bool = False,
                 cache: Path | None = None, guest_bins: tuple[Path, ...] = ()) -> GuestImage:
     root = cache or cache_root()
-    bins = tuple(find_host_binary(n) for n in DEFAULT_GUEST_BINS) + tuple(guest_bins)
+    bins = tuple(find_host_binary(n) for n in DEFAULT_GUEST_BINS) + optional_host_binaries() + tuple(guest_bins)
     extra = guest_files(bins)
     index = ModuleIndex(kernel.modules_dir, kernel.release)
     closure = index.closure(list(modules))  # checks vermagic before anything is written

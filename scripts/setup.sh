@@ -49,7 +49,7 @@ if [ ! -e "$stamp" ] || [ -n "$(find "$stamp" -mmin +1440 2>/dev/null)" ]; then
     touch "$stamp"
 fi
 
-host_pkgs=(qemu-system-x86 gcc libc6-dev e2fsprogs cpio zstd)
+host_pkgs=(qemu-system-x86 gcc libc6-dev e2fsprogs ndctl cpio zstd)
 export DEBIAN_FRONTEND=noninteractive
 # Backports has QEMU 10.x (memory-backend-file.offset, needed by hotplug remaps); stock bookworm has 7.2.
 # Take it when it is newer than what is installed, including a stock QEMU installed earlier. (No `| grep -q`

@@ -295,6 +295,24 @@ static int check_bytes(const char *got, size_t len, const char *unit)
     return 1;
 }
 
+/* `ndctl list -N` after configuration, when the image carries ndctl: an independent witness of the modes the
+ * helper set through sysfs. Reported raw; the host parses it (emulator/results.py). */
+static char ndctl_list[6144];
+
+static void capture_ndctl(void)
+{
+    ndctl_list[0] = 0;
+    if (access("/usr/local/bin/ndctl", X_OK) != 0)
+        return;
+    FILE *f = popen("/usr/local/bin/ndctl list -N 2>/dev/null", "r");
+    if (!f)
+        return;
+    size_t n = fread(ndctl_list, 1, sizeof(ndctl_list) - 1, f);
+    ndctl_list[n] = 0;
+    if (pclose(f) != 0 || n == sizeof(ndctl_list) - 1)
+        snprintf(ndctl_list, sizeof(ndctl_list), "error: ndctl list failed or its output was too long");
+}
+
 static void json_pmem(struct jbuf *jb, const struct pmem *p)
 {
     jb_printf(jb, "\"region\":");
@@ -309,6 +327,10 @@ static void json_pmem(struct jbuf *jb, const struct pmem *p)
     if (p->error[0]) {
         jb_printf(jb, ",\"error\":");
         jb_str(jb, p->error);
+    }
+    if (ndctl_list[0]) {
+        jb_printf(jb, ",\"ndctl\":");
+        jb_str(jb, ndctl_list);
     }
 }
 
@@ -725,6 +747,8 @@ void scenario_dax(int mode)
     }
     if (mode == 2)
         return;
+    if (!bench_only)
+        capture_ndctl();
     jb_init(&persist);
     jb_printf(&persist, "{");
     if (fsdax) {

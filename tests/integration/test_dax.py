@@ -62,6 +62,16 @@ def test_host_reads_back_the_guest_stamp(reboot_run, name: str) -> None:
     assert detail["stamp_phys"] - detail["region_addr"] == offset
 
 
+@pytest.mark.parametrize(("name", "mode", "key"), [("dax.fsdax", "fsdax", "blockdev"),
+                                                  ("dax.devdax", "devdax", "chardev")])
+def test_ndctl_witnesses_the_modes_set_through_sysfs(reboot_run, name: str, mode: str, key: str) -> None:
+    """ndctl (Debian's, copied into the image) lists the namespace in the mode the helper configured."""
+    witness = _checks(reboot_run[0])[name]["detail"]["ndctl_witness"]
+    assert witness["present"] and witness["ok"], witness
+    assert witness["mode"] == mode and witness["namespace"].startswith("namespace")
+    assert "/dev/" + witness["device"] == _checks(reboot_run[0])[name]["detail"]["device"]
+
+
 def test_fsdax_fiemap_and_pagemap_agree(reboot_run) -> None:
     detail = _checks(reboot_run[0])["dax.fsdax"]["detail"]
     assert detail["statx_dax"] is True

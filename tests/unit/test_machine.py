@@ -1,5 +1,6 @@
 """QEMU command line and result verification, without QEMU."""
 
+import json
 from pathlib import Path
 
 import pytest
@@ -7,7 +8,7 @@ import pytest
 from emulator.config import KernelSpec, PmemConfig, VmConfig
 from emulator.errors import ConfigError
 from emulator.machine import RunPaths, build_argv, kernel_cmdline
-from emulator.results import Check, verify_nvdimm
+from emulator.results import Check, HostVerifier, verify_nvdimm
 from qmp_client.session import MemoryDevice
 
 
@@ -63,6 +64,40 @@ def test_verify_nvdimm() -> None:
     assert not verify_nvdimm(moved, devs).ok
     assert not verify_nvdimm(Check("nvdimm.present", True, "garbage"), devs).ok
     assert not verify_nvdimm(good, []).ok
+
+
+def _stamped_nvdimm(tmp_path: Path) -> tuple[HostVerifier, dict]:
+    """One fsdax NVDIMM at 4 GiB whose backing file holds the guest's stamp at +1 MiB."""
+    pmem = tmp_path / "pmem0.img"
+    unit = "aperture:t:fsdax\n"
+    with open(pmem, "wb") as f:
+        f.truncate(4 << 20)
+        f.seek(1 << 20)
+        f.write((unit * 300).encode()[:4096])
+    verifier = HostVerifier([MemoryDevice("nvdimm", "nvdimm0", 1 << 32, 4 << 20, "/objects/pmem0")], [], [pmem],
+                            ["fsdax"], {}, 512 << 20, "probe")
+    detail = {"device": "/dev/pmem1", "stamp_phys": (1 << 32) + (1 << 20), "stamp_len": 4096, "stamp": unit}
+    return verifier, detail
+
+
+def test_ndctl_witness_agrees_disagrees_or_is_absent(tmp_path: Path) -> None:
+    verifier, detail = _stamped_nvdimm(tmp_path)
+    listing = [{"dev": "namespace1.0", "mode": "fsdax", "blockdev": "pmem1"},
+               {"dev": "namespace0.0", "mode": "devdax", "chardev": "dax0.0"}]
+    agrees = verifier.verify(Check("dax.fsdax", True, dict(detail, ndctl=json.dumps(listing))))
+    assert agrees.ok and agrees.detail["host_verified"]
+    assert agrees.detail["ndctl_witness"] == {"present": True, "device": "pmem1", "expected_mode": "fsdax",
+                                              "ok": True, "namespace": "namespace1.0", "mode": "fsdax"}
+    assert "ndctl" not in agrees.detail  # the raw listing is replaced by the parsed witness
+    lone = verifier.verify(Check("dax.fsdax", True, dict(detail, ndctl=json.dumps(listing[0]))))
+    assert lone.ok  # ndctl prints a single namespace as a bare object
+    wrong = [dict(listing[0], mode="raw")]
+    disagrees = verifier.verify(Check("dax.fsdax", True, dict(detail, ndctl=json.dumps(wrong))))
+    assert not disagrees.ok and "mode raw" in disagrees.detail["ndctl_witness"]["why"]
+    for bad in ("error: ndctl list failed", json.dumps([listing[1]])):
+        assert not verifier.verify(Check("dax.fsdax", True, dict(detail, ndctl=bad))).ok
+    absent = verifier.verify(Check("dax.fsdax", True, detail))
+    assert absent.ok and absent.detail["ndctl_witness"]["present"] is False
 
 
 def test_old_auto_named_run_dirs_are_pruned(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
