@@ -6,6 +6,7 @@ Every qemu.qmp failure is turned into ``QmpError`` so callers deal with one hier
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 import time
 from collections.abc import Coroutine
@@ -85,6 +86,8 @@ class QmpSession:
         deadline = time.monotonic() + timeout
         while True:
             try:
+                if not os.path.exists(socket_path):  # not yet: qemu.qmp would log each failed attempt as an ERROR
+                    raise FileNotFoundError(f"no socket {socket_path} yet")
                 await self._client.connect(socket_path)
                 return
             except (ConnectError, OSError) as exc:
