@@ -90,7 +90,7 @@ def vm_options(f: Any) -> Any:
                      help="An aperture device (repeatable; 'none' for no device). Default: two of "
                      "mem=256M,window=16M,slot=2M,hidden=240M-256M."),
         click.option("--memory", default="512M", callback=_size, show_default=True, metavar="SIZE",
-                     help="Guest RAM."),
+                     help="Guest RAM, 128M to 16G (beyond 2G it continues at 4 GiB, as a DMA target too)."),
         click.option("--accel", type=click.Choice(["auto", "kvm", "tcg"]), default="auto", show_default=True,
                      help="auto: KVM only if a probe boot works, else TCG."),
         click.option("--boot-timeout", type=click.FloatRange(min=1, max=3600), default=60.0, show_default=True,

@@ -47,6 +47,18 @@ def pmem_index(memdev: str | None) -> int:
     return int(tail) if tail.isdigit() else -1
 
 
+#: Guest RAM below 4 GiB: build_argv sets q35's ``max-ram-below-4g`` to this, so the split never depends on
+#: QEMU's size heuristics; RAM beyond it sits at 4 GiB (after the 32-bit PCI hole).
+RAM_BELOW_4G = 2 * GiB
+MAX_MEMORY = 16 * GiB
+
+
+def ram_ranges(memory: int) -> list[tuple[int, int, int]]:
+    """(guest-physical start, offset in the RAM backing file, length) of each guest RAM range."""
+    low = min(memory, RAM_BELOW_4G)
+    return [(0, 0, low)] + ([(4 * GiB, low, memory - low)] if memory > low else [])
+
+
 @dataclass(frozen=True)
 class PmemConfig:
     """One emulated NVDIMM. ``size`` is the data size the guest sees; the file adds the label area."""
@@ -189,8 +201,8 @@ class VmConfig:
     def __post_init__(self) -> None:
         if self.memory < 128 * MiB or self.memory % MiB:
             raise ConfigError(f"memory {format_size(self.memory)} must be a whole number of MiB, at least 128M")
-        if self.memory > 2 * GiB:
-            raise ConfigError("memory above 2G is not supported (guest RAM must stay below the 32-bit hole)")
+        if self.memory > MAX_MEMORY:
+            raise ConfigError(f"memory {format_size(self.memory)} is above the supported {format_size(MAX_MEMORY)}")
         if self.accel not in ("auto", "kvm", "tcg"):
             raise ConfigError(f"invalid accelerator {self.accel!r}: choose auto, kvm or tcg")
         if not 0 < self.boot_timeout <= 3600 or not 0 < self.run_timeout <= 24 * 3600:

@@ -24,7 +24,7 @@ from typing import Any
 
 from qmp_client.session import SyncQmpSession
 
-from .config import NVDIMM_LABEL_SIZE, PROBE_BAR_SIZE, GiB, KernelSpec, VmConfig, format_size
+from .config import NVDIMM_LABEL_SIZE, PROBE_BAR_SIZE, RAM_BELOW_4G, GiB, KernelSpec, VmConfig, format_size
 from .errors import ConfigError, GuestError, SetupError, VmLaunchError
 from .service import DeviceFiles, DeviceService, device_qemu_args
 
@@ -126,7 +126,7 @@ def build_argv(qemu: str, config: VmConfig, kernel: KernelSpec, initrd: Path, pa
     argv = [
         qemu,
         "-name", paths.name,
-        "-machine", "q35,nvdimm=on,memory-backend=ram0",
+        "-machine", f"q35,nvdimm=on,memory-backend=ram0,max-ram-below-4g={RAM_BELOW_4G}",
         "-accel", accel,
         "-cpu", "host" if accel == "kvm" else "max",
         "-smp", str(config.smp),

@@ -10,7 +10,7 @@ from typing import Any
 
 from qmp_client.session import MemoryDevice, PciDevice
 
-from .config import pmem_index
+from .config import pmem_index, ram_ranges
 
 
 @dataclass
@@ -231,7 +231,7 @@ class HostVerifier:
             phys_ok: bool | None = None
             if row.get("result") not in ("absent", None):
                 if mem == "ram":
-                    phys_ok = 0 < phys < self.memory
+                    phys_ok = phys > 0 and any(a <= phys < a + n for a, _, n in ram_ranges(self.memory))
                 elif mem in ("devdax", "fsdax"):
                     hit = self.nvdimm_at(phys)
                     phys_ok = hit is not None and hit[0] < len(self.pmem_modes) and self.pmem_modes[hit[0]] == mem

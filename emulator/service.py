@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from .addrmap import AddressMap, DmaFault, Region, flat
-from .config import DeviceConfig, PmemConfig, pmem_index
+from .config import DeviceConfig, PmemConfig, pmem_index, ram_ranges
 from .device import ApertureDevice
 from .ivshmem_server import IvshmemServer
 from .memory import FileBuffer
@@ -179,8 +179,11 @@ class DeviceService:
 
     def build_map(self, memory_devices: list[Any], pci: list[Any]) -> AddressMap:
         ram = self._buffers[0].view
-        regions = [Region(0, 0xA0000, "ram", "ram (low)", flat(ram)),
-                   Region(0x100000, self.memory, "ram", "ram", lambda off, n: [ram[0x100000 + off:0x100000 + off + n]])]
+        regions = [Region(0, 0xA0000, "ram", "ram (<640K)", flat(ram[:0xA0000]))]  # then the VGA/BIOS hole
+        for start, offset, length in ram_ranges(self.memory):
+            first = 0x100000 if start == 0 else 0
+            regions.append(Region(start + first, start + length, "ram", "ram" if start == 0 else "ram (above 4G)",
+                                  flat(ram[offset + first : offset + length])))
         for md in memory_devices:
             idx = pmem_index(md.memdev)
             if md.kind != "nvdimm" or not 0 <= idx < len(self.pmem_spec):

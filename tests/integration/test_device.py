@@ -86,6 +86,17 @@ def test_small_device_topologies(tmp_path: Path, spec: str, memory: str) -> None
     assert {"aperture.window", "aperture.bad_descriptors"} <= {c["name"] for c in result["checks"]}
 
 
+def test_guest_ram_above_4g_is_a_dma_target(tmp_path: Path) -> None:
+    """3 GiB of guest RAM: the kernel hands the helper pages above 4 GiB, and the DMA engine reaches them."""
+    proc = run_aperture("run", "--json", "-q", "--memory", "3G", "--run-dir", str(tmp_path / "run"), timeout=300)
+    result = json.loads(proc.stdout)
+    assert proc.returncode == 0, [c for c in result["checks"] if not c["ok"]]
+    checks = _checks(result)
+    assert checks["p2p.ram_to_device"]["detail"]["list_phys"] >= 4 << 30
+    ram_row = next(r for r in checks["zone_device.probe"]["detail"]["rows"] if r["memory"] == "ram")
+    assert ram_row["phys_ok"] is True
+
+
 def test_single_small_device_topology(tmp_path: Path) -> None:
     proc = run_aperture("run", "--json", "-q", "--device", "aperture,mem=64M,window=8M,slot=1M,hidden=60M-64M",
                         "--run-dir", str(tmp_path / "run"), timeout=300)

@@ -1,6 +1,6 @@
 import pytest
 
-from emulator.config import NVDIMM_LABEL_SIZE, GiB, MiB, PmemConfig, VmConfig, format_size, parse_size
+from emulator.config import NVDIMM_LABEL_SIZE, GiB, MiB, PmemConfig, VmConfig, format_size, parse_size, ram_ranges
 from emulator.errors import ConfigError
 
 
@@ -34,12 +34,20 @@ def test_pmem_modes() -> None:
     assert PmemConfig.parse("64M:fsdax").size == 64 * MiB
 
 
+def test_ram_layout_splits_at_2g() -> None:
+    """Guest RAM beyond 2 GiB continues at 4 GiB (q35, max-ram-below-4g=2G) and at 2 GiB in the backing file."""
+    assert ram_ranges(512 * MiB) == [(0, 0, 512 * MiB)]
+    assert ram_ranges(2 * GiB) == [(0, 0, 2 * GiB)]
+    assert ram_ranges(3 * GiB) == [(0, 0, 2 * GiB), (4 * GiB, 2 * GiB, GiB)]
+
+
 def test_vm_config_validation() -> None:
     VmConfig()
     with pytest.raises(ConfigError):
         VmConfig(memory=64 * MiB)
-    with pytest.raises(ConfigError):
-        VmConfig(memory=3 * GiB)
+    VmConfig(memory=3 * GiB)
+    with pytest.raises(ConfigError, match="above the supported 16G"):
+        VmConfig(memory=17 * GiB)
     with pytest.raises(ConfigError):
         VmConfig(accel="xen")  # type: ignore[arg-type]
     with pytest.raises(ConfigError):

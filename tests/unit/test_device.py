@@ -434,3 +434,28 @@ def test_random_moves_never_double_map_on_a_crowded_device(tmp_path: Path) -> No
             assert len(live) == len(set(live)) and all(p < 3 for p in live)
     finally:
         rig.close()
+
+
+def test_address_map_follows_guest_ram_above_4g(tmp_path: Path) -> None:
+    """A 3 GiB guest: [1M, 2G) is the file's first 2 GiB, [4G, 5G) its last; the 32-bit hole is nothing."""
+    from emulator.memory import FileBuffer
+    from emulator.service import DeviceService
+
+    ram = tmp_path / "ram"
+    service = DeviceService((), [], ram=ram, memory=3 << 30, pmem=[], qmp=lambda: None)
+    service._buffers.append(FileBuffer(ram, 3 << 30))
+    amap = service.build_map([], [])
+    amap.resolve((4 << 30) + 4096, 4)[0][:] = b"high"
+    amap.resolve(0x200000, 3)[0][:] = b"low"
+    with pytest.raises(DmaFault):
+        amap.resolve(3 << 30, 8)  # the PCI hole
+    with pytest.raises(DmaFault):
+        amap.resolve((2 << 30) - 2, 4)  # crosses the end of low RAM
+    with pytest.raises(DmaFault):
+        amap.resolve(5 << 30, 1)  # past the end of RAM
+    service._buffers[0].close()
+    with open(ram, "rb") as f:
+        f.seek((2 << 30) + 4096)
+        assert f.read(4) == b"high"
+        f.seek(0x200000)
+        assert f.read(3) == b"low"
