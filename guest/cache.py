@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 from pathlib import Path
 
 
@@ -26,9 +27,15 @@ def read_manifest(root: Path | None = None) -> dict:
         return {}
 
 
+def private_tmp(path: Path) -> Path:
+    """A temporary sibling of ``path`` no other process writes (parallel pytest workers build the same files);
+    write it, then ``replace`` it onto ``path``."""
+    return path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(3)}.tmp")
+
+
 def write_manifest(data: dict, root: Path | None = None) -> None:
     path = manifest_path(root)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
+    tmp = private_tmp(path)
     tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
     tmp.replace(path)

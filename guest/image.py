@@ -16,7 +16,7 @@ from pathlib import Path
 from emulator.config import KernelSpec
 from emulator.errors import SetupError
 
-from .cache import cache_root, read_manifest
+from .cache import cache_root, private_tmp, read_manifest
 from .cpio import CpioWriter
 from .elf import binary_closure, check_static_x86_64
 from .kmod import ModuleIndex
@@ -57,7 +57,7 @@ def build_helper(cache: Path | None = None) -> Path:
     if gcc is None:
         raise SetupError("gcc not found: it builds the static guest helper (run scripts/setup.sh)")
     out_dir.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir / "aperture-helper.tmp"
+    tmp = private_tmp(out)
     argv = [gcc, "-static", "-O2", "-Wall", "-o", str(tmp)] + [str(p) for p in src if p.suffix == ".c"]
     proc = subprocess.run(argv, capture_output=True, text=True)
     if proc.returncode != 0:
@@ -153,7 +153,7 @@ def build_image(kernel: KernelSpec, modules: tuple[str, ...] = DEFAULT_MODULES, 
         return GuestImage(out, hexdigest, kernel.release, names, cached=True)
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp")
+    tmp = private_tmp(out)
     with open(tmp, "wb") as f:
         w = CpioWriter(f)
         for d in ("bin", "sbin", "dev", "etc", "etc/aperture", "lib", "lib/modules", "proc", "sys", "run",
@@ -178,6 +178,11 @@ def build_image(kernel: KernelSpec, modules: tuple[str, ...] = DEFAULT_MODULES, 
 
 def _prune(images: Path, keep: int) -> None:
     """Images are cheap to rebuild: keep the newest few, so the cache does not grow with every change."""
-    old = sorted(images.glob("initramfs-*.cpio"), key=lambda p: p.stat().st_mtime, reverse=True)[keep:]
-    for path in old:
+    dated = []
+    for path in images.glob("initramfs-*.cpio"):
+        try:
+            dated.append((path.stat().st_mtime, path))
+        except OSError:  # pruned by a parallel build meanwhile
+            pass
+    for _, path in sorted(dated, reverse=True)[keep:]:
         path.unlink(missing_ok=True)

@@ -9,7 +9,7 @@ from pathlib import Path
 from emulator.config import KernelSpec
 from emulator.errors import SetupError
 
-from .cache import cache_root
+from .cache import cache_root, private_tmp
 from .elf import pvh_entry
 
 _DECOMPRESSORS = {b"\x28\xb5\x2f\xfd": ["zstd", "-dcq"], b"\xfd7zXZ": ["xz", "-dcq"], b"\x1f\x8b": ["gzip", "-dcq"]}
@@ -39,7 +39,7 @@ def extract_pvh_vmlinux(kernel: KernelSpec) -> tuple[Path | None, str]:
     if not proc.stdout.startswith(b"\x7fELF"):
         return None, f"decompressing the payload failed: {proc.stderr.decode(errors='replace').strip()[:100]}"
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp")
+    tmp = private_tmp(out)
     tmp.write_bytes(proc.stdout)
     try:
         if pvh_entry(tmp) is None:
