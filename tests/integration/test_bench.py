@@ -1,0 +1,33 @@
+"""Every bench runs end to end and keeps its JSON contract. Numbers are never asserted: speed is measured by
+`aperture bench` and scripts/bench.sh, not tested."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from tests.conftest import run_aperture
+
+CONTRACT = {
+    "boot": (["-n", "1"], {"boot_to_helper_s_p50", "boot_to_poweroff_s_p50"}, set()),
+    "dax": ([], {"memcpy_ram_MBps", "memcpy_devdax_MBps", "memcpy_fsdax_MBps"}, {"devdax_vs_ram", "fsdax_vs_ram"}),
+    "device": ([], {"map_rtt_us_p50", "map_rtt_us_p99", "dma_2m_MBps", "host_memcpy_2m_MBps"},
+               {"map_rtt_vs_floor", "dma_2m_vs_memcpy"}),
+    "remap": (["-n", "10"], {"remap_pause_ms_p50", "remap_pause_ms_p99", "stopcont_ms_p50", "remap_hotplug_ms_p50"},
+              {"remap_pause_vs_stopcont"}),
+}
+
+
+@pytest.mark.parametrize("name", sorted(CONTRACT))
+def test_bench_prints_figures_and_same_run_ratios(name: str) -> None:
+    args, figures, ratios = CONTRACT[name]
+    proc = run_aperture("bench", name, *args, "--json", "-q", timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout)
+    assert result["bench"] == name and result["accel"] in ("tcg", "kvm")
+    assert figures <= set(result["figures"]) and ratios <= set(result["ratios"]) and result["ratios"]
+    for key, value in {**result["figures"], **result["ratios"]}.items():
+        assert isinstance(value, (int, float)) and math.isfinite(value) and value >= 0, (key, value)
+    assert all(v > 0 for v in result["ratios"].values()), result["ratios"]
