@@ -65,6 +65,7 @@ def build_helper(cache: Path | None = None) -> Path:
         raise SetupError(f"building the guest helper failed (is libc6-dev installed?): {tail}")
     check_static_x86_64(tmp)
     tmp.replace(out)
+    _prune(out_dir.parent, "*/aperture-helper", keep=6)
     return out
 
 
@@ -172,17 +173,19 @@ def build_image(kernel: KernelSpec, modules: tuple[str, ...] = DEFAULT_MODULES, 
             w.file(guest_path, host.read_bytes(), 0o755)
         w.close()
     tmp.replace(out)
-    _prune(out.parent, keep=6)
+    _prune(out.parent, "initramfs-*.cpio", keep=6)
     return GuestImage(out, hexdigest, kernel.release, names, cached=False)
 
 
-def _prune(images: Path, keep: int) -> None:
-    """Images are cheap to rebuild: keep the newest few, so the cache does not grow with every change."""
+def _prune(base: Path, pattern: str, keep: int) -> None:
+    """Images and helpers are cheap to rebuild: keep the newest few, so the cache does not grow with every change."""
     dated = []
-    for path in images.glob("initramfs-*.cpio"):
+    for path in base.glob(pattern):
         try:
             dated.append((path.stat().st_mtime, path))
         except OSError:  # pruned by a parallel build meanwhile
             pass
     for _, path in sorted(dated, reverse=True)[keep:]:
         path.unlink(missing_ok=True)
+        if path.name == "aperture-helper":
+            shutil.rmtree(path.parent, ignore_errors=True)

@@ -1,5 +1,6 @@
 """The guest image: contents, the shared-library closure of host binaries, caching by input hash."""
 
+import os
 from pathlib import Path
 
 import pytest
@@ -7,7 +8,7 @@ import pytest
 from emulator.errors import SetupError
 from guest.cpio import read_cpio
 from guest.elf import binary_closure
-from guest.image import build_image
+from guest.image import _prune, build_image
 
 
 def test_mke2fs_closure_has_loader_and_libs() -> None:
@@ -48,3 +49,17 @@ def test_busybox_missing_is_setup_error(cached_kernel, tmp_path: Path, monkeypat
     monkeypatch.setenv("APERTURE_CACHE", str(tmp_path))
     with pytest.raises(SetupError, match="busybox"):
         build_image(cached_kernel, cache=tmp_path)
+
+
+def test_cache_keeps_the_newest_images_and_helpers(tmp_path: Path) -> None:
+    for i in range(8):
+        image = tmp_path / "images" / f"initramfs-{i}.cpio"
+        helper = tmp_path / "helper" / f"h{i}" / "aperture-helper"
+        for path in (image, helper):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(b"x")
+            os.utime(path, (1000 + i, 1000 + i))
+    _prune(tmp_path / "images", "initramfs-*.cpio", keep=3)
+    _prune(tmp_path / "helper", "*/aperture-helper", keep=3)
+    assert sorted(p.name for p in (tmp_path / "images").iterdir()) == [f"initramfs-{i}.cpio" for i in (5, 6, 7)]
+    assert sorted(p.name for p in (tmp_path / "helper").iterdir()) == ["h5", "h6", "h7"]
