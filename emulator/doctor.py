@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from guest.cache import cache_root, read_manifest
+from guest.image import guest_binaries
 
 from .errors import ApertureError
 
@@ -38,6 +39,7 @@ def diagnose(probe: bool = False, progress: Callable[[str], None] | None = None)
         qemu, version = None, None
         qemu_section = {"error": exc.one_line()}
     report["qemu"] = qemu_section
+    report["guest binaries"] = {name: str(path) for name, path in guest_binaries().items()}
 
     cache = cache_root()
     manifest = read_manifest()

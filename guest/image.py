@@ -107,6 +107,18 @@ def find_host_binary(name: str) -> Path:
     return Path(found)
 
 
+def guest_binaries() -> dict[str, str]:
+    """What each default guest binary resolves to on this host, or why it will be missing (for doctor)."""
+    out = {}
+    for name in DEFAULT_GUEST_BINS + OPTIONAL_GUEST_BINS:
+        try:
+            out[name] = str(find_host_binary(name))
+        except SetupError as exc:
+            out[name] = exc.message + ("" if name in DEFAULT_GUEST_BINS else " — optional: the DAX checks run without "
+                                       "their ndctl witness")
+    return out
+
+
 def optional_host_binaries() -> tuple[Path, ...]:
     found = []
     for name in OPTIONAL_GUEST_BINS:

@@ -47,7 +47,8 @@ def test_doctor_json() -> None:
     proc = run_aperture("doctor", "--json", timeout=60)
     assert proc.returncode == 0, proc.stderr
     report = json.loads(proc.stdout)
-    assert set(report) == {"qemu", "cache", "accelerator", "kernel config"}
+    assert set(report) == {"qemu", "guest binaries", "cache", "accelerator", "kernel config"}
+    assert report["guest binaries"]["mke2fs"].endswith("/mke2fs")
     assert report["qemu"]["version"].count(".") == 2
     assert report["kernel config"]["ZONE_DEVICE"] == "y"
     assert "PCI_P2PDMA" in report["kernel config"]
