@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from guest.cache import cache_root
+from guest.cache import cache_root, mtime_or_zero
 from guest.image import GuestImage, build_image
 from guest.kernel import kernel_config
 from qmp_client.remap import RemapController
@@ -49,7 +49,7 @@ def prune_runs(base: Path, keep: int) -> list[Path]:
         runs = [p for p in base.iterdir() if AUTO_RUN_NAME.fullmatch(p.name) and p.is_dir()]
     except OSError:
         return []
-    runs.sort(key=_mtime, reverse=True)
+    runs.sort(key=mtime_or_zero, reverse=True)
     removed = []
     for path in runs[keep:]:
         match = AUTO_RUN_NAME.fullmatch(path.name)
@@ -58,14 +58,6 @@ def prune_runs(base: Path, keep: int) -> list[Path]:
         shutil.rmtree(path, ignore_errors=True)
         removed.append(path)
     return removed
-
-
-def _mtime(path: Path) -> float:
-    """0 for a directory another run pruned meanwhile (parallel runs share the base)."""
-    try:
-        return path.stat().st_mtime
-    except OSError:
-        return 0.0
 
 
 @dataclass(frozen=True)

@@ -33,6 +33,14 @@ def private_tmp(path: Path) -> Path:
     return path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(3)}.tmp")
 
 
+def mtime_or_zero(path: Path) -> float:
+    """Modification time, or 0 for a file another process removed meanwhile (parallel runs prune one cache)."""
+    try:
+        return path.stat().st_mtime
+    except OSError:
+        return 0.0
+
+
 def write_manifest(data: dict, root: Path | None = None) -> None:
     path = manifest_path(root)
     path.parent.mkdir(parents=True, exist_ok=True)

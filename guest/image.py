@@ -16,7 +16,7 @@ from pathlib import Path
 from emulator.config import KernelSpec
 from emulator.errors import SetupError
 
-from .cache import cache_root, private_tmp, read_manifest
+from .cache import cache_root, mtime_or_zero, private_tmp, read_manifest
 from .cpio import CpioWriter
 from .elf import binary_closure, check_static_x86_64
 from .kmod import ModuleIndex
@@ -191,13 +191,7 @@ def build_image(kernel: KernelSpec, modules: tuple[str, ...] = DEFAULT_MODULES, 
 
 def _prune(base: Path, pattern: str, keep: int) -> None:
     """Images and helpers are cheap to rebuild: keep the newest few, so the cache does not grow with every change."""
-    dated = []
-    for path in base.glob(pattern):
-        try:
-            dated.append((path.stat().st_mtime, path))
-        except OSError:  # pruned by a parallel build meanwhile
-            pass
-    for _, path in sorted(dated, reverse=True)[keep:]:
+    for path in sorted(base.glob(pattern), key=mtime_or_zero, reverse=True)[keep:]:
         path.unlink(missing_ok=True)
         if path.name == "aperture-helper":
             shutil.rmtree(path.parent, ignore_errors=True)
