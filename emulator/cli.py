@@ -438,6 +438,35 @@ def qmp(name: str, as_json: bool) -> None:
     sys.exit(shell.loop(sys.stdin))
 
 
+@cli.command("exec", context_settings={"ignore_unknown_options": True})
+@click.argument("name")
+@click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
+@click.option("--timeout", type=click.FloatRange(1, 3600), default=120.0, show_default=True,
+              help="Seconds the command may run.")
+@click.option("--json", "as_json", is_flag=True, help='Print {"rc": N, "output": "..."} instead.')
+def exec_cmd(name: str, command: tuple[str, ...], timeout: float, as_json: bool) -> None:
+    """Run a shell command in a running VM's guest and exit with its status.
+
+    The words are joined with spaces and run by the guest's busybox sh (as ssh does), with the
+    aperture-helper tools on PATH:
+
+    \b
+      aperture exec NAME -- 'dmesg | tail'
+      aperture exec NAME -- aperture-helper map 0 1 5
+    """
+    from qmp_client.control import call
+
+    rec = _record(name)
+    result = call(rec.control_socket, "exec", timeout=timeout + 10, command=" ".join(command), timeout_s=timeout)
+    if as_json:
+        emit_json(result)
+    else:
+        sys.stdout.write(str(result.get("output", "")))
+        sys.stdout.flush()
+    rc = int(result.get("rc", 1))
+    sys.exit(rc if 0 <= rc <= 255 else 1)
+
+
 def _record(name: str) -> Any:
     from .registry import read_record
 

@@ -1,7 +1,7 @@
 """The process behind ``aperture up``: owns one VM (QEMU + device model) until ``aperture down``.
 
 It records itself in the state directory, serves domain commands on a control socket (window show/map/unmap,
-memmap, dma stats, remap start/stop, shutdown) and leaves a second QMP monitor free for users.
+memmap, dma stats, remap start/stop, exec in the guest, shutdown) and leaves a second QMP monitor free for users.
 Usage (internal): ``python -m emulator.daemon SPEC.json``.
 """
 
@@ -33,6 +33,9 @@ class Daemon:
         self.vm: Vm | None = None
         self.remapper: RemapController | None = None
         self.record: VmRecord | None = None
+        # One reader of the guest's results channel at a time: the main loop's poll, or a guest command.
+        self.guest_lock = threading.Lock()
+        self.control_lock = threading.Lock()  # the other control commands, one at a time
 
     # ------------------------------------------------------------------ domain commands
     def _device(self, dev: Any) -> Any:
@@ -72,6 +75,15 @@ class Daemon:
         if cmd == "shutdown":
             self.stop.set()
             return "shutting down"
+        if cmd == "exec":
+            command = args.get("command")
+            if not isinstance(command, str) or not command.strip() or len(command.encode()) > 4000:
+                raise ApertureError("exec needs a shell command of at most 4000 bytes")
+            if self.record is None or self.record.state != "ready":
+                raise ApertureError("the guest is not ready yet")
+            with self.guest_lock:
+                rc, output = self.vm.exec(command, timeout=float(args.get("timeout_s", 120)))
+            return {"rc": rc, "output": output}
         if service is None:
             raise ApertureError("this VM has no aperture devices")
         if cmd == "window.show":
@@ -120,28 +132,37 @@ class Daemon:
                 conn, _ = srv.accept()
             except TimeoutError:
                 continue
-            with conn:
-                try:
-                    conn.settimeout(10)
-                    buf = b""
-                    while not buf.endswith(b"\n") and len(buf) < 1 << 16:
-                        chunk = conn.recv(4096)
-                        if not chunk:
-                            break
-                        buf += chunk
-                    req = json.loads(buf or b"{}")
-                    result = self.handle(str(req.get("cmd")), dict(req.get("args") or {}))
-                    reply = {"ok": True, "result": result}
-                except ApertureError as exc:
-                    reply = {"ok": False, "error": exc.one_line()}
-                except Exception as exc:  # noqa: BLE001 - a bad request must not kill the VM
-                    reply = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
-                try:
-                    conn.sendall(json.dumps(reply).encode() + b"\n")
-                except OSError:
-                    pass
+            # One thread per request: a long guest command must not hold up `down` or a window map.
+            threading.Thread(target=self._serve_one, args=(conn,), name="aperture-control", daemon=True).start()
         srv.close()
         path.unlink(missing_ok=True)
+
+    def _serve_one(self, conn: socket.socket) -> None:
+        with conn:
+            try:
+                conn.settimeout(10)
+                buf = b""
+                while not buf.endswith(b"\n") and len(buf) < 1 << 16:
+                    chunk = conn.recv(4096)
+                    if not chunk:
+                        break
+                    buf += chunk
+                req = json.loads(buf or b"{}")
+                cmd, args = str(req.get("cmd")), dict(req.get("args") or {})
+                if cmd == "exec":  # serialised by guest_lock instead
+                    result = self.handle(cmd, args)
+                else:
+                    with self.control_lock:
+                        result = self.handle(cmd, args)
+                reply = {"ok": True, "result": result}
+            except ApertureError as exc:
+                reply = {"ok": False, "error": exc.one_line()}
+            except Exception as exc:  # noqa: BLE001 - a bad request must not kill the VM
+                reply = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
+            try:
+                conn.sendall(json.dumps(reply).encode() + b"\n")
+            except OSError:
+                pass
 
     # ------------------------------------------------------------------ lifecycle
     def run(self) -> int:
@@ -164,9 +185,20 @@ class Daemon:
             try:
                 for msg in vm.messages(run_timeout=float("inf"), should_stop=self.stop.is_set):
                     if msg.get("type") == "phase" and msg.get("name") == "idle":
-                        self.record.state = "ready"
-                        write_record(self.record)
-                        print(f"{name}: guest ready after {vm.boot_s:.2f} s", flush=True)
+                        break
+                else:
+                    return 0  # stopped (or the guest finished) before it became ready
+                self.record.state = "ready"
+                write_record(self.record)
+                print(f"{name}: guest ready after {vm.boot_s:.2f} s", flush=True)
+                while not self.stop.is_set():  # from here on: poll (panic, death) between guest commands
+                    if self.guest_lock.acquire(timeout=0.1):
+                        try:
+                            if any(m.get("type") == "done" for m in vm.poll()):
+                                return 0
+                        finally:
+                            self.guest_lock.release()
+                    self.stop.wait(0.1)
             finally:
                 self.record.state = "stopping"
                 write_record(self.record)

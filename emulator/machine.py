@@ -399,6 +399,11 @@ class Vm:
                 raise GuestError(f"guest run timed out after {run_timeout:.0f} s (console: {self.paths.console})")
             time.sleep(0.01)
 
+    def poll(self) -> list[dict[str, Any]]:
+        """One non-blocking pass over the console and the results channel; raises GuestError on panic or death."""
+        passes = iter((False,))
+        return list(self.messages(run_timeout=float("inf"), should_stop=lambda: next(passes, True)))
+
     def wait_idle(self, timeout: float | None = None) -> None:
         """Wait for the `idle` scenario's helper to finish setting up (DAX configured, serving commands)."""
         for msg in self.messages(run_timeout=timeout):
@@ -413,7 +418,7 @@ class Vm:
         self._cmd_id += 1
         ident = self._cmd_id
         try:
-            self._cmd_sock.sendall(json.dumps(dict(request, id=ident)).encode() + b"\n")
+            self._cmd_sock.sendall(json.dumps(dict(request, id=ident), ensure_ascii=False).encode() + b"\n")
         except OSError as exc:
             raise GuestError(f"guest command channel closed: {exc}") from None
         deadline = time.monotonic() + timeout
@@ -423,6 +428,17 @@ class Vm:
                 return msg, seen
             seen.append(msg)
         raise GuestError(f"guest command {request} timed out after {timeout:.0f} s")
+
+    def exec(self, command: str, timeout: float = 120.0) -> tuple[int, str]:
+        """Run a shell command in the guest (busybox sh, helper tools on PATH): its exit status and output."""
+        done, seen = self.command({"exec": command}, timeout)
+        ident = done.get("id")
+        chunks = [str(m.get("data", "")) for m in seen if m.get("type") == "cmd-output" and m.get("id") == ident]
+        # The helper escapes every byte >= 0x7f as \u00XX: latin-1 gives the bytes back, then decode them as UTF-8.
+        output = "".join(chunks).encode("latin-1", "replace").decode("utf-8", "replace")
+        if done.get("truncated"):
+            output += f"\n[output truncated: {done.get('output_bytes')} bytes, the first 1 MiB shown]\n"
+        return int(done.get("rc", -1)), output
 
     def wait_poweroff(self, timeout: float = 15.0) -> float:
         """Wait for the guest to power off after ``done``; return host seconds since QEMU start."""

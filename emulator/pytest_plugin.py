@@ -60,8 +60,7 @@ class ApertureVM:
 
     def exec(self, command: str, timeout: float = 120.0) -> ExecResult:
         """Run a shell command in the guest (busybox sh; ``aperture-helper`` tools are on PATH)."""
-        done, _ = self.vm.command({"exec": command}, timeout)
-        return ExecResult(int(done.get("rc", -1)), str(done.get("output", "")))
+        return ExecResult(*self.vm.exec(command, timeout))
 
     def run_scenario(self, name: str = "aperture", timeout: float = 300.0) -> dict[str, Check]:
         """Run a helper scenario (default, nvdimm, dax, aperture) in the live guest; its checks by name."""

@@ -2,7 +2,8 @@
 
 Raw QMP in qmp-shell syntax (``query-pci``, ``device_del id=x``; values are JSON when they parse, else
 strings) or a whole JSON command. Domain commands go to the VM daemon: ``window show [DEV]``, ``window map
-DEV SLOT PAGE``, ``window unmap DEV SLOT``, ``memmap``, ``dma stats``, ``remap start EVERY``, ``remap stop``.
+DEV SLOT PAGE``, ``window unmap DEV SLOT``, ``memmap``, ``dma stats``, ``remap start EVERY``, ``remap stop``,
+``guest CMD...`` (a shell command in the guest).
 Bad input, unknown commands and a vanished QEMU give one-line messages; the shell keeps going.
 """
 
@@ -30,7 +31,11 @@ DOMAIN = {
     "dma stats": "per-device counters: completions, maps, remaps, DMA bytes, errors",
     "remap start EVERY": "remap random slots every EVERY (e.g. 20ms) until 'remap stop'",
     "remap stop": "stop remapping; prints latency percentiles",
+    "guest CMD...": "run a shell command in the guest (busybox sh; aperture-helper tools on PATH)",
 }
+
+
+GUEST_TIMEOUT = 120.0  # seconds a `guest CMD` may run
 
 
 class ShellError(ApertureError):
@@ -98,8 +103,11 @@ class QmpShell:
             print(f"error: {message}", file=self.err, flush=True)
 
     # ------------------------------------------------------------------ commands
-    def _domain(self, words: list[str]) -> tuple[Any, Callable[[Any], str] | None]:
+    def _domain(self, words: list[str], line: str) -> tuple[Any, Callable[[Any], str] | None]:
         sock = self.rec.control_socket
+        if words[0] == "guest" and len(words) > 1:  # the rest of the line, spacing and quotes as typed
+            command = line.split(None, 1)[1]
+            return call(sock, "exec", timeout=GUEST_TIMEOUT + 10, command=command, timeout_s=GUEST_TIMEOUT), _show_exec
         head = " ".join(words[:2])
         if words[0] == "window" and len(words) >= 2 and words[1] == "show" and len(words) <= 3:
             if len(words) == 3:
@@ -136,8 +144,8 @@ class QmpShell:
             return True
         try:
             words = line.split()
-            if words[0] in ("window", "memmap", "dma", "remap"):
-                result, human = self._domain(words)
+            if words[0] in ("window", "memmap", "dma", "remap", "guest"):
+                result, human = self._domain(words, line)
                 self._reply(line, result, human)
                 return True
             cmd, args = parse_qmp(line)
@@ -216,6 +224,11 @@ def _show_windows(devs: list[dict[str, Any]]) -> str:
         for slot, page in enumerate(d["slots"]):
             lines.append(f"  slot {slot}: {'-' if page is None else f'page {page}'}")
     return "\n".join(lines)
+
+
+def _show_exec(result: dict[str, Any]) -> str:
+    output = str(result.get("output", "")).rstrip("\n")
+    return output + (f"\n[exit {result.get('rc')}]" if result.get("rc") != 0 else "")
 
 
 def _show_memmap(regions: list[dict[str, Any]]) -> str:

@@ -1,5 +1,6 @@
 /* serve: after `idle`, run commands the host sends on the aperture.cmd port (one JSON object per line):
- *   {"id": N, "exec": "shell command"}   → {"type":"cmd-done","id":N,"rc":RC,"output":"..."}
+ *   {"id": N, "exec": "shell command"}   → {"type":"cmd-output","id":N,"data":"..."} per 2 KiB of output, then
+ *                                          {"type":"cmd-done","id":N,"rc":RC,"output_bytes":N,"truncated":false}
  *   {"id": N, "scenario": "default"|"nvdimm"|"dax"|"aperture"} → the scenario's checks, then cmd-done
  * This is how the pytest plugin runs things in an already booted guest.
  */
@@ -51,31 +52,44 @@ static long json_int(const char *obj, const char *key)
     return strtol(p + 1, NULL, 10);
 }
 
+/* Output goes out in cmd-output chunks small enough that each escaped line fits a jbuf (a byte escapes to at most
+ * 6 characters), so any output arrives whole; past EXEC_OUTPUT_MAX it is drained and dropped ("truncated"). */
+#define EXEC_CHUNK 2048
+#define EXEC_OUTPUT_MAX (1 << 20)
+
 static void run_exec(long id, const char *cmd)
 {
-    static char output[32768];
-    size_t n = 0;
+    static char chunk[EXEC_CHUNK + 1];
+    static struct jbuf jb;
     char full[4200];
     snprintf(full, sizeof(full), "%s 2>&1", cmd);
     FILE *f = popen(full, "r");
     int rc = -1;
+    size_t total = 0;
     if (f) {
         size_t got;
-        while ((got = fread(output + n, 1, sizeof(output) - 1 - n, f)) > 0)
-            n += got;
+        while ((got = fread(chunk, 1, EXEC_CHUNK, f)) > 0) {
+            total += got;
+            if (total - got >= EXEC_OUTPUT_MAX)
+                continue;
+            chunk[got] = 0;
+            if (memchr(chunk, 0, got)) /* jb_str stops at a NUL: show NULs as '?' */
+                for (size_t i = 0; i < got; i++)
+                    if (!chunk[i])
+                        chunk[i] = '?';
+            jb_init(&jb);
+            jb_printf(&jb, "{\"type\":\"cmd-output\",\"id\":%ld,\"data\":", id);
+            jb_str(&jb, chunk);
+            jb_printf(&jb, "}");
+            report_line(jb.buf);
+        }
         int st = pclose(f);
         rc = WIFEXITED(st) ? WEXITSTATUS(st) : 128 + (WIFSIGNALED(st) ? WTERMSIG(st) : 0);
     }
-    output[n] = 0;
-    struct jbuf *jb = malloc(sizeof(*jb));
-    if (!jb)
-        return;
-    jb_init(jb);
-    jb_printf(jb, "{\"type\":\"cmd-done\",\"id\":%ld,\"rc\":%d,\"output\":", id, rc);
-    jb_str(jb, output);
-    jb_printf(jb, "}");
-    report_line(jb->buf);
-    free(jb);
+    jb_init(&jb);
+    jb_printf(&jb, "{\"type\":\"cmd-done\",\"id\":%ld,\"rc\":%d,\"output_bytes\":%zu,\"truncated\":%s}", id, rc,
+              total, total > EXEC_OUTPUT_MAX ? "true" : "false");
+    report_line(jb.buf);
 }
 
 static void run_scenario(long id, const char *name)

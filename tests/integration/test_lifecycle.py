@@ -103,6 +103,25 @@ def test_scripted_shell_json_and_remaps(live_vm) -> None:
     assert summary["mode"] == "pause" and summary["remaps"] >= 5 and summary["errors"] == []
 
 
+def test_exec_runs_guest_commands_with_their_status_and_whole_output(live_vm) -> None:
+    name, env, _ = live_vm
+    proc = run_aperture("exec", name, "--", "echo", "hello", "from", "the", "guest", env=env, timeout=120)
+    assert proc.returncode == 0 and proc.stdout == "hello from the guest\n", proc.stderr
+    assert run_aperture("exec", name, "--", "exit 7", env=env, timeout=120).returncode == 7
+    # far more than one results line can carry: it arrives in chunks, whole and in order
+    big = run_aperture("exec", name, "--json", "--", "seq 1 30000; echo 'ünïcode'", env=env, timeout=120)
+    result = json.loads(big.stdout)
+    assert result["rc"] == 0
+    assert result["output"] == "".join(f"{i}\n" for i in range(1, 30001)) + "ünïcode\n"
+    # the helper's tools are on the guest's PATH; the device is visible there
+    info = run_aperture("exec", name, "--", "aperture-helper info", env=env, timeout=120)
+    assert info.returncode == 0 and info.stdout.strip(), info.stderr
+    # and the QMP shell has the same thing as `guest CMD`
+    shell = run_aperture("qmp", name, "--json", env=env, timeout=120, input='guest echo "a  b"; false\n')
+    reply = json.loads(shell.stdout)["return"]
+    assert reply == {"rc": 1, "output": "a  b\n"}
+
+
 def test_console(live_vm) -> None:
     name, env, _ = live_vm
     proc = run_aperture("console", name, env=env)
@@ -111,7 +130,7 @@ def test_console(live_vm) -> None:
 
 def test_unknown_vm_and_bad_name() -> None:
     env = {"APERTURE_STATE": "/nonexistent-aperture-state"}
-    for args in (["qmp", "nope"], ["down", "nope"], ["console", "nope"]):
+    for args in (["qmp", "nope"], ["down", "nope"], ["console", "nope"], ["exec", "nope", "true"]):
         proc = run_aperture(*args, env=env, timeout=60)
         assert proc.returncode == 2 and "Traceback" not in proc.stderr, (args, proc.stderr)
     proc = run_aperture("up", "bad/name", env=env, timeout=60)
