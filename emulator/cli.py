@@ -130,6 +130,11 @@ def cli() -> None:
     """
 
 
+guest_bin_option = click.option(
+    "--guest-bin", "guest_bins", multiple=True, type=click.Path(path_type=Path, dir_okay=False),
+    help="Host binary to put into the guest's /usr/local/bin, with its shared libraries. Repeatable.")
+
+
 @cli.command()
 @vm_options
 @click.option("--run-dir", type=click.Path(path_type=Path),
@@ -138,8 +143,7 @@ def cli() -> None:
               "first boot's DAX data persisted (dax.persistence).")
 @click.option("--force", is_flag=True, help="Let the guest overwrite an NVDIMM whose info block is foreign, "
               "corrupted or of another mode (destroys that NVDIMM's data).")
-@click.option("--guest-bin", "guest_bins", multiple=True, type=click.Path(path_type=Path, dir_okay=False),
-              help="Host binary to put into the guest's /usr/local/bin, with its shared libraries. Repeatable.")
+@guest_bin_option
 @click.option("--remap-every", callback=_duration, metavar="DURATION",
               help="Run the window workload instead of the default checks, while the host remaps random slots "
               "every DURATION (e.g. 20ms).")
@@ -355,9 +359,10 @@ def bench_remap_cmd(kernel: Path | None, modules: Path | None, pmem: tuple[PmemC
 @vm_options
 @click.option("--run-dir", type=click.Path(path_type=Path), help="Default: a directory named after the VM, so "
               "device memory and NVDIMM contents carry over between up/down cycles.")
+@guest_bin_option
 def up(name: str, kernel: Path | None, modules: Path | None, pmem: tuple[PmemConfig, ...],
        devices: tuple[DeviceConfig, ...] | None, memory: int, accel: str, boot_timeout: float, run_timeout: float,
-       append: tuple[str, ...], quiet: bool, run_dir: Path | None) -> None:
+       append: tuple[str, ...], quiet: bool, run_dir: Path | None, guest_bins: tuple[Path, ...]) -> None:
     """Start a VM (QEMU + device model) in the background and return once the guest is ready."""
     from guest.kernel import resolve_kernel
 
@@ -367,7 +372,8 @@ def up(name: str, kernel: Path | None, modules: Path | None, pmem: tuple[PmemCon
 
     ui = Ui(quiet)
     check_name(name)
-    config = make_config(pmem, memory, accel, boot_timeout, run_timeout, append, devices)
+    config = dataclasses.replace(make_config(pmem, memory, accel, boot_timeout, run_timeout, append, devices),
+                                 guest_bins=guest_bins)
     prep = prepare(config, resolve_kernel(kernel, modules), ui.progress)
     rec = start(name, config, prep, run_dir or default_run_dir(name), ui.progress)
     click.echo(f"{name} is up: daemon pid {rec.pid}, QEMU pid {rec.qemu_pid}, {rec.accel}, run dir {rec.run_dir}")

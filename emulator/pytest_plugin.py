@@ -97,7 +97,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers", "aperture(pmem=['256M:devdax'], devices=2 | ['aperture,mem=64M'], memory='512M', "
-        "boot_timeout=60): topology of the VM the aperture_vm fixture boots")
+        "boot_timeout=60, guest_bins=['/usr/bin/strace']): topology of the VM the aperture_vm fixture boots, "
+        "and host binaries (with their libraries) to put into its /usr/local/bin")
 
 
 def _config_from_marker(marker: pytest.Mark | None, accel: str) -> VmConfig:
@@ -112,10 +113,11 @@ def _config_from_marker(marker: pytest.Mark | None, accel: str) -> VmConfig:
         devices = tuple(DeviceConfig.parse(d) for d in devices_kw)
     memory = parse_size(kw.pop("memory", "512M"))
     boot_timeout = float(kw.pop("boot_timeout", 90))
+    guest_bins = tuple(Path(b) for b in kw.pop("guest_bins", ()))
     if kw:
         raise pytest.UsageError(f"unknown aperture marker arguments: {', '.join(kw)}")
     return VmConfig(memory=memory, pmem=pmem, devices=devices, accel=accel,  # type: ignore[arg-type]
-                    boot_timeout=boot_timeout, run_timeout=24 * 3600)
+                    boot_timeout=boot_timeout, run_timeout=24 * 3600, guest_bins=guest_bins)
 
 
 @pytest.fixture(scope="session")
@@ -135,7 +137,7 @@ def aperture_vm(request: pytest.FixtureRequest, tmp_path: Path, _aperture_prepar
     config = _config_from_marker(request.node.get_closest_marker("aperture"), opts.aperture_accel)
     kernel_path = Path(opts.aperture_kernel) if opts.aperture_kernel else None
     modules = Path(opts.aperture_modules) if opts.aperture_modules else None
-    key = (kernel_path, modules, opts.aperture_accel)
+    key = (kernel_path, modules, opts.aperture_accel, config.guest_bins)  # one image per set of extra binaries
     if key not in _aperture_prepared:
         _aperture_prepared[key] = prepare(config, resolve_kernel(kernel_path, modules), lambda s: None)
     prep = _aperture_prepared[key]

@@ -20,7 +20,7 @@ def live_vm(tmp_path_factory: pytest.TempPathFactory):
     env = {"APERTURE_STATE": str(state)}
     name = f"t{uuid.uuid4().hex[:6]}"
     run_dir = tmp_path_factory.mktemp("up") / name
-    proc = run_aperture("up", name, "--run-dir", str(run_dir), env=env, timeout=240)
+    proc = run_aperture("up", name, "--run-dir", str(run_dir), "--guest-bin", "/usr/bin/stat", env=env, timeout=240)
     try:
         assert proc.returncode == 0, proc.stderr
         yield name, env, run_dir
@@ -114,6 +114,9 @@ def test_exec_runs_guest_commands_with_their_status_and_whole_output(live_vm) ->
     assert result["rc"] == 0
     assert result["output"] == "".join(f"{i}\n" for i in range(1, 30001)) + "ünïcode\n"
     # the helper's tools are on the guest's PATH; the device is visible there
+    # --guest-bin binaries sit in /usr/local/bin (the busybox shell prefers its own applet of the same name)
+    stat = run_aperture("exec", name, "--", "/usr/local/bin/stat --version", env=env, timeout=120)
+    assert "GNU coreutils" in stat.stdout
     info = run_aperture("exec", name, "--", "aperture-helper info", env=env, timeout=120)
     assert info.returncode == 0 and info.stdout.strip(), info.stderr
     # and the QMP shell has the same thing as `guest CMD`

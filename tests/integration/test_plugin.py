@@ -13,9 +13,10 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 
 
-@pytest.mark.aperture(pmem=["64M:devdax"], devices=2)
+@pytest.mark.aperture(pmem=["64M:devdax"], devices=2, guest_bins=["/usr/bin/stat"])
 def test_fixture_exec_map_and_scenario(aperture_vm) -> None:
     assert aperture_vm.exec("uname -r").rc == 0
+    assert "GNU coreutils" in aperture_vm.exec("/usr/local/bin/stat --version").output  # not busybox's stat
     assert aperture_vm.exec("exit 3").rc == 3
     ms = aperture_vm.map(0, 2, 11)  # host-side, VM paused around it
     assert ms > 0
