@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import KernelSpec, VmConfig
+from .errors import ApertureError
 from .machine import Vm
 from .run import prepare
 
@@ -22,46 +23,70 @@ def _stats(prefix: str, values: list[float]) -> dict[str, float]:
             f"{prefix}_max": round(max(values), 3)}
 
 
-def _boots(config: VmConfig, kernel: KernelSpec, initrd: Path, qemu: str, accel: str, n: int,
-           progress: Progress, label: str) -> tuple[list[float], list[float]]:
-    to_helper: list[float] = []
-    to_off: list[float] = []
-    for i in range(n):
-        with tempfile.TemporaryDirectory(prefix="aperture-bench-") as tmp:
-            with Vm(config, kernel, initrd, accel=accel, run_dir=Path(tmp), scenario="probe", qemu=qemu) as vm:
-                for _ in vm.messages():
-                    pass
-                off = vm.wait_poweroff()
-                assert vm.boot_s is not None
-                to_helper.append(vm.boot_s)
-                to_off.append(off)
-        progress(f"{label} boot {i + 1}/{n}: helper {to_helper[-1]:.2f} s, poweroff {to_off[-1]:.2f} s")
-    return to_helper, to_off
+def _boot(config: VmConfig, kernel: KernelSpec, initrd: Path, qemu: str, accel: str) -> tuple[float, float]:
+    """One cold boot of the ``probe`` scenario: (seconds to the helper's first message, to poweroff)."""
+    with tempfile.TemporaryDirectory(prefix="aperture-bench-") as tmp:
+        with Vm(config, kernel, initrd, accel=accel, run_dir=Path(tmp), scenario="probe", qemu=qemu) as vm:
+            for _ in vm.messages():
+                pass
+            off = vm.wait_poweroff()
+            assert vm.boot_s is not None
+            return vm.boot_s, off
 
 
 def bench_boot(config: VmConfig, kernel: KernelSpec, n: int, progress: Progress) -> dict[str, Any]:
+    """Cold boots of the chosen kernel and, in the same run and interleaved, of what it is compared with: the
+    built kernel against its own bzImage and Debian's kernel; another kernel against its PVH vmlinux."""
     prep = prepare(config, kernel, progress)
-    helper, off = _boots(config, kernel, prep.image.path, prep.qemu, prep.accel.accel, n, progress, "bzImage")
-    figures: dict[str, float] = {}
-    figures.update(_stats("boot_to_helper_s", helper))
-    figures.update(_stats("boot_to_poweroff_s", off))
-    ratios: dict[str, float] = {}
     notes: list[str] = []
+    # (figure prefix, kernel, image, label)
+    variants: list[tuple[str, KernelSpec, Path, str]] = [("", kernel, prep.image.path, kernel.kind)]
+    if kernel.kind == "built":
+        bzimage = kernel.image.parent / "bzImage"
+        if bzimage.is_file():
+            variants.append(("bzimage_", dataclasses.replace(kernel, image=bzimage), prep.image.path, "built bzImage"))
+        try:
+            from guest.kernel import debian_kernel
 
-    from guest.pvh import extract_pvh_vmlinux
-
-    vmlinux, why = extract_pvh_vmlinux(kernel)
-    if vmlinux is not None:
-        pvh_kernel = KernelSpec(vmlinux, kernel.modules_dir, kernel.release, kernel.config_file)
-        ph, po = _boots(config, pvh_kernel, prep.image.path, prep.qemu, prep.accel.accel, n, progress, "PVH")
-        figures.update(_stats("pvh_boot_to_helper_s", ph))
-        figures.update(_stats("pvh_boot_to_poweroff_s", po))
-        ratios["pvh_vs_bzimage_boot_to_helper"] = round(statistics.median(ph) / statistics.median(helper), 3)
+            debian = debian_kernel()
+            debian_prep = prepare(config, debian, progress)
+            variants.append(("debian_", debian, debian_prep.image.path, f"debian {debian.release}"))
+        except ApertureError as exc:
+            notes.append(f"Debian's kernel not measured: {exc.one_line()}")
     else:
-        notes.append(f"PVH vmlinux not measured: {why}")
-    ratios["helper_vs_poweroff"] = round(statistics.median(helper) / statistics.median(off), 3)
+        from guest.pvh import extract_pvh_vmlinux
+
+        vmlinux, why = extract_pvh_vmlinux(kernel)
+        if vmlinux is not None and vmlinux != kernel.image:
+            variants.append(("pvh_", dataclasses.replace(kernel, image=vmlinux), prep.image.path, "PVH vmlinux"))
+        elif vmlinux is None:
+            notes.append(f"PVH vmlinux not measured: {why}")
+    helper: dict[str, list[float]] = {prefix: [] for prefix, *_ in variants}
+    off: dict[str, list[float]] = {prefix: [] for prefix, *_ in variants}
+    for i in range(n):  # interleaved: host noise hits every variant alike
+        for prefix, spec, initrd, label in variants:
+            h, o = _boot(config, spec, initrd, prep.qemu, prep.accel.accel)
+            helper[prefix].append(h)
+            off[prefix].append(o)
+            progress(f"{label} boot {i + 1}/{n}: helper {h:.2f} s, poweroff {o:.2f} s")
+    figures: dict[str, float] = {}
+    for prefix, *_ in variants:
+        figures.update(_stats(f"{prefix}boot_to_helper_s", helper[prefix]))
+        figures.update(_stats(f"{prefix}boot_to_poweroff_s", off[prefix]))
+
+    def p50(prefix: str) -> float:
+        return statistics.median(helper[prefix])
+
+    ratios: dict[str, float] = {"helper_vs_poweroff": round(p50("") / statistics.median(off[""]), 3)}
+    if "debian_" in helper:
+        ratios["built_vs_debian_boot_to_helper"] = round(p50("") / p50("debian_"), 3)
+    if "bzimage_" in helper:
+        ratios["pvh_vs_bzimage_boot_to_helper"] = round(p50("") / p50("bzimage_"), 3)
+    if "pvh_" in helper:
+        ratios["pvh_vs_bzimage_boot_to_helper"] = round(p50("pvh_") / p50(""), 3)
     return {"bench": "boot", "accel": prep.accel.accel, "qemu_version": prep.qemu_version,
-            "kernel_release": kernel.release, "boots": n, "figures": figures, "ratios": ratios, "notes": notes}
+            "kernel_release": kernel.release, "kernel": kernel.kind, "boots": n, "figures": figures,
+            "ratios": ratios, "notes": notes}
 
 
 def bench_dax(config: VmConfig, kernel: KernelSpec, progress: Progress) -> dict[str, Any]:

@@ -20,6 +20,7 @@ import click
 
 from .config import (
     DEFAULT_DEVICES,
+    DEFAULT_NVME_SIZE,
     DEFAULT_PMEM,
     DeviceConfig,
     PmemConfig,
@@ -73,22 +74,39 @@ _size = _edge(lambda v: None if v is None else parse_size(v))
 _duration = _edge(lambda v: None if v is None else parse_duration(v))
 _pmem = _edge(lambda values: tuple(PmemConfig.parse(v) for v in values))
 _devices = _edge(_parse_devices)
+_nvme = _edge(lambda v: 0 if v in (None, "none", "0") else parse_size(v))
+
+
+def _check_run_dir(value: Path | None) -> Path | None:
+    if value is not None and value.exists() and not value.is_dir():
+        raise ConfigError(f"--run-dir {value} exists and is not a directory")
+    return value
+
+
+_run_dir = _edge(_check_run_dir)
 
 
 def vm_options(f: Any) -> Any:
     """Options shared by every command that boots a VM."""
     opts = [
-        click.option("--kernel", type=click.Path(path_type=Path), help="bzImage or PVH ELF vmlinux "
-                     "(default: the cached Debian kernel)."),
-        click.option("--modules", type=click.Path(path_type=Path), help="Modules for --kernel: "
-                     "lib/modules/<release> or a root containing it."),
+        click.option("--kernel", metavar="built|debian|PATH", help="The guest kernel: 'built' (default: the "
+                     "kernel `aperture kernel build` made, P2PDMA/DEVICE_PRIVATE/HMM on), 'debian' (Debian's "
+                     "prebuilt kernel), or a bzImage / PVH ELF vmlinux of your own."),
+        click.option("--modules", type=click.Path(path_type=Path), help="Modules for --kernel PATH: "
+                     "lib/modules/<release> or a root containing it (not needed when everything is built in)."),
+        click.option("--config", "kconfig", type=click.Path(path_type=Path, dir_okay=False),
+                     help="The .config of --kernel PATH (default: config-<release> or .config beside it, else "
+                     "the kernel's own IKCONFIG)."),
         click.option("--pmem", "pmem", multiple=True, callback=_pmem, metavar="SIZE[:MODE]",
-                     help="An NVDIMM of SIZE (multiple of 2M; the 128K label is added), MODE raw|fsdax|devdax. "
+                     help="An NVDIMM of SIZE (multiple of 2M), MODE raw|fsdax|devdax. "
                      "Repeatable. Default: 256M:fsdax and 256M:devdax."),
         click.option("--device", "devices", multiple=True, callback=_devices,
                      metavar="aperture[,mem=SIZE,window=SIZE,slot=SIZE,hidden=START-END]",
                      help="An aperture device (repeatable; 'none' for no device). Default: two of "
                      "mem=256M,window=16M,slot=2M,hidden=240M-256M."),
+        click.option("--nvme", default="64M", callback=_nvme, show_default=True, metavar="SIZE|none",
+                     help="An NVMe controller with a 16 MiB controller memory buffer (published as p2pmem by a "
+                     "kernel with PCI_P2PDMA) and a SIZE namespace; 'none' for no NVMe."),
         click.option("--memory", default="512M", callback=_size, show_default=True, metavar="SIZE",
                      help="Guest RAM, 128M to 16G (beyond 2G it continues at 4 GiB, as a DMA target too)."),
         click.option("--accel", type=click.Choice(["auto", "kvm", "tcg"]), default="auto", show_default=True,
@@ -108,10 +126,25 @@ def vm_options(f: Any) -> Any:
 
 def make_config(pmem: tuple[PmemConfig, ...], memory: int, accel: str, boot_timeout: float,
                 run_timeout: float, append: tuple[str, ...] = (),
-                devices: tuple[DeviceConfig, ...] | None = None) -> VmConfig:
+                devices: tuple[DeviceConfig, ...] | None = None, nvme: int = DEFAULT_NVME_SIZE) -> VmConfig:
     return VmConfig(memory=memory, pmem=pmem or DEFAULT_PMEM, accel=accel,  # type: ignore[arg-type]
                     boot_timeout=boot_timeout, run_timeout=run_timeout, kernel_cmdline_extra=append,
-                    devices=DEFAULT_DEVICES if devices is None else devices)
+                    devices=DEFAULT_DEVICES if devices is None else devices, nvme=nvme)
+
+
+def print_report(report: dict[str, dict[str, Any]]) -> None:
+    """Sections of ``key value`` lines; a nested mapping (e.g. config flags) is laid out on a few lines."""
+    for section, items in report.items():
+        click.echo(click.style(section, bold=True))
+        for key, value in items.items():
+            if isinstance(value, dict):
+                pairs = [f"{k}={v}" for k, v in value.items()]
+                click.echo(f"  {key:<28} " + "\n  {:<28} ".format("").join(
+                    " ".join(pairs[i:i + 5]) for i in range(0, len(pairs), 5)))
+            elif isinstance(value, list):
+                click.echo(f"  {key:<28} " + ("\n  {:<28} ".format("")).join(str(v) for v in value))
+            else:
+                click.echo(f"  {key:<28} {value}")
 
 
 def emit_json(obj: Any) -> None:
@@ -137,7 +170,7 @@ guest_bin_option = click.option(
 
 @cli.command()
 @vm_options
-@click.option("--run-dir", type=click.Path(path_type=Path),
+@click.option("--run-dir", type=click.Path(path_type=Path), callback=_run_dir,
               help="Where backing files and logs go; reuse one to keep NVDIMM contents across runs.")
 @click.option("--reboot", is_flag=True, help="Boot twice in the same run dir; the second boot checks that the "
               "first boot's DAX data persisted (dax.persistence).")
@@ -156,8 +189,8 @@ guest_bin_option = click.option(
 @click.option("--junit-xml", type=click.Path(path_type=Path, dir_okay=False), help="Also write the checks as "
               "JUnit XML (one testcase per check) for CI systems.")
 @click.option("-v", "--verbose", is_flag=True, help="Stream the guest console (full kernel log) to stderr.")
-def run(kernel: Path | None, modules: Path | None, pmem: tuple[PmemConfig, ...],
-        devices: tuple[DeviceConfig, ...] | None, memory: int, accel: str,
+def run(kernel: str | None, modules: Path | None, kconfig: Path | None, pmem: tuple[PmemConfig, ...],
+        devices: tuple[DeviceConfig, ...] | None, nvme: int, memory: int, accel: str,
         boot_timeout: float, run_timeout: float, append: tuple[str, ...], quiet: bool, run_dir: Path | None,
         reboot: bool, force: bool, guest_bins: tuple[Path, ...], remap_every: float | None, remap_mode: str,
         duration: float, as_json: bool, junit_xml: Path | None, verbose: bool) -> None:
@@ -173,7 +206,7 @@ def run(kernel: Path | None, modules: Path | None, pmem: tuple[PmemConfig, ...],
     ui = Ui(quiet, verbose)
     if verbose and not any(a.startswith("loglevel=") for a in append):
         append = append + ("loglevel=7",)  # the whole kernel log on the streamed console (default: quiet)
-    config = dataclasses.replace(make_config(pmem, memory, accel, boot_timeout, run_timeout, append, devices),
+    config = dataclasses.replace(make_config(pmem, memory, accel, boot_timeout, run_timeout, append, devices, nvme),
                                  force=force, guest_bins=guest_bins)
     remap = None
     if remap_every is not None:
@@ -188,7 +221,7 @@ def run(kernel: Path | None, modules: Path | None, pmem: tuple[PmemConfig, ...],
                     raise ConfigError("--remap-mode hotplug needs device memory with room for the window at two "
                                       "offsets outside the hidden ranges")
         config = dataclasses.replace(config, run_timeout=max(config.run_timeout, duration + 90))
-    spec = resolve_kernel(kernel, modules)
+    spec = resolve_kernel(kernel, modules, kconfig)
     prep = prepare(config, spec, ui.progress)
     if remap is not None and remap.mode == "hotplug":
         from .hotplug import require_hotplug
@@ -219,21 +252,71 @@ def fetch(release: str | None) -> None:
 
 
 @cli.group()
+def kernel() -> None:
+    """The guest kernel built for the job (Debian's linux-source + guest/kconfig/aperture.config)."""
+
+
+@kernel.command("build")
+@click.option("--force", is_flag=True, help="Rebuild even when the cache holds a build for this key.")
+@click.option("-j", "--jobs", type=click.IntRange(1, 256), help="Parallel make jobs (default: all cores).")
+@click.option("-v", "--verbose", is_flag=True, help="Stream make's own output.")
+@click.option("--json", "as_json", is_flag=True, help="Print what was built (or found) as JSON.")
+def kernel_build(force: bool, jobs: int | None, verbose: bool, as_json: bool) -> None:
+    """Fetch the source into the cache, configure, build and cache the guest kernel (idempotent).
+
+    Rebuilt only when the source version, the fragment or the compiler changes. A fragment option that
+    olddefconfig drops stops the build with its name (exit 3).
+    """
+    from guest.kbuild import KernelBuilder
+
+    ui = Ui()
+    built = KernelBuilder(ui.progress, verbose=verbose, jobs=jobs, output=lambda line: click.echo(line, err=True)
+                          ).build(force=force)
+    if as_json:
+        emit_json(built.to_json())
+    else:
+        click.echo(f"kernel {built.release}: {built.vmlinux}")
+
+
+@kernel.command("info")
+@click.option("--json", "as_json", is_flag=True)
+def kernel_info(as_json: bool) -> None:
+    """What the cache holds: built kernels (the current one marked), and Debian's prebuilt kernel."""
+    from .doctor import kernels_report
+
+    report = kernels_report()
+    if as_json:
+        emit_json(report)
+        return
+    print_report(report)
+
+
+@cli.group()
 def image() -> None:
     """Build or inspect the guest initramfs (cached by a hash of its inputs)."""
 
 
+kernel_choice = [click.option("--kernel", metavar="built|debian|PATH", help="Default: the built kernel."),
+                 click.option("--modules", type=click.Path(path_type=Path)),
+                 click.option("--config", "kconfig", type=click.Path(path_type=Path, dir_okay=False))]
+
+
+def kernel_options(f: Any) -> Any:
+    for opt in reversed(kernel_choice):
+        f = opt(f)
+    return f
+
+
 @image.command("build")
-@click.option("--kernel", type=click.Path(path_type=Path))
-@click.option("--modules", type=click.Path(path_type=Path))
+@kernel_options
 @click.option("--force", is_flag=True, help="Rebuild even if a cached image matches.")
 @click.option("--json", "as_json", is_flag=True)
-def image_build(kernel: Path | None, modules: Path | None, force: bool, as_json: bool) -> None:
+def image_build(kernel: str | None, modules: Path | None, kconfig: Path | None, force: bool, as_json: bool) -> None:
     """Build the guest image for a kernel."""
     from guest.image import build_image
     from guest.kernel import resolve_kernel
 
-    img = build_image(resolve_kernel(kernel, modules), force=force)
+    img = build_image(resolve_kernel(kernel, modules, kconfig), force=force)
     if as_json:
         emit_json(img.to_json())
     else:
@@ -242,16 +325,15 @@ def image_build(kernel: Path | None, modules: Path | None, force: bool, as_json:
 
 
 @image.command("info")
-@click.option("--kernel", type=click.Path(path_type=Path))
-@click.option("--modules", type=click.Path(path_type=Path))
+@kernel_options
 @click.option("--json", "as_json", is_flag=True)
-def image_info(kernel: Path | None, modules: Path | None, as_json: bool) -> None:
+def image_info(kernel: str | None, modules: Path | None, kconfig: Path | None, as_json: bool) -> None:
     """Show the image for a kernel and what it contains (builds it if needed)."""
     from guest.cpio import read_cpio
     from guest.image import build_image
     from guest.kernel import resolve_kernel
 
-    img = build_image(resolve_kernel(kernel, modules))
+    img = build_image(resolve_kernel(kernel, modules, kconfig))
     entries = read_cpio(img.path.read_bytes())
     if as_json:
         emit_json(dict(img.to_json(), entries=[{"name": e.name, "mode": oct(e.mode), "size": len(e.data)}
@@ -273,10 +355,7 @@ def doctor(probe: bool, as_json: bool) -> None:
     if as_json:
         emit_json(report)
         return
-    for section, items in report.items():
-        click.echo(click.style(section, bold=True))
-        for key, value in items.items():
-            click.echo(f"  {key:<28} {value}")
+    print_report(report)
 
 
 @cli.group()
@@ -288,8 +367,8 @@ def bench() -> None:
 @vm_options
 @click.option("-n", "--boots", type=click.IntRange(1, 50), default=5, show_default=True)
 @click.option("--json", "as_json", is_flag=True)
-def bench_boot(kernel: Path | None, modules: Path | None, pmem: tuple[PmemConfig, ...],
-               devices: tuple[DeviceConfig, ...] | None, memory: int,
+def bench_boot(kernel: str | None, modules: Path | None, kconfig: Path | None, pmem: tuple[PmemConfig, ...],
+               devices: tuple[DeviceConfig, ...] | None, nvme: int, memory: int,
                accel: str, boot_timeout: float, run_timeout: float, append: tuple[str, ...], quiet: bool,
                boots: int, as_json: bool) -> None:
     """Cold boots: time to the helper's first message and to poweroff (bzImage, and PVH vmlinux if possible)."""
@@ -298,16 +377,16 @@ def bench_boot(kernel: Path | None, modules: Path | None, pmem: tuple[PmemConfig
     from .bench import bench_boot as run_bench
 
     ui = Ui(quiet)
-    config = make_config(pmem, memory, accel, boot_timeout, run_timeout, append, devices)
-    report = run_bench(config, resolve_kernel(kernel, modules), boots, ui.progress)
+    config = make_config(pmem, memory, accel, boot_timeout, run_timeout, append, devices, nvme)
+    report = run_bench(config, resolve_kernel(kernel, modules, kconfig), boots, ui.progress)
     print_bench(report, as_json)
 
 
 @bench.command("dax")
 @vm_options
 @click.option("--json", "as_json", is_flag=True)
-def bench_dax_cmd(kernel: Path | None, modules: Path | None, pmem: tuple[PmemConfig, ...],
-                  devices: tuple[DeviceConfig, ...] | None, memory: int,
+def bench_dax_cmd(kernel: str | None, modules: Path | None, kconfig: Path | None, pmem: tuple[PmemConfig, ...],
+                  devices: tuple[DeviceConfig, ...] | None, nvme: int, memory: int,
                   accel: str, boot_timeout: float, run_timeout: float, append: tuple[str, ...], quiet: bool,
                   as_json: bool) -> None:
     """Guest memcpy bandwidth into devdax and fsdax mappings, as ratios of memcpy into anonymous RAM."""
@@ -316,16 +395,16 @@ def bench_dax_cmd(kernel: Path | None, modules: Path | None, pmem: tuple[PmemCon
     from .bench import bench_dax
 
     ui = Ui(quiet)
-    config = make_config(pmem, memory, accel, boot_timeout, run_timeout, append, devices)
-    report = bench_dax(config, resolve_kernel(kernel, modules), ui.progress)
+    config = make_config(pmem, memory, accel, boot_timeout, run_timeout, append, devices, nvme)
+    report = bench_dax(config, resolve_kernel(kernel, modules, kconfig), ui.progress)
     print_bench(report, as_json)
 
 
 @bench.command("device")
 @vm_options
 @click.option("--json", "as_json", is_flag=True)
-def bench_device_cmd(kernel: Path | None, modules: Path | None, pmem: tuple[PmemConfig, ...],
-                     devices: tuple[DeviceConfig, ...] | None, memory: int, accel: str, boot_timeout: float,
+def bench_device_cmd(kernel: str | None, modules: Path | None, kconfig: Path | None, pmem: tuple[PmemConfig, ...],
+                     devices: tuple[DeviceConfig, ...] | None, nvme: int, memory: int, accel: str, boot_timeout: float,
                      run_timeout: float, append: tuple[str, ...], quiet: bool, as_json: bool) -> None:
     """MAP round trip vs its host floor, DMA throughput vs host memcpy (4 KiB and 2 MiB), same run."""
     from guest.kernel import resolve_kernel
@@ -333,16 +412,16 @@ def bench_device_cmd(kernel: Path | None, modules: Path | None, pmem: tuple[Pmem
     from .bench import bench_device
 
     ui = Ui(quiet)
-    config = make_config(pmem, memory, accel, boot_timeout, run_timeout, append, devices)
-    print_bench(bench_device(config, resolve_kernel(kernel, modules), ui.progress), as_json)
+    config = make_config(pmem, memory, accel, boot_timeout, run_timeout, append, devices, nvme)
+    print_bench(bench_device(config, resolve_kernel(kernel, modules, kconfig), ui.progress), as_json)
 
 
 @bench.command("remap")
 @vm_options
 @click.option("-n", "--rounds", type=click.IntRange(10, 5000), default=200, show_default=True)
 @click.option("--json", "as_json", is_flag=True)
-def bench_remap_cmd(kernel: Path | None, modules: Path | None, pmem: tuple[PmemConfig, ...],
-                    devices: tuple[DeviceConfig, ...] | None, memory: int, accel: str, boot_timeout: float,
+def bench_remap_cmd(kernel: str | None, modules: Path | None, kconfig: Path | None, pmem: tuple[PmemConfig, ...],
+                    devices: tuple[DeviceConfig, ...] | None, nvme: int, memory: int, accel: str, boot_timeout: float,
                     run_timeout: float, append: tuple[str, ...], quiet: bool, rounds: int, as_json: bool) -> None:
     """Pause-mode remap latency vs bare QMP stop+cont, same VM, same run."""
     from guest.kernel import resolve_kernel
@@ -350,19 +429,20 @@ def bench_remap_cmd(kernel: Path | None, modules: Path | None, pmem: tuple[PmemC
     from .bench import bench_remap
 
     ui = Ui(quiet)
-    config = make_config(pmem, memory, accel, boot_timeout, run_timeout, append, devices)
-    print_bench(bench_remap(config, resolve_kernel(kernel, modules), ui.progress, rounds), as_json)
+    config = make_config(pmem, memory, accel, boot_timeout, run_timeout, append, devices, nvme)
+    print_bench(bench_remap(config, resolve_kernel(kernel, modules, kconfig), ui.progress, rounds), as_json)
 
 
 @cli.command()
 @click.argument("name", default="default")
 @vm_options
-@click.option("--run-dir", type=click.Path(path_type=Path), help="Default: a directory named after the VM, so "
+@click.option("--run-dir", type=click.Path(path_type=Path), callback=_run_dir, help="Default: a directory named after the VM, so "
               "device memory and NVDIMM contents carry over between up/down cycles.")
 @guest_bin_option
-def up(name: str, kernel: Path | None, modules: Path | None, pmem: tuple[PmemConfig, ...],
-       devices: tuple[DeviceConfig, ...] | None, memory: int, accel: str, boot_timeout: float, run_timeout: float,
-       append: tuple[str, ...], quiet: bool, run_dir: Path | None, guest_bins: tuple[Path, ...]) -> None:
+def up(name: str, kernel: str | None, modules: Path | None, kconfig: Path | None, pmem: tuple[PmemConfig, ...],
+       devices: tuple[DeviceConfig, ...] | None, nvme: int, memory: int, accel: str, boot_timeout: float,
+       run_timeout: float, append: tuple[str, ...], quiet: bool, run_dir: Path | None,
+       guest_bins: tuple[Path, ...]) -> None:
     """Start a VM (QEMU + device model) in the background and return once the guest is ready."""
     from guest.kernel import resolve_kernel
 
@@ -372,9 +452,9 @@ def up(name: str, kernel: Path | None, modules: Path | None, pmem: tuple[PmemCon
 
     ui = Ui(quiet)
     check_name(name)
-    config = dataclasses.replace(make_config(pmem, memory, accel, boot_timeout, run_timeout, append, devices),
+    config = dataclasses.replace(make_config(pmem, memory, accel, boot_timeout, run_timeout, append, devices, nvme),
                                  guest_bins=guest_bins)
-    prep = prepare(config, resolve_kernel(kernel, modules), ui.progress)
+    prep = prepare(config, resolve_kernel(kernel, modules, kconfig), ui.progress)
     rec = start(name, config, prep, run_dir or default_run_dir(name), ui.progress)
     click.echo(f"{name} is up: daemon pid {rec.pid}, QEMU pid {rec.qemu_pid}, {rec.accel}, run dir {rec.run_dir}")
     click.echo(f"  aperture qmp {name}    aperture console {name}    aperture down {name}")

@@ -168,8 +168,7 @@ class Daemon:
     def run(self) -> int:
         spec = self.spec
         config = config_from_dict(spec["config"])
-        kernel = KernelSpec(Path(spec["kernel"]["image"]), Path(spec["kernel"]["modules_dir"]),
-                            spec["kernel"]["release"])
+        kernel = KernelSpec.from_dict(spec["kernel"])
         name = spec["name"]
         with Vm(config, kernel, Path(spec["initrd"]), accel=spec["accel"], run_dir=Path(spec["run_dir"]),
                 scenario="idle", name=name, qemu=spec["qemu"], user_qmp=True) as vm:

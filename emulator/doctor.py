@@ -17,7 +17,8 @@ from .errors import ApertureError
 #: Kernel options the project's scenarios depend on, and why.
 KERNEL_FLAGS = ("CONFIG_ZONE_DEVICE", "CONFIG_FS_DAX", "CONFIG_DEV_DAX", "CONFIG_LIBNVDIMM", "CONFIG_ACPI_NFIT",
                 "CONFIG_BLK_DEV_PMEM", "CONFIG_PCI_P2PDMA", "CONFIG_DEVICE_PRIVATE", "CONFIG_HMM_MIRROR",
-                "CONFIG_VIRTIO_CONSOLE", "CONFIG_HOTPLUG_PCI_PCIE", "CONFIG_PVH", "CONFIG_EXT4_FS")
+                "CONFIG_VIRTIO_CONSOLE", "CONFIG_HOTPLUG_PCI_PCIE", "CONFIG_PVH", "CONFIG_EXT4_FS",
+                "CONFIG_TEST_HMM", "CONFIG_BLK_DEV_NVME", "CONFIG_IKCONFIG")
 
 
 def qemu_object_props(qemu: str, typename: str) -> list[str]:
@@ -46,7 +47,6 @@ def diagnose(probe: bool = False, progress: Callable[[str], None] | None = None)
     images = sorted((cache / "images").glob("*.cpio")) if (cache / "images").is_dir() else []
     report["cache"] = {
         "dir": str(cache),
-        "kernel": (manifest.get("kernel") or {}).get("release", "missing (run scripts/setup.sh)"),
         "busybox": manifest.get("busybox", "missing (run scripts/setup.sh)"),
         "images": f"{len(images)} ({sum(p.stat().st_size for p in images) / 1e6:.1f} MB)",
     }
@@ -73,16 +73,50 @@ def diagnose(probe: bool = False, progress: Callable[[str], None] | None = None)
         accel["verdict"] = f"{choice.accel} ({choice.reason})"
     report["accelerator"] = accel
 
-    kconf: dict[str, Any] = {}
-    cfg = (manifest.get("kernel") or {}).get("config")
-    if cfg and Path(cfg).exists():
-        values: dict[str, str] = {}
-        for line in Path(cfg).read_text(errors="replace").splitlines():
-            if line.startswith("CONFIG_"):
-                k, _, v = line.partition("=")
-                values[k] = v
-        kconf = {flag.removeprefix("CONFIG_"): values.get(flag, "not set") for flag in KERNEL_FLAGS}
-    else:
-        kconf = {"config": "no kernel config in the cache"}
-    report["kernel config"] = kconf
+    report.update(kernels_report())
     return report
+
+
+def _flags(config: Path | None) -> dict[str, str] | str:
+    if config is None or not config.exists():
+        return "no kernel config known"
+    from guest.kbuild import parse_config
+
+    values = parse_config(config.read_text(errors="replace"))
+    return {flag.removeprefix("CONFIG_"): values.get(flag, "not set") for flag in KERNEL_FLAGS}
+
+
+def kernels_report() -> dict[str, dict[str, Any]]:
+    """Both guest kernels: the built one (the default) and Debian's prebuilt one, with their config flags."""
+    from guest.kbuild import cached_builds, current_build, fragment_path
+
+    out: dict[str, dict[str, Any]] = {}
+    built: dict[str, Any] = {}
+    try:
+        current = current_build()
+    except ApertureError as exc:
+        current = None
+        built["error"] = exc.one_line()
+    if current is None:
+        built["status"] = "not built: run scripts/setup.sh (or `aperture kernel build`)"
+    else:
+        built.update({"status": "ready (default; --kernel built)", "release": current.release,
+                      "vmlinux": str(current.vmlinux), "source": f"linux-source {current.source_version}",
+                      "fragment": f"{fragment_path()} ({current.fragment_hash})", "compiler": current.compiler,
+                      "build_s": current.build_s, "hmm-tests": str(current.hmm_tests or "not built"),
+                      "config flags": _flags(current.config)})
+    others = [b for b in cached_builds() if current is None or b.key != current.key]
+    if others:
+        built["other cached builds"] = [f"{b.release} ({b.key}, fragment {b.fragment_hash})" for b in others]
+    out["kernel: built"] = built
+
+    manifest = read_manifest().get("kernel") or {}
+    debian: dict[str, Any] = {}
+    if manifest:
+        debian.update({"status": "cached (--kernel debian)", "release": manifest.get("release"),
+                       "package": manifest.get("package"), "image": manifest.get("image"),
+                       "config flags": _flags(Path(manifest["config"]) if manifest.get("config") else None)})
+    else:
+        debian["status"] = "not fetched: run scripts/setup.sh (or `aperture fetch`)"
+    out["kernel: debian"] = debian
+    return out

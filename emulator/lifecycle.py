@@ -31,7 +31,7 @@ def up(name: str, config: VmConfig, prep: Prepared, run_dir: Path, progress: Pro
     kernel: KernelSpec = prep.kernel
     spec = {"name": name, "config": config_to_dict(config), "initrd": str(prep.image.path), "qemu": prep.qemu,
             "accel": prep.accel.accel, "run_dir": str(run_dir.resolve()),
-            "kernel": {"image": str(kernel.image), "modules_dir": str(kernel.modules_dir), "release": kernel.release}}
+            "kernel": kernel.to_dict()}
     spec_path = run_dir / "daemon-spec.json"
     spec_path.write_text(json.dumps(spec, indent=2))
     log_path = run_dir / "daemon.log"

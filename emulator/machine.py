@@ -24,8 +24,10 @@ from typing import Any
 
 from qmp_client.session import SyncQmpSession
 
-from .config import NVDIMM_LABEL_SIZE, PROBE_BAR_SIZE, RAM_BELOW_4G, GiB, KernelSpec, VmConfig, format_size
+from .config import NVDIMM_LABEL_SIZE, NVME_CMB_MB, PROBE_BAR_SIZE, RAM_BELOW_4G, GiB, KernelSpec, VmConfig, format_size
 from .errors import ConfigError, GuestError, SetupError, VmLaunchError
+from .qemu_opts import opt_value
+from .registry import pid_alive
 from .service import DeviceFiles, DeviceService, device_qemu_args
 
 PANIC_RE = re.compile(r"Kernel panic - not syncing[^\n]*")
@@ -33,6 +35,73 @@ RESULTS_PORT = "aperture.results"
 COMMAND_PORT = "aperture.cmd"
 PROBE_BAR_ID = "probe-bar"
 PROBE_BAR_SLOT = 0x0F
+NVME_ID = "nvme0"
+
+
+#: The results channel is untrusted input: a line longer than this is dropped (and noted), and each pass
+#: reads at most RESULTS_READ_MAX bytes of it.
+RESULTS_LINE_MAX = 1 << 20
+RESULTS_READ_MAX = 4 << 20
+#: Deeper JSON than this is not a message the helper sends (and could exhaust the parser's recursion).
+RESULTS_DEPTH_MAX = 64
+
+
+def parse_result_line(raw: bytes) -> dict[str, Any]:
+    """One line of the results channel as a message dict; anything else becomes a ``garbage`` message."""
+    depth = max_depth = 0
+    for byte in raw:  # bracket depth, ignoring strings only roughly: an upper bound is all we need
+        if byte in b"[{":
+            depth += 1
+            max_depth = max(max_depth, depth)
+        elif byte in b"]}":
+            depth -= 1
+    if max_depth > RESULTS_DEPTH_MAX:
+        return {"type": "garbage", "raw": raw[:200].decode("utf-8", "replace"),
+                "why": f"nested deeper than {RESULTS_DEPTH_MAX}"}
+    try:
+        msg = json.loads(raw)
+    except (ValueError, RecursionError):
+        return {"type": "garbage", "raw": raw[:200].decode("utf-8", "replace")}
+    if not isinstance(msg, dict):
+        return {"type": "garbage", "raw": str(msg)[:200]}
+    return msg
+
+
+PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent(parent: int) -> Callable[[], None]:
+    """A ``preexec_fn``: QEMU gets SIGKILL when the process that owns its device model dies (even by
+    SIGKILL), so it never runs on with nobody serving its devices. (QEMU's own ``-run-with exit-with-parent``
+    is not in every build.)"""
+
+    def arm() -> None:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        if os.getppid() != parent:  # the owner died between fork and prctl
+            os._exit(1)
+
+    return arm
+
+
+def reap_dead_runs(shm_dir: Path) -> list[str]:
+    """Shm files and socket directories of auto-named runs whose process died without cleaning up (kill -9):
+    their QEMU died with them (``die_with_parent``), so only files are left. Returns the names reaped."""
+    names = {m.group(0) for p in shm_dir.glob("aperture-*") if (m := AUTO_NAME.search(p.name))}
+    sock_base = default_sock_dir("-").parent
+    if sock_base.is_dir():
+        names |= {p.name for p in sock_base.iterdir() if AUTO_NAME.fullmatch(p.name)}
+    reaped = []
+    for name in sorted(names):
+        pid = int(name.split("-")[2])
+        if pid == os.getpid() or pid_alive(pid):
+            continue
+        for path in shm_dir.glob(f"aperture-{name}-*"):
+            path.unlink(missing_ok=True)
+        shutil.rmtree(default_sock_dir(name), ignore_errors=True)
+        reaped.append(name)
+    return reaped
 
 
 def find_qemu() -> str:
@@ -99,6 +168,11 @@ class RunPaths:
     def device_files(self, count: int) -> list[DeviceFiles]:
         return [DeviceFiles(self.devmem(i), self.window(i), self.device_socket(i)) for i in range(count)]
 
+    @property
+    def nvme(self) -> Path:
+        """The NVMe namespace's backing file (persists in the run dir, as NVDIMM files do)."""
+        return self.run_dir / "nvme0.img"
+
     def pmem(self, index: int) -> Path:
         return self.run_dir / f"pmem{index}.img"
 
@@ -125,39 +199,45 @@ def build_argv(qemu: str, config: VmConfig, kernel: KernelSpec, initrd: Path, pa
     pmem_total = sum(-(-p.file_size // GiB) * GiB for p in config.pmem)
     argv = [
         qemu,
-        "-name", paths.name,
+        "-name", opt_value(paths.name),
         "-machine", f"q35,nvdimm=on,memory-backend=ram0,max-ram-below-4g={RAM_BELOW_4G}",
         "-accel", accel,
         "-cpu", "host" if accel == "kvm" else "max",
         "-smp", str(config.smp),
         "-m", f"{mem // (1 << 20)}M,slots={max(len(config.pmem), 1)},maxmem={(mem + pmem_total) // (1 << 20) + 1024}M",
-        "-object", f"memory-backend-file,id=ram0,size={mem},mem-path={paths.ram},share=on",
+        "-object", f"memory-backend-file,id=ram0,size={mem},mem-path={opt_value(paths.ram)},share=on",
         "-nodefaults", "-no-user-config", "-display", "none", "-vga", "none", "-nic", "none",
-        "-chardev", f"file,id=con,path={paths.console}",
+        "-chardev", f"file,id=con,path={opt_value(paths.console)}",
         "-serial", "chardev:con",
         "-device", "virtio-serial-pci,id=vser0",
-        "-chardev", f"file,id=results,path={paths.results}",
+        "-chardev", f"file,id=results,path={opt_value(paths.results)}",
         "-device", f"virtserialport,bus=vser0.0,chardev=results,name={RESULTS_PORT}",
-        "-qmp", f"unix:{paths.qmp_socket},server=on,wait=off",
+        "-qmp", f"unix:{opt_value(paths.qmp_socket)},server=on,wait=off",
         "-kernel", str(kernel.image),
         "-initrd", str(initrd),
         "-append", cmdline,
         "-no-reboot",
-        "-object", f"memory-backend-file,id=probebar,size={PROBE_BAR_SIZE},mem-path={paths.probe_bar},share=on",
+        "-object", f"memory-backend-file,id=probebar,size={PROBE_BAR_SIZE},mem-path={opt_value(paths.probe_bar)},"
+                   "share=on",
         "-device", f"ivshmem-plain,id={PROBE_BAR_ID},memdev=probebar,addr={PROBE_BAR_SLOT:#x}",
     ]
     for i, (dev, files) in enumerate(zip(config.devices, paths.device_files(len(config.devices)), strict=True)):
         argv += device_qemu_args(i, dev, files, config.window_hotplug)
     if user_qmp:
-        argv += ["-chardev", f"socket,id=uqmp,path={paths.user_qmp_socket},server=on,wait=off",
+        argv += ["-chardev", f"socket,id=uqmp,path={opt_value(paths.user_qmp_socket)},server=on,wait=off",
                  "-mon", "chardev=uqmp,mode=control"]
     if command_channel:
-        argv += ["-chardev", f"socket,id=cmd,path={paths.command_socket},server=on,wait=off",
+        argv += ["-chardev", f"socket,id=cmd,path={opt_value(paths.command_socket)},server=on,wait=off",
                  "-device", f"virtserialport,bus=vser0.0,chardev=cmd,name={COMMAND_PORT}"]
+    if config.nvme:
+        argv += ["-drive", f"file={opt_value(paths.nvme)},if=none,id=nvme0drive,format=raw",
+                 "-device", f"nvme,id={NVME_ID},serial=aperture0,drive=nvme0drive,cmb_size_mb={NVME_CMB_MB}"]
     for i, p in enumerate(config.pmem):
         argv += [
-            "-object", f"memory-backend-file,id=pmem{i},size={p.file_size},mem-path={paths.pmem(i)},share=on",
-            "-device", f"nvdimm,id=nvdimm{i},memdev=pmem{i},label-size={NVDIMM_LABEL_SIZE}",
+            "-object", f"memory-backend-file,id=pmem{i},size={p.file_size},"
+                       f"mem-path={opt_value(paths.pmem(i))},share=on",
+            "-device", f"nvdimm,id=nvdimm{i},memdev=pmem{i}"
+            + (f",label-size={NVDIMM_LABEL_SIZE}" if NVDIMM_LABEL_SIZE else ""),
         ]
     return argv
 
@@ -170,6 +250,10 @@ def kernel_cmdline(config: VmConfig, scenario: str, guest_env: dict[str, str] | 
     env.update(guest_env or {})
     parts = ["console=ttyS0", "panic=-1", "quiet"] + [f"{k}={v}" for k, v in env.items()]
     return " ".join(parts + list(config.kernel_cmdline_extra))
+
+
+#: What new_run_name() makes: time, pid, random.
+AUTO_NAME = re.compile(r"\d{8}-\d{6}-(\d+)-[0-9a-f]{4}")
 
 
 def new_run_name() -> str:
@@ -198,6 +282,7 @@ class Vm:
                                command_channel=self.command_channel)
         self._results_pos = 0
         self._results_buf = b""
+        self._skip_to_newline = False
         self._cmd_sock: socket.socket | None = None
         self._cmd_id = 0
         self.console_sink = console_sink
@@ -240,6 +325,14 @@ class Vm:
             else:
                 with open(path, "wb") as f:  # sparse; contents persist across runs of this run dir
                     f.truncate(p.file_size)
+        nvme = self.paths.nvme
+        if self.config.nvme:
+            if nvme.exists() and nvme.stat().st_size != self.config.nvme:
+                raise ConfigError(f"{nvme} exists with {format_size(nvme.stat().st_size)} but the configuration "
+                                  f"wants {format_size(self.config.nvme)}; use another --run-dir or the same --nvme")
+            if not nvme.exists():
+                with open(nvme, "wb") as f:
+                    f.truncate(self.config.nvme)
         for shm in self.paths.shm_files(len(self.config.devices)):
             self._register(lambda shm=shm: shm.unlink(missing_ok=True))
         self._register(lambda: shutil.rmtree(self.paths.sock_dir, ignore_errors=True))
@@ -266,7 +359,8 @@ class Vm:
         self.started_at = time.monotonic()
         try:
             self.process = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL, stdout=log,
-                                            stderr=subprocess.STDOUT, start_new_session=True)
+                                            stderr=subprocess.STDOUT, start_new_session=True,
+                                            preexec_fn=die_with_parent(os.getpid()))
         except OSError as exc:
             raise SetupError(f"cannot start {self.qemu}: {exc.strerror}") from None
         try:
@@ -364,28 +458,40 @@ class Vm:
             try:
                 with open(self.paths.results, "rb") as f:
                     f.seek(self._results_pos)
-                    chunk = f.read()
+                    chunk = f.read(RESULTS_READ_MAX)  # bounded: the guest controls how much is there
             except FileNotFoundError:
                 chunk = b""
             self._results_pos += len(chunk)
             self._results_buf += chunk
-            while b"\n" in self._results_buf:
-                raw, self._results_buf = self._results_buf.split(b"\n", 1)
+            while True:
+                if self._skip_to_newline:  # the rest of an over-long line: dropped without a word
+                    nl = self._results_buf.find(b"\n")
+                    if nl < 0:
+                        self._results_buf = b""
+                        break
+                    self._results_buf = self._results_buf[nl + 1:]
+                    self._skip_to_newline = False
+                nl = self._results_buf.find(b"\n", 0, RESULTS_LINE_MAX + 1)
+                if nl >= 0:
+                    raw, self._results_buf = self._results_buf[:nl], self._results_buf[nl + 1:]
+                    msg = parse_result_line(raw)
+                elif len(self._results_buf) > RESULTS_LINE_MAX:
+                    msg = {"type": "garbage", "raw": self._results_buf[:200].decode("utf-8", "replace"),
+                           "why": f"line longer than {RESULTS_LINE_MAX} bytes"}
+                    end = self._results_buf.find(b"\n")
+                    self._results_buf = self._results_buf[end + 1:] if end >= 0 else b""
+                    self._skip_to_newline = end < 0
+                else:
+                    break
                 if self.first_message_at is None:
                     self.first_message_at = time.monotonic()
-                try:
-                    msg = json.loads(raw)
-                except json.JSONDecodeError:
-                    msg = {"type": "garbage", "raw": raw[:200].decode("utf-8", "replace")}
-                if not isinstance(msg, dict):
-                    msg = {"type": "garbage", "raw": str(msg)[:200]}
                 yield msg
                 if msg.get("type") == "done":
                     return
             elapsed = time.monotonic() - self.started_at
             if not self.alive():
-                if chunk or self._results_buf:
-                    continue  # drain what the guest wrote before it went away
+                if chunk:
+                    continue  # drain what the guest wrote before it went away (a partial last line is lost)
                 self._read_console()
                 panic = PANIC_RE.search(self._console_text)
                 if panic:

@@ -89,7 +89,7 @@ class ApertureVM:
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("aperture", "aperture VMs")
-    group.addoption("--aperture-kernel", default=None, help="guest kernel (default: the cached Debian kernel)")
+    group.addoption("--aperture-kernel", default=None, help="guest kernel: built (default), debian, or a path")
     group.addoption("--aperture-modules", default=None, help="modules directory for --aperture-kernel")
     group.addoption("--aperture-accel", default="auto", choices=["auto", "kvm", "tcg"])
 
@@ -135,7 +135,7 @@ def aperture_vm(request: pytest.FixtureRequest, tmp_path: Path, _aperture_prepar
 
     opts = request.config.option
     config = _config_from_marker(request.node.get_closest_marker("aperture"), opts.aperture_accel)
-    kernel_path = Path(opts.aperture_kernel) if opts.aperture_kernel else None
+    kernel_path = opts.aperture_kernel or None  # built | debian | a path
     modules = Path(opts.aperture_modules) if opts.aperture_modules else None
     key = (kernel_path, modules, opts.aperture_accel, config.guest_bins)  # one image per set of extra binaries
     if key not in _aperture_prepared:

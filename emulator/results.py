@@ -57,6 +57,23 @@ def verify_nvdimm(check: Check, devices: list[MemoryDevice]) -> Check:
     return Check(check.name, bool(check.ok and matches and expected), detail)
 
 
+#: witness.hmm_tests is ok with 0 failed and at least this many passed.
+HMM_TESTS_MIN_PASSED = 20
+
+#: Why hmm-tests skips what it skips in the default VM (matched against its SKIP messages).
+HMM_SKIP_REASONS: tuple[tuple[str, str], ...] = (
+    ("DEVICE_COHERENT", "test_hmm is loaded without spm_addr_dev0/1: device-coherent memory needs 2 x 256 MiB "
+     "of guest physical memory set aside as special-purpose memory, more than the default 512 MiB VM can spare"),
+    ("Huge page", "no hugetlbfs page could be had (nr_hugepages is set to 4 before the run)"),
+    ("gup_test", "no /sys/kernel/debug/gup_test (kernel without CONFIG_GUP_TEST or debugfs not mounted)"),
+)
+
+
+def explain_hmm_skip(reason: str) -> str:
+    return next((why for key, why in HMM_SKIP_REASONS if key.lower() in reason.lower()),
+                "not explained by aperture: see the reason hmm-tests gives")
+
+
 def device_pattern(seed: int, length: int) -> bytes:
     """The guest helper's pattern (aperture.c): byte i = seed*7 + (i % 251)*13 (mod 256)."""
     block = bytes((seed * 7 + k * 13) & 0xFF for k in range(251))
@@ -82,6 +99,9 @@ class HostVerifier:
     memory: int
     probe_bar_id: str
     devmem_files: list[Path] = field(default_factory=list)
+    nvme_file: Path | None = None
+    nvme_id: str = ""
+    hmm_tests_in_image: bool = False
 
     def nvdimm_at(self, phys: int, length: int = 1) -> tuple[int, MemoryDevice] | None:
         """Index and device of the NVDIMM holding [phys, phys+length), in configuration order."""
@@ -108,7 +128,86 @@ class HostVerifier:
             return self._verify_stamp(check)
         if check.name == "zone_device.probe":
             return self._verify_probe(check)
+        if check.name == "zone_device.p2pmem":
+            return self._verify_p2pmem_row(check)
+        if check.name == "p2p.nvme_cmb":
+            return self._verify_nvme_cmb(check)
+        if check.name == "witness.hmm_tests":
+            return self._verify_hmm_tests(check)
         return check
+
+    def _on(self, option: str) -> bool:
+        return self.kconfig.get(option, "n") in ("y", "m")
+
+    def _absent_as_expected(self, check: Check, expected_absent: bool, why: str) -> Check | None:
+        """A row the guest reports absent is ok exactly when the kernel (or topology) cannot have it."""
+        detail = check.detail if isinstance(check.detail, dict) else {}
+        absent = detail.get("result") == "absent"
+        if expected_absent:
+            return Check(check.name, absent, dict(detail, expected="absent", skip_reason=why))
+        if absent:
+            return Check(check.name, False, dict(detail, expected="present"))
+        return None
+
+    def nvme_bar_of(self, phys: int) -> int | None:
+        """Which BAR of the NVMe controller (QMP ``query-pci``) holds ``phys``, if any."""
+        for dev in self.pci:
+            if dev.qdev_id == self.nvme_id:
+                for index, (addr, size) in dev.bars.items():
+                    if addr <= phys < addr + size:
+                        return index
+        return None
+
+    def _p2pmem_expected_absent(self) -> tuple[bool, str]:
+        if self.nvme_file is None:
+            return True, "no NVMe controller in this VM (--nvme none)"
+        if not self._on("CONFIG_PCI_P2PDMA"):
+            return True, "kernel without CONFIG_PCI_P2PDMA: the NVMe CMB is not published as p2pmem"
+        if not self._on("CONFIG_BLK_DEV_NVME"):
+            return True, "kernel without CONFIG_BLK_DEV_NVME"
+        return False, ""
+
+    def _verify_p2pmem_row(self, check: Check) -> Check:
+        """``zone_device.p2pmem``: O_DIRECT into p2pmem worked, at an address inside the NVMe's CMB BAR."""
+        skipped = self._absent_as_expected(check, *self._p2pmem_expected_absent())
+        if skipped is not None:
+            return skipped
+        detail = check.detail if isinstance(check.detail, dict) else {}
+        phys = _int(detail.get("phys"))
+        bar = self.nvme_bar_of(phys) if phys > 0 else None
+        return Check(check.name, check.ok and detail.get("result") == "ok" and bar is not None,
+                     dict(detail, expected="ok", qmp_nvme_bar=bar, phys_ok=bar is not None))
+
+    def _verify_nvme_cmb(self, check: Check) -> Check:
+        """``p2p.nvme_cmb``: the namespace's backing file holds the pattern the guest moved out of the CMB."""
+        skipped = self._absent_as_expected(check, *self._p2pmem_expected_absent())
+        if skipped is not None:
+            return skipped
+        detail = check.detail if isinstance(check.detail, dict) else {}
+        off, length, seed = _int(detail.get("offset")), _int(detail.get("len")), _int(detail.get("seed"))
+        src_bar = self.nvme_bar_of(_int(detail.get("src_phys")))
+        host_ok = False
+        if self.nvme_file is not None and off >= 0 and 0 < length <= 16 << 20 and seed >= 0:
+            with open(self.nvme_file, "rb") as f:
+                f.seek(off)
+                host_ok = f.read(length) == device_pattern(seed, length)
+        return Check(check.name, check.ok and host_ok and src_bar is not None,
+                     dict(detail, host_verified=host_ok, host_file=str(self.nvme_file), host_offset=off,
+                          src_in_nvme_bar=src_bar))
+
+    def _verify_hmm_tests(self, check: Check) -> Check:
+        """``witness.hmm_tests``: 0 failed and at least 20 passed; every skipped group explained."""
+        if not self.hmm_tests_in_image:
+            return self._absent_as_expected(check, True, "no hmm-tests for this kernel (only kernels built by "
+                                            "`aperture kernel build` carry it)") or check
+        if not self._on("CONFIG_TEST_HMM"):
+            return self._absent_as_expected(check, True, "kernel without CONFIG_TEST_HMM") or check
+        detail = check.detail if isinstance(check.detail, dict) else {}
+        groups = [g for g in detail.get("skipped_groups", []) if isinstance(g, dict)]
+        explained = [dict(g, why=explain_hmm_skip(str(g.get("reason", "")))) for g in groups]
+        passed, failed = _int(detail.get("passed")), _int(detail.get("failed"))
+        ok = check.ok and failed == 0 and passed >= HMM_TESTS_MIN_PASSED and not detail.get("timed_out")
+        return Check(check.name, ok, dict(detail, skipped_groups=explained, min_passed=HMM_TESTS_MIN_PASSED))
 
     def _verify_written(self, check: Check, written: list[dict[str, Any]]) -> Check:
         """Device memory after the run holds every pattern the guest says it wrote (window, DMA, P2P)."""
@@ -214,7 +313,8 @@ class HostVerifier:
             "fsdax": ("ok" if on("CONFIG_ZONE_DEVICE") and on("CONFIG_FS_DAX") else "EFAULT")
             if "fsdax" in self.pmem_modes else "absent",
             "bar": "EFAULT",
-            "p2pmem": "ok" if on("CONFIG_PCI_P2PDMA", default=False) else "absent",
+            "p2pmem": "ok" if on("CONFIG_PCI_P2PDMA", default=False) and on("CONFIG_BLK_DEV_NVME", default=False)
+            and self.nvme_file is not None else "absent",
         }
 
     def _verify_probe(self, check: Check) -> Check:
@@ -237,6 +337,8 @@ class HostVerifier:
                     phys_ok = hit is not None and hit[0] < len(self.pmem_modes) and self.pmem_modes[hit[0]] == mem
                 elif mem == "bar":
                     phys_ok = bar2 is not None and phys == bar2[0]
+                elif mem == "p2pmem":
+                    phys_ok = phys > 0 and self.nvme_bar_of(phys) is not None
             matches = row.get("result") == want and phys_ok is not False
             all_ok = all_ok and matches
             out_rows.append(dict(row, expected=want, phys_ok=phys_ok, matches=matches))

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import re
 import secrets
 import shutil
 from collections.abc import Callable
@@ -20,14 +19,14 @@ from qmp_client.remap import RemapController
 from .accel import AccelChoice, choose_accel
 from .config import KernelSpec, RemapPlan, VmConfig
 from .errors import ConfigError, GuestError
-from .machine import PROBE_BAR_ID, Vm, find_qemu, qemu_version
+from .machine import AUTO_NAME, NVME_ID, PROBE_BAR_ID, Vm, find_qemu, qemu_version, reap_dead_runs
 from .registry import pid_alive
 from .results import Check, HostVerifier, RunResult, remap_consistency, remap_hotplug
 
 Progress = Callable[[str], None]
 
 
-AUTO_RUN_NAME = re.compile(r"\d{8}-\d{6}-(\d+)-[0-9a-f]{4}")  # new_run_name(): time, pid, random
+AUTO_RUN_NAME = AUTO_NAME  # new_run_name(): time, pid, random
 
 
 def default_run_dir(name: str) -> Path:
@@ -72,6 +71,9 @@ class Prepared:
 
 
 def prepare(config: VmConfig, kernel: KernelSpec, progress: Progress) -> Prepared:
+    reaped = reap_dead_runs(Path(os.environ.get("APERTURE_SHM", "/dev/shm")))
+    if reaped:
+        progress(f"removed the shm files and sockets of {len(reaped)} run(s) whose process was killed")
     qemu = find_qemu()
     version = qemu_version(qemu)
     progress(f"guest image: building for kernel {kernel.release}")
@@ -94,6 +96,9 @@ def _verifier(vm: Vm, config: VmConfig, kernel: KernelSpec) -> HostVerifier:
         kconfig=kernel_config(kernel),
         memory=config.memory,
         probe_bar_id=PROBE_BAR_ID,
+        nvme_file=vm.paths.nvme if config.nvme else None,
+        nvme_id=NVME_ID,
+        hmm_tests_in_image=kernel.hmm_tests is not None,
     )
 
 
@@ -126,7 +131,8 @@ def boot_once(config: VmConfig, prep: Prepared, run_dir: Path, progress: Progres
                     notes.append(f"guest reports kernel {msg.get('kernel_release')}")
             elif kind == "check":
                 check = Check(str(msg.get("name", "?")), bool(msg.get("ok")), msg.get("detail"))
-                progress(f"  guest: {'ok  ' if check.ok else 'FAIL'} {check.name}")
+                absent = isinstance(check.detail, dict) and check.detail.get("result") == "absent"
+                progress(f"  guest: {'ok  ' if check.ok else 'n/a ' if absent else 'FAIL'} {check.name}")
                 pending.append(check)
             elif kind == "figures" and isinstance(msg.get("values"), dict):
                 figures.update({str(k): float(v) for k, v in msg["values"].items() if isinstance(v, (int, float))})

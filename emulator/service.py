@@ -20,6 +20,7 @@ from .config import DeviceConfig, PmemConfig, pmem_index, ram_ranges
 from .device import ApertureDevice
 from .ivshmem_server import IvshmemServer
 from .memory import FileBuffer
+from .qemu_opts import opt_value
 
 PCI_SLOT_BASE = 0x10
 
@@ -50,18 +51,20 @@ def device_qemu_args(i: int, config: DeviceConfig, files: DeviceFiles, hotplug: 
     the device-memory file at offset 0 (zero-copy; re-plugged at other offsets by hotplug remaps).
     """
     args = [
-        "-chardev", f"socket,id=apctl{i},path={files.socket}",
+        "-chardev", f"socket,id=apctl{i},path={opt_value(files.socket)}",
         "-device", f"ivshmem-doorbell,id={ctl_id(i)},chardev=apctl{i},vectors=1,addr={PCI_SLOT_BASE + 2 * i:#x}",
     ]
     if not hotplug:
         return args + [
-            "-object", f"memory-backend-file,id=apwin{i},size={config.window},mem-path={files.window},share=on",
+            "-object", f"memory-backend-file,id=apwin{i},size={config.window},"
+                       f"mem-path={opt_value(files.window)},share=on",
             "-device", f"ivshmem-plain,id={win_id(i)},memdev=apwin{i},addr={PCI_SLOT_BASE + 2 * i + 1:#x}",
         ]
     return args + [
         "-device", f"pcie-root-port,id={port_id(i)},chassis={i + 1},slot={i + 1},pref64-reserve=64M,"
                    f"addr={PCI_SLOT_BASE + 2 * i + 1:#x}",
-        "-object", f"memory-backend-file,id=apwin{i},size={config.window},mem-path={files.devmem},offset=0,share=on",
+        "-object", f"memory-backend-file,id=apwin{i},size={config.window},"
+                   f"mem-path={opt_value(files.devmem)},offset=0,share=on",
         "-device", f"ivshmem-plain,id={win_id(i)},memdev=apwin{i},bus={port_id(i)}",
     ]
 

@@ -48,6 +48,24 @@ def _summarize_detail(name: str, detail: Any) -> str:
         if not cells:
             return f"no O_DIRECT source {d.get('source') or '(no fsdax device)'}: {d.get('source_open')}"
         return "O_DIRECT into: " + ", ".join(cells)
+    if d.get("skip_reason"):
+        return f"skipped: {d.get('skip_reason')}"
+    if name == "zone_device.p2pmem" and d:
+        if d.get("result") != "ok":
+            return f"O_DIRECT into p2pmem: {d.get('result')} {d.get('why') or d.get('expected') or ''}".strip()
+        bar = d.get("qmp_nvme_bar")
+        return (f"O_DIRECT {d.get('source')} → p2pmem of {d.get('pci')} @ {int(d.get('phys', 0)):#x} "
+                f"({'inside the NVMe BAR' + str(bar) + ' per QMP' if bar is not None else 'NOT inside the NVMe CMB'})")
+    if name == "p2p.nvme_cmb" and d:
+        verified = "verified in " + Path(str(d.get("host_file"))).name if d.get("host_verified") else "NOT in the file"
+        return (f"{format_size(int(d.get('len', 0)))} CMB → {d.get('device')} +{int(d.get('offset', 0)):#x}: "
+                f"{d.get('write')}, back into the CMB: {d.get('read')}; {verified}")
+    if name == "witness.hmm_tests" and d:
+        if d.get("result") != "ran":
+            return f"not run: {d.get('why')}"
+        failed = d.get("failed_tests") or []
+        return (f"hmm-tests: {d.get('passed')} passed, {d.get('failed')} failed, {d.get('skipped')} skipped "
+                f"in {d.get('duration_s')} s" + (f" (failed: {', '.join(map(str, failed[:4]))})" if failed else ""))
     if name == "remap.consistency" and d:
         return (f"{d.get('remaps')} {d.get('mode')}-mode remaps (p50 {d.get('latency_ms_p50')} ms, p99 "
                 f"{d.get('latency_ms_p99')} ms, max {d.get('latency_ms_max')} ms); guest: {d.get('reads')} checked "
@@ -137,7 +155,7 @@ def print_summary(result: Any) -> None:
             print_probe_table(c.detail)
     for note in result.messages:
         click.echo(f"  note: {note}")
-    click.echo(f"  run dir: {result.run_dir} (console.log, results.jsonl, pmem*.img, devmem*.img)")
+    click.echo(f"  run dir: {result.run_dir} (console.log, results.jsonl, pmem*.img, devmem*.img, nvme0.img)")
 
 
 def print_bench(report: dict[str, Any], as_json: bool) -> None:

@@ -67,7 +67,7 @@ def resolve_uri(package: str) -> DebFile:
     raise SetupError(f"apt-get download --print-uris {package} printed no URI")
 
 
-def _download(deb: DebFile, dest: Path, progress: Progress) -> None:
+def download(deb: DebFile, dest: Path, progress: Progress) -> None:
     tmp = dest.with_name(dest.name + ".part")
     digest = hashlib.sha256()
     done = 0
@@ -109,7 +109,7 @@ def fetch_package(package: str, progress: Progress) -> Path:
     dest = debs / deb.filename
     if not dest.exists() or dest.stat().st_size != deb.size:
         progress(f"{package}: downloading {deb.size / 1e6:.0f} MB")
-        _download(deb, dest, progress)
+        download(deb, dest, progress)
     progress(f"{package}: unpacking into {unpack}")
     shutil.rmtree(unpack, ignore_errors=True)
     unpack.mkdir(parents=True)

@@ -19,14 +19,87 @@ from emulator.errors import SetupError
 from .cache import cache_root, mtime_or_zero, private_tmp, read_manifest
 from .cpio import CpioWriter
 from .elf import binary_closure, check_static_x86_64
+from .kernel import kernel_config
 from .kmod import ModuleIndex
 
 #: Bump when the image layout changes, so cached images are rebuilt.
-IMAGE_FORMAT = 2
+IMAGE_FORMAT = 4
 
-#: The NVDIMM stack, in the order that works (dax core is built in).
-DEFAULT_MODULES: tuple[str, ...] = ("libnvdimm", "nfit", "nd_btt", "nd_pmem", "dax_pmem", "device_dax",
-                                    "crc32c_generic", "ext4")
+#: The kernel's own HMM selftest, carried at /usr/lib/aperture/ when the kernel build made it.
+HMM_TESTS = "hmm-tests"
+
+@dataclass(frozen=True)
+class GuestFeature:
+    """What the guest needs from its kernel: a module name, the option that builds it, and why."""
+
+    module: str
+    option: str
+    why: str
+    required: bool = True
+    at_boot: bool = True  # False: carried in the image, loaded by the check that needs it (boot stays short)
+
+
+#: The NVDIMM stack in the order that works (dax core is built in), then what only some checks need.
+GUEST_FEATURES: tuple[GuestFeature, ...] = (
+    GuestFeature("libnvdimm", "CONFIG_LIBNVDIMM", "the NVDIMM bus"),
+    GuestFeature("nfit", "CONFIG_ACPI_NFIT", "QEMU's NVDIMMs, described by the ACPI NFIT"),
+    GuestFeature("nd_btt", "CONFIG_ND_BTT", "namespace sector mode (nd_pmem needs it)"),
+    GuestFeature("nd_pmem", "CONFIG_BLK_DEV_PMEM", "/dev/pmemN, the fsdax namespace"),
+    GuestFeature("dax_pmem", "CONFIG_DEV_DAX_PMEM", "devdax on an NVDIMM"),
+    GuestFeature("device_dax", "CONFIG_DEV_DAX", "/dev/daxN.M"),
+    GuestFeature("crc32c_generic", "CONFIG_CRYPTO_CRC32C", "ext4's metadata checksums"),
+    GuestFeature("ext4", "CONFIG_EXT4_FS", "the fsdax filesystem"),
+    # test_hmm memremaps 256 MiB of device-private memory when it loads (~0.25 s under TCG): witness.c loads it.
+    GuestFeature("test_hmm", "CONFIG_TEST_HMM", "witness.hmm_tests (the kernel's own HMM selftest)",
+                 required=False, at_boot=False),
+)
+
+
+@dataclass(frozen=True)
+class ModulePlan:
+    """Which modules /init loads, and what was left out and why (for notes and doctor)."""
+
+    load: tuple[str, ...]
+    builtin: tuple[str, ...]
+    absent: tuple[str, ...]  # optional features this kernel does not have
+    on_demand: tuple[str, ...] = ()  # in the image, loaded by the check that needs them, not by /init
+
+
+def plan_modules(kernel: KernelSpec, kconfig: dict[str, str],
+                 features: tuple[GuestFeature, ...] = GUEST_FEATURES) -> ModulePlan:
+    """A module is required only where the kernel really has it as a module (config ``=m``, or, with no
+    config, not in ``modules.builtin``); a missing feature names the option to turn on."""
+    load: list[str] = []
+    builtin: list[str] = []
+    absent: list[str] = []
+    on_demand: list[str] = []
+    index = ModuleIndex(kernel.modules_dir, kernel.release) if kernel.modules_dir else None
+    for f in features:
+        value = kconfig.get(f.option) if kconfig else None
+        if value == "y" or (value is None and f.module in kernel.builtin):
+            builtin.append(f.module)
+            continue
+        if kconfig and value != "m":
+            if f.required:
+                raise SetupError(f"kernel {kernel.release} lacks {f.option} ({f.why}): turn it on "
+                                 "(=y, or =m with --modules DIR)")
+            absent.append(f.module)
+            continue
+        # =m, or no config and not built in: the module must be there.
+        if index is None:
+            if not f.required:
+                absent.append(f.module)
+                continue
+            if kconfig:
+                raise SetupError(f"kernel {kernel.release} has {f.option}=m ({f.why}): pass --modules DIR")
+            raise SetupError(f"no modules found for kernel {kernel.release}: pass --modules DIR (a kernel with "
+                             "everything built in needs its config: --config FILE, a .config beside it, or "
+                             "CONFIG_IKCONFIG)")
+        if not f.required and f.module.replace("-", "_") not in index.paths:
+            absent.append(f.module)
+            continue
+        (load if f.at_boot else on_demand).append(f.module)
+    return ModulePlan(tuple(load), tuple(builtin), tuple(absent), tuple(on_demand))
 
 #: Host binaries every image carries (with their shared-library closure): busybox has no mkfs.ext4.
 DEFAULT_GUEST_BINS: tuple[str, ...] = ("mke2fs",)
@@ -138,13 +211,21 @@ def guest_files(bins: tuple[Path, ...]) -> dict[str, Path]:
     return files
 
 
-def build_image(kernel: KernelSpec, modules: tuple[str, ...] = DEFAULT_MODULES, *, force: bool = False,
-                cache: Path | None = None, guest_bins: tuple[Path, ...] = ()) -> GuestImage:
+def build_image(kernel: KernelSpec, *, force: bool = False, cache: Path | None = None,
+                guest_bins: tuple[Path, ...] = ()) -> GuestImage:
     root = cache or cache_root()
     bins = tuple(find_host_binary(n) for n in DEFAULT_GUEST_BINS) + optional_host_binaries() + tuple(guest_bins)
     extra = guest_files(bins)
-    index = ModuleIndex(kernel.modules_dir, kernel.release)
-    closure = index.closure(list(modules))  # checks vermagic before anything is written
+    if kernel.hmm_tests is not None and kernel.hmm_tests.is_file():
+        check_static_x86_64(kernel.hmm_tests)
+        extra[f"/usr/lib/aperture/{HMM_TESTS}"] = kernel.hmm_tests
+    plan = plan_modules(kernel, kernel_config(kernel))
+    closure = []
+    if plan.load or plan.on_demand:
+        assert kernel.modules_dir is not None
+        closure = ModuleIndex(kernel.modules_dir, kernel.release).closure(list(plan.load + plan.on_demand))
+    # /init loads these, dependencies first; the rest of the closure waits for the check that needs it.
+    at_boot = [m.name for m in closure if m.name not in plan.on_demand]
     helper = build_helper(root)
     busybox = _busybox()
     init = _init_script()
@@ -170,7 +251,7 @@ def build_image(kernel: KernelSpec, modules: tuple[str, ...] = DEFAULT_MODULES, 
     with open(tmp, "wb") as f:
         w = CpioWriter(f)
         for d in ("bin", "sbin", "dev", "etc", "etc/aperture", "lib", "lib/modules", "proc", "sys", "run",
-                  "tmp", "mnt"):
+                  "tmp", "mnt", "usr", "usr/lib", "usr/lib/aperture"):
             w.dir(d)
         w.chardev("dev/console", 5, 1)
         w.chardev("dev/null", 1, 3, 0o666)
@@ -180,7 +261,7 @@ def build_image(kernel: KernelSpec, modules: tuple[str, ...] = DEFAULT_MODULES, 
         w.file("init", init, 0o755)
         for m in closure:
             w.file(f"lib/modules/{m.name}.ko", m.data)
-        w.file("etc/aperture/modules", ("\n".join(names) + "\n").encode())
+        w.file("etc/aperture/modules", "".join(n + "\n" for n in at_boot).encode())
         for guest_path, host in sorted(extra.items()):
             w.file(guest_path, host.read_bytes(), 0o755)
         w.close()

@@ -1,17 +1,31 @@
-"""Resolve the guest kernel: the cached Debian package, a user bzImage, or a PVH-capable ELF vmlinux."""
+"""Resolve the guest kernel: the built kernel (default), Debian's prebuilt one, or a user's bzImage/vmlinux.
+
+A user's kernel may carry everything built in: its config (``--config``, a ``.config``/``config-<release>``
+next to it, or the kernel's own IKCONFIG) and ``modules.builtin`` decide which modules are really needed, so
+a monolithic kernel boots without ``--modules``.
+"""
 
 from __future__ import annotations
 
+import gzip
+import hashlib
 import re
+import zlib
 from pathlib import Path
 
 from emulator.config import KernelSpec
 from emulator.errors import ConfigError, SetupError
 
-from .cache import read_manifest
+from .cache import cache_root, private_tmp, read_manifest
 from .elf import pvh_entry
+from .kbuild import current_build, parse_config
+from .kmod import module_name
+from .pvh import bzimage_payload
 
 _RELEASE_RE = re.compile(rb"Linux version (\S+)")
+
+#: ``--kernel`` keywords; anything else is a path.
+KERNEL_KEYWORDS = ("built", "debian")
 
 
 def kernel_format(path: Path) -> str:
@@ -43,52 +57,121 @@ def kernel_release(path: Path) -> str:
     raise ConfigError(f"cannot find the kernel release string in {path}")
 
 
+def embedded_config(image: Path) -> str | None:
+    """The config a kernel carries with CONFIG_IKCONFIG (between ``IKCFG_ST`` and ``IKCFG_ED``), or None."""
+    data = image.read_bytes()
+    if data[:4] != b"\x7fELF":
+        payload, _ = bzimage_payload(data)
+        if payload is None:
+            return None
+        data = payload
+    start = data.find(b"IKCFG_ST")
+    end = data.find(b"IKCFG_ED", start + 8) if start >= 0 else -1
+    if start < 0 or end < 0:
+        return None
+    try:
+        return gzip.decompress(data[start + 8 : end]).decode("utf-8", "replace")
+    except (OSError, EOFError, zlib.error):
+        return None
+
+
+def _cached_embedded_config(image: Path) -> Path | None:
+    """IKCONFIG extracted once into the cache (keyed by the image's identity), as a file KernelSpec can name."""
+    st = image.stat()
+    key = hashlib.sha256(f"{image.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:16]
+    out = cache_root() / "ikconfig" / f"{key}.config"
+    if out.exists():
+        return out
+    text = embedded_config(image)
+    if text is None:
+        return None
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = private_tmp(out)
+    tmp.write_text(text)
+    tmp.replace(out)
+    return out
+
+
+def read_builtin(modules_dir: Path | None) -> frozenset[str]:
+    """Module names the kernel has built in, from ``modules.builtin`` (empty when not given)."""
+    if modules_dir is None or not (modules_dir / "modules.builtin").is_file():
+        return frozenset()
+    names = (module_name(Path(line.strip())) for line in (modules_dir / "modules.builtin").read_text().splitlines())
+    return frozenset(n for n in names if n)
+
+
 def _modules_for(release: str, modules: Path) -> Path:
     """Accept ``lib/modules/<rel>``, ``lib/modules`` or a root that contains ``lib/modules/<rel>``."""
+    if not modules.is_dir():
+        raise ConfigError(f"--modules {modules}: not a directory")
     for cand in (modules, modules / release, modules / "lib/modules" / release):
-        if (cand / "kernel").is_dir() or any(cand.glob("*.ko*")):
+        if (cand / "kernel").is_dir() or (cand / "modules.builtin").is_file() or any(cand.glob("*.ko*")):
             return cand
     raise ConfigError(f"no modules for kernel {release} under {modules}")
 
 
-def resolve_kernel(kernel: Path | None = None, modules: Path | None = None) -> KernelSpec:
+def built_kernel() -> KernelSpec:
+    """The kernel ``aperture kernel build`` made from today's fragment (booted through its PVH entry)."""
+    built = current_build()
+    if built is None:
+        raise SetupError("no built guest kernel for the current guest/kconfig/aperture.config in the cache: run "
+                         "scripts/setup.sh (or `aperture kernel build`); `--kernel debian` boots Debian's kernel")
+    return KernelSpec(built.vmlinux, built.modules_dir, built.release, built.config, "built",
+                      read_builtin(built.modules_dir), built.hmm_tests)
+
+
+def debian_kernel(modules: Path | None = None) -> KernelSpec:
+    """Debian's prebuilt kernel from the cache (``aperture fetch``)."""
     manifest = read_manifest().get("kernel")
-    if kernel is None:
-        if not manifest or not Path(manifest["image"]).exists():
-            raise SetupError("no guest kernel in the cache: run scripts/setup.sh (or `aperture fetch`)")
-        image = Path(manifest["image"])
-        release = manifest["release"]
-        mods = _modules_for(release, modules) if modules else Path(manifest["modules_dir"])
-        config = Path(manifest["config"]) if Path(manifest["config"]).exists() else None
-        return KernelSpec(image, mods, release, config)
-    kernel = kernel.expanduser()
-    if not kernel.is_file():
-        raise ConfigError(f"kernel {kernel} does not exist")
-    kernel_format(kernel)
-    release = kernel_release(kernel)
+    if not manifest or not Path(manifest["image"]).exists():
+        raise SetupError("Debian's guest kernel is not in the cache: run scripts/setup.sh (or `aperture fetch`)")
+    release = manifest["release"]
+    mods = _modules_for(release, modules) if modules else Path(manifest["modules_dir"])
+    config = Path(manifest["config"]) if Path(manifest["config"]).exists() else None
+    return KernelSpec(Path(manifest["image"]), mods, release, config, "debian", read_builtin(mods))
+
+
+def resolve_kernel(kernel: Path | str | None = None, modules: Path | None = None,
+                   config: Path | None = None) -> KernelSpec:
+    """``None``/``"built"``: the built kernel; ``"debian"``: Debian's; otherwise a bzImage or PVH vmlinux."""
+    if kernel is None or str(kernel) == "built":
+        if modules is not None or config is not None:
+            raise ConfigError("--modules and --config go with --kernel PATH")
+        return built_kernel()
+    if str(kernel) == "debian":
+        if config is not None:
+            raise ConfigError("--config goes with --kernel PATH")
+        return debian_kernel(modules)
+    path = Path(kernel).expanduser()
+    if path.is_dir():
+        raise ConfigError(f"--kernel {path} is a directory; name the bzImage or vmlinux file in it")
+    if not path.is_file():
+        raise ConfigError(f"--kernel {path}: no such file")
+    kernel_format(path)
+    release = kernel_release(path)
+    manifest = read_manifest().get("kernel") or {}
+    mods: Path | None
     if modules is not None:
         mods = _modules_for(release, modules.expanduser())
-    elif manifest and manifest["release"] == release:
+    elif manifest.get("release") == release:
         mods = Path(manifest["modules_dir"])
     else:
-        candidates = [kernel.parent / "lib/modules" / release, kernel.parent.parent / "lib/modules" / release]
-        found = next((c for c in candidates if c.is_dir()), None)
-        if found is None:
-            raise SetupError(f"no modules found for kernel {release}: pass --modules DIR")
-        mods = found
-    config = next((c for c in (kernel.parent / f"config-{release}", kernel.parent / ".config") if c.exists()), None)
-    return KernelSpec(kernel.resolve(), mods.resolve(), release, config)
+        candidates = [path.parent / "lib/modules" / release, path.parent.parent / "lib/modules" / release]
+        mods = next((c for c in candidates if c.is_dir()), None)
+    if config is not None:
+        config = config.expanduser()
+        if not config.is_file():
+            raise ConfigError(f"--config {config}: no such file")
+        config_file: Path | None = config
+    else:
+        config_file = next((c for c in (path.parent / f"config-{release}", path.parent / ".config") if c.is_file()),
+                           None) or _cached_embedded_config(path)
+    return KernelSpec(path.resolve(), mods.resolve() if mods else None, release,
+                      config_file.resolve() if config_file else None, "user", read_builtin(mods))
 
 
 def kernel_config(spec: KernelSpec) -> dict[str, str]:
     """``CONFIG_X`` → value from the kernel's config file (empty if unknown)."""
     if spec.config_file is None:
         return {}
-    out: dict[str, str] = {}
-    for line in spec.config_file.read_text(errors="replace").splitlines():
-        if line.startswith("CONFIG_"):
-            key, _, value = line.partition("=")
-            out[key] = value
-        elif line.startswith("# CONFIG_") and line.endswith(" is not set"):
-            out[line[2:].split()[0]] = "n"
-    return out
+    return parse_config(spec.config_file.read_text(errors="replace"))

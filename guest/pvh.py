@@ -15,14 +15,8 @@ from .elf import pvh_entry
 _DECOMPRESSORS = {b"\x28\xb5\x2f\xfd": ["zstd", "-dcq"], b"\xfd7zXZ": ["xz", "-dcq"], b"\x1f\x8b": ["gzip", "-dcq"]}
 
 
-def extract_pvh_vmlinux(kernel: KernelSpec) -> tuple[Path | None, str]:
-    """Return (vmlinux, "") or (None, reason). Cached next to the other guest artefacts."""
-    out = cache_root() / "pvh" / kernel.release / "vmlinux"
-    if out.exists():
-        return out, ""
-    data = kernel.image.read_bytes()
-    if data[:4] == b"\x7fELF":
-        return (kernel.image, "") if pvh_entry(kernel.image) is not None else (None, "ELF kernel has no PVH note")
+def bzimage_payload(data: bytes) -> tuple[bytes | None, str]:
+    """The decompressed ELF vmlinux inside a bzImage: (vmlinux bytes, "") or (None, reason)."""
     if data[0x202:0x206] != b"HdrS":
         return None, "not a bzImage"
     setup_sects = data[0x1F1] or 4
@@ -38,9 +32,23 @@ def extract_pvh_vmlinux(kernel: KernelSpec) -> tuple[Path | None, str]:
     proc = subprocess.run(argv, input=payload[:-4] if argv[0] == "zstd" else payload, capture_output=True)
     if not proc.stdout.startswith(b"\x7fELF"):
         return None, f"decompressing the payload failed: {proc.stderr.decode(errors='replace').strip()[:100]}"
+    return proc.stdout, ""
+
+
+def extract_pvh_vmlinux(kernel: KernelSpec) -> tuple[Path | None, str]:
+    """Return (vmlinux, "") or (None, reason). Cached next to the other guest artefacts."""
+    data = kernel.image.read_bytes()
+    if data[:4] == b"\x7fELF":
+        return (kernel.image, "") if pvh_entry(kernel.image) is not None else (None, "ELF kernel has no PVH note")
+    out = cache_root() / "pvh" / kernel.release / "vmlinux"
+    if out.exists():
+        return out, ""
+    vmlinux, why = bzimage_payload(data)
+    if vmlinux is None:
+        return None, why
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = private_tmp(out)
-    tmp.write_bytes(proc.stdout)
+    tmp.write_bytes(vmlinux)
     try:
         if pvh_entry(tmp) is None:
             tmp.unlink()

@@ -27,10 +27,12 @@ def call(path: str, cmd: str, timeout: float = 30.0, **args: Any) -> Any:
                 buf += chunk
     except OSError as exc:
         raise ControlError(f"VM control socket unreachable ({exc.strerror or exc}); is the VM still up?") from None
+    if not buf:  # the daemon closed the connection without a word: it died (or was killed) meanwhile
+        raise ControlError("the VM daemon closed the connection without replying: it has stopped (see 'aperture ls')")
     try:
         reply = json.loads(buf)
-    except json.JSONDecodeError:
-        raise ControlError("garbled reply from the VM daemon") from None
+    except (ValueError, RecursionError):
+        raise ControlError(f"garbled reply from the VM daemon: {buf[:80]!r}") from None
     if not reply.get("ok"):
         raise ControlError(str(reply.get("error", "command failed")))
     return reply.get("result")

@@ -45,20 +45,6 @@ static inline uint32_t r32(struct apdev *d, unsigned off) { return *(volatile ui
 static inline uint64_t r64(struct apdev *d, unsigned off) { return *(volatile uint64_t *)(d->ctl + off); }
 static inline void w32(struct apdev *d, unsigned off, uint32_t v) { *(volatile uint32_t *)(d->ctl + off) = v; }
 
-static void pattern(uint8_t *buf, size_t len, uint32_t seed)
-{
-    for (size_t i = 0; i < len; i++)
-        buf[i] = (uint8_t)(seed * 7u + (uint32_t)(i % 251) * 13u);
-}
-
-static int pattern_ok(const uint8_t *buf, size_t len, uint32_t seed)
-{
-    for (size_t i = 0; i < len; i++)
-        if (buf[i] != (uint8_t)(seed * 7u + (uint32_t)(i % 251) * 13u))
-            return 0;
-    return 1;
-}
-
 /* ---------------------------------------------------------------- discovery */
 static int bar_range(const char *bdf, int bar, unsigned long long *start, unsigned long long *size)
 {
@@ -281,7 +267,7 @@ static int fill_page(struct apdev *d, uint32_t slot, uint64_t page, size_t len, 
 {
     if (map_page(d, slot, page) != APERTURE_ST_OK)
         return -1;
-    pattern(d->win + slot * d->slot, len, seed);
+    pattern_fill(d->win + slot * d->slot, len, seed);
     return 0;
 }
 
@@ -414,7 +400,7 @@ static int check_window(struct apdev *d, struct jbuf *out)
             break;
         }
         ok &= slot_entry(d, slot, &retries) == p + 1;
-        if (pattern_ok(d->win + slot * d->slot, len, 100 + p))
+        if (pattern_check(d->win + slot * d->slot, len, 100 + p))
             survived++;
     }
     /* One page can only be live in one slot. */
@@ -451,13 +437,13 @@ static void check_hidden(struct apdev *d, struct daxmap *dx)
     /* The device's own DMA still reaches hidden memory: pmem -> hidden -> pmem round trip. */
     int dma_in = -1, dma_out = -1, back = 0;
     if (dx->map && dx->size >= 16 * MIB) {
-        pattern(dx->map + 12 * MIB, 64 * KIB, 301);
+        pattern_fill(dx->map + 12 * MIB, 64 * KIB, 301);
         flush_range(dx->map + 12 * MIB, 64 * KIB);
         memset(dx->map + 13 * MIB, 0, 64 * KIB);
         flush_range(dx->map + 13 * MIB, 64 * KIB);
         dma_in = dma(d, dx->phys + 12 * MIB, d->hidden_start, 64 * KIB, APERTURE_DMA_DST_LOCAL);
         dma_out = dma(d, d->hidden_start, dx->phys + 13 * MIB, 64 * KIB, APERTURE_DMA_SRC_LOCAL);
-        back = pattern_ok(dx->map + 13 * MIB, 64 * KIB, 301);
+        back = pattern_check(dx->map + 13 * MIB, 64 * KIB, 301);
         record(d, d->hidden_start, 64 * KIB, 301);
     }
     int ok = map_st == APERTURE_ST_EACCES && last_st == APERTURE_ST_EACCES && dma_in == 0 && dma_out == 0 && back;
@@ -484,11 +470,11 @@ static void check_pmem_device(struct apdev *d, struct daxmap *dx)
         return;
     }
     /* pmem -> device page 40 */
-    pattern(dx->map + 8 * MIB, len, 201);
+    pattern_fill(dx->map + 8 * MIB, len, 201);
     flush_range(dx->map + 8 * MIB, len);
     int st = dma(d, dx->phys + 8 * MIB, pin * d->slot, len, APERTURE_DMA_DST_LOCAL);
     int ok = st == 0 && map_page(d, 2 % d->nr_slots, pin) == 0 &&
-             pattern_ok(d->win + (2 % d->nr_slots) * d->slot, len, 201);
+             pattern_check(d->win + (2 % d->nr_slots) * d->slot, len, 201);
     unmap_slot(d, 2 % d->nr_slots);
     record(d, pin * d->slot, len, 201);
     snprintf(detail, sizeof(detail), "{\"device\":%d,\"src_phys\":%llu,\"dst_device_offset\":%llu,\"len\":%zu,"
@@ -503,7 +489,7 @@ static void check_pmem_device(struct apdev *d, struct daxmap *dx)
     memset(dx->map + 10 * MIB, 0, len);
     flush_range(dx->map + 10 * MIB, len);
     st = dma(d, pout * d->slot, dx->phys + 10 * MIB, len, APERTURE_DMA_SRC_LOCAL);
-    ok = ok && st == 0 && pattern_ok(dx->map + 10 * MIB, len, 202);
+    ok = ok && st == 0 && pattern_check(dx->map + 10 * MIB, len, 202);
     snprintf(detail, sizeof(detail), "{\"device\":%d,\"src_device_offset\":%llu,\"dst_phys\":%llu,\"len\":%zu,"
              "\"status\":\"%s\",\"verified_in_devdax_mapping\":%s}", d->index, (unsigned long long)(pout * d->slot),
              dx->phys + 10 * MIB, len, st < 0 ? "timeout" : aperture_status_name((unsigned)st), ok ? "true" : "false");
@@ -524,13 +510,13 @@ static void check_ram_device(struct apdev *d)
     }
     if (ram_alloc(&data, pages) == 0 && ram_alloc(&table, 1) == 0) {
         struct aperture_list_entry *ents = (struct aperture_list_entry *)table.buf;
-        pattern(data.buf, pages * 4096, 203);
+        pattern_fill(data.buf, pages * 4096, 203);
         for (size_t i = 0; i < pages; i++)
             ents[i] = (struct aperture_list_entry){.src = data.phys[i], .dst = pr * d->slot + i * 4096,
                                                    .length = 4096, .flags = APERTURE_DMA_DST_LOCAL};
         st_in = cmd(d, (struct aperture_desc){.opcode = APERTURE_OP_DMA_LIST, .src = table.phys[0],
                                               .length = pages}, NULL);
-        ok_in = st_in == 0 && map_page(d, rs, pr) == 0 && pattern_ok(d->win + rs * d->slot, pages * 4096, 203);
+        ok_in = st_in == 0 && map_page(d, rs, pr) == 0 && pattern_check(d->win + rs * d->slot, pages * 4096, 203);
         unmap_slot(d, rs);
         record(d, pr * d->slot, pages * 4096, 203);
         memset(data.buf, 0, pages * 4096);
@@ -539,7 +525,7 @@ static void check_ram_device(struct apdev *d)
                                                    .length = 4096, .flags = APERTURE_DMA_SRC_LOCAL};
         st_out = cmd(d, (struct aperture_desc){.opcode = APERTURE_OP_DMA_LIST, .src = table.phys[0],
                                                .length = pages}, NULL);
-        ok_out = st_out == 0 && pattern_ok(data.buf, pages * 4096, 203);
+        ok_out = st_out == 0 && pattern_check(data.buf, pages * 4096, 203);
     }
     snprintf(detail, sizeof(detail), "{\"device\":%d,\"pages\":%zu,\"list_phys\":%llu,\"ram_to_device\":\"%s\","
              "\"device_to_ram\":\"%s\",\"verified_in\":%s,\"verified_out\":%s}", d->index, pages, table.phys[0],
@@ -569,7 +555,7 @@ static void check_device_device(struct apdev *a, struct apdev *b)
     memset(b->win + bs * b->slot, 0, len);
     /* A's DMA engine writes into B's BAR window: lands in the page B's slot maps now. */
     int st = dma(a, src * a->slot, b->win_phys + bs * b->slot, len, APERTURE_DMA_SRC_LOCAL);
-    int seen = pattern_ok(b->win + bs * b->slot, len, 204);
+    int seen = pattern_check(b->win + bs * b->slot, len, 204);
     ok = ok && st == 0 && seen && unmap_slot(b, bs) == 0;
     record(b, dst * b->slot, len, 204);
     snprintf(detail, sizeof(detail), "{\"src_device\":%d,\"src_offset\":%llu,\"dst_device\":%d,\"dst_window_phys\":%llu,"
@@ -644,7 +630,7 @@ static void check_bad(struct apdev *d, struct daxmap *dx)
         ram_alloc(&src, 1);
         ram_alloc(&dst, 1);
         struct aperture_list_entry *ents = (struct aperture_list_entry *)table.buf;
-        pattern(src.buf, 4096, 205);
+        pattern_fill(src.buf, 4096, 205);
         memset(dst.buf, 0xEE, 4096);
         ents[0] = (struct aperture_list_entry){.src = src.phys[0], .dst = dst.phys[0], .length = 4096};
         ents[1] = (struct aperture_list_entry){.src = src.phys[0], .dst = 0xdead00000000ULL, .length = 4096};
@@ -846,7 +832,7 @@ void scenario_aperture(int bench_only)
             uint32_t pages = window_pages(d), intact = 0;
             size_t len = chunk(d, 64 * KIB);
             for (uint32_t p = 0; p < pages; p++) {
-                if (map_page(d, 0, p) == APERTURE_ST_OK && pattern_ok(d->win, len, 100 + p))
+                if (map_page(d, 0, p) == APERTURE_ST_OK && pattern_check(d->win, len, 100 + p))
                     intact++;
             }
             unmap_slot(d, 0);

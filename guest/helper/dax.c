@@ -48,33 +48,11 @@ struct pmem {
     char error[1024];
 };
 
-static int path_exists(const char *p) { return access(p, F_OK) == 0; }
-
 /* namespaceN.M, not the region's namespace_seed attribute */
 static int is_namespace_dev(const char *dir, const char *name)
 {
     (void)dir;
     return name[9] >= '0' && name[9] <= '9';
-}
-
-/* First entry of dir whose name starts with prefix (and passes accept, if given). */
-static int find_entry(const char *dir, const char *prefix, char *out, size_t outlen,
-                      int (*accept)(const char *dir, const char *name))
-{
-    DIR *d = opendir(dir);
-    struct dirent *e;
-    int found = 0;
-    while (d && (e = readdir(d)) && !found) {
-        if (strncmp(e->d_name, prefix, strlen(prefix)) != 0)
-            continue;
-        if (accept && !accept(dir, e->d_name))
-            continue;
-        snprintf(out, outlen, "%s", e->d_name);
-        found = 1;
-    }
-    if (d)
-        closedir(d);
-    return found;
 }
 
 /* A pfn/dax/btt device that claims a namespace and has a driver bound. */
@@ -261,24 +239,6 @@ static int configure(struct pmem *p, int force)
     snprintf(p->claim, sizeof(p->claim), "%s", seed);
     describe(p);
     return p->error[0] ? -1 : 0;
-}
-
-static const char *errno_name(int e)
-{
-    switch (e) {
-    case 0: return "ok";
-    case EFAULT: return "EFAULT";
-    case EINVAL: return "EINVAL";
-    case EIO: return "EIO";
-    case ENOMEM: return "ENOMEM";
-    case EOPNOTSUPP: return "EOPNOTSUPP";
-    case EREMOTEIO: return "EREMOTEIO";
-    case EPERM: return "EPERM";
-    case ENXIO: return "ENXIO";
-    case ENODEV: return "ENODEV";
-    case EACCES: return "EACCES";
-    default: return "EUNKNOWN";
-    }
 }
 
 static void stamp_unit(char *out, size_t len, const char *token, const char *kind)
@@ -592,13 +552,6 @@ static void map_bar2(struct bar *b)
         b->map = m;
 }
 
-static int has_p2pmem(const char *dir, const char *name)
-{
-    char path[512];
-    snprintf(path, sizeof(path), "%s/%s/p2pmem/allocate", dir, name);
-    return path_exists(path);
-}
-
 static const char *odirect_into(int src, void *dst)
 {
     if (!dst)
@@ -615,7 +568,6 @@ static void probe_matrix(const struct pmem *fsdax, const struct devdax_state *dd
     struct bar bar = {0};
     int src = fsdax && fsdax->dev[0] ? open(fsdax->dev, O_RDONLY | O_DIRECT | O_CLOEXEC) : -1;
     void *ram = aligned_alloc(4096, 4096);
-    char p2p[512];
 
     map_bar2(&bar);
     if (ram)
@@ -642,23 +594,7 @@ static void probe_matrix(const struct pmem *fsdax, const struct devdax_state *dd
                   r_bar, bar.phys, bar.map ? virt_to_phys(bar.map) : 0ULL);
         jb_str(&jb, bar.addr);
         jb_printf(&jb, ",\"size\":%llu},", bar.size);
-        if (find_entry("/sys/bus/pci/devices", "0000:", p2p, sizeof(p2p), has_p2pmem)) {
-            char path[600];
-            void *m = MAP_FAILED;
-            snprintf(path, sizeof(path), "/sys/bus/pci/devices/%s/p2pmem/allocate", p2p);
-            int fd = open(path, O_RDWR | O_CLOEXEC);
-            if (fd >= 0) {
-                m = mmap(NULL, 4096, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
-                close(fd);
-            }
-            jb_printf(&jb, "{\"memory\":\"p2pmem\",\"result\":\"%s\",\"pci\":",
-                      m != MAP_FAILED ? odirect_into(src, m) : errno_name(errno));
-            jb_str(&jb, p2p);
-            jb_printf(&jb, "}");
-        } else {
-            jb_printf(&jb, "{\"memory\":\"p2pmem\",\"result\":\"absent\",\"why\":\"no "
-                           "/sys/bus/pci/devices/*/p2pmem: kernel without CONFIG_PCI_P2PDMA or no provider\"}");
-        }
+        p2pmem_probe_row(&jb);
         close(src);
     }
     jb_printf(&jb, "]}");

@@ -50,6 +50,8 @@ int main(int argc, char **argv)
         scenario_nvdimm();
         scenario_dax(0);
         scenario_aperture(0);
+        scenario_p2pmem();
+        scenario_witness();
     } else if (strcmp(scenario, "idle") == 0) {
         /* aperture up: configure DAX, say so, and stay up for interactive use */
         scenario_nvdimm();

@@ -35,6 +35,11 @@ void fill_stamp(char *buf, size_t len, const char *unit);      /* unit repeated,
 void flush_range(const void *addr, size_t len);                /* clwb/clflushopt/clflush + sfence */
 const char *flush_method(void);
 double now_s(void);
+int path_exists(const char *p);
+/* First entry of dir whose name starts with prefix (and passes accept, if given); 1 if found. */
+int find_entry(const char *dir, const char *prefix, char *out, size_t outlen,
+               int (*accept)(const char *dir, const char *name));
+const char *errno_name(int e); /* "ok", "EFAULT", ... */
 
 /* NVDIMM regions (nvdimm.c), sorted by physical address */
 #define MAX_REGIONS 16
@@ -50,10 +55,16 @@ void scenario_dax(int bench);
 void scenario_aperture(int bench);
 void scenario_remap(void);
 void scenario_serve(void);
+void scenario_p2pmem(void);  /* p2pmem.c: zone_device.p2pmem, p2p.nvme_cmb */
+void p2pmem_probe_row(struct jbuf *jb); /* the probe matrix's p2pmem row, a JSON object */
+void scenario_witness(void); /* witness.c: witness.hmm_tests */
 int helper_tool(int argc, char **argv); /* map/unmap/dma/peek/poke/info; -1 if argv[1] is not a tool */
 
-/* aperture.c API for other scenarios */
 #include <stdint.h>
+void pattern_fill(uint8_t *buf, size_t len, uint32_t seed);  /* the device data pattern */
+int pattern_check(const uint8_t *buf, size_t len, uint32_t seed);
+
+/* aperture.c API for other scenarios */
 int aperture_discover(void);
 uint32_t aperture_nr_slots(int i);
 uint64_t aperture_slot_size(int i);

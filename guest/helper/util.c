@@ -2,6 +2,7 @@
 #include "report.h"
 
 #include <cpuid.h>
+#include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <stdint.h>
@@ -108,4 +109,59 @@ double now_s(void)
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
     return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
+}
+
+int path_exists(const char *p) { return access(p, F_OK) == 0; }
+
+/* First entry of dir whose name starts with prefix (and passes accept, if given). */
+int find_entry(const char *dir, const char *prefix, char *out, size_t outlen,
+                      int (*accept)(const char *dir, const char *name))
+{
+    DIR *d = opendir(dir);
+    struct dirent *e;
+    int found = 0;
+    while (d && (e = readdir(d)) && !found) {
+        if (strncmp(e->d_name, prefix, strlen(prefix)) != 0)
+            continue;
+        if (accept && !accept(dir, e->d_name))
+            continue;
+        snprintf(out, outlen, "%s", e->d_name);
+        found = 1;
+    }
+    if (d)
+        closedir(d);
+    return found;
+}
+
+const char *errno_name(int e)
+{
+    switch (e) {
+    case 0: return "ok";
+    case EFAULT: return "EFAULT";
+    case EINVAL: return "EINVAL";
+    case EIO: return "EIO";
+    case ENOMEM: return "ENOMEM";
+    case EOPNOTSUPP: return "EOPNOTSUPP";
+    case EREMOTEIO: return "EREMOTEIO";
+    case EPERM: return "EPERM";
+    case ENXIO: return "ENXIO";
+    case ENODEV: return "ENODEV";
+    case EACCES: return "EACCES";
+    default: return "EUNKNOWN";
+    }
+}
+
+/* The device data pattern (emulator/results.py device_pattern): byte i = seed*7 + (i % 251)*13. */
+void pattern_fill(uint8_t *buf, size_t len, uint32_t seed)
+{
+    for (size_t i = 0; i < len; i++)
+        buf[i] = (uint8_t)(seed * 7u + (uint32_t)(i % 251) * 13u);
+}
+
+int pattern_check(const uint8_t *buf, size_t len, uint32_t seed)
+{
+    for (size_t i = 0; i < len; i++)
+        if (buf[i] != (uint8_t)(seed * 7u + (uint32_t)(i % 251) * 13u))
+            return 0;
+    return 1;
 }

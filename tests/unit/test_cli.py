@@ -10,7 +10,12 @@ from tests.conftest import run_aperture
     (["run", "--pmem", "257M"], 2, "multiple of 2M"),
     (["run", "--memory", "12Q"], 2, "invalid size"),
     (["run", "--accel", "xen"], 2, "--accel"),
-    (["run", "--kernel", "/does/not/exist"], 2, "does not exist"),
+    (["run", "--kernel", "/does/not/exist"], 2, "/does/not/exist: no such file"),
+    (["run", "--kernel", "/tmp"], 2, "is a directory"),
+    (["run", "--nvme", "3M"], 2, "16M to 16G"),
+    (["run", "--kernel", "built", "--modules", "/tmp"], 2, "go with --kernel PATH"),
+    (["run", "--run-dir", "/etc/hostname"], 2, "exists and is not a directory"),
+    (["run", "--device", "aperture,mem=256M,window=512M"], 2, "window 512M is larger than device memory 256M"),
     (["run", "--timeout", "-3"], 2, "--timeout"),
     (["frobnicate"], 2, "No such command"),
 ])
@@ -31,13 +36,13 @@ def test_missing_qemu_is_exit_3() -> None:
 def test_missing_kernel_cache_is_exit_3(tmp_path) -> None:
     proc = run_aperture("run", env={"APERTURE_CACHE": str(tmp_path)}, timeout=60)
     assert proc.returncode == 3
-    assert "no guest kernel" in proc.stderr
+    assert "no built guest kernel" in proc.stderr and "aperture kernel build" in proc.stderr
 
 
 def test_help_lists_commands() -> None:
     proc = run_aperture("--help")
     assert proc.returncode == 0
-    for cmd in ("run", "image", "doctor", "bench", "fetch"):
+    for cmd in ("run", "image", "doctor", "bench", "fetch", "kernel"):
         assert cmd in proc.stdout
 
 
@@ -47,8 +52,10 @@ def test_doctor_json() -> None:
     proc = run_aperture("doctor", "--json", timeout=60)
     assert proc.returncode == 0, proc.stderr
     report = json.loads(proc.stdout)
-    assert set(report) == {"qemu", "guest binaries", "cache", "accelerator", "kernel config"}
+    assert set(report) == {"qemu", "guest binaries", "cache", "accelerator", "kernel: built", "kernel: debian"}
     assert report["guest binaries"]["mke2fs"].endswith("/mke2fs")
     assert report["qemu"]["version"].count(".") == 2
-    assert report["kernel config"]["ZONE_DEVICE"] == "y"
-    assert "PCI_P2PDMA" in report["kernel config"]
+    built, debian = report["kernel: built"]["config flags"], report["kernel: debian"]["config flags"]
+    assert built["PCI_P2PDMA"] == built["DEVICE_PRIVATE"] == built["ZONE_DEVICE"] == "y"
+    assert built["TEST_HMM"] == "m"
+    assert debian["ZONE_DEVICE"] == "y" and debian["PCI_P2PDMA"] in ("n", "not set")

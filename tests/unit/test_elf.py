@@ -33,19 +33,19 @@ def test_not_elf(tmp_path: Path) -> None:
         check_static_x86_64(tmp_path / "x")
 
 
-def test_bzimage_format_and_release(cached_kernel) -> None:
-    assert kernel_format(cached_kernel.image) == "bzimage"
-    assert kernel_release(cached_kernel.image) == cached_kernel.release
+def test_bzimage_format_and_release(debian_kernel) -> None:
+    assert kernel_format(debian_kernel.image) == "bzimage"
+    assert kernel_release(debian_kernel.image) == debian_kernel.release
 
 
-def test_pvh_vmlinux_extracted_and_recognised(cached_kernel) -> None:
+def test_pvh_vmlinux_extracted_and_recognised(debian_kernel) -> None:
     from guest.pvh import extract_pvh_vmlinux
 
-    vmlinux, why = extract_pvh_vmlinux(cached_kernel)
+    vmlinux, why = extract_pvh_vmlinux(debian_kernel)
     if vmlinux is None:
         pytest.skip(why)
     assert kernel_format(vmlinux) == "pvh-elf"
-    assert kernel_release(vmlinux) == cached_kernel.release
+    assert kernel_release(vmlinux) == debian_kernel.release
 
 
 def test_elf_without_pvh_note_is_refused(tmp_path: Path) -> None:

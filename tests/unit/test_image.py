@@ -25,8 +25,8 @@ def test_static_binary_has_empty_closure(tmp_path: Path) -> None:
     assert binary_closure(build_helper(tmp_path)) == {}
 
 
-def test_image_contents_and_cache(cached_kernel, tmp_path: Path) -> None:
-    img = build_image(cached_kernel, cache=tmp_path)
+def test_image_contents_and_cache(debian_kernel, tmp_path: Path) -> None:
+    img = build_image(debian_kernel, cache=tmp_path)
     assert not img.cached
     names = {e.name for e in read_cpio(img.path.read_bytes())}
     for needed in ("init", "bin/busybox", "bin/aperture-helper", "usr/local/bin/mke2fs", "lib64/ld-linux-x86-64.so.2",
@@ -34,21 +34,21 @@ def test_image_contents_and_cache(cached_kernel, tmp_path: Path) -> None:
         assert needed in names
     order = next(e for e in read_cpio(img.path.read_bytes()) if e.name == "etc/aperture/modules").data.split()
     assert order.index(b"libnvdimm") < order.index(b"nd_pmem") and order.index(b"jbd2") < order.index(b"ext4")
-    again = build_image(cached_kernel, cache=tmp_path)
+    again = build_image(debian_kernel, cache=tmp_path)
     assert again.cached and again.path == img.path
 
 
-def test_guest_bin_changes_the_image(cached_kernel, tmp_path: Path) -> None:
-    base = build_image(cached_kernel, cache=tmp_path)
-    with_bin = build_image(cached_kernel, cache=tmp_path, guest_bins=(Path("/usr/bin/env"),))
+def test_guest_bin_changes_the_image(debian_kernel, tmp_path: Path) -> None:
+    base = build_image(debian_kernel, cache=tmp_path)
+    with_bin = build_image(debian_kernel, cache=tmp_path, guest_bins=(Path("/usr/bin/env"),))
     assert with_bin.digest != base.digest
     assert "usr/local/bin/env" in {e.name for e in read_cpio(with_bin.path.read_bytes())}
 
 
-def test_busybox_missing_is_setup_error(cached_kernel, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_busybox_missing_is_setup_error(debian_kernel, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("APERTURE_CACHE", str(tmp_path))
     with pytest.raises(SetupError, match="busybox"):
-        build_image(cached_kernel, cache=tmp_path)
+        build_image(debian_kernel, cache=tmp_path)
 
 
 def test_cache_keeps_the_newest_images_and_helpers(tmp_path: Path) -> None:

@@ -11,8 +11,8 @@ from guest.kmod import ModuleIndex, parse_modinfo
 
 
 @pytest.fixture(scope="module")
-def index(cached_kernel) -> ModuleIndex:
-    return ModuleIndex(cached_kernel.modules_dir, cached_kernel.release)
+def index(debian_kernel) -> ModuleIndex:
+    return ModuleIndex(debian_kernel.modules_dir, debian_kernel.release)
 
 
 def test_index_has_thousands_of_modules(index: ModuleIndex) -> None:
@@ -45,19 +45,19 @@ def test_unknown_module(index: ModuleIndex) -> None:
         index.closure(["no_such_module"])
 
 
-def test_mismatched_vermagic_is_a_clear_error(index: ModuleIndex, tmp_path: Path, cached_kernel) -> None:
+def test_mismatched_vermagic_is_a_clear_error(index: ModuleIndex, tmp_path: Path, debian_kernel) -> None:
     src = index.paths["libnvdimm"]
     raw = lzma.decompress(src.read_bytes())
-    old = cached_kernel.release.encode()
+    old = debian_kernel.release.encode()
     fake = old[:-1] + (b"X" if old[-1:] != b"X" else b"Y")
     patched = raw.replace(b"vermagic=" + old, b"vermagic=" + fake)
     assert patched != raw
     (tmp_path / "kernel").mkdir()
     (tmp_path / "kernel" / "libnvdimm.ko").write_bytes(patched)
-    bad = ModuleIndex(tmp_path, cached_kernel.release)
+    bad = ModuleIndex(tmp_path, debian_kernel.release)
     with pytest.raises(SetupError) as info:
         bad.closure(["libnvdimm"])
-    assert fake.decode() in info.value.message and cached_kernel.release in info.value.message
+    assert fake.decode() in info.value.message and debian_kernel.release in info.value.message
 
 
 def test_parse_modinfo_rejects_non_elf() -> None:

@@ -29,8 +29,8 @@ def test_default_argv_shape() -> None:
     assert "-nic none" in joined and "-vga none" in joined and "-no-reboot" in argv
     objects = _opt_values(argv, "-object")
     assert any("id=ram0" in o and "share=on" in o and "/dev/shm/aperture-t1-ram" in o for o in objects)
-    assert any("id=pmem0" in o and f"size={256 * 2**20 + 128 * 1024}" in o and "share=on" in o for o in objects)
-    assert "nvdimm,id=nvdimm0,memdev=pmem0,label-size=131072" in _opt_values(argv, "-device")
+    assert any("id=pmem0" in o and f"size={256 * 2**20}" in o and "share=on" in o for o in objects)
+    assert "nvdimm,id=nvdimm0,memdev=pmem0" in _opt_values(argv, "-device")  # label-less: no label-size
     assert "panic=-1" in _opt_values(argv, "-append")[0]
     assert _opt_values(argv, "-cpu") == ["max"]
 
@@ -126,3 +126,64 @@ def test_old_auto_named_run_dirs_are_pruned(tmp_path: Path, monkeypatch: pytest.
     monkeypatch.setenv("APERTURE_KEEP_RUNS", "lots")
     with pytest.raises(ConfigError):
         default_run_dir("next")
+
+
+def test_default_topology_has_an_nvme_with_a_cmb() -> None:
+    argv = _argv(VmConfig())
+    nvme = [d for d in _opt_values(argv, "-device") if d.startswith("nvme,")]
+    assert nvme == ["nvme,id=nvme0,serial=aperture0,drive=nvme0drive,cmb_size_mb=16"]
+    assert any("file=/r/nvme0.img" in d and "format=raw" in d for d in _opt_values(argv, "-drive"))
+    assert not [d for d in _opt_values(_argv(VmConfig(nvme=0)), "-device") if d.startswith("nvme,")]
+
+
+def test_results_channel_survives_hostile_lines(tmp_path: Path) -> None:
+    """Deep nesting, an over-long line and non-objects become garbage notes; the channel goes on."""
+    from emulator.machine import RESULTS_LINE_MAX, Vm
+
+    vm = Vm(VmConfig(devices=()), KernelSpec(Path("/k"), None, "6.1"), Path("/i"), accel="tcg", run_dir=tmp_path)
+    vm.paths.run_dir.mkdir(parents=True, exist_ok=True)
+    with open(vm.paths.results, "wb") as f:
+        f.write(b'{"type":"hello"}\n')
+        f.write(b"[" * 100_000 + b"]\n")
+        f.write(b"x" * (3 * RESULTS_LINE_MAX) + b"\n")
+        f.write(b"[1, 2]\n")
+        f.write(b'{"type":"check","name":"a.b","ok":true}\n')
+        f.write(b'{"type":"done"}\n')
+    msgs = list(vm.messages(run_timeout=30))
+    kinds = [m["type"] for m in msgs]
+    assert kinds == ["hello", "garbage", "garbage", "garbage", "check", "done"]
+    assert "nested deeper" in msgs[1]["why"] and "longer than" in msgs[2]["why"]
+
+
+def test_files_of_killed_runs_are_reaped(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A run killed with -9 leaves shm files and a socket dir (its QEMU died with it): the next run removes them,
+    never those of a live process."""
+    import os
+    import subprocess
+
+    from emulator import machine
+
+    monkeypatch.setattr(machine, "default_sock_dir", lambda name: tmp_path / "sock" / name)
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    dead_name, live_name = f"20260101-000000-{dead.pid}-abcd", f"20260101-000000-{os.getppid()}-abcd"
+    shm = tmp_path / "shm"
+    shm.mkdir()
+    for name in (dead_name, live_name):
+        (shm / f"aperture-{name}-ram").write_bytes(b"x")
+        (tmp_path / "sock" / name).mkdir(parents=True)
+    (shm / "aperture-pytest-1234-ram").write_bytes(b"x")  # not an auto name: never touched
+    assert machine.reap_dead_runs(shm) == [dead_name]
+    assert sorted(p.name for p in shm.iterdir()) == sorted(["aperture-pytest-1234-ram", f"aperture-{live_name}-ram"])
+    assert [p.name for p in (tmp_path / "sock").iterdir()] == [live_name]
+
+
+def test_a_comma_in_a_path_never_reaches_qemu_unquoted() -> None:
+    """QEMU reads ``,,`` as a comma inside a value: a run dir named ``a,share=off`` cannot add an option."""
+    paths = RunPaths(Path("/tmp/runs/a,share=off"), "t1", Path("/dev/shm"), Path("/tmp/aperture-0/t,1"))
+    kernel = KernelSpec(Path("/k/vmlinuz"), None, "6.1")
+    argv = build_argv("qemu", VmConfig(), kernel, Path("/i.cpio"), paths, "tcg", kernel_cmdline(VmConfig(), "default"))
+    objects = _opt_values(argv, "-object")
+    assert any("mem-path=/tmp/runs/a,,share=off/pmem0.img,share=on" in o for o in objects)
+    assert not any("a,share=off" in o for o in objects + _opt_values(argv, "-chardev") + _opt_values(argv, "-drive"))
+    assert any("path=/tmp/aperture-0/t,,1/aperture0.sock" in c for c in _opt_values(argv, "-chardev"))
