@@ -436,8 +436,9 @@ def bench_remap_cmd(kernel: str | None, modules: Path | None, kconfig: Path | No
 @cli.command()
 @click.argument("name", default="default")
 @vm_options
-@click.option("--run-dir", type=click.Path(path_type=Path), callback=_run_dir, help="Default: a directory named after the VM, so "
-              "device memory and NVDIMM contents carry over between up/down cycles.")
+@click.option("--run-dir", type=click.Path(path_type=Path), callback=_run_dir,
+              help="Default: a directory named after the VM, so device memory and NVDIMM contents carry over "
+              "between up/down cycles.")
 @guest_bin_option
 def up(name: str, kernel: str | None, modules: Path | None, kconfig: Path | None, pmem: tuple[PmemConfig, ...],
        devices: tuple[DeviceConfig, ...] | None, nvme: int, memory: int, accel: str, boot_timeout: float,
@@ -489,10 +490,13 @@ def down(names: tuple[str, ...], all_: bool) -> None:
     targets = [r.name for r in list_records()] if all_ else list(names)
     if not targets:
         raise ConfigError("name a VM (see 'aperture ls') or pass --all")
-    missing = [n for n in targets if not stop(n)]
-    for n in targets:
-        if n not in missing:
+    outcomes = {n: stop(n) for n in targets}
+    missing = [n for n, outcome in outcomes.items() if outcome == "not up"]
+    for n, outcome in outcomes.items():
+        if outcome == "down":
             click.echo(f"{n} is down")
+        elif outcome == "reaped":
+            click.echo(f"{n} is down (its daemon had died; removed what it left: QEMU, shm files, sockets)")
     if missing:
         raise ConfigError(f"not up: {', '.join(missing)}")
 

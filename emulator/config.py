@@ -24,16 +24,18 @@ PmemMode = Literal["raw", "fsdax", "devdax"]
 PMEM_MODES: tuple[str, ...] = ("raw", "fsdax", "devdax")
 Accel = Literal["auto", "kvm", "tcg"]
 
-_SIZE_RE = re.compile(r"^\s*(\d+)\s*([KMGT]?)(i?B)?\s*$", re.IGNORECASE)
+_SIZE_RE = re.compile(r"^\s*(0x[0-9a-f]+|\d+)\s*([KMGT]?)(i?B)?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "K": KiB, "M": MiB, "G": GiB, "T": 1024 * GiB}
 
 
 def parse_size(text: str) -> int:
-    """Parse ``256M``/``1G``/``4096`` (binary units) into bytes."""
+    """Parse ``256M``/``1G``/``4096``/``0x3000000`` (binary units; hex as kernel and QEMU command lines write
+    it) into bytes."""
     m = _SIZE_RE.match(text)
     if not m:
-        raise ConfigError(f"invalid size {text!r}: expected a number with an optional K/M/G/T suffix")
-    return int(m.group(1)) * _UNITS[m.group(2).upper()]
+        raise ConfigError(f"invalid size {text!r}: expected a number (decimal or 0x hex) with an optional K/M/G/T "
+                          "suffix")
+    return int(m.group(1), 0) * _UNITS[m.group(2).upper()]
 
 
 def format_size(n: int) -> str:

@@ -79,12 +79,16 @@ def _kill(pid: int, timeout: float = 20.0) -> None:
             time.sleep(0.05)
 
 
-def down(name: str, timeout: float = 20.0) -> bool:
-    """Shut a VM down cleanly (control socket → QMP quit), then by signal. False if it was not up."""
+def down(name: str, timeout: float = 20.0) -> str:
+    """Shut a VM down cleanly (control socket → QMP quit), then by signal: ``"down"``. A VM whose daemon died
+    (kill -9) is reaped exactly as ``ls`` would: ``"reaped"``. ``"not up"`` when there is no such VM."""
     rec = read_record(name)
-    if rec is None or not rec.alive():
+    if rec is None:
+        return "not up"
+    if not rec.alive():
+        reap_orphan(rec)  # its QEMU (if it outlived the daemon), shm files and sockets
         remove_record(name)
-        return False
+        return "reaped"
     try:
         call(rec.control_socket, "shutdown", timeout=5)
     except ControlError:
@@ -96,7 +100,7 @@ def down(name: str, timeout: float = 20.0) -> bool:
         _kill(rec.pid, 5)
     reap_orphan(rec)  # never leave QEMU, shm files or sockets behind
     remove_record(name)
-    return True
+    return "down"
 
 
 def follow_console(rec: VmRecord, follow: bool, write: Callable[[str], None]) -> None:

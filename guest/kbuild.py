@@ -19,7 +19,7 @@ import shutil
 import subprocess
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from importlib import resources
 from pathlib import Path
@@ -128,7 +128,7 @@ class BuiltKernel:
         return {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(self).items()}
 
     @classmethod
-    def from_json(cls, data: dict[str, object]) -> BuiltKernel:
+    def from_json(cls, data: Mapping[str, object]) -> BuiltKernel:
         def path(key: str) -> Path:
             return Path(str(data[key]))
 
@@ -180,6 +180,18 @@ def _source_version(deb: DebFile) -> str:
     """``linux-source-6.12_6.12.117-1~deb12u1_all.deb`` → ``6.12.117-1~deb12u1``."""
     parts = deb.filename.split("_")
     return parts[1].replace("%7e", "~").replace("%7E", "~") if len(parts) >= 2 else deb.filename
+
+
+@dataclass
+class _MakeProgress:
+    """What kbuild's quiet output says it is doing: the file it is on, and how many it has done."""
+
+    current: str = ""
+    objects: int = 0
+
+    def step(self, path: str) -> None:
+        self.current = path
+        self.objects += 1
 
 
 class KernelBuilder:
@@ -302,15 +314,15 @@ class KernelBuilder:
                                 text=True, errors="replace")
         assert proc.stdout is not None
         tail: list[str] = []
-        state = {"current": "", "objects": 0}
+        progress = _MakeProgress()
         done = threading.Event()
         started = time.monotonic()
 
         def ticker() -> None:
             while not done.wait(10.0):
                 if not quiet and not self.verbose:
-                    self.progress(f"kernel: {step} {time.monotonic() - started:4.0f} s, {state['objects']} files, "
-                                  f"now {state['current']}")
+                    self.progress(f"kernel: {step} {time.monotonic() - started:4.0f} s, {progress.objects} files, "
+                                  f"now {progress.current}")
 
         thread = threading.Thread(target=ticker, daemon=True)
         thread.start()
@@ -321,12 +333,10 @@ class KernelBuilder:
                 if self.verbose:
                     self.output(line)
                 parts = line.split()
-                if len(parts) == 2 and parts[0] in ("CC", "LD", "AR", "AS", "CC [M]", "LDS", "OBJCOPY"):
-                    state["current"] = parts[1]
-                    state["objects"] += 1
+                if len(parts) == 2 and parts[0] in ("CC", "LD", "AR", "AS", "LDS", "OBJCOPY"):
+                    progress.step(parts[1])
                 elif len(parts) >= 3 and parts[0] == "CC" and parts[1] == "[M]":
-                    state["current"] = parts[2]
-                    state["objects"] += 1
+                    progress.step(parts[2])
             rc = proc.wait()
         except BaseException:
             proc.kill()

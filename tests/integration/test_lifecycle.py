@@ -192,3 +192,27 @@ def test_killed_daemon_leaves_no_qemu(tmp_path: Path) -> None:
         time.sleep(0.1)
     assert not qemu_processes(str(run_dir))
     assert not [p for p in os.listdir("/dev/shm") if name in p]
+
+
+def test_killed_daemon_then_down_reaps_everything(tmp_path: Path) -> None:
+    """kill -9 of the daemon: its QEMU dies with it (PDEATHSIG) within 5 s, and `down NAME` (not only `ls`) removes
+    the shm files, sockets and record it left."""
+    import signal
+    import time
+
+    env = {"APERTURE_STATE": str(tmp_path / "state")}
+    name = f"r{uuid.uuid4().hex[:6]}"
+    run_dir = tmp_path / "run"
+    assert run_aperture("up", name, "--run-dir", str(run_dir), env=env, timeout=240).returncode == 0
+    rec = json.loads(run_aperture("ls", "--json", env=env).stdout)[0]
+    os.kill(rec["pid"], signal.SIGKILL)
+    deadline = time.monotonic() + 5
+    while qemu_processes(str(run_dir)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not qemu_processes(str(run_dir)), "QEMU outlived its daemon"
+    proc = run_aperture("down", name, env=env, timeout=60)
+    assert proc.returncode == 0 and "daemon had died" in proc.stdout, proc.stderr
+    assert not [p for p in os.listdir("/dev/shm") if name in p]
+    assert not Path(rec["control_socket"]).parent.exists()
+    assert json.loads(run_aperture("ls", "--json", env=env).stdout) == []
+    assert run_aperture("down", name, env=env, timeout=60).returncode == 2  # now it is simply not up

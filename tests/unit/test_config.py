@@ -5,12 +5,13 @@ from emulator.errors import ConfigError
 
 
 @pytest.mark.parametrize("text,value", [("4096", 4096), ("256M", 256 * MiB), ("1G", GiB), ("2m", 2 * MiB),
-                                        ("128KiB", 128 * 1024), ("1GB", GiB)])
+                                        ("128KiB", 128 * 1024), ("1GB", GiB), ("0x10", 16),
+                                        ("0x3000000", 48 * MiB), ("0X1M", MiB)])
 def test_parse_size(text: str, value: int) -> None:
     assert parse_size(text) == value
 
 
-@pytest.mark.parametrize("text", ["", "M", "12Q", "-1M", "1.5G", "0x10"])
+@pytest.mark.parametrize("text", ["", "M", "12Q", "-1M", "1.5G", "0x", "0xZZ", "1x10"])
 def test_parse_size_rejects(text: str) -> None:
     with pytest.raises(ConfigError):
         parse_size(text)
