@@ -541,7 +541,13 @@ class Vm:
         ident = done.get("id")
         chunks = [str(m.get("data", "")) for m in seen if m.get("type") == "cmd-output" and m.get("id") == ident]
         # The helper escapes every byte >= 0x7f as \u00XX: latin-1 gives the bytes back, then decode them as UTF-8.
-        output = "".join(chunks).encode("latin-1", "replace").decode("utf-8", "replace")
+        raw = "".join(chunks).encode("latin-1", "replace")
+        sent = done.get("output_bytes")
+        if not done.get("truncated") and isinstance(sent, int) and len(raw) != sent:
+            # Output is never silently incomplete: a chunk was lost (e.g. glued to garbage on the channel).
+            raise GuestError(f"guest command output was lost on the results channel: {len(raw)} of {sent} bytes "
+                             "arrived")
+        output = raw.decode("utf-8", "replace")
         if done.get("truncated"):
             output += f"\n[output truncated: {done.get('output_bytes')} bytes, the first 1 MiB shown]\n"
         return int(done.get("rc", -1)), output

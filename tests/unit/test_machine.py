@@ -187,3 +187,23 @@ def test_a_comma_in_a_path_never_reaches_qemu_unquoted() -> None:
     assert any("mem-path=/tmp/runs/a,,share=off/pmem0.img,share=on" in o for o in objects)
     assert not any("a,share=off" in o for o in objects + _opt_values(argv, "-chardev") + _opt_values(argv, "-drive"))
     assert any("path=/tmp/aperture-0/t,,1/aperture0.sock" in c for c in _opt_values(argv, "-chardev"))
+
+
+def test_exec_output_lost_on_the_channel_is_an_error_not_silence(tmp_path: Path) -> None:
+    """A cmd-output chunk glued to an over-long garbage line is dropped with it: exec says so."""
+    from emulator.errors import GuestError
+    from emulator.machine import RESULTS_LINE_MAX, Vm
+
+    vm = Vm(VmConfig(devices=()), KernelSpec(Path("/k"), None, "6.1"), Path("/i"), accel="tcg", run_dir=tmp_path)
+    vm.paths.run_dir.mkdir(parents=True, exist_ok=True)
+
+    class Sink:
+        def sendall(self, data: bytes) -> None:
+            with open(vm.paths.results, "ab") as f:
+                f.write(b"x" * (RESULTS_LINE_MAX + 10))  # garbage without a newline ...
+                f.write(b'{"type":"cmd-output","id":1,"data":"still-here\\n"}\n')  # ... swallows this chunk
+                f.write(b'{"type":"cmd-done","id":1,"rc":0,"output_bytes":11,"truncated":false}\n')
+
+    vm._cmd_sock = Sink()  # type: ignore[assignment]
+    with pytest.raises(GuestError, match="lost on the results channel: 0 of 11 bytes"):
+        vm.exec("echo still-here", timeout=10)
