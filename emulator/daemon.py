@@ -100,7 +100,7 @@ class Daemon:
             service.invalidate_map()
             amap = service.address_map()
             if amap is None:
-                raise ApertureError("no address map: QMP is unavailable")
+                raise ApertureError(f"no address map: {service.map_error or 'QMP is unavailable'}")
             return amap.describe()
         if cmd == "dma.stats":
             return service.stats()

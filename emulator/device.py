@@ -24,7 +24,8 @@ ST = abi.STATUS_CODES
 class ApertureDevice:
     def __init__(self, index: int, config: DeviceConfig, devmem_path: Path, window_path: Path,
                  window_pci_slot: int, addrmap: Callable[[], AddressMap | None],
-                 lock: threading.RLock | None = None) -> None:
+                 lock: threading.RLock | None = None,
+                 refresh_map: Callable[[], AddressMap | None] | None = None) -> None:
         self.index = index
         self.config = config
         self.devmem = FileBuffer(devmem_path, config.mem)
@@ -35,7 +36,7 @@ class ApertureDevice:
         self.ctl = ControlMemory(self.ctl_mm)
         self.ctl.init(index, config, window_pci_slot)
         self.window = Window(config, self.devmem.view, self.window_file.view, self.ctl)
-        self.dma = DmaEngine(addrmap, self.local_segments)
+        self.dma = DmaEngine(addrmap, self.local_segments, refresh_map)
         self.lock = lock or threading.RLock()  # shared by all devices of a VM: P2P touches two devices
         self.errors: dict[str, int] = {}
         self.maps = 0

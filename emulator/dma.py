@@ -30,9 +30,12 @@ def copy_segments(dst: list[memoryview], src: list[memoryview]) -> None:
 
 
 class DmaEngine:
-    def __init__(self, addrmap: Callable[[], AddressMap | None], local: LocalResolver) -> None:
+    def __init__(self, addrmap: Callable[[], AddressMap | None], local: LocalResolver,
+                 refresh: Callable[[], AddressMap | None] | None = None) -> None:
         self._addrmap = addrmap
         self._local = local
+        self._refresh = refresh  # rebuilds the map (rate-limited) when the guest moved something
+        self.map_refreshes = 0
         self.bytes_copied = 0
         self.descriptors = 0
 
@@ -42,8 +45,23 @@ class DmaEngine:
             raise DmaFault("ENOMAP", "no address map yet")
         return m
 
+    def _resolve(self, addr: int, length: int) -> list[memoryview]:
+        """Through the address map; an address it cannot place (or no map yet) gets one rebuild from QMP first:
+        the guest may have reprogrammed a BAR (rescan, hotplug) since the map was built."""
+        try:
+            return self._map().resolve(addr, length)
+        except DmaFault as fault:
+            if self._refresh is None or fault.status not in (abi.STATUS_CODES["EFAULT"],
+                                                              abi.STATUS_CODES["ENOMAP"]):
+                raise
+            fresh = self._refresh()
+            if fresh is None:
+                raise
+            self.map_refreshes += 1
+            return fresh.resolve(addr, length)
+
     def _side(self, addr: int, length: int, local: bool) -> list[memoryview]:
-        return self._local(addr, length) if local else self._map().resolve(addr, length)
+        return self._local(addr, length) if local else self._resolve(addr, length)
 
     def plan(self, src: int, dst: int, length: int, flags: int) -> tuple[list[memoryview], list[memoryview]]:
         """Validate one transfer and resolve both sides; raises DmaFault, writes nothing."""
@@ -69,7 +87,7 @@ class DmaEngine:
             raise DmaFault("EINVAL", "empty DMA list")
         if count > abi.MAX_LIST_ENTRIES:
             raise DmaFault("ETOOBIG", f"{count} list entries, at most {abi.MAX_LIST_ENTRIES}")
-        table = b"".join(bytes(v) for v in self._map().resolve(table_gpa, count * abi.LIST_ENTRY_SIZE))
+        table = b"".join(bytes(v) for v in self._resolve(table_gpa, count * abi.LIST_ENTRY_SIZE))
         plans = []
         total = 0
         for i, (src, dst, length, flags, reserved) in enumerate(abi.LIST_ENTRY.iter_unpack(table)):

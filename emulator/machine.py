@@ -8,6 +8,7 @@ exit code, the command line and QEMU's output; everything the run creates is reg
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import secrets
@@ -346,6 +347,12 @@ class Vm:
         self._register(log.close)
         self.qmp = SyncQmpSession(self.name)
         self._register(self._close_qmp)
+        handler = logging.FileHandler(self.paths.run_dir / "emulator.log")
+        handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
+        emulator_log = logging.getLogger("aperture.emulator")
+        emulator_log.addHandler(handler)
+        emulator_log.propagate = False  # to the run dir only: stderr carries progress and one-line errors
+        self._register(lambda: (emulator_log.removeHandler(handler), handler.close()))
         if self.config.devices:
             # Listening before QEMU starts (else QEMU exits); stopped after QEMU (final write-back).
             self.service = DeviceService(

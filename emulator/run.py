@@ -156,6 +156,7 @@ def boot_once(config: VmConfig, prep: Prepared, run_dir: Path, progress: Progres
         poweroff_s = vm.wait_poweroff()
         progress(f"guest powered off {poweroff_s:.2f} s after QEMU start")
         device_stats = vm.service.stats() if vm.service else []
+        thread_errors = (vm.service.loop_error_count, list(vm.service.loop_errors)) if vm.service else (0, [])
     # Verify after the VM is gone: the guest has flushed, QEMU has exited, window slots are written back.
     if controller and remap_stats is None:
         remap_stats = controller.stop()
@@ -167,6 +168,11 @@ def boot_once(config: VmConfig, prep: Prepared, run_dir: Path, progress: Progres
                                         remap_stats))
         if verifier:
             checks.append(verifier.verify_stamps(stamps, config.devices))
+    if thread_errors[0]:
+        # A guest that crashes our device thread must not look like a passing run.
+        checks.append(Check("host.emulator_thread", False,
+                            {"errors": thread_errors[0], "first": thread_errors[1],
+                             "log": str(run_dir / "emulator.log")}))
     if not checks and scenario == "default":
         raise GuestError("the guest helper reported no checks")
     return RunResult(

@@ -7,9 +7,11 @@ write-back of window slots sees every guest write).
 
 from __future__ import annotations
 
+import logging
 import os
 import selectors
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +24,13 @@ from .ivshmem_server import IvshmemServer
 from .memory import FileBuffer
 from .qemu_opts import opt_value
 
+log = logging.getLogger("aperture.emulator")
+
 PCI_SLOT_BASE = 0x10
+LOOP_ERRORS_KEPT = 10
+LOOP_ERRORS_LOGGED = 100
+#: Seconds between two address-map rebuilds caused by addresses the map could not place.
+MAP_REFRESH_INTERVAL = 0.5
 
 
 def ctl_id(i: int) -> str:
@@ -83,10 +91,15 @@ class DeviceService:
         self.servers: list[IvshmemServer] = []
         self.lock = threading.RLock()
         self._map: AddressMap | None = None
+        self._map_built_at = 0.0
+        self.map_error: str | None = None  # why the last build failed (memmap says it, not a guess)
         self._buffers: list[FileBuffer] = []
         self._thread: threading.Thread | None = None
         self._stop_fd = -1
+        #: Exceptions in the emulator thread: the first few kept (the run fails naming them), all counted and
+        #: logged to the run dir's emulator.log. Bounded: a guest that keeps provoking one cannot grow us.
         self.loop_errors: list[str] = []
+        self.loop_error_count = 0
 
     def qemu_args(self) -> list[str]:
         return [a for i, (c, f) in enumerate(zip(self.configs, self.files, strict=True))
@@ -99,7 +112,7 @@ class DeviceService:
             self._buffers.append(FileBuffer(path, p.file_size))
         for i, (config, files) in enumerate(zip(self.configs, self.files, strict=True)):
             dev = ApertureDevice(i, config, files.devmem, files.window, PCI_SLOT_BASE + 2 * i + 1,
-                                 self.address_map, lock=self.lock)
+                                 self.address_map, lock=self.lock, refresh_map=self.refresh_map)
             if self.hotplug:
                 dev.window.set_direct(0)
             self.devices.append(dev)
@@ -155,7 +168,11 @@ class DeviceService:
                             sel.unregister(key.fileobj)
                             obj.drop_client()
                 except Exception as exc:  # noqa: BLE001 - the emulator thread must survive anything
-                    self.loop_errors.append(f"{type(exc).__name__}: {exc}")
+                    self.loop_error_count += 1
+                    if len(self.loop_errors) < LOOP_ERRORS_KEPT:
+                        self.loop_errors.append(f"{type(exc).__name__}: {exc}")
+                    if self.loop_error_count <= LOOP_ERRORS_LOGGED:
+                        log.exception("emulator thread: %s event failed", kind)
                     if kind == "client":
                         try:
                             sel.unregister(key.fileobj)
@@ -172,13 +189,24 @@ class DeviceService:
         if self._map is None:
             qmp = self._qmp()
             if qmp is None:
+                self.map_error = "QMP is not connected"
                 return None
+            self._map_built_at = time.monotonic()
             try:
                 self._map = self.build_map(qmp.memory_devices(), qmp.pci_devices())
-            except Exception as exc:  # noqa: BLE001 - QMP gone: DMA gets ENOMAP
-                self.loop_errors.append(f"address map: {exc}")
+                self.map_error = None
+            except Exception as exc:  # noqa: BLE001 - QMP gone or a nonsensical map: DMA gets ENOMAP
+                self.map_error = f"{type(exc).__name__}: {exc}"
                 return None
         return self._map
+
+    def refresh_map(self) -> AddressMap | None:
+        """Rebuild the map from QMP, at most every MAP_REFRESH_INTERVAL (a guest that keeps sending unmapped
+        addresses cannot turn the emulator thread into a QMP loop); else the current one."""
+        with self.lock:
+            if time.monotonic() - self._map_built_at >= MAP_REFRESH_INTERVAL:
+                self._map = None
+            return self.address_map()
 
     def build_map(self, memory_devices: list[Any], pci: list[Any]) -> AddressMap:
         ram = self._buffers[0].view

@@ -459,3 +459,62 @@ def test_address_map_follows_guest_ram_above_4g(tmp_path: Path) -> None:
         assert f.read(4) == b"high"
         f.seek(0x200000)
         assert f.read(3) == b"low"
+
+
+def test_dma_rebuilds_a_stale_address_map_once_per_fault() -> None:
+    """The guest moved a BAR after the map was built: an address the map cannot place gets one rebuild."""
+    from emulator.addrmap import AddressMap, DmaFault, Region, flat
+    from emulator.dma import DmaEngine
+
+    ram = memoryview(bytearray(0x10000))
+    stale = AddressMap([Region(0, 0x8000, "ram", "ram", flat(ram[:0x8000]))])
+    fresh = AddressMap([Region(0, 0x10000, "ram", "ram", flat(ram))])
+    calls = []
+
+    def refresh() -> AddressMap:
+        calls.append(1)
+        return fresh
+
+    engine = DmaEngine(lambda: stale, lambda off, n: [ram[off:off + n]], refresh)
+    ram[0x9000:0x9004] = b"abcd"
+    assert engine.transfer(0x9000, 0x100, 4, 0) == 4 and bytes(ram[0x100:0x104]) == b"abcd"
+    assert calls == [1] and engine.map_refreshes == 1
+    with pytest.raises(DmaFault):  # really unmapped: still refused after the rebuild
+        engine.transfer(0x20000, 0x100, 4, 0)
+    no_refresh = DmaEngine(lambda: stale, lambda off, n: [ram[off:off + n]])
+    with pytest.raises(DmaFault):
+        no_refresh.transfer(0x9000, 0x100, 4, 0)
+
+
+def test_emulator_thread_errors_are_bounded_and_logged(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                       caplog: pytest.LogCaptureFixture) -> None:
+    """A guest that keeps crashing the device thread: the thread survives, keeps the first few errors, counts all,
+    logs them, and does not grow."""
+    import logging
+
+    from emulator import service as service_mod
+    from emulator.service import DeviceFiles, DeviceService
+
+    def boom(self: ApertureDevice) -> None:
+        raise RuntimeError("guest-provoked failure")
+
+    monkeypatch.setattr(ApertureDevice, "process_ring", boom)
+    files = [DeviceFiles(tmp_path / "devmem0.img", tmp_path / "win0", tmp_path / "ap0.sock")]
+    svc = DeviceService([DeviceConfig(mem=32 * MiB, window=4 * MiB, slot=1 * MiB, hidden=())], files,
+                        ram=tmp_path / "ram", memory=16 * MiB, pmem=[], qmp=lambda: None)
+    caplog.set_level(logging.ERROR, logger="aperture.emulator")
+    svc.start()
+    try:
+        for _ in range(3 * service_mod.LOOP_ERRORS_KEPT):
+            count = svc.loop_error_count
+            os.eventfd_write(svc.servers[0].doorbells[0], 1)
+            deadline = time.monotonic() + 5
+            while svc.loop_error_count == count and time.monotonic() < deadline:
+                time.sleep(0.005)
+        assert svc.loop_error_count == 3 * service_mod.LOOP_ERRORS_KEPT
+        assert len(svc.loop_errors) == service_mod.LOOP_ERRORS_KEPT
+        assert svc.loop_errors[0] == "RuntimeError: guest-provoked failure"
+        assert svc._thread is not None and svc._thread.is_alive()
+        assert "guest-provoked failure" in caplog.text
+    finally:
+        svc.stop()
