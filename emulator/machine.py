@@ -278,6 +278,7 @@ class Vm:
                               default_sock_dir(self.name))
         self.qemu = qemu or find_qemu()
         self.command_channel = scenario == "idle"  # the helper's `serve` loop reads host commands
+        self.user_qmp = user_qmp
         self.argv = build_argv(self.qemu, config, kernel, initrd, self.paths, accel,
                                kernel_cmdline(config, scenario, guest_env), user_qmp,
                                command_channel=self.command_channel)
@@ -379,6 +380,16 @@ class Vm:
             self._register(sock.close)
             sock.connect(str(self.paths.command_socket))
             self._cmd_sock = sock
+        self._drop_names()
+
+    def _drop_names(self) -> None:
+        """QEMU has opened every backend and connected every socket (QMP answers only after machine init), and
+        the device model holds its files open: unlink the shm names (and, without a user monitor, the socket
+        directory) now, so that no process death — ours by kill -9, QEMU's — can leave them behind."""
+        for shm in self.paths.shm_files(len(self.config.devices)):
+            shm.unlink(missing_ok=True)
+        if not self.user_qmp:  # `aperture up` keeps its user QMP and control sockets; `down`/`ls` reap them
+            shutil.rmtree(self.paths.sock_dir, ignore_errors=True)
 
     def alive(self) -> bool:
         return self.process is not None and self.process.poll() is None

@@ -13,7 +13,7 @@ from emulator.machine import reap_dead_runs
 from tests.conftest import aperture_argv, qemu_processes
 
 
-def test_kill_9_of_run_takes_qemu_along_and_its_files_are_reaped(tmp_path: Path) -> None:
+def test_kill_9_of_run_mid_boot_leaves_nothing_within_5_s(tmp_path: Path) -> None:
     run_dir = tmp_path / "r"
     proc = subprocess.Popen(aperture_argv() + ["run", "-q", "--run-dir", str(run_dir)], stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
@@ -31,8 +31,8 @@ def test_kill_9_of_run_takes_qemu_along_and_its_files_are_reaped(tmp_path: Path)
     while qemu_processes(str(run_dir)) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert not qemu_processes(str(run_dir)), "QEMU outlived the process that owned its device model"
+    # The names were unlinked as soon as QEMU and the device model held the files open: nothing to reap.
     shm = Path(os.environ.get("APERTURE_SHM", "/dev/shm"))
-    assert [p for p in shm.iterdir() if name in p.name]  # left behind by the killed run ...
-    assert name in reap_dead_runs(shm)  # ... and removed by the next one
     assert not [p for p in shm.iterdir() if name in p.name]
     assert not (Path(tempfile.gettempdir()) / f"aperture-{os.getuid()}" / name).exists()
+    assert name not in reap_dead_runs(shm)
