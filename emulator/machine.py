@@ -25,7 +25,17 @@ from typing import Any
 
 from qmp_client.session import SyncQmpSession
 
-from .config import NVDIMM_LABEL_SIZE, NVME_CMB_MB, PROBE_BAR_SIZE, RAM_BELOW_4G, GiB, KernelSpec, VmConfig, format_size
+from .config import (
+    NVDIMM_LABEL_SIZE,
+    NVME_CMB_MB,
+    PROBE_BAR_SIZE,
+    RAM_BELOW_4G,
+    GiB,
+    KernelSpec,
+    MiB,
+    VmConfig,
+    format_size,
+)
 from .errors import ConfigError, GuestError, SetupError, VmLaunchError
 from .qemu_opts import opt_value
 from .registry import pid_alive
@@ -312,8 +322,42 @@ class Vm:
     def _register(self, fn: Callable[[], None]) -> None:
         self._cleanup.append(fn)
 
+    def backing_files(self) -> dict[Path, int]:
+        """Every file this VM's guest or device model can fill, and its full size (they start sparse)."""
+        files = {self.paths.pmem(i): p.file_size for i, p in enumerate(self.config.pmem)}
+        if self.config.nvme:
+            files[self.paths.nvme] = self.config.nvme
+        for i, dev in enumerate(self.config.devices):
+            files[self.paths.devmem(i)] = dev.mem
+            files[self.paths.window(i)] = dev.window
+        files[self.paths.ram] = self.config.memory
+        files[self.paths.probe_bar] = PROBE_BAR_SIZE
+        return files
+
+    def check_space(self) -> None:
+        """A full run dir or shm dir is refused before anything starts (exit 3, naming the path and the shortfall):
+        a sparse file that cannot grow is a SIGBUS in whoever writes it, the guest's QEMU or our device model."""
+        need: dict[int, tuple[Path, int]] = {}  # st_dev → (a directory on it, bytes still to be allocated)
+        for path, size in self.backing_files().items():
+            try:
+                st = path.stat()
+                missing = max(size - st.st_blocks * 512, 0)
+            except FileNotFoundError:
+                missing = size
+            directory = path.parent
+            dev = directory.stat().st_dev
+            need[dev] = (need.get(dev, (directory, 0))[0], need.get(dev, (directory, 0))[1] + missing)
+        for directory, missing in need.values():
+            vfs = os.statvfs(directory)
+            free = vfs.f_bavail * vfs.f_frsize
+            if missing > free:
+                raise SetupError(f"{directory} has {format_size(free - free % MiB) or '0'} free, but this VM's files "
+                                 f"there can grow by {format_size(missing - missing % MiB)}: free space, or put them "
+                                 "elsewhere (--run-dir DIR, APERTURE_SHM=DIR)")
+
     def _prepare_files(self) -> None:
         self.paths.run_dir.mkdir(parents=True, exist_ok=True)
+        self.check_space()
         for stale in (self.paths.console, self.paths.results, self.paths.qemu_log):
             stale.unlink(missing_ok=True)
         for i, p in enumerate(self.config.pmem):
@@ -455,6 +499,9 @@ class Vm:
         code = self.process.wait(10) if self.process else None
         tail = (self._qemu_output().strip() + "\n--- console ---\n" + self.console_tail()).strip()
         first = next((ln for ln in self._qemu_output().splitlines() if ln.strip()), "")
+        if code == -signal.SIGBUS:
+            first = ("killed by SIGBUS: a memory backing file could not grow (is the run dir or the shm dir full? "
+                     f"{self.paths.run_dir}, {self.paths.shm_dir})")
         raise VmLaunchError(f"{what} (exit code {code}){': ' + first if first else ''}",
                             exit_code=code, argv=self.argv, output_tail=tail)
 

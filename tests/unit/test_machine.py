@@ -207,3 +207,26 @@ def test_exec_output_lost_on_the_channel_is_an_error_not_silence(tmp_path: Path)
     vm._cmd_sock = Sink()  # type: ignore[assignment]
     with pytest.raises(GuestError, match="lost on the results channel: 0 of 11 bytes"):
         vm.exec("echo still-here", timeout=10)
+
+
+def test_a_full_run_dir_is_refused_before_anything_starts(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """48 MiB free where the VM's sparse files could grow by ~1 GiB: a SetupError (exit 3) naming the path."""
+    import os
+
+    from emulator.errors import SetupError
+    from emulator.machine import Vm
+
+    real = os.statvfs
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+
+    class Small:
+        f_bavail, f_frsize = 48 * 1024 * 1024 // 4096, 4096
+
+    monkeypatch.setattr(os, "statvfs", lambda p: Small() if Path(p) == run_dir.resolve() else real(p))
+    vm = Vm(VmConfig(), KernelSpec(Path("/k"), None, "6.1"), Path("/i"), accel="tcg", run_dir=run_dir)
+    with pytest.raises(SetupError, match=rf"{run_dir.resolve()} has 48M free, but this VM's files there can grow"):
+        vm.check_space()
+    assert sum(vm.backing_files().values()) > 1 << 30
+    monkeypatch.setattr(os, "statvfs", real)
+    vm.check_space()  # the real filesystem has room

@@ -1,4 +1,4 @@
-"""Whatever process dies, QEMU does not run on and nothing stays: kill -9 of `aperture run` mid-boot."""
+"""Reliability on real VMs: whatever process dies, nothing stays; a full disk is a clear exit 3, never a SIGBUS."""
 
 from __future__ import annotations
 
@@ -9,8 +9,10 @@ import tempfile
 import time
 from pathlib import Path
 
+import pytest
+
 from emulator.machine import reap_dead_runs
-from tests.conftest import aperture_argv, qemu_processes
+from tests.conftest import aperture_argv, qemu_processes, run_aperture
 
 
 def test_kill_9_of_run_mid_boot_leaves_nothing_within_5_s(tmp_path: Path) -> None:
@@ -36,3 +38,30 @@ def test_kill_9_of_run_mid_boot_leaves_nothing_within_5_s(tmp_path: Path) -> Non
     assert not [p for p in shm.iterdir() if name in p.name]
     assert not (Path(tempfile.gettempdir()) / f"aperture-{os.getuid()}" / name).exists()
     assert name not in reap_dead_runs(shm)
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path: Path):
+    """A 48 MiB tmpfs (mounting needs root, as CI and setup run)."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=48M", "tmpfs", str(mnt)], check=True)
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+@pytest.mark.parametrize("where", ["run-dir", "shm"])
+def test_a_full_run_dir_or_shm_is_exit_3_with_one_line(small_tmpfs: Path, tmp_path: Path, where: str) -> None:
+    args, env = (["--run-dir", str(small_tmpfs / "run")], None) if where == "run-dir" else (
+        ["--run-dir", str(tmp_path / "run")], {"APERTURE_SHM": str(small_tmpfs)})
+    proc = run_aperture("run", "-q", *args, env=env, timeout=120)
+    assert proc.returncode == 3, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "free, but this VM's files there can grow by" in lines[0], lines
+    assert str(small_tmpfs) in lines[0]
+    assert not qemu_processes(str(tmp_path))
+    assert not [p for p in small_tmpfs.rglob("aperture-*")]
