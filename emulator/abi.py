@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 MAGIC = 0x54525041  # "APRT"
 ABI_MAJOR = 1
-ABI_MINOR = 0
+ABI_MINOR = 1  # 1.1: DMA_LIST bytes capped (MAX_LIST_BYTES), flags on NOP refused, work served in rounds
 
 CTL_SIZE = 64 * 1024  # control memory (BAR2 of the ivshmem-doorbell device); a power of two
 MAX_SLOTS = 64
@@ -23,6 +23,12 @@ COMPL_SIZE = 16
 LIST_ENTRY_SIZE = 32
 MAX_LIST_ENTRIES = 4096
 MAX_DMA_LENGTH = 64 * 1024 * 1024
+#: A DMA_LIST moves at most this many bytes in all (ETOOBIG above): one descriptor is bounded work.
+MAX_LIST_BYTES = 256 * 1024 * 1024
+#: Work the device does per round before it gives stop, remaps, the control socket and the other device a turn:
+#: a round ends after ROUND_BYTES copied or ROUND_DESCRIPTORS completed, and the rest waits for the next round.
+ROUND_BYTES = 256 * 1024 * 1024
+ROUND_DESCRIPTORS = 256
 MAX_HIDDEN = 4
 
 # Register offsets in control memory.
@@ -76,7 +82,7 @@ STATUS_CODES = {
     "EACCES": 3,  # page is in a non-exposable range
     "EFAULT": 4,  # address is a hole, a register BAR, an unmapped window slot, or unknown
     "ECROSS": 5,  # range crosses a region boundary
-    "ETOOBIG": 6,  # length above MAX_DMA_LENGTH or list above MAX_LIST_ENTRIES
+    "ETOOBIG": 6,  # length above MAX_DMA_LENGTH, list above MAX_LIST_ENTRIES or MAX_LIST_BYTES
     "EBUSY": 7,  # page already mapped in another slot
     "ENOMAP": 8,  # the host has no address map yet (QMP unavailable)
 }
@@ -139,6 +145,7 @@ def c_header() -> str:
         f"#define APERTURE_RING_ENTRIES {RING_ENTRIES}",
         f"#define APERTURE_MAX_LIST_ENTRIES {MAX_LIST_ENTRIES}",
         f"#define APERTURE_MAX_DMA_LENGTH 0x{MAX_DMA_LENGTH:x}ull",
+        f"#define APERTURE_MAX_LIST_BYTES 0x{MAX_LIST_BYTES:x}ull",
         f"#define APERTURE_MAX_HIDDEN {MAX_HIDDEN}",
         f"#define APERTURE_STATUS_READY 0x{STATUS_READY:x}u",
         f"#define APERTURE_STATUS_RING_ERROR 0x{STATUS_RING_ERROR:x}u",

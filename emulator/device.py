@@ -40,6 +40,7 @@ class ApertureDevice:
         self.lock = lock or threading.RLock()  # shared by all devices of a VM: P2P touches two devices
         self.errors: dict[str, int] = {}
         self.maps = 0
+        self.more_work = False  # the last round stopped at its budget with descriptors left
 
     # ------------------------------------------------------------------ device-local addressing
     def local_segments(self, offset: int, length: int) -> list[memoryview]:
@@ -70,6 +71,8 @@ class ApertureDevice:
             if d.reserved0 or d.reserved1 or d.reserved2:
                 raise DmaFault("EINVAL", "reserved field set")
             if d.opcode == abi.OP_NOP:
+                if d.flags:
+                    raise DmaFault("EINVAL", "flags on NOP")
                 return ST["OK"], 0
             if d.opcode == abi.OP_MAP:
                 return self._map(d.slot, d.page, d.flags)
@@ -120,12 +123,17 @@ class ApertureDevice:
         return ST["OK"], 0
 
     # ------------------------------------------------------------------ the ring
-    def process_ring(self) -> int:
-        """Consume the submission ring; returns descriptors completed. Bounded whatever the guest writes."""
+    def process_ring(self, doorbell: bool = True) -> int:
+        """Consume the submission ring for one round; returns descriptors completed. Bounded whatever the guest
+        writes: a round ends after ROUND_BYTES copied or ROUND_DESCRIPTORS completed (``more_work`` then says
+        the ring still holds descriptors, and the caller comes back after giving everyone else a turn)."""
         done = 0
+        copied_before = self.dma.bytes_copied
+        self.more_work = False
         with self.lock:
             ctl = self.ctl
-            ctl.set("DOORBELLS", ctl.get("DOORBELLS") + 1)
+            if doorbell:
+                ctl.set("DOORBELLS", ctl.get("DOORBELLS") + 1)
             for _ in range(4):  # a guest that keeps producing gets served in bounded rounds
                 head, tail = ctl.get("SQ_HEAD"), ctl.get("SQ_TAIL")
                 pending = (head - tail) & 0xFFFFFFFF
@@ -139,6 +147,10 @@ class ApertureDevice:
                     ctl.set("ERRORS", ctl.get("ERRORS") + 1)
                     break
                 for _ in range(pending):
+                    if (done >= abi.ROUND_DESCRIPTORS
+                            or self.dma.bytes_copied - copied_before >= abi.ROUND_BYTES):
+                        self.more_work = True  # the rest in the next round
+                        return done
                     cq_head, cq_tail = ctl.get("CQ_HEAD"), ctl.get("CQ_TAIL")
                     used = (cq_head - cq_tail) & 0xFFFFFFFF
                     if used > abi.RING_ENTRIES:  # garbage CQ_TAIL: resynchronise rather than trust it

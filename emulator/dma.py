@@ -99,6 +99,10 @@ class DmaEngine:
                 fault.index = i  # type: ignore[attr-defined]
                 raise
             total += length
+            if total > abi.MAX_LIST_BYTES:
+                fault = DmaFault("ETOOBIG", f"list moves more than {abi.MAX_LIST_BYTES:#x} bytes")
+                fault.index = i  # type: ignore[attr-defined]
+                raise fault
         for s, d in plans:
             copy_segments(d, s)
         self.bytes_copied += total

@@ -6,7 +6,7 @@
  *   bench-device  MAP round trips and DMA throughput figures (needs a configured devdax)
  *   remap      the window workload while the host remaps slots ($aperture_duration seconds)
  *   idle       configure DAX, report, then serve commands from the host (aperture up, pytest plugin)
- * Tools (print to stdout, for `exec` in a live guest): info | map DEV SLOT PAGE | unmap DEV SLOT |
+ * Tools (print to stdout, for `exec` in a live guest): info | map DEV SLOT PAGE | unmap DEV SLOT | flood DEV N S |
  *   dma DEV SRC DST LEN [FLAGS] | peek DEV SLOT OFF LEN | poke DEV SLOT OFF HEX
  *   hang     report hello, then never finish (exercises the host's run timeout)
  */

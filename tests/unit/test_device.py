@@ -518,3 +518,53 @@ def test_emulator_thread_errors_are_bounded_and_logged(tmp_path: Path, monkeypat
         assert "guest-provoked failure" in caplog.text
     finally:
         svc.stop()
+
+
+def test_nop_with_flags_is_refused(rig: Rig) -> None:
+    assert rig.one(abi.OP_NOP, flags=1)[0] == ST["EINVAL"]
+    assert rig.one(abi.OP_NOP)[0] == ST["OK"]
+
+
+def test_a_dma_list_above_max_list_bytes_is_too_big_and_writes_nothing(tmp_path: Path) -> None:
+    """5 device-local entries of 64 MiB: 320 MiB > MAX_LIST_BYTES, refused at entry 4 before a byte moves."""
+    r = Rig(tmp_path, DeviceConfig(mem=256 * MiB, window=16 * MiB, slot=2 * MiB, hidden=()))
+    try:
+        local = abi.DMA_SRC_LOCAL | abi.DMA_DST_LOCAL
+        table = b"".join(abi.LIST_ENTRY.pack(0, 128 * MiB, 64 * MiB, local, 0) for _ in range(5))
+        r.ram.view[0:len(table)] = table
+        assert 5 * 64 * MiB > abi.MAX_LIST_BYTES >= 4 * 64 * MiB
+        assert r.one(abi.OP_DMA_LIST, src=RAM_BASE, length=5) == (ST["ETOOBIG"], 4)
+        assert r.dev.dma.bytes_copied == 0
+        assert r.one(abi.OP_DMA_LIST, src=RAM_BASE, length=4) == (ST["OK"], 4 * 64 * MiB)
+    finally:
+        r.close()
+
+
+def test_work_is_served_in_bounded_rounds(tmp_path: Path) -> None:
+    """A ring full of DMA_LISTs of MAX_LIST_BYTES: each round stops at ROUND_BYTES and says more work is left;
+    rounds (not one doorbell) finish the ring."""
+    config = DeviceConfig(mem=256 * MiB, window=16 * MiB, slot=2 * MiB, hidden=())
+    r = Rig(tmp_path, config)
+    try:
+        local = abi.DMA_SRC_LOCAL | abi.DMA_DST_LOCAL
+        entry = 64 * MiB
+        table = b"".join(abi.LIST_ENTRY.pack(0, 128 * MiB, entry, local, 0) for _ in range(4))  # 256 MiB a list
+        r.ram.view[0:len(table)] = table
+        ctl = r.dev.ctl
+        n = 6
+        for i in range(n):
+            d = abi.Descriptor(abi.OP_DMA_LIST, 0, i, 0, 0, 0, RAM_BASE, 0, 4, 0, 0)
+            off = abi.reg("SQ") + (i % abi.RING_ENTRIES) * abi.DESC_SIZE
+            ctl.buf[off : off + abi.DESC_SIZE] = d.pack()
+        ctl.set("SQ_HEAD", n)
+        rounds = 0
+        r.dev.process_ring()
+        rounds += 1
+        while r.dev.more_work:
+            before = r.dev.dma.bytes_copied
+            r.dev.process_ring(doorbell=False)
+            assert r.dev.dma.bytes_copied - before <= abi.ROUND_BYTES
+            rounds += 1
+        assert ctl.get("COMPLETED") == n and rounds == n and ctl.get("DOORBELLS") == 1
+    finally:
+        r.close()
