@@ -184,7 +184,10 @@ guest_bin_option = click.option(
               help="pause: stop, retarget slots, cont. hotplug: re-plug the window at a new device-memory offset.")
 @click.option("--duration", callback=_duration, default="10s", show_default=True,
               metavar="DURATION",
-              help="How long the remap workload runs.")
+              help="How long the remap workload (or the fuzzer) runs.")
+@click.option("--fuzz", is_flag=True, help="Run the hostile-guest fuzzer (random registers, ring indices, "
+              "descriptors, doorbells, results-channel garbage) for --duration instead of the default checks; "
+              "with --remap-every the host remaps meanwhile (aperture.fuzz).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object (the documented contract).")
 @click.option("--junit-xml", type=click.Path(path_type=Path, dir_okay=False), help="Also write the checks as "
               "JUnit XML (one testcase per check) for CI systems.")
@@ -193,7 +196,7 @@ def run(kernel: str | None, modules: Path | None, kconfig: Path | None, pmem: tu
         devices: tuple[DeviceConfig, ...] | None, nvme: int, memory: int, accel: str,
         boot_timeout: float, run_timeout: float, append: tuple[str, ...], quiet: bool, run_dir: Path | None,
         reboot: bool, force: bool, guest_bins: tuple[Path, ...], remap_every: float | None, remap_mode: str,
-        duration: float, as_json: bool, junit_xml: Path | None, verbose: bool) -> None:
+        duration: float, fuzz: bool, as_json: bool, junit_xml: Path | None, verbose: bool) -> None:
     """Boot the default VM scenario, run the guest checks, print the results.
 
     Exit 0 when every check passed, 1 when one failed.
@@ -221,6 +224,14 @@ def run(kernel: str | None, modules: Path | None, kconfig: Path | None, pmem: tu
                     raise ConfigError("--remap-mode hotplug needs device memory with room for the window at two "
                                       "offsets outside the hidden ranges")
         config = dataclasses.replace(config, run_timeout=max(config.run_timeout, duration + 90))
+    if fuzz:
+        if not config.devices:
+            raise ConfigError("--fuzz needs at least one aperture device")
+        if reboot:
+            raise ConfigError("--fuzz and --reboot cannot be combined")
+        if remap is not None and remap.mode != "pause":
+            raise ConfigError("--fuzz takes pause-mode remaps only (--remap-mode pause)")
+        config = dataclasses.replace(config, run_timeout=max(config.run_timeout, duration + 90))
     spec = resolve_kernel(kernel, modules, kconfig)
     prep = prepare(config, spec, ui.progress)
     if remap is not None and remap.mode == "hotplug":
@@ -229,7 +240,7 @@ def run(kernel: str | None, modules: Path | None, kconfig: Path | None, pmem: tu
         require_hotplug(prep.qemu)
     name = new_run_name()
     result = run_vm(config, prep, run_dir or default_run_dir(name), ui.progress, name=name, reboot=reboot,
-                    console_sink=ui.console if verbose else None, remap=remap)
+                    console_sink=ui.console if verbose else None, remap=remap, fuzz=duration if fuzz else None)
     if junit_xml is not None:
         from .results import junit_xml as to_junit
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import struct
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -345,6 +347,42 @@ class HostVerifier:
         return Check(check.name, check.ok and all_ok,
                      dict(detail, rows=out_rows, qmp_bar2=list(bar2) if bar2 else None,
                           kernel_config_known=bool(self.kconfig)))
+
+
+@dataclass
+class UntouchableFiles:
+    """Checksums of files no guest action may change (the fuzzer's witness): the image, the kernel, a canary
+    the host puts in the run dir. Whatever the device model does, these stay byte-for-byte the same."""
+
+    digests: dict[Path, str]
+
+    @classmethod
+    def take(cls, run_dir: Path, files: list[Path]) -> UntouchableFiles:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        canary = run_dir / "canary.bin"
+        canary.write_bytes(os.urandom(1 << 20))
+        return cls({p: _sha256(p) for p in [*files, canary]})
+
+    def changed(self) -> list[str]:
+        return [str(p) for p, digest in self.digests.items() if _sha256(p) != digest]
+
+
+def _sha256(path: Path) -> str:
+    try:
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+    except OSError as exc:
+        return f"unreadable: {exc.strerror}"
+
+
+def verify_fuzz(check: Check, files: UntouchableFiles | None, remap_stats: Any) -> Check:
+    """``aperture.fuzz``: the devices survived (guest) and nothing outside the device's reach changed (host)."""
+    detail = dict(check.detail) if isinstance(check.detail, dict) else {"guest": check.detail}
+    changed = files.changed() if files is not None else ["no checksums taken"]
+    detail.update(host_files_checked=len(files.digests) if files else 0, host_files_changed=changed)
+    if remap_stats is not None:
+        detail.update({k: v for k, v in remap_stats.summary().items() if k in ("remaps", "errors")})
+    ok = check.ok and not changed and not (remap_stats is not None and remap_stats.summary().get("errors"))
+    return Check(check.name, bool(ok), detail)
 
 
 def remap_consistency(check: Check, stats: Any) -> Check:

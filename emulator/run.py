@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import secrets
 import shutil
 from collections.abc import Callable
@@ -21,12 +22,26 @@ from .config import KernelSpec, RemapPlan, VmConfig
 from .errors import ConfigError, GuestError
 from .machine import AUTO_NAME, NVME_ID, PROBE_BAR_ID, Vm, find_qemu, qemu_version, reap_dead_runs
 from .registry import pid_alive
-from .results import Check, HostVerifier, RunResult, remap_consistency, remap_hotplug
+from .results import (
+    Check,
+    HostVerifier,
+    RunResult,
+    UntouchableFiles,
+    remap_consistency,
+    remap_hotplug,
+    verify_fuzz,
+)
 
 Progress = Callable[[str], None]
 
 
 AUTO_RUN_NAME = AUTO_NAME  # new_run_name(): time, pid, random
+#: A hostile guest cannot grow the host through the results channel: notes, garbage notes and records are bounded.
+MAX_NOTES = 200
+MAX_GARBAGE_NOTES = 20
+MAX_RECORDS = 200_000
+#: What a check's name looks like (docs/run-schema.json): anything else on the results channel is not a check.
+CHECK_NAME = re.compile(r"[a-z_0-9]{1,32}\.[a-z_0-9]{1,48}")
 
 
 def default_run_dir(name: str) -> Path:
@@ -111,8 +126,10 @@ def boot_once(config: VmConfig, prep: Prepared, run_dir: Path, progress: Progres
     figures: dict[str, float] = {}
     written: list[dict] = []
     stamps: list[Any] = []
+    garbage = 0  # unparseable lines on the results channel: the first few become notes, all are counted
     controller: RemapController | None = None
     remap_stats = None
+    untouchable = UntouchableFiles.take(run_dir, [prep.image.path, prep.kernel.image]) if scenario == "fuzz" else None
     with Vm(config, prep.kernel, prep.image.path, accel=prep.accel.accel, run_dir=run_dir, scenario=scenario,
             qemu=prep.qemu, console_sink=console_sink, name=name, guest_env=guest_env) as vm:
         assert vm.qmp is not None
@@ -129,6 +146,11 @@ def boot_once(config: VmConfig, prep: Prepared, run_dir: Path, progress: Progres
                          f"(guest uptime {msg.get('uptime_s')} s)")
                 if msg.get("kernel_release") != prep.kernel.release:
                     notes.append(f"guest reports kernel {msg.get('kernel_release')}")
+            elif kind == "check" and not (isinstance(msg.get("name"), str) and CHECK_NAME.fullmatch(msg["name"])
+                                           and isinstance(msg.get("ok"), bool)):
+                garbage += 1
+                if garbage <= MAX_GARBAGE_NOTES:
+                    notes.append(f"malformed check message ignored: {str(msg)[:160]}")
             elif kind == "check":
                 check = Check(str(msg.get("name", "?")), bool(msg.get("ok")), msg.get("detail"))
                 absent = isinstance(check.detail, dict) and check.detail.get("result") == "absent"
@@ -146,13 +168,17 @@ def boot_once(config: VmConfig, prep: Prepared, run_dir: Path, progress: Progres
                 remap_stats = controller.stop()
                 progress(f"{remap_stats.remaps} remaps done")
             elif kind == "stamps" and isinstance(msg.get("stamps"), list):
-                stamps.extend(msg["stamps"])
+                stamps.extend(msg["stamps"][: max(MAX_RECORDS - len(stamps), 0)])
             elif kind == "written" and isinstance(msg.get("regions"), list):
-                written.extend(r for r in msg["regions"] if isinstance(r, dict))
-            elif kind == "log":
-                notes.append(str(msg.get("message")))
+                written.extend(r for r in msg["regions"][: max(MAX_RECORDS - len(written), 0)] if isinstance(r, dict))
+            elif kind == "log" and len(notes) < MAX_NOTES:
+                notes.append(str(msg.get("message"))[:500])
             elif kind == "garbage":
-                notes.append(f"unparseable result line: {msg.get('raw')}")
+                garbage += 1
+                if garbage <= MAX_GARBAGE_NOTES:
+                    notes.append(f"unparseable result line: {msg.get('raw')}")
+        if garbage > MAX_GARBAGE_NOTES:
+            notes.append(f"{garbage - MAX_GARBAGE_NOTES} more unparseable or malformed result lines ({garbage} in all)")
         poweroff_s = vm.wait_poweroff()
         progress(f"guest powered off {poweroff_s:.2f} s after QEMU start")
         device_stats = vm.service.stats() if vm.service else []
@@ -161,7 +187,9 @@ def boot_once(config: VmConfig, prep: Prepared, run_dir: Path, progress: Progres
     if controller and remap_stats is None:
         remap_stats = controller.stop()
     checks = [verifier.verify(c, written) for c in pending] if verifier else pending
-    if remap is not None:
+    if scenario == "fuzz":
+        checks = [verify_fuzz(c, untouchable, remap_stats) if c.name == "aperture.fuzz" else c for c in checks]
+    elif remap is not None:
         checks = [remap_consistency(c, remap_stats) if c.name == "remap.consistency" else c for c in checks]
         if remap.mode == "hotplug":
             checks.append(remap_hotplug(next((c for c in checks if c.name == "remap.consistency"), None),
@@ -194,10 +222,14 @@ def boot_once(config: VmConfig, prep: Prepared, run_dir: Path, progress: Progres
 
 def run_vm(config: VmConfig, prep: Prepared, run_dir: Path, progress: Progress, *, reboot: bool = False,
            console_sink: Callable[[str], None] | None = None, name: str | None = None,
-           remap: RemapPlan | None = None) -> RunResult:
+           remap: RemapPlan | None = None, fuzz: float | None = None) -> RunResult:
     """The default scenario; with ``reboot``, boot twice in the same run dir and check persistence;
     with ``remap``, the window workload under host-driven remaps instead."""
     token = secrets.token_hex(4)
+    if fuzz is not None:
+        return boot_once(config, prep, run_dir, progress, scenario="fuzz", console_sink=console_sink, name=name,
+                         guest_env={"aperture_stamp": token, "aperture_duration": f"{fuzz:g}",
+                                    "aperture_remap": "1" if remap else "0"}, remap=remap)
     if remap is not None:
         if remap.mode == "hotplug":
             config = dataclasses.replace(config, window_hotplug=True)

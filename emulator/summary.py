@@ -116,6 +116,15 @@ def _summarize_device(name: str, d: dict[str, Any]) -> str:
         return (f"{format_size(int(d.get('len', 0)))} dev{d.get('src_device')} → dev{d.get('dst_device')}'s window "
                 f"@ {int(d.get('dst_window_phys', 0)):#x} (page {d.get('dst_page')}): {d.get('status')}, "
                 f"{'seen in the peer window' if d.get('seen_in_peer_window') else 'NOT seen'}")
+    if name == "aperture.fuzz":
+        statuses = ", ".join(f"{k} {v}" for k, v in (d.get("statuses") or {}).items())
+        changed = d.get("host_files_changed") or []
+        return (f"{d.get('descriptors')} descriptors, {d.get('register_writes')} register writes, "
+                f"{d.get('index_garbage')} garbage indices, {d.get('results_garbage_lines')} garbage result lines in "
+                f"{d.get('duration_s')} s (seed {d.get('seed')}); statuses: {statuses or 'none'}; devices alive "
+                f"{d.get('alive')}; {d.get('host_files_checked')} host files "
+                f"{'unchanged' if not changed else 'CHANGED: ' + ', '.join(changed)}"
+                + (f"; {d.get('remaps')} remaps meanwhile" if d.get("remaps") is not None else ""))
     if name == "aperture.bad_descriptors":
         cases = d.get("cases") or []
         bad = [c for c in cases if "expected" in c and c.get("status") != c.get("expected")]

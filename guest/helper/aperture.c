@@ -720,6 +720,29 @@ int aperture_dma(int i, uint64_t src, uint64_t dst, uint64_t len, uint16_t flags
 
 unsigned long long aperture_stale_completions(void) { return stale_completions; }
 
+volatile uint8_t *aperture_ctl(int i) { return devs[i].ctl; }
+unsigned long long aperture_window_phys(int i) { return devs[i].win_phys; }
+
+void aperture_doorbell(int i)
+{
+    __sync_synchronize();
+    devs[i].regs[3] = 0;
+}
+
+void aperture_resync(int i)
+{
+    /* Whatever the fuzzer left in the rings: start again from the device's current state. */
+    devs[i].cq_tail = r32(&devs[i], APERTURE_REG_CQ_HEAD);
+    w32(&devs[i], APERTURE_REG_CQ_TAIL, devs[i].cq_tail);
+    devs[i].sq_head = r32(&devs[i], APERTURE_REG_SQ_TAIL);
+    w32(&devs[i], APERTURE_REG_SQ_HEAD, devs[i].sq_head);
+}
+
+int aperture_nop(int i)
+{
+    return cmd(&devs[i], (struct aperture_desc){.opcode = APERTURE_OP_NOP}, NULL);
+}
+
 int aperture_ram_page(void **buf, unsigned long long *phys)
 {
     static struct rambuf r;

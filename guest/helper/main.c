@@ -66,6 +66,8 @@ int main(int argc, char **argv)
         scenario_aperture(1);
     } else if (strcmp(scenario, "nvdimm") == 0) {
         scenario_nvdimm();
+    } else if (strcmp(scenario, "fuzz") == 0) {
+        scenario_fuzz();
     } else if (strcmp(scenario, "bench-dax") == 0) {
         scenario_dax(1);
     } else {

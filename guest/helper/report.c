@@ -75,6 +75,23 @@ void report_open(void)
         fprintf(stderr, "aperture-helper: results port not found; reporting on stdout\n");
 }
 
+/* Bytes as they are, no newline added: the fuzzer's garbage on the results channel. */
+void report_raw(const void *buf, size_t len)
+{
+    int fd = results_fd >= 0 ? results_fd : 1;
+    const char *p = buf;
+
+    while (len > 0) {
+        ssize_t n = write(fd, p, len);
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n <= 0)
+            break;
+        p += n;
+        len -= (size_t)n;
+    }
+}
+
 void report_line(const char *json)
 {
     int fd = results_fd >= 0 ? results_fd : 1;

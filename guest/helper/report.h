@@ -17,6 +17,7 @@ void jb_str(struct jbuf *jb, const char *s); /* appends a quoted, escaped JSON s
 void report_open(void);
 int open_port(const char *name, int flags); /* a virtio-serial port by name, or -1 */
 void report_line(const char *json);
+void report_raw(const void *buf, size_t len); /* as is, no newline: garbage for the fuzzer */
 void report_hello(void);
 void report_check(const char *name, int ok, const char *detail_json);
 void report_done(void);
@@ -58,6 +59,7 @@ void scenario_serve(void);
 void scenario_p2pmem(void);  /* p2pmem.c: zone_device.p2pmem, p2p.nvme_cmb */
 void p2pmem_probe_row(struct jbuf *jb); /* the probe matrix's p2pmem row, a JSON object */
 void scenario_witness(void); /* witness.c: witness.hmm_tests */
+void scenario_fuzz(void);    /* fuzz.c: aperture.fuzz, a hostile guest for $aperture_duration seconds */
 int helper_tool(int argc, char **argv); /* map/unmap/dma/peek/poke/info; -1 if argv[1] is not a tool */
 
 #include <stdint.h>
@@ -74,6 +76,12 @@ uint32_t aperture_snapshot(int i, uint64_t *table, uint64_t *retries);
 int aperture_remap_window(int i, double wait_s); /* re-probe a re-plugged window (hotplug mode) */
 int aperture_dma(int i, uint64_t src, uint64_t dst, uint64_t len, uint16_t flags);
 int aperture_ram_page(void **buf, unsigned long long *phys);
+/* Raw access for the fuzzer: control memory, the doorbell, and re-reading the ring indices afterwards. */
+volatile uint8_t *aperture_ctl(int i);
+void aperture_doorbell(int i);
+void aperture_resync(int i);
+int aperture_nop(int i); /* a NOP through the normal path: the status, or -1 on timeout */
+unsigned long long aperture_window_phys(int i);
 unsigned long long aperture_stale_completions(void);
 
 #endif

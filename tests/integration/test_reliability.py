@@ -95,3 +95,22 @@ def test_down_is_not_stuck_behind_queued_dma(tmp_path: Path) -> None:
     assert down.returncode == 0 and f"{name} is down" in down.stdout, down.stderr
     assert elapsed < 2.0, f"down took {elapsed:.2f} s with DMA queued"
     assert not qemu_processes(str(run_dir))
+
+
+def test_hostile_guest_fuzzer_with_remaps(tmp_path: Path) -> None:
+    """The guest-side fuzzer (random registers, ring indices, descriptors, doorbells, results-channel garbage)
+    against both devices while the host remaps every 20 ms: the devices still answer, nothing outside their reach
+    changed, the device thread raised nothing, and the host's notes stay bounded."""
+    import json
+
+    proc = run_aperture("run", "--json", "-q", "--fuzz", "--duration", "6s", "--remap-every", "20ms",
+                        "--run-dir", str(tmp_path / "r"), timeout=300)
+    result = json.loads(proc.stdout)
+    assert proc.returncode == 0, [c for c in result["checks"] if not c["ok"]]
+    checks = {c["name"]: c for c in result["checks"]}
+    assert set(checks) == {"aperture.fuzz"}  # no forged check got through, no host.emulator_thread
+    d = checks["aperture.fuzz"]["detail"]
+    assert d["descriptors"] > 1000 and d["alive"] == [True, True] and d["remaps"] > 0
+    assert d["host_files_checked"] == 3 and d["host_files_changed"] == []
+    assert d["statuses"].get("OK", 0) > 0 and d["statuses"].get("EINVAL", 0) > 0
+    assert len(result["messages"]) <= 22
