@@ -53,6 +53,9 @@ NVME_ID = "nvme0"
 #: reads at most RESULTS_READ_MAX bytes of it.
 RESULTS_LINE_MAX = 1 << 20
 RESULTS_READ_MAX = 4 << 20
+#: A guest that writes more than this on the results channel in one boot is stopped (exit 4): it is flooding,
+#: and results.jsonl (QEMU's file) must not fill the run dir.
+RESULTS_TOTAL_MAX = 256 << 20
 #: Deeper JSON than this is not a message the helper sends (and could exhaust the parser's recursion).
 RESULTS_DEPTH_MAX = 64
 
@@ -528,6 +531,9 @@ class Vm:
                 chunk = b""
             self._results_pos += len(chunk)
             self._results_buf += chunk
+            if self._results_pos > RESULTS_TOTAL_MAX:
+                raise GuestError(f"the guest wrote more than {RESULTS_TOTAL_MAX >> 20} MiB on the results channel: "
+                                 f"stopped as a flood (see {self.paths.results})")
             while True:
                 if self._skip_to_newline:  # the rest of an over-long line: dropped without a word
                     nl = self._results_buf.find(b"\n")

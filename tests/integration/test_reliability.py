@@ -15,10 +15,15 @@ from emulator.machine import reap_dead_runs
 from tests.conftest import aperture_argv, qemu_processes, run_aperture
 
 
-def test_kill_9_of_run_mid_boot_leaves_nothing_within_5_s(tmp_path: Path) -> None:
+@pytest.mark.parametrize(("when", "args", "after_s"), [
+    ("at boot", [], 1.0),
+    ("mid-DMA", ["--fuzz", "--duration", "30s"], 6.0),  # the fuzzer keeps both DMA engines busy
+    ("mid-remap", ["--remap-every", "20ms", "--duration", "30s"], 7.0),  # remaps start once DAX is set up
+])
+def test_kill_9_of_run_leaves_nothing_within_5_s(tmp_path: Path, when: str, args: list[str], after_s: float) -> None:
     run_dir = tmp_path / "r"
-    proc = subprocess.Popen(aperture_argv() + ["run", "-q", "--run-dir", str(run_dir)], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(aperture_argv() + ["run", "-q", "--run-dir", str(run_dir), *args],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 120
     while not qemu_processes(str(run_dir)) and time.monotonic() < deadline:
         time.sleep(0.05)
@@ -26,7 +31,8 @@ def test_kill_9_of_run_mid_boot_leaves_nothing_within_5_s(tmp_path: Path) -> Non
     assert line, "QEMU never started"
     argv = line[0].split()
     name = argv[argv.index("-name") + 1]
-    time.sleep(1.0)  # mid-boot
+    time.sleep(after_s)
+    assert proc.poll() is None, f"the run ended before the kill {when}"
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     deadline = time.monotonic() + 5

@@ -230,3 +230,17 @@ def test_a_full_run_dir_is_refused_before_anything_starts(tmp_path: Path, monkey
     assert sum(vm.backing_files().values()) > 1 << 30
     monkeypatch.setattr(os, "statvfs", real)
     vm.check_space()  # the real filesystem has room
+
+
+def test_a_flood_on_the_results_channel_stops_the_vm(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from emulator import machine
+    from emulator.errors import GuestError
+
+    monkeypatch.setattr(machine, "RESULTS_TOTAL_MAX", 1 << 20)
+    vm = machine.Vm(VmConfig(devices=()), KernelSpec(Path("/k"), None, "6.1"), Path("/i"), accel="tcg",
+                    run_dir=tmp_path)
+    vm.paths.run_dir.mkdir(parents=True, exist_ok=True)
+    with open(vm.paths.results, "wb") as f:
+        f.write(b'{"type":"log","message":"spam"}\n' * 40_000)
+    with pytest.raises(GuestError, match="more than 1 MiB on the results channel"):
+        list(vm.messages(run_timeout=30))
