@@ -292,3 +292,60 @@ def bench_remap(config: VmConfig, kernel: KernelSpec, progress: Progress, rounds
     return {"bench": "remap", "accel": prep.accel.accel, "qemu_version": prep.qemu_version,
             "kernel_release": kernel.release, "figures": figures, "ratios": ratios,
             "notes": notes}
+
+
+def _rss_mib() -> float:
+    for line in open("/proc/self/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def bench_soak(config: VmConfig, kernel: KernelSpec, duration: float, progress: Progress) -> dict[str, Any]:
+    """The hostile-guest fuzzer against both devices with host remaps every 20 ms for ``duration``: this process's
+    memory (the device model, the results channel, the remap driver) must stay flat. The baseline is the same
+    run's first quarter."""
+    import threading
+
+    from .config import RemapPlan
+    from .run import run_vm
+
+    prep = prepare(config, kernel, progress)
+    samples: list[tuple[float, float]] = []
+    stop = threading.Event()
+
+    def sample() -> None:
+        import time
+
+        t0 = time.monotonic()
+        while not stop.wait(1.0):
+            samples.append((time.monotonic() - t0, _rss_mib()))
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    config = dataclasses.replace(config, run_timeout=max(config.run_timeout, duration + 120))
+    try:
+        with tempfile.TemporaryDirectory(prefix="aperture-soak-") as tmp:
+            result = run_vm(config, prep, Path(tmp), progress, remap=RemapPlan(every=0.02, duration=duration),
+                            fuzz=duration)
+    finally:
+        stop.set()
+        sampler.join()
+    fuzz = next((c for c in result.checks if c.name == "aperture.fuzz"), None)
+    detail = fuzz.detail if fuzz is not None and isinstance(fuzz.detail, dict) else {}
+    rss = [r for _, r in samples]
+    quarter = max(len(rss) // 4, 1)
+    first, last = statistics.median(rss[:quarter] or [0.0]), statistics.median(rss[-quarter:] or [0.0])
+    figures = {"duration_s": float(detail.get("duration_s", duration)),
+               "descriptors_fuzzed": float(detail.get("descriptors", 0)),
+               "descriptors_per_s": round(float(detail.get("descriptors", 0)) / max(duration, 1e-9), 1),
+               "remaps": float(detail.get("remaps", 0)),
+               "results_garbage_lines": float(detail.get("results_garbage_lines", 0)),
+               "host_rss_mib_first_quarter_p50": round(first, 1), "host_rss_mib_last_quarter_p50": round(last, 1),
+               "host_rss_mib_max": round(max(rss or [0.0]), 1)}
+    return {"bench": "soak", "accel": prep.accel.accel, "qemu_version": prep.qemu_version,
+            "kernel_release": kernel.release, "ok": result.ok, "figures": figures,
+            "ratios": {"host_rss_last_vs_first_quarter": round(last / first, 3) if first else 0.0},
+            "notes": [f"aperture.fuzz {'ok' if fuzz is not None and fuzz.ok else 'FAILED'}: devices alive "
+                      f"{detail.get('alive')}, host files changed {detail.get('host_files_changed')}"]
+            + result.messages[:5]}

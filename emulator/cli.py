@@ -427,6 +427,27 @@ def bench_device_cmd(kernel: str | None, modules: Path | None, kconfig: Path | N
     print_bench(bench_device(config, resolve_kernel(kernel, modules, kconfig), ui.progress), as_json)
 
 
+@bench.command("soak")
+@vm_options
+@click.option("--duration", callback=_duration, default="10m", show_default=True, metavar="DURATION",
+              help="How long the fuzzer and the remaps run.")
+@click.option("--json", "as_json", is_flag=True)
+def bench_soak_cmd(kernel: str | None, modules: Path | None, kconfig: Path | None, pmem: tuple[PmemConfig, ...],
+                   devices: tuple[DeviceConfig, ...] | None, nvme: int, memory: int, accel: str, boot_timeout: float,
+                   run_timeout: float, append: tuple[str, ...], quiet: bool, duration: float, as_json: bool) -> None:
+    """The hostile-guest fuzzer plus host remaps every 20 ms for DURATION; this process's memory must stay flat
+    (ratio: last quarter vs first quarter of the same run). Exit 1 if the fuzz check failed."""
+    from guest.kernel import resolve_kernel
+
+    from .bench import bench_soak
+
+    ui = Ui(quiet)
+    config = make_config(pmem, memory, accel, boot_timeout, run_timeout, append, devices, nvme)
+    report = bench_soak(config, resolve_kernel(kernel, modules, kconfig), duration, ui.progress)
+    print_bench(report, as_json)
+    sys.exit(0 if report["ok"] else 1)
+
+
 @bench.command("remap")
 @vm_options
 @click.option("-n", "--rounds", type=click.IntRange(10, 5000), default=200, show_default=True)
