@@ -91,7 +91,7 @@ class DeviceService:
         self.servers: list[IvshmemServer] = []
         self.lock = threading.RLock()
         self._map: AddressMap | None = None
-        self._map_built_at = 0.0
+        self._map_refreshed_at = -MAP_REFRESH_INTERVAL  # the last rebuild a fault asked for
         self.map_error: str | None = None  # why the last build failed (memmap says it, not a guess)
         self._buffers: list[FileBuffer] = []
         self._thread: threading.Thread | None = None
@@ -202,7 +202,6 @@ class DeviceService:
             if qmp is None:
                 self.map_error = "QMP is not connected"
                 return None
-            self._map_built_at = time.monotonic()
             try:
                 self._map = self.build_map(qmp.memory_devices(), qmp.pci_devices())
                 self.map_error = None
@@ -215,7 +214,9 @@ class DeviceService:
         """Rebuild the map from QMP, at most every MAP_REFRESH_INTERVAL (a guest that keeps sending unmapped
         addresses cannot turn the emulator thread into a QMP loop); else the current one."""
         with self.lock:
-            if time.monotonic() - self._map_built_at >= MAP_REFRESH_INTERVAL:
+            now = time.monotonic()
+            if now - self._map_refreshed_at >= MAP_REFRESH_INTERVAL:
+                self._map_refreshed_at = now
                 self._map = None
             return self.address_map()
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -120,3 +121,40 @@ def test_hostile_guest_fuzzer_with_remaps(tmp_path: Path) -> None:
     assert d["host_files_checked"] == 3 and d["host_files_changed"] == []
     assert d["statuses"].get("OK", 0) > 0 and d["statuses"].get("EINVAL", 0) > 0
     assert len(result["messages"]) <= 22
+
+
+def test_a_guest_that_moves_a_bar_keeps_dma_working(tmp_path: Path) -> None:
+    """The guest (root, as a PCI rescan or hotplug would) reprograms device 1's window BAR after the host built its
+    address map; a DMA to the new address is resolved by one rebuild from QMP and lands in device memory."""
+    import re
+    import uuid
+
+    env = {"APERTURE_STATE": str(tmp_path / "state")}
+    name = f"b{uuid.uuid4().hex[:6]}"
+    run_dir = tmp_path / "run"
+    assert run_aperture("up", name, "-q", "--run-dir", str(run_dir), env=env, timeout=240).returncode == 0
+    try:
+        info = run_aperture("exec", name, "--", "aperture-helper info", env=env, timeout=60).stdout
+        found = re.findall(r"device (\d+): ctl \S+ window (\S+) @ (0x[0-9a-f]+)", info)
+        windows = {dev: (bdf, int(addr, 16)) for dev, bdf, addr in found}
+        (_, win0), (bdf1, win1) = windows["0"], windows["1"]
+        moved = 0xF0000000
+        assert moved not in (win0, win1)
+        script = " && ".join([
+            "aperture-helper map 0 0 3", "aperture-helper poke 0 0 0 6170657274757265",  # "aperture" in dev0 page 3
+            "aperture-helper map 1 0 5",
+            f"aperture-helper dma 0 {win0:#x} {win1:#x} 4096",  # the host builds its map: window 1 at win1
+            # BAR2 of the window, low dword: address bits | 64-bit prefetchable (0xc); the high dword stays 0
+            f"printf '\\014\\000\\000\\360' | dd of=/sys/bus/pci/devices/{bdf1}/config bs=1 seek=24 conv=notrunc",
+            f"aperture-helper dma 0 {win0:#x} {moved:#x} 4096",  # only the moved BAR answers here now
+            "aperture-helper unmap 1 0"])  # write back dev1's slot 0 into its device memory
+        proc = run_aperture("exec", name, "--", script, env=env, timeout=120)
+        assert proc.returncode == 0 and proc.stdout.split().count("OK") == 5, proc.stdout + proc.stderr
+        memmap = run_aperture("qmp", name, "--json", input="memmap\n", env=env, timeout=60).stdout
+        regions = json.loads(memmap.splitlines()[0])["return"]
+        assert any(r["start"] == moved and r["kind"] == "window" for r in regions), regions
+    finally:
+        run_aperture("down", name, env=env, timeout=60)
+    with open(run_dir / "devmem1.img", "rb") as f:
+        f.seek(5 * (2 << 20))
+        assert f.read(8) == b"aperture"
