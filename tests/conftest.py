@@ -1,4 +1,5 @@
-"""Markers by folder: tests/unit → ``unit`` (seconds, no VM), tests/integration → ``vm`` (boots QEMU)."""
+"""Markers by folder: tests/unit → ``unit`` (seconds, no VM); tests/integration and tests/reliability → ``vm``
+(they boot QEMU)."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         parts = Path(str(item.fspath)).parts
         if "unit" in parts:
             item.add_marker(pytest.mark.unit)
-        elif "integration" in parts:
+        elif "integration" in parts or "reliability" in parts:
             item.add_marker(pytest.mark.vm)
 
 

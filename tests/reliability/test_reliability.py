@@ -1,4 +1,13 @@
-"""Reliability on real VMs: whatever process dies, nothing stays; a full disk is a clear exit 3, never a SIGBUS."""
+"""Reliability on real VMs, an item of the hostile-guest and process-death contract each:
+
+- kill -9 of `aperture run` at boot, mid-DMA and mid-remap leaves no QEMU, shm file or socket within 5 s;
+- a full run dir or shm dir is exit 3 with one line, never a SIGBUS;
+- `down` is not stuck behind a full ring of maximal DMA lists;
+- the guest-side fuzzer (with host remaps) leaves the devices alive and files outside their reach unchanged;
+- a guest that moves a BAR keeps DMA working.
+Elsewhere: the results channel's bounds (tests/unit/test_machine.py), kill -9 of the daemon then `down`
+(tests/integration/test_lifecycle.py), no data lost across SIGKILLs (tests/unit/test_crash_model.py).
+"""
 
 from __future__ import annotations
 
