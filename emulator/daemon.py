@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import sys
@@ -22,8 +23,8 @@ from qmp_client.remap import RemapController, pause_retarget
 from .addrmap import DmaFault
 from .config import KernelSpec, config_from_dict
 from .errors import ApertureError
-from .machine import Vm
-from .registry import VmRecord, remove_record, write_record
+from .machine import Vm, default_sock_dir
+from .registry import VmRecord, read_record, reap_orphan, remove_record, write_record
 
 
 class Daemon:
@@ -228,5 +229,34 @@ def main(argv: list[str]) -> int:
         remove_record(spec["name"])
 
 
+def supervise(argv: list[str]) -> int:
+    """Run the daemon in a child and, whatever ends it (kill -9 included), remove what it leaves: its QEMU (which
+    dies with it anyway), sockets and record — at once, not at the next ``aperture ls``."""
+    spec = json.loads(Path(argv[0]).read_text())
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            code = main(argv)
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_IGN)  # `down` stops the daemon; this one only outlives it to clean up
+    _, status = os.waitpid(pid, 0)
+    rec = read_record(spec["name"])
+    if rec is not None and rec.pid == pid:
+        reap_orphan(rec)
+        remove_record(spec["name"])
+    shutil.rmtree(default_sock_dir(spec["name"]), ignore_errors=True)
+    if os.WIFSIGNALED(status):
+        print(f"aperture daemon: killed by signal {os.WTERMSIG(status)}; cleaned up after it", flush=True)
+        return 128 + os.WTERMSIG(status)
+    return os.WEXITSTATUS(status)
+
+
 if __name__ == "__main__":
+    if sys.argv[1:2] == ["--supervise"]:
+        sys.exit(supervise(sys.argv[2:]))
     sys.exit(main(sys.argv[1:]))

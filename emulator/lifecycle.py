@@ -36,15 +36,16 @@ def up(name: str, config: VmConfig, prep: Prepared, run_dir: Path, progress: Pro
     spec_path.write_text(json.dumps(spec, indent=2))
     log_path = run_dir / "daemon.log"
     with open(log_path, "wb") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "emulator.daemon", str(spec_path)], stdin=subprocess.DEVNULL,
-                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                                cwd=str(Path(__file__).resolve().parent.parent))
+        # The supervisor runs the daemon as its child and cleans up the moment the daemon dies (kill -9).
+        proc = subprocess.Popen([sys.executable, "-m", "emulator.daemon", "--supervise", str(spec_path)],
+                                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True, cwd=str(Path(__file__).resolve().parent.parent))
     progress(f"daemon pid {proc.pid} booting {name} ({prep.accel.accel}) in {run_dir}")
     deadline = time.monotonic() + config.boot_timeout + 30
     try:
         while True:
             rec = read_record(name)
-            if rec is not None and rec.pid == proc.pid and rec.state == "ready":
+            if rec is not None and _parent(rec.pid) == proc.pid and rec.state == "ready":
                 return rec
             if proc.poll() is not None:
                 tail = log_path.read_text(errors="replace").strip().splitlines()[-1:] or ["(no output)"]
@@ -59,11 +60,22 @@ def up(name: str, config: VmConfig, prep: Prepared, run_dir: Path, progress: Pro
         raise
 
 
+def _parent(pid: int) -> int:
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[-1].split()[1])
+    except (OSError, ValueError, IndexError):
+        return -1
+
+
 def _kill(pid: int, timeout: float = 20.0) -> None:
-    """SIGTERM the daemon (it cleans up), then SIGKILL its whole process group."""
+    """SIGTERM the daemon (it cleans up), then SIGKILL its whole process group (the supervisor's session)."""
+    try:
+        pgid = os.getpgid(pid)
+    except ProcessLookupError:
+        return
     for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 5.0)):
         try:
-            os.killpg(pid, sig)
+            os.killpg(pgid, sig)
         except ProcessLookupError:
             return
         end = time.monotonic() + wait

@@ -194,9 +194,9 @@ def test_killed_daemon_leaves_no_qemu(tmp_path: Path) -> None:
     assert not [p for p in os.listdir("/dev/shm") if name in p]
 
 
-def test_killed_daemon_then_down_reaps_everything(tmp_path: Path) -> None:
-    """kill -9 of the daemon: its QEMU dies with it (PDEATHSIG) within 5 s, and `down NAME` (not only `ls`) removes
-    the shm files, sockets and record it left."""
+def test_killed_daemon_leaves_nothing_within_5_s(tmp_path: Path) -> None:
+    """kill -9 of the daemon: its QEMU dies with it (PDEATHSIG) and its supervisor removes its sockets and record
+    at once — nothing is left within 5 s, before any other aperture command runs."""
     import signal
     import time
 
@@ -205,14 +205,38 @@ def test_killed_daemon_then_down_reaps_everything(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     assert run_aperture("up", name, "--run-dir", str(run_dir), env=env, timeout=240).returncode == 0
     rec = json.loads(run_aperture("ls", "--json", env=env).stdout)[0]
+    record = tmp_path / "state" / "vms" / f"{name}.json"
+    assert record.exists()
     os.kill(rec["pid"], signal.SIGKILL)
     deadline = time.monotonic() + 5
-    while qemu_processes(str(run_dir)) and time.monotonic() < deadline:
+
+    def left() -> list[str]:
+        return (qemu_processes(str(run_dir)) + [p for p in os.listdir("/dev/shm") if name in p]
+                + [str(p) for p in (Path(rec["control_socket"]).parent, record) if p.exists()])
+
+    while left() and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert not qemu_processes(str(run_dir)), "QEMU outlived its daemon"
+    assert not left(), left()
+    assert run_aperture("down", name, env=env, timeout=60).returncode == 2  # simply not up any more
+
+
+def test_down_reaps_a_vm_whose_daemon_and_supervisor_were_killed(tmp_path: Path) -> None:
+    """With nobody left to clean up, `down NAME` (not only `ls`) removes what the VM left."""
+    import signal
+    import time
+
+    env = {"APERTURE_STATE": str(tmp_path / "state")}
+    name = f"s{uuid.uuid4().hex[:6]}"
+    run_dir = tmp_path / "run"
+    assert run_aperture("up", name, "--run-dir", str(run_dir), env=env, timeout=240).returncode == 0
+    rec = json.loads(run_aperture("ls", "--json", env=env).stdout)[0]
+    supervisor = int(Path(f"/proc/{rec['pid']}/stat").read_text().rsplit(")", 1)[-1].split()[1])
+    os.kill(supervisor, signal.SIGKILL)
+    os.kill(rec["pid"], signal.SIGKILL)
+    time.sleep(0.5)
     proc = run_aperture("down", name, env=env, timeout=60)
     assert proc.returncode == 0 and "daemon had died" in proc.stdout, proc.stderr
+    assert not qemu_processes(str(run_dir))
     assert not [p for p in os.listdir("/dev/shm") if name in p]
     assert not Path(rec["control_socket"]).parent.exists()
     assert json.loads(run_aperture("ls", "--json", env=env).stdout) == []
-    assert run_aperture("down", name, env=env, timeout=60).returncode == 2  # now it is simply not up
