@@ -16,7 +16,7 @@
 #define MAX_STATUS 16
 
 struct fuzz_stats {
-    unsigned long long descriptors, doorbells, register_writes, index_garbage, garbage_lines, completions;
+    unsigned long long descriptors, doorbells, register_writes, index_garbage, garbage_lines, long_lines, completions;
     unsigned long long status[MAX_STATUS + 1]; /* the last bucket: statuses the ABI does not name */
 };
 
@@ -194,6 +194,15 @@ static void results_garbage(struct fuzz_stats *st)
     static char line[8192];
     size_t len = 1 + rnd() % (sizeof(line) - 2);
 
+    if (rnd() % 16 == 0) { /* now and then a line longer than the host takes (1 MiB): 1.5 MiB, then its newline */
+        memset(line, 'x', sizeof(line));
+        for (int i = 0; i < 192; i++)
+            report_raw(line, sizeof(line));
+        report_raw("\n", 1);
+        st->garbage_lines++;
+        st->long_lines++;
+        return;
+    }
     switch (rnd() % 3) {
     case 0: memset(line, '[', len); break;                     /* deep nesting */
     case 1: for (size_t i = 0; i < len; i++) line[i] = (char)(rnd() % 256 ?: 1); break;
@@ -256,8 +265,9 @@ void scenario_fuzz(void)
     jb_init(&jb);
     jb_printf(&jb, "{\"seed\":\"%llx\",\"duration_s\":%.1f,\"devices\":%d,\"descriptors\":%llu,\"doorbells\":%llu,"
               "\"register_writes\":%llu,\"index_garbage\":%llu,\"results_garbage_lines\":%llu,"
+              "\"results_long_lines\":%llu,"
               "\"completions_seen\":%llu,\"statuses\":{", seed, now_s() - t0, n, st.descriptors, st.doorbells,
-              st.register_writes, st.index_garbage, st.garbage_lines, st.completions);
+              st.register_writes, st.index_garbage, st.garbage_lines, st.long_lines, st.completions);
     int first = 1;
     for (unsigned s = 0; s <= MAX_STATUS; s++) {
         if (!st.status[s])

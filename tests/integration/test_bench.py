@@ -17,8 +17,8 @@ CONTRACT = {
     "dax": ([], {"memcpy_ram_MBps", "memcpy_devdax_MBps", "memcpy_fsdax_MBps"}, {"devdax_vs_ram", "fsdax_vs_ram"}),
     "device": ([], {"map_rtt_us_p50", "map_rtt_us_p99", "dma_2m_MBps", "host_memcpy_2m_MBps"},
                {"map_rtt_vs_floor", "dma_2m_vs_memcpy"}),
-    "soak": (["--duration", "5s"], {"descriptors_fuzzed", "remaps", "host_rss_mib_first_quarter_p50",
-                                    "host_rss_mib_last_quarter_p50"}, {"host_rss_last_vs_first_quarter"}),
+    "soak": (["--duration", "5s"], {"descriptors_fuzzed", "remaps", "host_anon_rss_mib_first_quarter_p50",
+                                    "host_anon_rss_mib_last_quarter_p50"}, {"host_anon_rss_last_vs_first_quarter"}),
     "remap": (["-n", "10"], {"remap_pause_ms_p50", "remap_pause_ms_p99", "stopcont_ms_p50", "remap_hotplug_ms_p50"},
               {"remap_pause_vs_stopcont"}),
 }

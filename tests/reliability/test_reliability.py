@@ -129,7 +129,7 @@ def test_hostile_guest_fuzzer_with_remaps(tmp_path: Path) -> None:
     assert d["descriptors"] > 1000 and d["alive"] == [True, True] and d["remaps"] > 0
     assert d["host_files_checked"] == 3 and d["host_files_changed"] == []
     assert d["statuses"].get("OK", 0) > 0 and d["statuses"].get("EINVAL", 0) > 0
-    assert len(result["messages"]) <= 22
+    assert len(result["messages"]) <= 22  # bounded, whatever the fuzzer wrote (long lines included)
 
 
 def test_a_guest_that_moves_a_bar_keeps_dma_working(tmp_path: Path) -> None:
