@@ -568,3 +568,15 @@ def test_work_is_served_in_bounded_rounds(tmp_path: Path) -> None:
         assert ctl.get("COMPLETED") == n and rounds == n and ctl.get("DOORBELLS") == 1
     finally:
         r.close()
+
+
+def test_remap_latency_samples_are_bounded() -> None:
+    """A long soak keeps at most MAX_LATENCY_SAMPLES latencies (a uniform reservoir), and the exact maximum."""
+    from qmp_client import remap
+
+    stats = remap.RemapStats("pause")
+    for i in range(remap.MAX_LATENCY_SAMPLES + 5000):
+        stats.add_latency(1.0 + (i % 7) * 0.1)
+    stats.add_latency(99.0)
+    assert len(stats.latencies_ms) == remap.MAX_LATENCY_SAMPLES
+    assert stats.summary()["latency_ms_max"] == 99.0 and 1.0 <= stats.summary()["latency_ms_p50"] <= 1.6
