@@ -100,9 +100,9 @@ class DmaEngine:
                 raise
             total += length
             if total > abi.MAX_LIST_BYTES:
-                fault = DmaFault("ETOOBIG", f"list moves more than {abi.MAX_LIST_BYTES:#x} bytes")
-                fault.index = i  # type: ignore[attr-defined]
-                raise fault
+                too_big = DmaFault("ETOOBIG", f"list moves more than {abi.MAX_LIST_BYTES:#x} bytes")
+                too_big.index = i  # type: ignore[attr-defined]
+                raise too_big
         for s, d in plans:
             copy_segments(d, s)
         self.bytes_copied += total

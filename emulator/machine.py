@@ -7,6 +7,7 @@ exit code, the command line and QEMU's output; everything the run creates is reg
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -383,7 +384,7 @@ class Vm:
                 with open(nvme, "wb") as f:
                     f.truncate(self.config.nvme)
         for shm in self.paths.shm_files(len(self.config.devices)):
-            self._register(lambda shm=shm: shm.unlink(missing_ok=True))
+            self._register(functools.partial(shm.unlink, missing_ok=True))
         self._register(lambda: shutil.rmtree(self.paths.sock_dir, ignore_errors=True))
         self.paths.sock_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
 
@@ -400,7 +401,12 @@ class Vm:
         emulator_log = logging.getLogger("aperture.emulator")
         emulator_log.addHandler(handler)
         emulator_log.propagate = False  # to the run dir only: stderr carries progress and one-line errors
-        self._register(lambda: (emulator_log.removeHandler(handler), handler.close()))
+
+        def close_log() -> None:
+            emulator_log.removeHandler(handler)
+            handler.close()
+
+        self._register(close_log)
         if self.config.devices:
             # Listening before QEMU starts (else QEMU exits); stopped after QEMU (final write-back).
             self.service = DeviceService(

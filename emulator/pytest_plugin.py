@@ -152,7 +152,7 @@ def aperture_vm(request: pytest.FixtureRequest, tmp_path: Path, _aperture_prepar
 
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[Any]) -> Iterator[None]:
-    outcome = yield
+    outcome: Any = yield
     report = outcome.get_result()
     handle = getattr(item, "_aperture_vm", None)
     if handle is not None and report.failed:

@@ -163,7 +163,7 @@ class DeviceService:
                         return
                     if kind == "bell":
                         try:
-                            os.eventfd_read(key.fd)  # type: ignore[arg-type]
+                            os.eventfd_read(key.fd)
                         except BlockingIOError:
                             pass
                         obj.process_ring()

@@ -26,7 +26,8 @@ def _summarize_detail(name: str, detail: Any) -> str:
         how = f"{d.get('device')} ({d.get('claim')}, {d.get('action')}{', mkfs' if d.get('mkfs') else ''})"
         where = (f"stamp verified in {Path(str(d.get('host_file'))).name}+{int(d.get('host_offset', 0)):#x}"
                  if d.get("host_verified") else "stamp NOT found by the host")
-        w = d.get("ndctl_witness") if isinstance(d.get("ndctl_witness"), dict) else {}
+        raw_witness = d.get("ndctl_witness")
+        w: dict[str, Any] = raw_witness if isinstance(raw_witness, dict) else {}
         witness = ("" if not w.get("present") else f"; ndctl: {w.get('namespace')} {w.get('mode')}" if w.get("ok")
                    else f"; ndctl disagrees: {w.get('why')}")
         return f"{how}; {where}{witness}"

@@ -41,11 +41,12 @@ def elf_facts(path: Path) -> ElfFacts:
         interp = None
         for seg in elf.iter_segments():
             if seg["p_type"] == "PT_INTERP":
-                interp = seg.get_interp_name()
+                interp = seg.get_interp_name()  # type: ignore[attr-defined]  # an InterpSegment
         needed: list[str] = []
         dyn = elf.get_section_by_name(".dynamic")
         if dyn is not None:
-            needed = [t.needed for t in dyn.iter_tags() if t.entry.d_tag == "DT_NEEDED"]
+            needed = [t.needed for t in dyn.iter_tags()  # type: ignore[attr-defined]  # a DynamicSection
+                      if t.entry.d_tag == "DT_NEEDED"]
         return ElfFacts(elf["e_machine"], elf.elfclass, elf["e_type"], interp, tuple(needed))
 
 
@@ -69,7 +70,7 @@ def pvh_entry(path: Path) -> int | None:
         for seg in elf.iter_segments():
             if seg["p_type"] != "PT_NOTE":
                 continue
-            for note in seg.iter_notes():
+            for note in seg.iter_notes():  # type: ignore[attr-defined]  # a NoteSegment
                 if note["n_name"] == "Xen" and note["n_type"] == XEN_ELFNOTE_PHYS32_ENTRY:
                     desc = note["n_desc"]
                     raw = desc if isinstance(desc, bytes) else bytes.fromhex(desc)

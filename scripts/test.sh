@@ -7,6 +7,7 @@ repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 venv=${APERTURE_VENV:-$repo/.venv}
 cd "$repo"
 "$venv/bin/ruff" check emulator guest qmp_client tests || exit 1
+"$venv/bin/mypy" || exit 1  # the packages, as configured in pyproject.toml
 "$venv/bin/python" -m pytest "$@"
 rc=$?
 if [ "$rc" -eq 5 ]; then
