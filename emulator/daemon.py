@@ -22,7 +22,7 @@ from qmp_client.remap import RemapController, pause_retarget
 
 from .addrmap import DmaFault
 from .config import KernelSpec, config_from_dict
-from .errors import ApertureError
+from .errors import ApertureError, ConfigError, GuestError
 from .machine import Vm, default_sock_dir
 from .registry import VmRecord, read_record, reap_orphan, remove_record, write_record
 
@@ -45,9 +45,9 @@ class Daemon:
         try:
             index = int(dev)
         except (TypeError, ValueError):
-            raise ApertureError(f"device must be a number, got {dev!r}") from None
+            raise ConfigError(f"device must be a number, got {dev!r}") from None
         if not 0 <= index < len(devices):
-            raise ApertureError(f"no device {index} (this VM has {len(devices)})")
+            raise ConfigError(f"no device {index} (this VM has {len(devices)})")
         return devices[index]
 
     def _remap(self, dev: Any, moves: dict[int, int | None]) -> dict[str, Any]:
@@ -56,7 +56,7 @@ class Daemon:
         try:
             ms = pause_retarget(self.vm.qmp, device, moves)
         except DmaFault as fault:
-            raise ApertureError(fault.why) from None
+            raise ConfigError(fault.why) from None
         return {"latency_ms": round(ms, 3), "slots": device.window.slots}
 
     @staticmethod
@@ -64,7 +64,7 @@ class Daemon:
         try:
             return int(str(value), 0)
         except ValueError:
-            raise ApertureError(f"{what} must be a number, got {value!r}") from None
+            raise ConfigError(f"{what} must be a number, got {value!r}") from None
 
     def handle(self, cmd: str, args: dict[str, Any]) -> Any:
         assert self.vm is not None
@@ -79,14 +79,14 @@ class Daemon:
         if cmd == "exec":
             command = args.get("command")
             if not isinstance(command, str) or not command.strip() or len(command.encode()) > 4000:
-                raise ApertureError("exec needs a shell command of at most 4000 bytes")
+                raise ConfigError("exec needs a shell command of at most 4000 bytes")
             if self.record is None or self.record.state != "ready":
-                raise ApertureError("the guest is not ready yet")
+                raise GuestError("the guest is not ready yet")
             with self.guest_lock:
                 rc, output = self.vm.exec(command, timeout=float(args.get("timeout_s", 120)))
             return {"rc": rc, "output": output}
         if service is None:
-            raise ApertureError("this VM has no aperture devices")
+            raise ConfigError("this VM has no aperture devices")
         if cmd == "window.show":
             devs = [self._device(args["dev"])] if args.get("dev") is not None else service.devices
             return [{"device": d.index, "slot_size": d.config.slot, "nr_slots": d.config.nr_slots,
@@ -101,26 +101,26 @@ class Daemon:
             service.invalidate_map()
             amap = service.address_map()
             if amap is None:
-                raise ApertureError(f"no address map: {service.map_error or 'QMP is unavailable'}")
+                raise GuestError(f"no address map: {service.map_error or 'QMP is unavailable'}")
             return amap.describe()
         if cmd == "dma.stats":
             return service.stats()
         if cmd == "remap.start":
             if self.remapper is not None:
-                raise ApertureError("already remapping; 'remap stop' first")
+                raise ConfigError("already remapping; 'remap stop' first")
             every = float(args.get("every", 0.02))
             if not 0.001 <= every <= 60:
-                raise ApertureError("remap interval must be between 1ms and 60s")
+                raise ConfigError("remap interval must be between 1ms and 60s")
             assert self.vm.qmp is not None
             self.remapper = RemapController(self.vm.qmp, service.devices, every)
             self.remapper.start()
             return f"remapping every {every * 1e3:g} ms"
         if cmd == "remap.stop":
             if self.remapper is None:
-                raise ApertureError("not remapping")
+                raise ConfigError("not remapping")
             stats, self.remapper = self.remapper.stop(), None
             return stats.summary()
-        raise ApertureError(f"unknown command {cmd!r}")
+        raise ConfigError(f"unknown command {cmd!r}")
 
     def serve_control(self, path: Path) -> None:
         srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -157,7 +157,7 @@ class Daemon:
                         result = self.handle(cmd, args)
                 reply = {"ok": True, "result": result}
             except ApertureError as exc:
-                reply = {"ok": False, "error": exc.one_line()}
+                reply = {"ok": False, "error": exc.one_line(), "exit_code": exc.exit_code}  # keeps its category
             except Exception as exc:  # noqa: BLE001 - a bad request must not kill the VM
                 reply = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
             try:

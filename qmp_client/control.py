@@ -34,5 +34,9 @@ def call(path: str, cmd: str, timeout: float = 30.0, **args: Any) -> Any:
     except (ValueError, RecursionError):
         raise ControlError(f"garbled reply from the VM daemon: {buf[:80]!r}") from None
     if not reply.get("ok"):
-        raise ControlError(str(reply.get("error", "command failed")))
+        refused = ControlError(str(reply.get("error", "command failed")))
+        code = reply.get("exit_code")
+        if isinstance(code, int) and code in (1, 2, 3, 4):
+            refused.exit_code = code  # the daemon's category survives the socket: a refused request is a 2
+        raise refused
     return reply.get("result")

@@ -123,6 +123,9 @@ def test_exec_runs_guest_commands_with_their_status_and_whole_output(live_vm) ->
     shell = run_aperture("qmp", name, "--json", env=env, timeout=120, input='guest echo "a  b"; false\n')
     reply = json.loads(shell.stdout)["return"]
     assert reply == {"rc": 1, "output": "a  b\n"}
+    # a request the daemon refuses keeps its category across the socket: a usage error (2), not "the guest" (4)
+    refused = run_aperture("exec", name, "--", "x" * 5000, env=env, timeout=60)
+    assert refused.returncode == 2 and "at most 4000 bytes" in refused.stderr, refused.stderr
 
 
 def test_console(live_vm) -> None:
