@@ -176,16 +176,21 @@ def test_down_leaves_nothing_running(tmp_path: Path) -> None:
     assert (run_dir / "devmem0.img").exists()  # device memory stays
 
 
+def _up_recorded(tmp_path: Path, prefix: str) -> tuple[dict[str, str], str, Path, dict]:
+    """`aperture up` a VM with its own state dir; its environment, name, run dir and `ls` record."""
+    env = {"APERTURE_STATE": str(tmp_path / "state")}
+    name = f"{prefix}{uuid.uuid4().hex[:6]}"
+    run_dir = tmp_path / "run"
+    assert run_aperture("up", name, "--run-dir", str(run_dir), env=env, timeout=240).returncode == 0
+    return env, name, run_dir, json.loads(run_aperture("ls", "--json", env=env).stdout)[0]
+
+
 def test_killed_daemon_leaves_no_qemu(tmp_path: Path) -> None:
     """If the daemon is SIGKILLed, `aperture ls` notices, drops the record and stops the orphaned QEMU."""
     import signal
     import time
 
-    env = {"APERTURE_STATE": str(tmp_path / "state")}
-    name = f"k{uuid.uuid4().hex[:6]}"
-    run_dir = tmp_path / "run"
-    assert run_aperture("up", name, "--run-dir", str(run_dir), env=env, timeout=240).returncode == 0
-    rec = json.loads(run_aperture("ls", "--json", env=env).stdout)[0]
+    env, name, run_dir, rec = _up_recorded(tmp_path, "k")
     os.kill(rec["pid"], signal.SIGKILL)
     time.sleep(0.5)
     assert json.loads(run_aperture("ls", "--json", env=env).stdout) == []
@@ -203,11 +208,7 @@ def test_killed_daemon_leaves_nothing_within_5_s(tmp_path: Path) -> None:
     import signal
     import time
 
-    env = {"APERTURE_STATE": str(tmp_path / "state")}
-    name = f"r{uuid.uuid4().hex[:6]}"
-    run_dir = tmp_path / "run"
-    assert run_aperture("up", name, "--run-dir", str(run_dir), env=env, timeout=240).returncode == 0
-    rec = json.loads(run_aperture("ls", "--json", env=env).stdout)[0]
+    env, name, run_dir, rec = _up_recorded(tmp_path, "r")
     record = tmp_path / "state" / "vms" / f"{name}.json"
     assert record.exists()
     os.kill(rec["pid"], signal.SIGKILL)
@@ -228,11 +229,7 @@ def test_down_reaps_a_vm_whose_daemon_and_supervisor_were_killed(tmp_path: Path)
     import signal
     import time
 
-    env = {"APERTURE_STATE": str(tmp_path / "state")}
-    name = f"s{uuid.uuid4().hex[:6]}"
-    run_dir = tmp_path / "run"
-    assert run_aperture("up", name, "--run-dir", str(run_dir), env=env, timeout=240).returncode == 0
-    rec = json.loads(run_aperture("ls", "--json", env=env).stdout)[0]
+    env, name, run_dir, rec = _up_recorded(tmp_path, "s")
     supervisor = int(Path(f"/proc/{rec['pid']}/stat").read_text().rsplit(")", 1)[-1].split()[1])
     os.kill(supervisor, signal.SIGKILL)
     os.kill(rec["pid"], signal.SIGKILL)
