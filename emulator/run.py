@@ -35,7 +35,6 @@ from .results import (
 Progress = Callable[[str], None]
 
 
-AUTO_RUN_NAME = AUTO_NAME  # new_run_name(): time, pid, random
 #: A hostile guest cannot grow the host through the results channel: notes, garbage notes and records are bounded.
 MAX_NOTES = 200
 MAX_GARBAGE_NOTES = 20
@@ -60,13 +59,13 @@ def prune_runs(base: Path, keep: int) -> list[Path]:
     Named directories (``--run-dir``, ``aperture up NAME``) are never touched, nor one whose run is alive.
     """
     try:
-        runs = [p for p in base.iterdir() if AUTO_RUN_NAME.fullmatch(p.name) and p.is_dir()]
+        runs = [p for p in base.iterdir() if AUTO_NAME.fullmatch(p.name) and p.is_dir()]
     except OSError:
         return []
     runs.sort(key=mtime_or_zero, reverse=True)
     removed = []
     for path in runs[keep:]:
-        match = AUTO_RUN_NAME.fullmatch(path.name)
+        match = AUTO_NAME.fullmatch(path.name)
         if match is None or pid_alive(int(match.group(1))):
             continue
         shutil.rmtree(path, ignore_errors=True)

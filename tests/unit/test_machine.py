@@ -106,7 +106,7 @@ def test_old_auto_named_run_dirs_are_pruned(tmp_path: Path, monkeypatch: pytest.
     import subprocess
 
     from emulator.machine import new_run_name
-    from emulator.run import AUTO_RUN_NAME, default_run_dir
+    from emulator.run import AUTO_NAME, default_run_dir
 
     child = subprocess.Popen(["true"])  # its pid names runs whose process has exited
     child.wait()
@@ -117,7 +117,7 @@ def test_old_auto_named_run_dirs_are_pruned(tmp_path: Path, monkeypatch: pytest.
         path.mkdir()
         (path / "devmem0.img").write_bytes(b"x")
         os.utime(path, (1_000_000 + age, 1_000_000 + age))
-    assert AUTO_RUN_NAME.fullmatch(new_run_name())
+    assert AUTO_NAME.fullmatch(new_run_name())
     monkeypatch.setenv("APERTURE_RUNS", str(tmp_path))
     monkeypatch.setenv("APERTURE_KEEP_RUNS", "2")
     assert default_run_dir("next") == tmp_path / "next"
