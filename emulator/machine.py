@@ -267,6 +267,16 @@ def kernel_cmdline(config: VmConfig, scenario: str, guest_env: dict[str, str] | 
     return " ".join(parts + list(config.kernel_cmdline_extra))
 
 
+def persistent_file(path: Path, size: int, option: str) -> None:
+    """A backing file that keeps its contents across runs of one run dir: created sparse, or reused at its size."""
+    if not path.exists():
+        with open(path, "wb") as f:
+            f.truncate(size)
+    elif path.stat().st_size != size:
+        raise ConfigError(f"{path} exists with {format_size(path.stat().st_size)} but the configuration wants "
+                          f"{format_size(size)}; use another --run-dir or the same {option}")
+
+
 #: What new_run_name() makes: time, pid, random.
 AUTO_NAME = re.compile(r"\d{8}-\d{6}-(\d+)-[0-9a-f]{4}")
 
@@ -344,13 +354,12 @@ class Vm:
         need: dict[int, tuple[Path, int]] = {}  # st_dev → (a directory on it, bytes still to be allocated)
         for path, size in self.backing_files().items():
             try:
-                st = path.stat()
-                missing = max(size - st.st_blocks * 512, 0)
+                missing = max(size - path.stat().st_blocks * 512, 0)
             except FileNotFoundError:
                 missing = size
-            directory = path.parent
-            dev = directory.stat().st_dev
-            need[dev] = (need.get(dev, (directory, 0))[0], need.get(dev, (directory, 0))[1] + missing)
+            dev = path.parent.stat().st_dev
+            directory, total = need.get(dev, (path.parent, 0))
+            need[dev] = (directory, total + missing)
         for directory, missing in need.values():
             vfs = os.statvfs(directory)
             free = vfs.f_bavail * vfs.f_frsize
@@ -365,24 +374,9 @@ class Vm:
         for stale in (self.paths.console, self.paths.results, self.paths.qemu_log):
             stale.unlink(missing_ok=True)
         for i, p in enumerate(self.config.pmem):
-            path = self.paths.pmem(i)
-            if path.exists():
-                if path.stat().st_size != p.file_size:
-                    raise ConfigError(
-                        f"{path} exists with {format_size(path.stat().st_size)} but the configuration wants "
-                        f"{format_size(p.file_size)}; use another --run-dir or the same --pmem size"
-                    )
-            else:
-                with open(path, "wb") as f:  # sparse; contents persist across runs of this run dir
-                    f.truncate(p.file_size)
-        nvme = self.paths.nvme
+            persistent_file(self.paths.pmem(i), p.file_size, "--pmem size")
         if self.config.nvme:
-            if nvme.exists() and nvme.stat().st_size != self.config.nvme:
-                raise ConfigError(f"{nvme} exists with {format_size(nvme.stat().st_size)} but the configuration "
-                                  f"wants {format_size(self.config.nvme)}; use another --run-dir or the same --nvme")
-            if not nvme.exists():
-                with open(nvme, "wb") as f:
-                    f.truncate(self.config.nvme)
+            persistent_file(self.paths.nvme, self.config.nvme, "--nvme size")
         for shm in self.paths.shm_files(len(self.config.devices)):
             self._register(functools.partial(shm.unlink, missing_ok=True))
         self._register(lambda: shutil.rmtree(self.paths.sock_dir, ignore_errors=True))
