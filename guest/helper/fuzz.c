@@ -14,6 +14,7 @@
 #include <unistd.h>
 
 #define MAX_STATUS 16
+#define MAX_LONG_LINES 32 /* 48 MiB in all */
 
 struct fuzz_stats {
     unsigned long long descriptors, doorbells, register_writes, index_garbage, garbage_lines, long_lines, completions;
@@ -194,7 +195,10 @@ static void results_garbage(struct fuzz_stats *st)
     static char line[8192];
     size_t len = 1 + rnd() % (sizeof(line) - 2);
 
-    if (rnd() % 16 == 0) { /* now and then a line longer than the host takes (1 MiB): 1.5 MiB, then its newline */
+    /* Now and then a line longer than the host takes (1 MiB): 1.5 MiB, then its newline. At most MAX_LONG_LINES
+     * of them: the host stops a guest that writes more than 256 MiB on the channel as a flood, and a soak runs
+     * for minutes. */
+    if (st->long_lines < MAX_LONG_LINES && rnd() % 16 == 0) {
         memset(line, 'x', sizeof(line));
         for (int i = 0; i < 192; i++)
             report_raw(line, sizeof(line));
