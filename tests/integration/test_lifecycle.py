@@ -202,7 +202,8 @@ def test_killed_daemon_leaves_no_qemu(tmp_path: Path) -> None:
     assert not [p for p in os.listdir("/dev/shm") if name in p]
 
 
-def test_killed_daemon_leaves_nothing_within_5_s(tmp_path: Path) -> None:
+@pytest.mark.parametrize("when", ["idle", "mid-DMA"])
+def test_killed_daemon_leaves_nothing_within_5_s(tmp_path: Path, when: str) -> None:
     """kill -9 of the daemon: its QEMU dies with it (PDEATHSIG) and its supervisor removes its sockets and record
     at once — nothing is left within 5 s, before any other aperture command runs."""
     import signal
@@ -211,6 +212,10 @@ def test_killed_daemon_leaves_nothing_within_5_s(tmp_path: Path) -> None:
     env, name, run_dir, rec = _up_recorded(tmp_path, "r")
     record = tmp_path / "state" / "vms" / f"{name}.json"
     assert record.exists()
+    if when == "mid-DMA":  # a full ring of maximal DMA lists keeps the device thread copying
+        assert run_aperture("exec", name, "--", "aperture-helper flood 0 256 60 > /dev/null 2>&1 &",
+                            env=env, timeout=60).returncode == 0
+        time.sleep(0.5)
     os.kill(rec["pid"], signal.SIGKILL)
     deadline = time.monotonic() + 5
 
