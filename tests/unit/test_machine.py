@@ -244,3 +244,13 @@ def test_a_flood_on_the_results_channel_stops_the_vm(tmp_path: Path, monkeypatch
         f.write(b'{"type":"log","message":"spam"}\n' * 40_000)
     with pytest.raises(GuestError, match="more than 1 MiB on the results channel"):
         list(vm.messages(run_timeout=30))
+
+
+def test_qmp_sessions_do_not_hoard_events() -> None:
+    """Every remap makes a STOP and a RESUME event: the default all-events queue of qemu.qmp must not keep them."""
+    from qemu.qmp import Message
+
+    from qmp_client.session import QmpSession
+
+    session = QmpSession("t")
+    assert not session._client.events.accept(Message({"event": "STOP", "data": {}, "timestamp": {}}))
