@@ -15,6 +15,7 @@ from qmp_client.control import ControlError, call
 
 from .config import KernelSpec, VmConfig, config_to_dict
 from .errors import ConfigError, GuestError
+from .processes import parent_pid
 from .registry import VmRecord, check_name, read_record, reap_orphan, remove_record
 from .run import Prepared
 
@@ -45,7 +46,7 @@ def up(name: str, config: VmConfig, prep: Prepared, run_dir: Path, progress: Pro
     try:
         while True:
             rec = read_record(name)
-            if rec is not None and _parent(rec.pid) == proc.pid and rec.state == "ready":
+            if rec is not None and parent_pid(rec.pid) == proc.pid and rec.state == "ready":
                 return rec
             if proc.poll() is not None:
                 tail = log_path.read_text(errors="replace").strip().splitlines()[-1:] or ["(no output)"]
@@ -58,13 +59,6 @@ def up(name: str, config: VmConfig, prep: Prepared, run_dir: Path, progress: Pro
     except KeyboardInterrupt:
         _kill(proc.pid)
         raise
-
-
-def _parent(pid: int) -> int:
-    try:
-        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[-1].split()[1])
-    except (OSError, ValueError, IndexError):
-        return -1
 
 
 def _kill(pid: int, timeout: float = 20.0) -> None:

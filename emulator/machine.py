@@ -38,8 +38,8 @@ from .config import (
     format_size,
 )
 from .errors import ConfigError, GuestError, SetupError, VmLaunchError
+from .processes import pid_alive
 from .qemu_opts import opt_value
-from .registry import pid_alive
 from .service import DeviceFiles, DeviceService, device_qemu_args
 
 PANIC_RE = re.compile(r"Kernel panic - not syncing[^\n]*")

@@ -10,6 +10,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from .errors import ConfigError
+from .processes import pid_alive
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,40}$")
 
@@ -46,15 +47,6 @@ class VmRecord:
     def alive(self) -> bool:
         """The daemon runs."""
         return pid_alive(self.pid)
-
-
-def pid_alive(pid: int) -> bool:
-    """A process runs (a zombie, e.g. one nobody reaps after SIGKILL, counts as dead)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rsplit(")", 1)[-1].split()[0] != "Z"
 
 
 def record_path(name: str) -> Path:

@@ -21,7 +21,7 @@ from .accel import AccelChoice, choose_accel
 from .config import KernelSpec, RemapPlan, VmConfig
 from .errors import ConfigError, GuestError
 from .machine import AUTO_NAME, NVME_ID, PROBE_BAR_ID, Vm, find_qemu, qemu_version, reap_dead_runs
-from .registry import pid_alive
+from .processes import pid_alive
 from .results import (
     Check,
     HostVerifier,
