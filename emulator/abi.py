@@ -12,6 +12,8 @@ import sys
 from dataclasses import dataclass
 
 MAGIC = 0x54525041  # "APRT"
+#: Version of the results channel the helper speaks (its `hello` says it); the host refuses another one.
+HELPER_ABI = 1
 ABI_MAJOR = 1
 ABI_MINOR = 1  # 1.1: DMA_LIST bytes capped (MAX_LIST_BYTES), flags on NOP refused, work served in rounds
 
@@ -138,6 +140,7 @@ def c_header() -> str:
         "#include <stdint.h>",
         "",
         f"#define APERTURE_MAGIC 0x{MAGIC:08x}u",
+        f"#define APERTURE_HELPER_ABI {HELPER_ABI}",
         f"#define APERTURE_ABI_MAJOR {ABI_MAJOR}",
         f"#define APERTURE_ABI_MINOR {ABI_MINOR}",
         f"#define APERTURE_CTL_SIZE 0x{CTL_SIZE:x}",

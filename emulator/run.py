@@ -17,9 +17,10 @@ from guest.image import GuestImage, build_image
 from guest.kernel import kernel_config
 from qmp_client.remap import RemapController
 
+from . import abi
 from .accel import AccelChoice, choose_accel
 from .config import KernelSpec, RemapPlan, VmConfig
-from .errors import ConfigError, GuestError
+from .errors import ConfigError, GuestError, SetupError
 from .machine import AUTO_NAME, NVME_ID, PROBE_BAR_ID, Vm, find_qemu, qemu_version, reap_dead_runs
 from .processes import pid_alive
 from .results import (
@@ -41,6 +42,15 @@ MAX_GARBAGE_NOTES = 20
 MAX_RECORDS = 200_000
 #: What a check's name looks like (docs/run-schema.json): anything else on the results channel is not a check.
 CHECK_NAME = re.compile(r"[a-z_0-9]{1,32}\.[a-z_0-9]{1,48}")
+
+
+def check_helper_abi(hello: dict[str, Any]) -> None:
+    """A helper that speaks another results-channel ABI than this host is refused (exit 3): its messages would be
+    read wrong. (A stale image, or one built by another aperture.)"""
+    got = hello.get("helper_abi")
+    if got != abi.HELPER_ABI:
+        raise SetupError(f"the guest helper speaks results ABI {got!r}, this host {abi.HELPER_ABI}: rebuild the "
+                         "image (`aperture image build --force`) with this aperture")
 
 
 def default_run_dir(name: str) -> Path:
@@ -139,6 +149,7 @@ def boot_once(config: VmConfig, prep: Prepared, run_dir: Path, progress: Progres
         for msg in vm.messages():
             kind = msg.get("type")
             if kind == "hello":
+                check_helper_abi(msg)
                 # BARs are assigned by the guest's firmware: read the address map once the guest is up.
                 verifier = _verifier(vm, config, prep.kernel)
                 progress(f"guest up: helper started {vm.boot_s:.2f} s after QEMU start "

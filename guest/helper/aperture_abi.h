@@ -5,6 +5,7 @@
 #include <stdint.h>
 
 #define APERTURE_MAGIC 0x54525041u
+#define APERTURE_HELPER_ABI 1
 #define APERTURE_ABI_MAJOR 1
 #define APERTURE_ABI_MINOR 1
 #define APERTURE_CTL_SIZE 0x10000

@@ -1,4 +1,5 @@
 #include "report.h"
+#include "aperture_abi.h"
 
 #include <dirent.h>
 #include <errno.h>
@@ -129,7 +130,7 @@ void report_hello(void)
     jb_init(&jb);
     jb_printf(&jb, "{\"type\":\"hello\",\"kernel_release\":");
     jb_str(&jb, u.release);
-    jb_printf(&jb, ",\"uptime_s\":%.3f,\"helper_abi\":1}", uptime_s());
+    jb_printf(&jb, ",\"uptime_s\":%.3f,\"helper_abi\":%d}", uptime_s(), APERTURE_HELPER_ABI);
     report_line(jb.buf);
 }
 

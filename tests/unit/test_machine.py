@@ -254,3 +254,15 @@ def test_qmp_sessions_do_not_hoard_events() -> None:
 
     session = QmpSession("t")
     assert not session._client.events.accept(Message({"event": "STOP", "data": {}, "timestamp": {}}))
+
+
+def test_a_helper_with_another_results_abi_is_refused() -> None:
+    from emulator import abi
+    from emulator.errors import SetupError
+    from emulator.run import check_helper_abi
+
+    check_helper_abi({"type": "hello", "helper_abi": abi.HELPER_ABI})
+    for other in (abi.HELPER_ABI + 1, None, "1"):
+        with pytest.raises(SetupError, match=f"speaks results ABI {other!r}, this host {abi.HELPER_ABI}") as err:
+            check_helper_abi({"type": "hello", "helper_abi": other})
+        assert err.value.exit_code == 3
