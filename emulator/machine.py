@@ -64,12 +64,15 @@ RESULTS_DEPTH_MAX = 64
 def parse_result_line(raw: bytes) -> dict[str, Any]:
     """One line of the results channel as a message dict; anything else becomes a ``garbage`` message."""
     depth = max_depth = 0
-    for byte in raw:  # bracket depth, ignoring strings only roughly: an upper bound is all we need
-        if byte in b"[{":
-            depth += 1
-            max_depth = max(max_depth, depth)
-        elif byte in b"]}":
-            depth -= 1
+    # Bracket depth, ignoring strings only roughly: an upper bound is all we need. Scanned byte by byte only
+    # when the line holds enough opening brackets to be that deep (counting them is cheap; the scan is not).
+    if raw.count(b"[") + raw.count(b"{") > RESULTS_DEPTH_MAX:
+        for byte in raw:
+            if byte in b"[{":
+                depth += 1
+                max_depth = max(max_depth, depth)
+            elif byte in b"]}":
+                depth -= 1
     if max_depth > RESULTS_DEPTH_MAX:
         return {"type": "garbage", "raw": raw[:200].decode("utf-8", "replace"),
                 "why": f"nested deeper than {RESULTS_DEPTH_MAX}"}

@@ -315,8 +315,7 @@ class HostVerifier:
             "fsdax": ("ok" if on("CONFIG_ZONE_DEVICE") and on("CONFIG_FS_DAX") else "EFAULT")
             if "fsdax" in self.pmem_modes else "absent",
             "bar": "EFAULT",
-            "p2pmem": "ok" if on("CONFIG_PCI_P2PDMA", default=False) and on("CONFIG_BLK_DEV_NVME", default=False)
-            and self.nvme_file is not None else "absent",
+            "p2pmem": "absent" if self._p2pmem_expected_absent()[0] else "ok",
         }
 
     def _verify_probe(self, check: Check) -> Check:

@@ -24,9 +24,6 @@ from .pvh import bzimage_payload
 
 _RELEASE_RE = re.compile(rb"Linux version (\S+)")
 
-#: ``--kernel`` keywords; anything else is a path.
-KERNEL_KEYWORDS = ("built", "debian")
-
 
 def kernel_format(path: Path) -> str:
     """``bzimage`` or ``pvh-elf``; anything else is a ConfigError."""

@@ -57,7 +57,7 @@ void scenario_aperture(int bench);
 void scenario_remap(void);
 void scenario_serve(void);
 void scenario_p2pmem(void);  /* p2pmem.c: zone_device.p2pmem, p2p.nvme_cmb */
-void p2pmem_probe_row(struct jbuf *jb); /* the probe matrix's p2pmem row, a JSON object */
+int p2pmem_probe_row(struct jbuf *jb); /* the probe matrix's p2pmem row, a JSON object; 1 if the read worked */
 void scenario_witness(void); /* witness.c: witness.hmm_tests */
 void scenario_fuzz(void);    /* fuzz.c: aperture.fuzz, a hostile guest for $aperture_duration seconds */
 int helper_tool(int argc, char **argv); /* map/unmap/dma/peek/poke/info; -1 if argv[1] is not a tool */
