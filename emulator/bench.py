@@ -46,7 +46,7 @@ def bench_boot(config: VmConfig, kernel: KernelSpec, n: int, progress: Progress)
         if bzimage.is_file():
             variants.append(("bzimage_", dataclasses.replace(kernel, image=bzimage), prep.image.path, "built bzImage"))
         try:
-            from guest.kernel import debian_kernel
+            from aperture.guest.kernel import debian_kernel
 
             debian = debian_kernel()
             debian_prep = prepare(config, debian, progress)
@@ -54,7 +54,7 @@ def bench_boot(config: VmConfig, kernel: KernelSpec, n: int, progress: Progress)
         except ApertureError as exc:
             notes.append(f"Debian's kernel not measured: {exc.one_line()}")
     else:
-        from guest.pvh import extract_pvh_vmlinux
+        from aperture.guest.pvh import extract_pvh_vmlinux
 
         vmlinux, why = extract_pvh_vmlinux(kernel)
         if vmlinux is not None and vmlinux != kernel.image:
@@ -213,7 +213,7 @@ def bench_remap(config: VmConfig, kernel: KernelSpec, progress: Progress, rounds
     """Pause-mode remap latency beside bare QMP stop+cont, both measured on one idle VM in the same run."""
     import time
 
-    from qmp_client.remap import RemapController, random_moves
+    from aperture.qmp_client.remap import RemapController, random_moves
 
     from .errors import ConfigError
 

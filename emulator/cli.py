@@ -201,7 +201,7 @@ def run(kernel: str | None, modules: Path | None, kconfig: Path | None, pmem: tu
 
     Exit 0 when every check passed, 1 when one failed.
     """
-    from guest.kernel import resolve_kernel
+    from aperture.guest.kernel import resolve_kernel
 
     from .machine import new_run_name
     from .run import default_run_dir, prepare, run_vm
@@ -256,7 +256,7 @@ def run(kernel: str | None, modules: Path | None, kconfig: Path | None, pmem: tu
 @click.option("--release", help="Debian suite to take the kernel from (e.g. bookworm-backports).")
 def fetch(release: str | None) -> None:
     """Download the guest kernel and busybox packages into the cache (no host install)."""
-    from guest.debian import fetch_guest_packages
+    from aperture.guest.debian import fetch_guest_packages
 
     manifest = fetch_guest_packages(release, progress=Ui().progress)
     Ui().progress(f"kernel {manifest['kernel']['release']}, busybox {manifest['busybox']}")
@@ -278,7 +278,7 @@ def kernel_build(force: bool, jobs: int | None, verbose: bool, as_json: bool) ->
     Rebuilt only when the source version, the fragment or the compiler changes. A fragment option that
     olddefconfig drops stops the build with its name (exit 3).
     """
-    from guest.kbuild import KernelBuilder
+    from aperture.guest.kbuild import KernelBuilder
 
     ui = Ui()
     built = KernelBuilder(ui.progress, verbose=verbose, jobs=jobs, output=lambda line: click.echo(line, err=True)
@@ -324,8 +324,8 @@ def kernel_options(f: Any) -> Any:
 @click.option("--json", "as_json", is_flag=True)
 def image_build(kernel: str | None, modules: Path | None, kconfig: Path | None, force: bool, as_json: bool) -> None:
     """Build the guest image for a kernel."""
-    from guest.image import build_image
-    from guest.kernel import resolve_kernel
+    from aperture.guest.image import build_image
+    from aperture.guest.kernel import resolve_kernel
 
     img = build_image(resolve_kernel(kernel, modules, kconfig), force=force)
     if as_json:
@@ -340,9 +340,9 @@ def image_build(kernel: str | None, modules: Path | None, kconfig: Path | None, 
 @click.option("--json", "as_json", is_flag=True)
 def image_info(kernel: str | None, modules: Path | None, kconfig: Path | None, as_json: bool) -> None:
     """Show the image for a kernel and what it contains (builds it if needed)."""
-    from guest.cpio import read_cpio
-    from guest.image import build_image
-    from guest.kernel import resolve_kernel
+    from aperture.guest.cpio import read_cpio
+    from aperture.guest.image import build_image
+    from aperture.guest.kernel import resolve_kernel
 
     img = build_image(resolve_kernel(kernel, modules, kconfig))
     entries = read_cpio(img.path.read_bytes())
@@ -383,7 +383,7 @@ def bench_boot(kernel: str | None, modules: Path | None, kconfig: Path | None, p
                accel: str, boot_timeout: float, run_timeout: float, append: tuple[str, ...], quiet: bool,
                boots: int, as_json: bool) -> None:
     """Cold boots: time to the helper's first message and to poweroff (bzImage, and PVH vmlinux if possible)."""
-    from guest.kernel import resolve_kernel
+    from aperture.guest.kernel import resolve_kernel
 
     from .bench import bench_boot as run_bench
 
@@ -401,7 +401,7 @@ def bench_dax_cmd(kernel: str | None, modules: Path | None, kconfig: Path | None
                   accel: str, boot_timeout: float, run_timeout: float, append: tuple[str, ...], quiet: bool,
                   as_json: bool) -> None:
     """Guest memcpy bandwidth into devdax and fsdax mappings, as ratios of memcpy into anonymous RAM."""
-    from guest.kernel import resolve_kernel
+    from aperture.guest.kernel import resolve_kernel
 
     from .bench import bench_dax
 
@@ -418,7 +418,7 @@ def bench_device_cmd(kernel: str | None, modules: Path | None, kconfig: Path | N
                      devices: tuple[DeviceConfig, ...] | None, nvme: int, memory: int, accel: str, boot_timeout: float,
                      run_timeout: float, append: tuple[str, ...], quiet: bool, as_json: bool) -> None:
     """MAP round trip vs its host floor, DMA throughput vs host memcpy (4 KiB and 2 MiB), same run."""
-    from guest.kernel import resolve_kernel
+    from aperture.guest.kernel import resolve_kernel
 
     from .bench import bench_device
 
@@ -437,7 +437,7 @@ def bench_soak_cmd(kernel: str | None, modules: Path | None, kconfig: Path | Non
                    run_timeout: float, append: tuple[str, ...], quiet: bool, duration: float, as_json: bool) -> None:
     """The hostile-guest fuzzer plus host remaps every 20 ms for DURATION; this process's memory must stay flat
     (ratio: last quarter vs first quarter of the same run). Exit 1 if the fuzz check failed."""
-    from guest.kernel import resolve_kernel
+    from aperture.guest.kernel import resolve_kernel
 
     from .bench import bench_soak
 
@@ -456,7 +456,7 @@ def bench_remap_cmd(kernel: str | None, modules: Path | None, kconfig: Path | No
                     devices: tuple[DeviceConfig, ...] | None, nvme: int, memory: int, accel: str, boot_timeout: float,
                     run_timeout: float, append: tuple[str, ...], quiet: bool, rounds: int, as_json: bool) -> None:
     """Pause-mode remap latency vs bare QMP stop+cont, same VM, same run."""
-    from guest.kernel import resolve_kernel
+    from aperture.guest.kernel import resolve_kernel
 
     from .bench import bench_remap
 
@@ -477,7 +477,7 @@ def up(name: str, kernel: str | None, modules: Path | None, kconfig: Path | None
        run_timeout: float, append: tuple[str, ...], quiet: bool, run_dir: Path | None,
        guest_bins: tuple[Path, ...]) -> None:
     """Start a VM (QEMU + device model) in the background and return once the guest is ready."""
-    from guest.kernel import resolve_kernel
+    from aperture.guest.kernel import resolve_kernel
 
     from .lifecycle import up as start
     from .registry import check_name
@@ -553,7 +553,7 @@ def console(name: str, follow: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print each reply as one JSON line.")
 def qmp(name: str, as_json: bool) -> None:
     """A QMP shell on a running VM, with window/memmap/dma/remap commands. Reads a terminal or stdin."""
-    from qmp_client.shell import QmpShell
+    from aperture.qmp_client.shell import QmpShell
 
     rec = _record(name)
     shell = QmpShell(rec, as_json=as_json)
@@ -576,7 +576,7 @@ def exec_cmd(name: str, command: tuple[str, ...], timeout: float, as_json: bool)
       aperture exec NAME -- 'dmesg | tail'
       aperture exec NAME -- aperture-helper map 0 1 5
     """
-    from qmp_client.control import call
+    from aperture.qmp_client.control import call
 
     rec = _record(name)
     result = call(rec.control_socket, "exec", timeout=timeout + 10, command=" ".join(command), timeout_s=timeout)

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from qmp_client.remap import RemapController, pause_retarget
+from aperture.qmp_client.remap import RemapController, pause_retarget
 
 from .addrmap import DmaFault
 from .config import KernelSpec, config_from_dict

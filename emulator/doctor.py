@@ -9,8 +9,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from guest.cache import cache_root, read_manifest
-from guest.image import guest_binaries
+from aperture.guest.cache import cache_root, read_manifest
+from aperture.guest.image import guest_binaries
 
 from .errors import ApertureError
 
@@ -60,8 +60,8 @@ def diagnose(probe: bool = False, progress: Callable[[str], None] | None = None)
         verdicts = {}
     accel["kvm verdicts"] = {k: ("works" if v["ok"] else "unusable") for k, v in verdicts.items()} or "not probed"
     if probe and qemu and manifest.get("kernel"):
-        from guest.image import build_image
-        from guest.kernel import resolve_kernel
+        from aperture.guest.image import build_image
+        from aperture.guest.kernel import resolve_kernel
 
         from .accel import choose_accel
 
@@ -80,7 +80,7 @@ def diagnose(probe: bool = False, progress: Callable[[str], None] | None = None)
 def _flags(config: Path | None) -> dict[str, str] | str:
     if config is None or not config.exists():
         return "no kernel config known"
-    from guest.kbuild import parse_config
+    from aperture.guest.kbuild import parse_config
 
     values = parse_config(config.read_text(errors="replace"))
     return {flag.removeprefix("CONFIG_"): values.get(flag, "not set") for flag in KERNEL_FLAGS}
@@ -88,7 +88,7 @@ def _flags(config: Path | None) -> dict[str, str] | str:
 
 def kernels_report() -> dict[str, dict[str, Any]]:
     """Both guest kernels: the built one (the default) and Debian's prebuilt one, with their config flags."""
-    from guest.kbuild import cached_builds, current_build, fragment_path
+    from aperture.guest.kbuild import cached_builds, current_build, fragment_path
 
     out: dict[str, dict[str, Any]] = {}
     built: dict[str, Any] = {}

@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from qmp_client.control import ControlError, call
+from aperture.qmp_client.control import ControlError, call
 
 from .config import KernelSpec, VmConfig, config_to_dict
 from .errors import ConfigError, GuestError
@@ -38,7 +38,7 @@ def up(name: str, config: VmConfig, prep: Prepared, run_dir: Path, progress: Pro
     log_path = run_dir / "daemon.log"
     with open(log_path, "wb") as log:
         # The supervisor runs the daemon as its child and cleans up the moment the daemon dies (kill -9).
-        proc = subprocess.Popen([sys.executable, "-m", "emulator.daemon", "--supervise", str(spec_path)],
+        proc = subprocess.Popen([sys.executable, "-m", "aperture.emulator.daemon", "--supervise", str(spec_path)],
                                 stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                                 start_new_session=True, cwd=str(Path(__file__).resolve().parent.parent))
     progress(f"daemon pid {proc.pid} booting {name} ({prep.accel.accel}) in {run_dir}")

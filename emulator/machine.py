@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from qmp_client.session import SyncQmpSession
+from aperture.qmp_client.session import SyncQmpSession
 
 from .config import (
     NVDIMM_LABEL_SIZE,

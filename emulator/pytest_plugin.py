@@ -74,7 +74,7 @@ class ApertureVM:
 
     def map(self, device: int, slot: int, page: int | None) -> float:
         """Host-driven (pause-mode) remap of one slot; ``page=None`` unmaps. Returns milliseconds."""
-        from qmp_client.remap import pause_retarget
+        from aperture.qmp_client.remap import pause_retarget
 
         assert self.vm.qmp is not None
         return pause_retarget(self.vm.qmp, self.devices[device], {slot: page})
@@ -129,7 +129,7 @@ def _aperture_prepared(request: pytest.FixtureRequest) -> dict[Any, Any]:
 def aperture_vm(request: pytest.FixtureRequest, tmp_path: Path, _aperture_prepared: dict[Any, Any]
                 ) -> Iterator[ApertureVM]:
     """A booted VM configured by the test's ``@pytest.mark.aperture(...)``; torn down after the test."""
-    from guest.kernel import resolve_kernel
+    from aperture.guest.kernel import resolve_kernel
 
     from .run import prepare
 

@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from qmp_client.session import MemoryDevice, PciDevice
+from aperture.qmp_client.session import MemoryDevice, PciDevice
 
 from .config import pmem_index, ram_ranges
 

@@ -12,10 +12,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from guest.cache import cache_root, mtime_or_zero
-from guest.image import GuestImage, build_image
-from guest.kernel import kernel_config
-from qmp_client.remap import RemapController
+from aperture.guest.cache import cache_root, mtime_or_zero
+from aperture.guest.image import GuestImage, build_image
+from aperture.guest.kernel import kernel_config
+from aperture.qmp_client.remap import RemapController
 
 from . import abi
 from .accel import AccelChoice, choose_accel

@@ -8,7 +8,7 @@ from pathlib import Path
 from elftools.common.exceptions import ELFError
 from elftools.elf.elffile import ELFFile
 
-from emulator.errors import SetupError
+from aperture.emulator.errors import SetupError
 
 #: Xen ELF note type that carries the 32-bit PVH entry point (include/xen/interface/elfnote.h).
 XEN_ELFNOTE_PHYS32_ENTRY = 18

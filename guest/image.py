@@ -13,8 +13,8 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
-from emulator.config import KernelSpec
-from emulator.errors import SetupError
+from aperture.emulator.config import KernelSpec
+from aperture.emulator.errors import SetupError
 
 from .cache import cache_root, mtime_or_zero, private_tmp, read_manifest
 from .cpio import CpioWriter
@@ -109,11 +109,11 @@ OPTIONAL_GUEST_BINS: tuple[str, ...] = ("ndctl",)
 
 
 def _helper_dir() -> Path:
-    return Path(str(resources.files("guest") / "helper"))
+    return Path(str(resources.files("aperture.guest") / "helper"))
 
 
 def _init_script() -> bytes:
-    return (resources.files("guest") / "init.sh").read_bytes()
+    return (resources.files("aperture.guest") / "init.sh").read_bytes()
 
 
 def build_helper(cache: Path | None = None) -> Path:

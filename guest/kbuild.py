@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass
 from importlib import resources
 from pathlib import Path
 
-from emulator.errors import SetupError
+from aperture.emulator.errors import SetupError
 
 from .cache import cache_root, mtime_or_zero, private_tmp, read_manifest, write_manifest
 from .debian import DebFile, download, resolve_uri
@@ -55,7 +55,7 @@ class FragmentOption:
 
 
 def fragment_path() -> Path:
-    return Path(str(resources.files("guest") / "kconfig" / "aperture.config"))
+    return Path(str(resources.files("aperture.guest") / "kconfig" / "aperture.config"))
 
 
 def read_fragment(path: Path | None = None) -> list[FragmentOption]:

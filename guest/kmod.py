@@ -14,7 +14,7 @@ from pathlib import Path
 from elftools.common.exceptions import ELFError
 from elftools.elf.elffile import ELFFile
 
-from emulator.errors import SetupError
+from aperture.emulator.errors import SetupError
 
 _SUFFIXES = (".ko.xz", ".ko.zst", ".ko.gz", ".ko")
 

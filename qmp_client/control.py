@@ -6,7 +6,7 @@ import json
 import socket
 from typing import Any
 
-from emulator.errors import GuestError
+from aperture.emulator.errors import GuestError
 
 
 class ControlError(GuestError):

@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from emulator.errors import ApertureError
+from aperture.emulator.errors import ApertureError
 
 UNSAFE_GAP_S = 0.001  # negative control: how long an unsafe remap leaves the table ahead of the data
 MAX_LATENCY_SAMPLES = 100_000  # per run: a reservoir beyond that (a long soak must not grow the host)
@@ -136,7 +136,7 @@ class RemapController:
     def hotplug_once(self) -> float:
         """Zero-copy retarget of a whole window: plug a new memory-backend-file (device memory at another
         offset) in place of the window device. Returns ms from the start to the new device being added."""
-        from emulator.service import port_id, win_id
+        from aperture.emulator.service import port_id, win_id
 
         device = self.rng.choice(self.devices)
         cfg, i = device.config, device.index

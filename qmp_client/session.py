@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 from qemu.qmp import ConnectError, EventListener, ExecuteError, QMPClient
 from qemu.qmp.error import QMPError
 
-from emulator.errors import QmpError
+from aperture.emulator.errors import QmpError
 
 T = TypeVar("T")
 

@@ -16,9 +16,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TextIO
 
-from emulator.config import parse_duration
-from emulator.errors import ApertureError
-from emulator.registry import VmRecord, state_dir
+from aperture.emulator.config import parse_duration
+from aperture.emulator.errors import ApertureError
+from aperture.emulator.registry import VmRecord, state_dir
 
 from .control import call
 from .session import SyncQmpSession

@@ -42,7 +42,7 @@ def checks_by_name(result: dict) -> dict[str, dict]:
 @pytest.fixture(scope="session")
 def debian_kernel():
     """Debian's prebuilt kernel (scripts/setup.sh fetches it); its absence is a setup failure, not a skip."""
-    from guest.kernel import resolve_kernel
+    from aperture.guest.kernel import resolve_kernel
 
     return resolve_kernel("debian")
 
@@ -50,7 +50,7 @@ def debian_kernel():
 @pytest.fixture(scope="session")
 def built_kernel():
     """The kernel `aperture kernel build` made (scripts/setup.sh builds it): the default guest kernel."""
-    from guest.kernel import resolve_kernel
+    from aperture.guest.kernel import resolve_kernel
 
     return resolve_kernel()
 

@@ -160,7 +160,7 @@ def test_mismatched_modules_are_exit_3(tmp_path: Path, debian_kernel) -> None:
 
 def test_pvh_vmlinux_boots(tmp_path: Path, debian_kernel) -> None:
     """--kernel takes an ELF vmlinux with a PVH note (extracted from the Debian bzImage here)."""
-    from guest.pvh import extract_pvh_vmlinux
+    from aperture.guest.pvh import extract_pvh_vmlinux
 
     vmlinux, why = extract_pvh_vmlinux(debian_kernel)
     if vmlinux is None:

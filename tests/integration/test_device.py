@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from emulator.results import device_pattern
+from aperture.emulator.results import device_pattern
 from tests.conftest import checks_by_name as _checks
 from tests.conftest import run_aperture
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from emulator.errors import SetupError
+from aperture.emulator.errors import SetupError
 from tests.conftest import checks_by_name, run_aperture
 
 
@@ -97,7 +97,7 @@ def test_kernel_build_again_is_a_cache_hit(built_kernel) -> None:
 
 def test_a_fragment_option_olddefconfig_drops_stops_the_build(tmp_path: Path, built_kernel) -> None:
     """TEST_HMM depends on RUNTIME_TESTING_MENU: without it, olddefconfig drops TEST_HMM and the build stops."""
-    from guest.kbuild import KernelBuilder, read_fragment
+    from aperture.guest.kbuild import KernelBuilder, read_fragment
 
     info = json.loads((built_kernel.image.parent / "kernel.json").read_text())
     options = [o for o in read_fragment() if o.name != "CONFIG_RUNTIME_TESTING_MENU"]

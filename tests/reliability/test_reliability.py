@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from emulator.machine import reap_dead_runs
+from aperture.emulator.machine import reap_dead_runs
 from tests.conftest import aperture_argv, qemu_processes, run_aperture
 
 

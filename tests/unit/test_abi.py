@@ -6,13 +6,13 @@ from pathlib import Path
 
 import pytest
 
-from emulator import abi
+from aperture.emulator import abi
 
 HEADER = Path(__file__).resolve().parents[2] / "guest" / "helper" / "aperture_abi.h"
 
 
 def test_committed_header_is_generated() -> None:
-    assert HEADER.read_text() == abi.c_header(), "run: python -m emulator.abi > guest/helper/aperture_abi.h"
+    assert HEADER.read_text() == abi.c_header(), "run: python -m aperture.emulator.abi > guest/helper/aperture_abi.h"
 
 
 def test_layout_fits_and_does_not_overlap() -> None:

@@ -5,7 +5,7 @@ import subprocess
 
 import pytest
 
-from guest.cpio import CpioWriter, read_cpio
+from aperture.guest.cpio import CpioWriter, read_cpio
 
 
 def _archive() -> bytes:

@@ -14,11 +14,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from emulator import abi
-from emulator.addrmap import AddressMap, DmaFault, Region, flat
-from emulator.config import DeviceConfig, KiB, MiB
-from emulator.device import ApertureDevice
-from emulator.memory import FileBuffer
+from aperture.emulator import abi
+from aperture.emulator.addrmap import AddressMap, DmaFault, Region, flat
+from aperture.emulator.config import DeviceConfig, KiB, MiB
+from aperture.emulator.device import ApertureDevice
+from aperture.emulator.memory import FileBuffer
 
 SMALL = DeviceConfig(mem=1 * MiB, window=64 * KiB, slot=16 * KiB, hidden=((960 * KiB, 1 * MiB),))
 RAM_BASE, RAM_SIZE = 0x10000, 256 * KiB
@@ -422,7 +422,7 @@ def test_direct_window_is_device_memory(rig: Rig) -> None:
 
 def test_random_moves_never_double_map_on_a_crowded_device(tmp_path: Path) -> None:
     """Regression: fewer exposable pages than slots; random remaps must never put a page in two slots."""
-    from qmp_client.remap import random_moves
+    from aperture.qmp_client.remap import random_moves
 
     crowded = DeviceConfig(mem=64 * KiB, window=64 * KiB, slot=16 * KiB, hidden=((48 * KiB, 64 * KiB),))
     rig = Rig(tmp_path, crowded)
@@ -438,8 +438,8 @@ def test_random_moves_never_double_map_on_a_crowded_device(tmp_path: Path) -> No
 
 def test_address_map_follows_guest_ram_above_4g(tmp_path: Path) -> None:
     """A 3 GiB guest: [1M, 2G) is the file's first 2 GiB, [4G, 5G) its last; the 32-bit hole is nothing."""
-    from emulator.memory import FileBuffer
-    from emulator.service import DeviceService
+    from aperture.emulator.memory import FileBuffer
+    from aperture.emulator.service import DeviceService
 
     ram = tmp_path / "ram"
     service = DeviceService((), [], ram=ram, memory=3 << 30, pmem=[], qmp=lambda: None)
@@ -463,8 +463,8 @@ def test_address_map_follows_guest_ram_above_4g(tmp_path: Path) -> None:
 
 def test_dma_rebuilds_a_stale_address_map_once_per_fault() -> None:
     """The guest moved a BAR after the map was built: an address the map cannot place gets one rebuild."""
-    from emulator.addrmap import AddressMap, DmaFault, Region, flat
-    from emulator.dma import DmaEngine
+    from aperture.emulator.addrmap import AddressMap, DmaFault, Region, flat
+    from aperture.emulator.dma import DmaEngine
 
     ram = memoryview(bytearray(0x10000))
     stale = AddressMap([Region(0, 0x8000, "ram", "ram", flat(ram[:0x8000]))])
@@ -492,8 +492,8 @@ def test_emulator_thread_errors_are_bounded_and_logged(tmp_path: Path, monkeypat
     logs them, and does not grow."""
     import logging
 
-    from emulator import service as service_mod
-    from emulator.service import DeviceFiles, DeviceService
+    from aperture.emulator import service as service_mod
+    from aperture.emulator.service import DeviceFiles, DeviceService
 
     def boom(self: ApertureDevice) -> None:
         raise RuntimeError("guest-provoked failure")
@@ -572,7 +572,7 @@ def test_work_is_served_in_bounded_rounds(tmp_path: Path) -> None:
 
 def test_remap_latency_samples_are_bounded() -> None:
     """A long soak keeps at most MAX_LATENCY_SAMPLES latencies (a uniform reservoir), and the exact maximum."""
-    from qmp_client import remap
+    from aperture.qmp_client import remap
 
     stats = remap.RemapStats("pause")
     for i in range(remap.MAX_LATENCY_SAMPLES + 5000):

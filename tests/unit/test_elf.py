@@ -4,10 +4,10 @@ from pathlib import Path
 
 import pytest
 
-from emulator.errors import ConfigError, SetupError
-from guest.elf import check_static_x86_64, elf_facts
-from guest.image import build_helper
-from guest.kernel import kernel_format, kernel_release
+from aperture.emulator.errors import ConfigError, SetupError
+from aperture.guest.elf import check_static_x86_64, elf_facts
+from aperture.guest.image import build_helper
+from aperture.guest.kernel import kernel_format, kernel_release
 
 
 def test_helper_is_static_x86_64(tmp_path: Path) -> None:
@@ -39,7 +39,7 @@ def test_bzimage_format_and_release(debian_kernel) -> None:
 
 
 def test_pvh_vmlinux_extracted_and_recognised(debian_kernel) -> None:
-    from guest.pvh import extract_pvh_vmlinux
+    from aperture.guest.pvh import extract_pvh_vmlinux
 
     vmlinux, why = extract_pvh_vmlinux(debian_kernel)
     if vmlinux is None:

@@ -5,10 +5,10 @@ from pathlib import Path
 
 import pytest
 
-from emulator.errors import SetupError
-from guest.cpio import read_cpio
-from guest.elf import binary_closure
-from guest.image import _prune, build_image
+from aperture.emulator.errors import SetupError
+from aperture.guest.cpio import read_cpio
+from aperture.guest.elf import binary_closure
+from aperture.guest.image import _prune, build_image
 
 
 def test_mke2fs_closure_has_loader_and_libs() -> None:
@@ -20,7 +20,7 @@ def test_mke2fs_closure_has_loader_and_libs() -> None:
 
 
 def test_static_binary_has_empty_closure(tmp_path: Path) -> None:
-    from guest.image import build_helper
+    from aperture.guest.image import build_helper
 
     assert binary_closure(build_helper(tmp_path)) == {}
 

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from emulator.config import KernelSpec
-from emulator.errors import SetupError
-from guest.image import GUEST_FEATURES, plan_modules
-from guest.kbuild import (
+from aperture.emulator.config import KernelSpec
+from aperture.emulator.errors import SetupError
+from aperture.guest.image import GUEST_FEATURES, plan_modules
+from aperture.guest.kbuild import (
     FragmentOption,
     build_key,
     dropped_options,
@@ -18,7 +18,7 @@ from guest.kbuild import (
     parse_config,
     read_fragment,
 )
-from guest.kernel import embedded_config, read_builtin, resolve_kernel
+from aperture.guest.kernel import embedded_config, read_builtin, resolve_kernel
 
 
 def test_the_fragment_has_every_option_the_project_depends_on() -> None:
@@ -124,7 +124,7 @@ def test_ikconfig_is_read_from_an_elf_kernel(tmp_path: Path) -> None:
 
 
 def test_kernel_keywords_and_bad_paths(tmp_path: Path) -> None:
-    from emulator.errors import ConfigError
+    from aperture.emulator.errors import ConfigError
 
     with pytest.raises(ConfigError, match="is a directory"):
         resolve_kernel(tmp_path)

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from emulator.errors import SetupError
-from guest.kmod import ModuleIndex, parse_modinfo
+from aperture.emulator.errors import SetupError
+from aperture.guest.kmod import ModuleIndex, parse_modinfo
 
 
 @pytest.fixture(scope="module")

@@ -5,11 +5,11 @@ from pathlib import Path
 
 import pytest
 
-from emulator.config import KernelSpec, PmemConfig, VmConfig
-from emulator.errors import ConfigError
-from emulator.machine import RunPaths, build_argv, kernel_cmdline
-from emulator.results import Check, HostVerifier, verify_nvdimm
-from qmp_client.session import MemoryDevice
+from aperture.emulator.config import KernelSpec, PmemConfig, VmConfig
+from aperture.emulator.errors import ConfigError
+from aperture.emulator.machine import RunPaths, build_argv, kernel_cmdline
+from aperture.emulator.results import Check, HostVerifier, verify_nvdimm
+from aperture.qmp_client.session import MemoryDevice
 
 
 def _argv(config: VmConfig, accel: str = "tcg") -> list[str]:
@@ -105,8 +105,8 @@ def test_old_auto_named_run_dirs_are_pruned(tmp_path: Path, monkeypatch: pytest.
     import os
     import subprocess
 
-    from emulator.machine import new_run_name
-    from emulator.run import AUTO_NAME, default_run_dir
+    from aperture.emulator.machine import new_run_name
+    from aperture.emulator.run import AUTO_NAME, default_run_dir
 
     child = subprocess.Popen(["true"])  # its pid names runs whose process has exited
     child.wait()
@@ -138,7 +138,7 @@ def test_default_topology_has_an_nvme_with_a_cmb() -> None:
 
 def test_results_channel_survives_hostile_lines(tmp_path: Path) -> None:
     """Deep nesting, an over-long line and non-objects become garbage notes; the channel goes on."""
-    from emulator.machine import RESULTS_LINE_MAX, Vm
+    from aperture.emulator.machine import RESULTS_LINE_MAX, Vm
 
     vm = Vm(VmConfig(devices=()), KernelSpec(Path("/k"), None, "6.1"), Path("/i"), accel="tcg", run_dir=tmp_path)
     vm.paths.run_dir.mkdir(parents=True, exist_ok=True)
@@ -161,7 +161,7 @@ def test_files_of_killed_runs_are_reaped(tmp_path: Path, monkeypatch: pytest.Mon
     import os
     import subprocess
 
-    from emulator import machine
+    from aperture.emulator import machine
 
     monkeypatch.setattr(machine, "default_sock_dir", lambda name: tmp_path / "sock" / name)
     dead = subprocess.Popen(["true"])
@@ -191,8 +191,8 @@ def test_a_comma_in_a_path_never_reaches_qemu_unquoted() -> None:
 
 def test_exec_output_lost_on_the_channel_is_an_error_not_silence(tmp_path: Path) -> None:
     """A cmd-output chunk glued to an over-long garbage line is dropped with it: exec says so."""
-    from emulator.errors import GuestError
-    from emulator.machine import RESULTS_LINE_MAX, Vm
+    from aperture.emulator.errors import GuestError
+    from aperture.emulator.machine import RESULTS_LINE_MAX, Vm
 
     vm = Vm(VmConfig(devices=()), KernelSpec(Path("/k"), None, "6.1"), Path("/i"), accel="tcg", run_dir=tmp_path)
     vm.paths.run_dir.mkdir(parents=True, exist_ok=True)
@@ -213,8 +213,8 @@ def test_a_full_run_dir_is_refused_before_anything_starts(tmp_path: Path, monkey
     """48 MiB free where the VM's sparse files could grow by ~1 GiB: a SetupError (exit 3) naming the path."""
     import os
 
-    from emulator.errors import SetupError
-    from emulator.machine import Vm
+    from aperture.emulator.errors import SetupError
+    from aperture.emulator.machine import Vm
 
     real = os.statvfs
     run_dir = tmp_path / "run"
@@ -233,8 +233,8 @@ def test_a_full_run_dir_is_refused_before_anything_starts(tmp_path: Path, monkey
 
 
 def test_a_flood_on_the_results_channel_stops_the_vm(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from emulator import machine
-    from emulator.errors import GuestError
+    from aperture.emulator import machine
+    from aperture.emulator.errors import GuestError
 
     monkeypatch.setattr(machine, "RESULTS_TOTAL_MAX", 1 << 20)
     vm = machine.Vm(VmConfig(devices=()), KernelSpec(Path("/k"), None, "6.1"), Path("/i"), accel="tcg",
@@ -250,16 +250,16 @@ def test_qmp_sessions_do_not_hoard_events() -> None:
     """Every remap makes a STOP and a RESUME event: the default all-events queue of qemu.qmp must not keep them."""
     from qemu.qmp import Message
 
-    from qmp_client.session import QmpSession
+    from aperture.qmp_client.session import QmpSession
 
     session = QmpSession("t")
     assert not session._client.events.accept(Message({"event": "STOP", "data": {}, "timestamp": {}}))
 
 
 def test_a_helper_with_another_results_abi_is_refused() -> None:
-    from emulator import abi
-    from emulator.errors import SetupError
-    from emulator.run import check_helper_abi
+    from aperture.emulator import abi
+    from aperture.emulator.errors import SetupError
+    from aperture.emulator.run import check_helper_abi
 
     check_helper_abi({"type": "hello", "helper_abi": abi.HELPER_ABI})
     for other in (abi.HELPER_ABI + 1, None, "1"):
