@@ -12,8 +12,11 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from .config import KernelSpec, PmemConfig, VmConfig
-from .errors import ApertureError, SetupError
+from aperture.guest.abi import MsgType
+from aperture.guest.errors import ApertureError, SetupError
+from aperture.guest.kernelspec import KernelSpec
+
+from .config import PmemConfig, VmConfig
 
 
 @dataclass(frozen=True)
@@ -35,7 +38,7 @@ def probe_kvm(kernel: KernelSpec, initrd: Path, qemu: str, timeout: float = 30.0
         try:
             with Vm(config, kernel, initrd, accel="kvm", run_dir=Path(tmp), scenario="probe", qemu=qemu) as vm:
                 for msg in vm.messages():
-                    if msg.get("type") == "done":
+                    if msg.get("type") == MsgType.DONE:
                         return True, "probe boot under KVM succeeded"
         except ApertureError as exc:
             return False, f"probe boot under KVM failed: {exc.one_line()[:160]}"

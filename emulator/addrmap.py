@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from . import abi
+from aperture.guest import abi
 
 
 class DmaFault(Exception):

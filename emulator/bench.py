@@ -10,8 +10,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from .config import KernelSpec, VmConfig
-from .errors import ApertureError
+from aperture.guest.abi import CheckName, Env
+from aperture.guest.errors import ApertureError
+from aperture.guest.kernelspec import KernelSpec
+
+from .config import VmConfig
 from .machine import Vm
 from .run import prepare
 
@@ -91,13 +94,14 @@ def bench_boot(config: VmConfig, kernel: KernelSpec, n: int, progress: Progress)
 
 def bench_dax(config: VmConfig, kernel: KernelSpec, progress: Progress) -> dict[str, Any]:
     """One boot of the ``bench-dax`` scenario: memcpy into RAM, devdax and fsdax, same boot."""
-    from .errors import GuestError
+    from aperture.guest.errors import GuestError
+
     from .run import boot_once
 
     prep = prepare(config, kernel, progress)
     with tempfile.TemporaryDirectory(prefix="aperture-bench-") as tmp:
         result = boot_once(config, prep, Path(tmp), progress, scenario="bench-dax",
-                           guest_env={"aperture_stamp": "bench"})
+                           guest_env={Env.STAMP: "bench"})
     f = result.figures
     ram = f.get("memcpy_ram_MBps", 0.0)
     if ram <= 0:
@@ -175,11 +179,12 @@ def _slot_copy_us(slot: int, rounds: int = 50) -> float:
 
 def bench_device(config: VmConfig, kernel: KernelSpec, progress: Progress) -> dict[str, Any]:
     """Guest-observed MAP round trips and DMA throughput, beside host floors measured in the same run."""
-    from .errors import GuestError
+    from aperture.guest.errors import GuestError
+
     from .run import boot_once
 
     if not config.devices:
-        from .errors import ConfigError
+        from aperture.guest.errors import ConfigError
 
         raise ConfigError("bench device needs at least one aperture device")
     prep = prepare(config, kernel, progress)
@@ -189,7 +194,7 @@ def bench_device(config: VmConfig, kernel: KernelSpec, progress: Progress) -> di
     memcpy_4k, memcpy_2m = _copy_MBps(4096), _copy_MBps(2 << 20)
     with tempfile.TemporaryDirectory(prefix="aperture-bench-") as tmp:
         result = boot_once(config, prep, Path(tmp), progress, scenario="bench-device",
-                           guest_env={"aperture_stamp": "bench"})
+                           guest_env={Env.STAMP: "bench"})
     f = result.figures
     if not f.get("map_rtt_us_p50"):
         raise GuestError("the guest reported no device figures")
@@ -213,9 +218,8 @@ def bench_remap(config: VmConfig, kernel: KernelSpec, progress: Progress, rounds
     """Pause-mode remap latency beside bare QMP stop+cont, both measured on one idle VM in the same run."""
     import time
 
+    from aperture.guest.errors import ConfigError
     from aperture.qmp_client.remap import RemapController, random_moves
-
-    from .errors import ConfigError
 
     if not config.devices:
         raise ConfigError("bench remap needs at least one aperture device")
@@ -257,7 +261,7 @@ def bench_remap(config: VmConfig, kernel: KernelSpec, progress: Progress, rounds
              "were touched once before timing (steady state)",
              "baselines interleaved with the remaps: bare QMP stop+cont, and the retarget alone (write back + load "
              "one slot of a random page, as cold as in the remap) for the _plus_copy ratio"]
-    from .hotplug import hotplug_supported
+    from aperture.qmp_client.qemu import hotplug_supported
 
     if hotplug_supported(prep.qemu):
         hp_config = dataclasses.replace(config, window_hotplug=True)
@@ -336,7 +340,7 @@ def bench_soak(config: VmConfig, kernel: KernelSpec, duration: float, progress: 
     finally:
         stop.set()
         sampler.join()
-    fuzz = next((c for c in result.checks if c.name == "aperture.fuzz"), None)
+    fuzz = next((c for c in result.checks if c.name == CheckName.APERTURE_FUZZ), None)
     detail = fuzz.detail if fuzz is not None and isinstance(fuzz.detail, dict) else {}
     rss = [r for _, r in samples]
     quarter = max(len(rss) // 4, 1)

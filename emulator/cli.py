@@ -7,6 +7,7 @@ kernel, modules mismatch) · 4 guest crashed, hung or QEMU died · 130 interrupt
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import signal
@@ -17,19 +18,10 @@ from pathlib import Path
 from typing import Any
 
 import click
+from aperture.guest.errors import ApertureError, ConfigError, VmLaunchError
+from aperture.guest.units import parse_duration, parse_size
 
-from .config import (
-    DEFAULT_DEVICES,
-    DEFAULT_NVME_SIZE,
-    DEFAULT_PMEM,
-    DeviceConfig,
-    PmemConfig,
-    RemapPlan,
-    VmConfig,
-    parse_duration,
-    parse_size,
-)
-from .errors import ApertureError, ConfigError, VmLaunchError
+from .config import DEFAULT_DEVICES, DEFAULT_NVME_SIZE, DEFAULT_PMEM, DeviceConfig, PmemConfig, RemapPlan, VmConfig
 from .summary import print_bench, print_summary
 
 
@@ -203,8 +195,8 @@ def run(kernel: str | None, modules: Path | None, kconfig: Path | None, pmem: tu
     """
     from aperture.guest.kernel import resolve_kernel
 
-    from .machine import new_run_name
     from .run import default_run_dir, prepare, run_vm
+    from .runpaths import new_run_name
 
     ui = Ui(quiet, verbose)
     if verbose and not any(a.startswith("loglevel=") for a in append):
@@ -235,7 +227,7 @@ def run(kernel: str | None, modules: Path | None, kconfig: Path | None, pmem: tu
     spec = resolve_kernel(kernel, modules, kconfig)
     prep = prepare(config, spec, ui.progress)
     if remap is not None and remap.mode == "hotplug":
-        from .hotplug import require_hotplug
+        from aperture.qmp_client.qemu import require_hotplug
 
         require_hotplug(prep.qemu)
     name = new_run_name()
@@ -553,10 +545,15 @@ def console(name: str, follow: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print each reply as one JSON line.")
 def qmp(name: str, as_json: bool) -> None:
     """A QMP shell on a running VM, with window/memmap/dma/remap commands. Reads a terminal or stdin."""
-    from aperture.qmp_client.shell import QmpShell
+    from aperture.qmp_client.shell import QmpShell, ShellTarget
+
+    from .control import call
+    from .registry import state_dir
 
     rec = _record(name)
-    shell = QmpShell(rec, as_json=as_json)
+    target = ShellTarget(rec.name, rec.qemu_pid, rec.qmp_socket, functools.partial(call, rec.control_socket),
+                         history=state_dir().parent / "qmp_history")
+    shell = QmpShell(target, as_json=as_json)
     sys.exit(shell.loop(sys.stdin))
 
 
@@ -576,7 +573,7 @@ def exec_cmd(name: str, command: tuple[str, ...], timeout: float, as_json: bool)
       aperture exec NAME -- 'dmesg | tail'
       aperture exec NAME -- aperture-helper map 0 1 5
     """
-    from aperture.qmp_client.control import call
+    from aperture.emulator.control import call
 
     rec = _record(name)
     result = call(rec.control_socket, "exec", timeout=timeout + 10, command=" ".join(command), timeout_s=timeout)

@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from .errors import ConfigError
-
-KiB = 1024
-MiB = 1024 * KiB
-GiB = 1024 * MiB
+from aperture.guest import abi
+from aperture.guest.errors import ConfigError
+from aperture.guest.units import GiB, KiB, MiB, format_size, parse_size
 
 #: Label area QEMU would put at the end of each NVDIMM backing file (``label-size``). None: the namespaces are
 #: label-less (raw) either way, and reading an empty 128 KiB label area through ACPI _DSM calls cost ~0.33 s
@@ -23,33 +20,6 @@ NVDIMM_ALIGN = 2 * MiB
 PmemMode = Literal["raw", "fsdax", "devdax"]
 PMEM_MODES: tuple[str, ...] = ("raw", "fsdax", "devdax")
 Accel = Literal["auto", "kvm", "tcg"]
-
-_SIZE_RE = re.compile(r"^\s*(0x[0-9a-f]+|\d+)\s*([KMGT]?)(i?B)?\s*$", re.IGNORECASE)
-_UNITS = {"": 1, "K": KiB, "M": MiB, "G": GiB, "T": 1024 * GiB}
-
-
-def parse_size(text: str) -> int:
-    """Parse ``256M``/``1G``/``4096``/``0x3000000`` (binary units; hex as kernel and QEMU command lines write
-    it) into bytes."""
-    m = _SIZE_RE.match(text)
-    if not m:
-        raise ConfigError(f"invalid size {text!r}: expected a number (decimal or 0x hex) with an optional K/M/G/T "
-                          "suffix")
-    return int(m.group(1), 0) * _UNITS[m.group(2).upper()]
-
-
-def format_size(n: int) -> str:
-    for unit, div in (("G", GiB), ("M", MiB), ("K", KiB)):
-        if n >= div and n % div == 0:
-            return f"{n // div}{unit}"
-    return str(n)
-
-
-def pmem_index(memdev: str | None) -> int:
-    """NVDIMM index from its QMP memdev path (``/objects/pmemN``: the ids machine.build_argv gives), or -1."""
-    tail = (memdev or "").rsplit("pmem", 1)[-1]
-    return int(tail) if tail.isdigit() else -1
-
 
 #: Guest RAM below 4 GiB: build_argv sets q35's ``max-ram-below-4g`` to this, so the split never depends on
 #: QEMU's size heuristics; RAM beyond it sits at 4 GiB (after the 32-bit PCI hole).
@@ -107,7 +77,7 @@ class DeviceConfig:
     hidden: tuple[tuple[int, int], ...] = ((240 * MiB, 256 * MiB),)
 
     def __post_init__(self) -> None:
-        from .abi import MAX_HIDDEN, MAX_SLOTS
+        from aperture.guest.abi import MAX_HIDDEN, MAX_SLOTS
 
         if not _pow2(self.window):
             raise ConfigError(f"window {format_size(self.window)} is not a power of two (QEMU aborts on such BARs)")
@@ -220,8 +190,8 @@ class VmConfig:
             raise ConfigError(f"invalid accelerator {self.accel!r}: choose auto, kvm or tcg")
         if not 0 < self.boot_timeout <= 3600 or not 0 < self.run_timeout <= 24 * 3600:
             raise ConfigError("timeouts must be positive (boot at most 3600 s)")
-        if len(self.devices) > 4:
-            raise ConfigError("at most 4 aperture devices")
+        if len(self.devices) > abi.MAX_DEVICES:
+            raise ConfigError(f"at most {abi.MAX_DEVICES} aperture devices")
         if len(self.pmem) > 8:
             raise ConfigError("at most 8 NVDIMMs")
         for arg in self.kernel_cmdline_extra:
@@ -234,17 +204,6 @@ class VmConfig:
             raise ConfigError(f"nvme namespace {format_size(self.nvme)} must be whole MiB, 16M to 16G (or none)")
         if not 1 <= self.smp <= 8:
             raise ConfigError("smp must be between 1 and 8")
-
-
-_DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m)?\s*$")
-
-
-def parse_duration(text: str) -> float:
-    """``20ms``, ``1.5s``, ``2m`` or plain seconds → seconds."""
-    m = _DURATION_RE.match(text)
-    if not m:
-        raise ConfigError(f"invalid duration {text!r}: expected e.g. 20ms, 10s, 2m")
-    return float(m.group(1)) * {"ms": 1e-3, "s": 1.0, "m": 60.0, None: 1.0}[m.group(2)]
 
 
 @dataclass(frozen=True)
@@ -262,42 +221,6 @@ class RemapPlan:
             raise ConfigError("--remap-every must be between 1ms and 60s")
         if not 0.5 <= self.duration <= 3600:
             raise ConfigError("--duration must be between 0.5s and 1h")
-
-
-KernelKind = Literal["built", "debian", "user"]
-
-
-@dataclass(frozen=True)
-class KernelSpec:
-    """A guest kernel, the directory of its modules (``lib/modules/<release>``; None for a kernel with
-    everything built in), its config where known, and what it has built in (``modules.builtin``)."""
-
-    image: Path
-    modules_dir: Path | None
-    release: str
-    config_file: Path | None = None
-    kind: KernelKind = "user"
-    builtin: frozenset[str] = frozenset()
-    hmm_tests: Path | None = None  # the kernel's own static hmm-tests selftest, built from the same tree
-
-    def to_dict(self) -> dict[str, object]:
-        return {"image": str(self.image), "modules_dir": str(self.modules_dir) if self.modules_dir else None,
-                "release": self.release, "config_file": str(self.config_file) if self.config_file else None,
-                "kind": self.kind, "builtin": sorted(self.builtin),
-                "hmm_tests": str(self.hmm_tests) if self.hmm_tests else None}
-
-    @classmethod
-    def from_dict(cls, data: dict[str, object]) -> KernelSpec:
-        def opt(key: str) -> Path | None:
-            value = data.get(key)
-            return Path(str(value)) if value else None
-
-        kind = str(data.get("kind", "user"))
-        builtin = data.get("builtin") or []
-        return cls(Path(str(data["image"])), opt("modules_dir"), str(data["release"]), opt("config_file"),
-                   kind if kind in ("built", "debian", "user") else "user",  # type: ignore[arg-type]
-                   frozenset(str(b) for b in builtin) if isinstance(builtin, list) else frozenset(),
-                   opt("hmm_tests"))
 
 
 def config_to_dict(config: VmConfig) -> dict:

@@ -18,13 +18,16 @@ import time
 from pathlib import Path
 from typing import Any
 
+from aperture.guest.abi import MsgType
+from aperture.guest.errors import ApertureError, ConfigError, GuestError
+from aperture.guest.kernelspec import KernelSpec
 from aperture.qmp_client.remap import RemapController, pause_retarget
 
 from .addrmap import DmaFault
-from .config import KernelSpec, config_from_dict
-from .errors import ApertureError, ConfigError, GuestError
-from .machine import Vm, default_sock_dir
+from .config import config_from_dict
+from .machine import Vm
 from .registry import VmRecord, read_record, reap_orphan, remove_record, write_record
+from .runpaths import default_sock_dir
 
 
 class Daemon:
@@ -184,7 +187,7 @@ class Daemon:
             ctl.start()
             try:
                 for msg in vm.messages(run_timeout=float("inf"), should_stop=self.stop.is_set):
-                    if msg.get("type") == "phase" and msg.get("name") == "idle":
+                    if msg.get("type") == MsgType.PHASE and msg.get("name") == "idle":
                         break
                 else:
                     return 0  # stopped (or the guest finished) before it became ready
@@ -194,7 +197,7 @@ class Daemon:
                 while not self.stop.is_set():  # from here on: poll (panic, death) between guest commands
                     if self.guest_lock.acquire(timeout=0.1):
                         try:
-                            if any(m.get("type") == "done" for m in vm.poll()):
+                            if any(m.get("type") == MsgType.DONE for m in vm.poll()):
                                 return 0
                         finally:
                             self.guest_lock.release()

@@ -12,7 +12,8 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 
-from . import abi
+from aperture.guest import abi
+
 from .addrmap import AddressMap, DmaFault
 from .config import DeviceConfig
 from .dma import DmaEngine

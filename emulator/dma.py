@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from . import abi
+from aperture.guest import abi
+
 from .addrmap import AddressMap, DmaFault
 
 #: Resolves a device-local range of *this* device (flag DMA_*_LOCAL) into live segments.

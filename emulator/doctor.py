@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from aperture.guest.cache import cache_root, read_manifest
+from aperture.guest.errors import ApertureError
 from aperture.guest.image import guest_binaries
-
-from .errors import ApertureError
 
 #: Kernel options the project's scenarios depend on, and why.
 KERNEL_FLAGS = ("CONFIG_ZONE_DEVICE", "CONFIG_FS_DAX", "CONFIG_DEV_DAX", "CONFIG_LIBNVDIMM", "CONFIG_ACPI_NFIT",
@@ -21,13 +19,8 @@ KERNEL_FLAGS = ("CONFIG_ZONE_DEVICE", "CONFIG_FS_DAX", "CONFIG_DEV_DAX", "CONFIG
                 "CONFIG_TEST_HMM", "CONFIG_BLK_DEV_NVME", "CONFIG_IKCONFIG")
 
 
-def qemu_object_props(qemu: str, typename: str) -> list[str]:
-    out = subprocess.run([qemu, "-object", f"{typename},help"], capture_output=True, text=True, timeout=20)
-    return [line.split("=", 1)[0].strip() for line in out.stdout.splitlines() if "=" in line]
-
-
 def diagnose(probe: bool = False, progress: Callable[[str], None] | None = None) -> dict[str, dict[str, Any]]:
-    from .machine import find_qemu, qemu_version
+    from aperture.qmp_client.qemu import find_qemu, object_props, qemu_version
 
     report: dict[str, dict[str, Any]] = {}
     qemu_section: dict[str, Any] = {}
@@ -35,7 +28,7 @@ def diagnose(probe: bool = False, progress: Callable[[str], None] | None = None)
         qemu = find_qemu()
         version = qemu_version(qemu)
         qemu_section = {"path": qemu, "version": version,
-                        "memory-backend-file.offset": "offset" in qemu_object_props(qemu, "memory-backend-file")}
+                        "memory-backend-file.offset": "offset" in object_props(qemu, "memory-backend-file")}
     except ApertureError as exc:
         qemu, version = None, None
         qemu_section = {"error": exc.one_line()}

@@ -11,10 +11,11 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from aperture.qmp_client.control import ControlError, call
+from aperture.emulator.control import call
+from aperture.guest.errors import ConfigError, ControlRefused, DaemonGone, GuestError
+from aperture.guest.kernelspec import KernelSpec
 
-from .config import KernelSpec, VmConfig, config_to_dict
-from .errors import ConfigError, GuestError
+from .config import VmConfig, config_to_dict
 from .processes import parent_pid
 from .registry import VmRecord, check_name, read_record, reap_orphan, remove_record
 from .run import Prepared
@@ -97,7 +98,7 @@ def down(name: str, timeout: float = 20.0) -> str:
         return "reaped"
     try:
         call(rec.control_socket, "shutdown", timeout=5)
-    except ControlError:
+    except (ControlRefused, DaemonGone):
         pass
     end = time.monotonic() + timeout
     while rec.alive() and time.monotonic() < end:

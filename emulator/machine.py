@@ -12,42 +12,31 @@ import json
 import logging
 import os
 import re
-import secrets
 import shutil
 import signal
 import socket
 import subprocess
-import tempfile
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from aperture.guest.abi import MsgType
+from aperture.guest.errors import ConfigError, GuestError, SetupError, VmLaunchError
+from aperture.guest.kernelspec import KernelSpec
+from aperture.guest.units import MiB, format_size
+from aperture.qmp_client.qemu import find_qemu
 from aperture.qmp_client.session import SyncQmpSession
 
-from .config import (
-    NVDIMM_LABEL_SIZE,
-    NVME_CMB_MB,
-    PROBE_BAR_SIZE,
-    RAM_BELOW_4G,
-    GiB,
-    KernelSpec,
-    MiB,
-    VmConfig,
-    format_size,
-)
-from .errors import ConfigError, GuestError, SetupError, VmLaunchError
-from .processes import pid_alive
-from .qemu_opts import opt_value
-from .service import DeviceFiles, DeviceService, device_qemu_args
+from .config import PROBE_BAR_SIZE, VmConfig
+from .qemu_argv import build_argv, kernel_cmdline
+from .runpaths import RunPaths, default_sock_dir, new_run_name
+from .service import DeviceService
 
 PANIC_RE = re.compile(r"Kernel panic - not syncing[^\n]*")
 RESULTS_PORT = "aperture.results"
 COMMAND_PORT = "aperture.cmd"
-PROBE_BAR_ID = "probe-bar"
 PROBE_BAR_SLOT = 0x0F
-NVME_ID = "nvme0"
 
 
 #: The results channel is untrusted input: a line longer than this is dropped (and noted), and each pass
@@ -74,14 +63,14 @@ def parse_result_line(raw: bytes) -> dict[str, Any]:
             elif byte in b"]}":
                 depth -= 1
     if max_depth > RESULTS_DEPTH_MAX:
-        return {"type": "garbage", "raw": raw[:200].decode("utf-8", "replace"),
+        return {"type": MsgType.GARBAGE, "raw": raw[:200].decode("utf-8", "replace"),
                 "why": f"nested deeper than {RESULTS_DEPTH_MAX}"}
     try:
         msg = json.loads(raw)
     except (ValueError, RecursionError):
-        return {"type": "garbage", "raw": raw[:200].decode("utf-8", "replace")}
+        return {"type": MsgType.GARBAGE, "raw": raw[:200].decode("utf-8", "replace")}
     if not isinstance(msg, dict):
-        return {"type": "garbage", "raw": str(msg)[:200]}
+        return {"type": MsgType.GARBAGE, "raw": str(msg)[:200]}
     return msg
 
 
@@ -103,173 +92,6 @@ def die_with_parent(parent: int) -> Callable[[], None]:
     return arm
 
 
-def reap_dead_runs(shm_dir: Path) -> list[str]:
-    """Shm files and socket directories of auto-named runs whose process died without cleaning up (kill -9):
-    their QEMU died with them (``die_with_parent``), so only files are left. Returns the names reaped."""
-    names = {m.group(0) for p in shm_dir.glob("aperture-*") if (m := AUTO_NAME.search(p.name))}
-    sock_base = default_sock_dir("-").parent
-    if sock_base.is_dir():
-        names |= {p.name for p in sock_base.iterdir() if AUTO_NAME.fullmatch(p.name)}
-    reaped = []
-    for name in sorted(names):
-        pid = int(name.split("-")[2])
-        if pid == os.getpid() or pid_alive(pid):
-            continue
-        for path in shm_dir.glob(f"aperture-{name}-*"):
-            path.unlink(missing_ok=True)
-        shutil.rmtree(default_sock_dir(name), ignore_errors=True)
-        reaped.append(name)
-    return reaped
-
-
-def find_qemu() -> str:
-    path = os.environ.get("APERTURE_QEMU") or shutil.which("qemu-system-x86_64")
-    if not path or not os.access(path, os.X_OK):
-        raise SetupError("qemu-system-x86_64 not found (run scripts/setup.sh, or set APERTURE_QEMU)")
-    return path
-
-
-def qemu_version(qemu: str) -> str:
-    out = subprocess.run([qemu, "--version"], capture_output=True, text=True, timeout=20).stdout
-    m = re.search(r"version (\d+\.\d+\.\d+)", out)
-    return m.group(1) if m else "unknown"
-
-
-@dataclass(frozen=True)
-class RunPaths:
-    """Every path a run uses. Data (pmem images, logs) stays in ``run_dir``; RAM lives in /dev/shm."""
-
-    run_dir: Path
-    name: str
-    shm_dir: Path
-    sock_dir: Path  # short path: unix socket names are limited to 107 bytes
-
-    @property
-    def console(self) -> Path:
-        return self.run_dir / "console.log"
-
-    @property
-    def results(self) -> Path:
-        return self.run_dir / "results.jsonl"
-
-    @property
-    def qemu_log(self) -> Path:
-        return self.run_dir / "qemu.log"
-
-    @property
-    def qmp_socket(self) -> Path:
-        return self.sock_dir / "qmp.sock"
-
-    @property
-    def user_qmp_socket(self) -> Path:
-        """A second QMP monitor for people and scripts (the first belongs to the emulator)."""
-        return self.sock_dir / "qmp-user.sock"
-
-    @property
-    def control_socket(self) -> Path:
-        return self.sock_dir / "control.sock"
-
-    @property
-    def command_socket(self) -> Path:
-        """Host → guest commands for the helper's `serve` loop (virtio-serial port aperture.cmd)."""
-        return self.sock_dir / "cmd.sock"
-
-    def devmem(self, index: int) -> Path:
-        return self.run_dir / f"devmem{index}.img"
-
-    def window(self, index: int) -> Path:
-        return self.shm_dir / f"aperture-{self.name}-win{index}"
-
-    def device_socket(self, index: int) -> Path:
-        return self.sock_dir / f"aperture{index}.sock"
-
-    def device_files(self, count: int) -> list[DeviceFiles]:
-        return [DeviceFiles(self.devmem(i), self.window(i), self.device_socket(i)) for i in range(count)]
-
-    @property
-    def nvme(self) -> Path:
-        """The NVMe namespace's backing file (persists in the run dir, as NVDIMM files do)."""
-        return self.run_dir / "nvme0.img"
-
-    def pmem(self, index: int) -> Path:
-        return self.run_dir / f"pmem{index}.img"
-
-    @property
-    def ram(self) -> Path:
-        return self.shm_dir / f"aperture-{self.name}-ram"
-
-    @property
-    def probe_bar(self) -> Path:
-        return self.shm_dir / f"aperture-{self.name}-probebar"
-
-    def shm_files(self, devices: int = 0) -> list[Path]:
-        return [self.ram, self.probe_bar] + [self.window(i) for i in range(devices)]
-
-
-def default_sock_dir(name: str) -> Path:
-    return Path(tempfile.gettempdir()) / f"aperture-{os.getuid()}" / name
-
-
-def build_argv(qemu: str, config: VmConfig, kernel: KernelSpec, initrd: Path, paths: RunPaths, accel: str,
-               cmdline: str, user_qmp: bool = False, command_channel: bool = False) -> list[str]:
-    """The full QEMU command line for one VM (pure: unit-tested without QEMU)."""
-    mem = config.memory
-    pmem_total = sum(-(-p.file_size // GiB) * GiB for p in config.pmem)
-    argv = [
-        qemu,
-        "-name", opt_value(paths.name),
-        "-machine", f"q35,nvdimm=on,memory-backend=ram0,max-ram-below-4g={RAM_BELOW_4G}",
-        "-accel", accel,
-        "-cpu", "host" if accel == "kvm" else "max",
-        "-smp", str(config.smp),
-        "-m", f"{mem // (1 << 20)}M,slots={max(len(config.pmem), 1)},maxmem={(mem + pmem_total) // (1 << 20) + 1024}M",
-        "-object", f"memory-backend-file,id=ram0,size={mem},mem-path={opt_value(paths.ram)},share=on",
-        "-nodefaults", "-no-user-config", "-display", "none", "-vga", "none", "-nic", "none",
-        "-chardev", f"file,id=con,path={opt_value(paths.console)}",
-        "-serial", "chardev:con",
-        "-device", "virtio-serial-pci,id=vser0",
-        "-chardev", f"file,id=results,path={opt_value(paths.results)}",
-        "-device", f"virtserialport,bus=vser0.0,chardev=results,name={RESULTS_PORT}",
-        "-qmp", f"unix:{opt_value(paths.qmp_socket)},server=on,wait=off",
-        "-kernel", str(kernel.image),
-        "-initrd", str(initrd),
-        "-append", cmdline,
-        "-no-reboot",
-        "-object", f"memory-backend-file,id=probebar,size={PROBE_BAR_SIZE},mem-path={opt_value(paths.probe_bar)},"
-                   "share=on",
-        "-device", f"ivshmem-plain,id={PROBE_BAR_ID},memdev=probebar,addr={PROBE_BAR_SLOT:#x}",
-    ]
-    for i, (dev, files) in enumerate(zip(config.devices, paths.device_files(len(config.devices)), strict=True)):
-        argv += device_qemu_args(i, dev, files, config.window_hotplug)
-    if user_qmp:
-        argv += ["-chardev", f"socket,id=uqmp,path={opt_value(paths.user_qmp_socket)},server=on,wait=off",
-                 "-mon", "chardev=uqmp,mode=control"]
-    if command_channel:
-        argv += ["-chardev", f"socket,id=cmd,path={opt_value(paths.command_socket)},server=on,wait=off",
-                 "-device", f"virtserialport,bus=vser0.0,chardev=cmd,name={COMMAND_PORT}"]
-    if config.nvme:
-        argv += ["-drive", f"file={opt_value(paths.nvme)},if=none,id=nvme0drive,format=raw",
-                 "-device", f"nvme,id={NVME_ID},serial=aperture0,drive=nvme0drive,cmb_size_mb={NVME_CMB_MB}"]
-    for i, p in enumerate(config.pmem):
-        argv += [
-            "-object", f"memory-backend-file,id=pmem{i},size={p.file_size},"
-                       f"mem-path={opt_value(paths.pmem(i))},share=on",
-            "-device", f"nvdimm,id=nvdimm{i},memdev=pmem{i}"
-            + (f",label-size={NVDIMM_LABEL_SIZE}" if NVDIMM_LABEL_SIZE else ""),
-        ]
-    return argv
-
-
-def kernel_cmdline(config: VmConfig, scenario: str, guest_env: dict[str, str] | None = None) -> str:
-    """Kernel arguments; ``aperture_*`` ones reach the guest's /init and helper as environment variables."""
-    env = {"aperture_scenario": scenario, "aperture_pmem": str(len(config.pmem)),
-           "aperture_pmem_modes": ",".join(p.mode for p in config.pmem), "aperture_force": str(int(config.force)),
-           "aperture_devices": str(len(config.devices)), "aperture_probe_bar": f"0000:00:{PROBE_BAR_SLOT:02x}.0"}
-    env.update(guest_env or {})
-    parts = ["console=ttyS0", "panic=-1", "quiet"] + [f"{k}={v}" for k, v in env.items()]
-    return " ".join(parts + list(config.kernel_cmdline_extra))
-
-
 def persistent_file(path: Path, size: int, option: str) -> None:
     """A backing file that keeps its contents across runs of one run dir: created sparse, or reused at its size."""
     if not path.exists():
@@ -278,15 +100,6 @@ def persistent_file(path: Path, size: int, option: str) -> None:
     elif path.stat().st_size != size:
         raise ConfigError(f"{path} exists with {format_size(path.stat().st_size)} but the configuration wants "
                           f"{format_size(size)}; use another --run-dir or the same {option}")
-
-
-#: What new_run_name() makes: time, pid, random.
-AUTO_NAME = re.compile(r"\d{8}-\d{6}-(\d+)-[0-9a-f]{4}")
-
-
-def new_run_name() -> str:
-    """Time, pid and a random suffix: unique per run, and the pid tells a live run's directory apart."""
-    return f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}-{secrets.token_hex(2)}"
 
 
 class Vm:
@@ -550,7 +363,7 @@ class Vm:
                     raw, self._results_buf = self._results_buf[:nl], self._results_buf[nl + 1:]
                     msg = parse_result_line(raw)
                 elif len(self._results_buf) > RESULTS_LINE_MAX:
-                    msg = {"type": "garbage", "raw": self._results_buf[:200].decode("utf-8", "replace"),
+                    msg = {"type": MsgType.GARBAGE, "raw": self._results_buf[:200].decode("utf-8", "replace"),
                            "why": f"line longer than {RESULTS_LINE_MAX} bytes"}
                     end = self._results_buf.find(b"\n")
                     self._results_buf = self._results_buf[end + 1:] if end >= 0 else b""
@@ -560,7 +373,7 @@ class Vm:
                 if self.first_message_at is None:
                     self.first_message_at = time.monotonic()
                 yield msg
-                if msg.get("type") == "done":
+                if msg.get("type") == MsgType.DONE:
                     return
             elapsed = time.monotonic() - self.started_at
             if not self.alive():
@@ -587,7 +400,7 @@ class Vm:
     def wait_idle(self, timeout: float | None = None) -> None:
         """Wait for the `idle` scenario's helper to finish setting up (DAX configured, serving commands)."""
         for msg in self.messages(run_timeout=timeout):
-            if msg.get("type") == "phase" and msg.get("name") == "idle":
+            if msg.get("type") == MsgType.PHASE and msg.get("name") == "idle":
                 return
         raise GuestError("the guest finished without becoming idle")
 
@@ -604,7 +417,7 @@ class Vm:
         deadline = time.monotonic() + timeout
         seen: list[dict[str, Any]] = []
         for msg in self.messages(run_timeout=float("inf"), should_stop=lambda: time.monotonic() > deadline):
-            if msg.get("type") == "cmd-done" and msg.get("id") == ident:
+            if msg.get("type") == MsgType.CMD_DONE and msg.get("id") == ident:
                 return msg, seen
             seen.append(msg)
         raise GuestError(f"guest command {request} timed out after {timeout:.0f} s")
@@ -613,7 +426,7 @@ class Vm:
         """Run a shell command in the guest (busybox sh, helper tools on PATH): its exit status and output."""
         done, seen = self.command({"exec": command}, timeout)
         ident = done.get("id")
-        chunks = [str(m.get("data", "")) for m in seen if m.get("type") == "cmd-output" and m.get("id") == ident]
+        chunks = [str(m.get("data", "")) for m in seen if m.get("type") == MsgType.CMD_OUTPUT and m.get("id") == ident]
         # The helper escapes every byte >= 0x7f as \u00XX: latin-1 gives the bytes back, then decode them as UTF-8.
         raw = "".join(chunks).encode("latin-1", "replace")
         sent = done.get("output_bytes")

@@ -11,7 +11,8 @@ import os
 import sys
 from pathlib import Path
 
-from . import abi
+from aperture.guest import abi
+
 from .config import DeviceConfig
 
 assert sys.byteorder == "little", "the device ABI is little-endian and the control memory uses native stores"
@@ -42,7 +43,7 @@ class FileBuffer:
 
 
 class ControlMemory:
-    """Typed access to the control BAR: registers, hidden ranges, slot table, rings (see emulator/abi.py).
+    """Typed access to the control BAR: registers, hidden ranges, slot table, rings (see guest/abi.py).
 
     The guest reads this memory while we write it, so every register and slot-table entry is written with
     one aligned store through a typed memoryview. Never ``struct.pack_into`` here: CPython zero-fills the

@@ -20,9 +20,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from aperture.guest.abi import MsgType
+from aperture.guest.errors import GuestError
+from aperture.guest.units import parse_size
 
-from .config import DEFAULT_DEVICES, DEFAULT_PMEM, DeviceConfig, PmemConfig, VmConfig, parse_size
-from .errors import GuestError
+from .config import DEFAULT_DEVICES, DEFAULT_PMEM, DeviceConfig, PmemConfig, VmConfig
 from .machine import Vm
 from .results import Check
 
@@ -68,7 +70,7 @@ class ApertureVM:
         if done.get("rc") != 0:
             raise GuestError(f"scenario {name!r}: {done.get('output')}")
         checks = {str(m["name"]): Check(str(m["name"]), bool(m.get("ok")), m.get("detail"))
-                  for m in seen if m.get("type") == "check"}
+                  for m in seen if m.get("type") == MsgType.CHECK}
         self.checks.extend(checks.values())
         return checks
 

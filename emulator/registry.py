@@ -9,7 +9,8 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from .errors import ConfigError
+from aperture.guest.errors import ConfigError
+
 from .processes import pid_alive
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,40}$")
@@ -93,7 +94,7 @@ def reap_orphan(rec: VmRecord) -> None:
     import shutil
     import signal
 
-    from .machine import default_sock_dir
+    from .runpaths import default_sock_dir
 
     try:
         cmdline = Path(f"/proc/{rec.qemu_pid}/cmdline").read_bytes().split(b"\0")

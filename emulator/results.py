@@ -5,14 +5,16 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import struct
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from aperture.guest import abi
+from aperture.guest.abi import CheckName
+from aperture.qmp_client.qemu import pmem_index
 from aperture.qmp_client.session import MemoryDevice, PciDevice
 
-from .config import pmem_index, ram_ranges
+from .config import ram_ranges
 
 
 @dataclass
@@ -76,12 +78,6 @@ def explain_hmm_skip(reason: str) -> str:
                 "not explained by aperture: see the reason hmm-tests gives")
 
 
-def device_pattern(seed: int, length: int) -> bytes:
-    """The guest helper's pattern (aperture.c): byte i = seed*7 + (i % 251)*13 (mod 256)."""
-    block = bytes((seed * 7 + k * 13) & 0xFF for k in range(251))
-    return (block * (length // 251 + 1))[:length]
-
-
 def _int(value: Any) -> int:
     try:
         return int(value)
@@ -122,19 +118,19 @@ class HostVerifier:
             return f.read(length)
 
     def verify(self, check: Check, written: list[dict[str, Any]] | None = None) -> Check:
-        if check.name == "aperture.window":
+        if check.name == CheckName.APERTURE_WINDOW:
             return self._verify_written(check, written or [])
-        if check.name == "nvdimm.present":
+        if check.name == CheckName.NVDIMM_PRESENT:
             return verify_nvdimm(check, self.devices)
-        if check.name in ("dax.fsdax", "dax.devdax"):
+        if check.name in (CheckName.DAX_FSDAX, CheckName.DAX_DEVDAX):
             return self._verify_stamp(check)
-        if check.name == "zone_device.probe":
+        if check.name == CheckName.ZONE_DEVICE_PROBE:
             return self._verify_probe(check)
-        if check.name == "zone_device.p2pmem":
+        if check.name == CheckName.ZONE_DEVICE_P2PMEM:
             return self._verify_p2pmem_row(check)
-        if check.name == "p2p.nvme_cmb":
+        if check.name == CheckName.P2P_NVME_CMB:
             return self._verify_nvme_cmb(check)
-        if check.name == "witness.hmm_tests":
+        if check.name == CheckName.WITNESS_HMM_TESTS:
             return self._verify_hmm_tests(check)
         return check
 
@@ -192,7 +188,7 @@ class HostVerifier:
         if self.nvme_file is not None and off >= 0 and 0 < length <= 16 << 20 and seed >= 0:
             with open(self.nvme_file, "rb") as f:
                 f.seek(off)
-                host_ok = f.read(length) == device_pattern(seed, length)
+                host_ok = f.read(length) == abi.pattern(seed, length)
         return Check(check.name, check.ok and host_ok and src_bar is not None,
                      dict(detail, host_verified=host_ok, host_file=str(self.nvme_file), host_offset=off,
                           src_in_nvme_bar=src_bar))
@@ -228,7 +224,7 @@ class HostVerifier:
             with open(self.devmem_files[dev], "rb") as f:
                 f.seek(off)
                 got = f.read(length)
-            if got != device_pattern(seed, length):
+            if got != abi.pattern(seed, length):
                 mismatches.append({"device": dev, "offset": off, "len": length, "seed": seed})
         detail = check.detail if isinstance(check.detail, dict) else {"guest": check.detail}
         ok = bool(written) and not mismatches
@@ -250,11 +246,11 @@ class HostVerifier:
                 continue
             with open(self.devmem_files[dev], "rb") as f:
                 f.seek(page * devices[dev].slot)
-                got_page, got_seq = struct.unpack("<QQ", f.read(16))
+                got_page, got_seq = abi.REMAP_STAMP.unpack(f.read(abi.REMAP_STAMP.size))
             checked += 1
             if (got_page, got_seq) != (page, seq):
                 bad.append({"device": dev, "page": page, "want_seq": seq, "found": [got_page, got_seq]})
-        return Check("remap.integrity", checked > 0 and not bad,
+        return Check(CheckName.REMAP_INTEGRITY, checked > 0 and not bad,
                      {"pages_checked": checked, "mismatches": bad[:20], "mismatch_count": len(bad)})
 
     def _ndctl_witness(self, detail: dict[str, Any], want_mode: str) -> dict[str, Any]:
@@ -282,7 +278,7 @@ class HostVerifier:
         phys, length, unit = _int(detail.get("stamp_phys")), _int(detail.get("stamp_len")), detail.get("stamp")
         if phys <= 0 or not 0 < length <= 1 << 20 or not isinstance(unit, str) or not unit:
             return Check(check.name, False, dict(detail, host_verified=False, host_error="no stamp reported"))
-        want_mode = "fsdax" if check.name == "dax.fsdax" else "devdax"
+        want_mode = "fsdax" if check.name == CheckName.DAX_FSDAX else "devdax"
         hit = self.nvdimm_at(phys, length)
         got = self.read_pmem(phys, length)
         expected = (unit.encode() * (length // len(unit) + 1))[:length]
@@ -403,7 +399,7 @@ def remap_hotplug(consistency: Check | None, stats: Any) -> Check:
                                              "guest_reprobe_ms_max", "violations")})
     ok = (summary.get("remaps", 0) > 0 and not summary.get("errors") and (guest.get("guest_reprobes") or 0) > 0
           and not guest.get("guest_reprobe_failures") and guest.get("violations") == 0)
-    return Check("remap.hotplug", bool(ok), detail)
+    return Check(CheckName.REMAP_HOTPLUG, bool(ok), detail)
 
 
 def junit_xml(result: RunResult) -> str:

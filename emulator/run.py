@@ -12,16 +12,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from aperture.guest import abi
+from aperture.guest.abi import CheckName, Env, MsgType
 from aperture.guest.cache import cache_root, mtime_or_zero
+from aperture.guest.errors import ConfigError, GuestError, SetupError
 from aperture.guest.image import GuestImage, build_image
 from aperture.guest.kernel import kernel_config
+from aperture.guest.kernelspec import KernelSpec
+from aperture.qmp_client.qemu import NVME_ID, PROBE_BAR_ID, find_qemu, qemu_version
 from aperture.qmp_client.remap import RemapController
 
-from . import abi
 from .accel import AccelChoice, choose_accel
-from .config import KernelSpec, RemapPlan, VmConfig
-from .errors import ConfigError, GuestError, SetupError
-from .machine import AUTO_NAME, NVME_ID, PROBE_BAR_ID, Vm, find_qemu, qemu_version, reap_dead_runs
+from .config import RemapPlan, VmConfig
+from .machine import Vm
 from .processes import pid_alive
 from .results import (
     Check,
@@ -32,6 +35,7 @@ from .results import (
     remap_hotplug,
     verify_fuzz,
 )
+from .runpaths import AUTO_NAME, reap_dead_runs
 
 Progress = Callable[[str], None]
 
@@ -148,7 +152,7 @@ def boot_once(config: VmConfig, prep: Prepared, run_dir: Path, progress: Progres
         pending: list[Check] = []
         for msg in vm.messages():
             kind = msg.get("type")
-            if kind == "hello":
+            if kind == MsgType.HELLO:
                 check_helper_abi(msg)
                 # BARs are assigned by the guest's firmware: read the address map once the guest is up.
                 verifier = _verifier(vm, config, prep.kernel)
@@ -156,34 +160,34 @@ def boot_once(config: VmConfig, prep: Prepared, run_dir: Path, progress: Progres
                          f"(guest uptime {msg.get('uptime_s')} s)")
                 if msg.get("kernel_release") != prep.kernel.release:
                     notes.append(f"guest reports kernel {msg.get('kernel_release')}")
-            elif kind == "check" and not (isinstance(msg.get("name"), str) and CHECK_NAME.fullmatch(msg["name"])
+            elif kind == MsgType.CHECK and not (isinstance(msg.get("name"), str) and CHECK_NAME.fullmatch(msg["name"])
                                            and isinstance(msg.get("ok"), bool)):
                 garbage += 1
                 if garbage <= MAX_GARBAGE_NOTES:
                     notes.append(f"malformed check message ignored: {str(msg)[:160]}")
-            elif kind == "check":
+            elif kind == MsgType.CHECK:
                 check = Check(str(msg.get("name", "?")), bool(msg.get("ok")), msg.get("detail"))
                 absent = isinstance(check.detail, dict) and check.detail.get("result") == "absent"
                 progress(f"  guest: {'ok  ' if check.ok else 'n/a ' if absent else 'FAIL'} {check.name}")
                 pending.append(check)
-            elif kind == "figures" and isinstance(msg.get("values"), dict):
+            elif kind == MsgType.FIGURES and isinstance(msg.get("values"), dict):
                 figures.update({str(k): float(v) for k, v in msg["values"].items() if isinstance(v, (int, float))})
-            elif kind == "phase" and msg.get("name") == "remap_start" and remap and vm.service and not controller:
+            elif kind == MsgType.PHASE and msg.get("name") == "remap_start" and remap and vm.service and not controller:
                 mode = os.environ.get("APERTURE_REMAP_MODE") or remap.mode  # "unsafe": negative control
                 controller = RemapController(vm.qmp, vm.service.devices, remap.every, mode)
                 controller.on_replug = vm.service.invalidate_map
                 controller.start()
                 progress(f"guest workload running; remapping every {remap.every * 1e3:g} ms ({remap.mode} mode)")
-            elif kind == "phase" and msg.get("name") == "remap_end" and controller:
+            elif kind == MsgType.PHASE and msg.get("name") == "remap_end" and controller:
                 remap_stats = controller.stop()
                 progress(f"{remap_stats.remaps} remaps done")
-            elif kind == "stamps" and isinstance(msg.get("stamps"), list):
+            elif kind == MsgType.STAMPS and isinstance(msg.get("stamps"), list):
                 stamps.extend(msg["stamps"][: max(MAX_RECORDS - len(stamps), 0)])
-            elif kind == "written" and isinstance(msg.get("regions"), list):
+            elif kind == MsgType.WRITTEN and isinstance(msg.get("regions"), list):
                 written.extend(r for r in msg["regions"][: max(MAX_RECORDS - len(written), 0)] if isinstance(r, dict))
-            elif kind == "log" and len(notes) < MAX_NOTES:
+            elif kind == MsgType.LOG and len(notes) < MAX_NOTES:
                 notes.append(str(msg.get("message"))[:500])
-            elif kind == "garbage":
+            elif kind == MsgType.GARBAGE:
                 garbage += 1
                 if garbage <= MAX_GARBAGE_NOTES:
                     notes.append(f"unparseable result line: {msg.get('raw')}")
@@ -198,17 +202,17 @@ def boot_once(config: VmConfig, prep: Prepared, run_dir: Path, progress: Progres
         remap_stats = controller.stop()
     checks = [verifier.verify(c, written) for c in pending] if verifier else pending
     if scenario == "fuzz":
-        checks = [verify_fuzz(c, untouchable, remap_stats) if c.name == "aperture.fuzz" else c for c in checks]
+        checks = [verify_fuzz(c, untouchable, remap_stats) if c.name == CheckName.APERTURE_FUZZ else c for c in checks]
     elif remap is not None:
-        checks = [remap_consistency(c, remap_stats) if c.name == "remap.consistency" else c for c in checks]
+        checks = [remap_consistency(c, remap_stats) if c.name == CheckName.REMAP_CONSISTENCY else c for c in checks]
         if remap.mode == "hotplug":
-            checks.append(remap_hotplug(next((c for c in checks if c.name == "remap.consistency"), None),
+            checks.append(remap_hotplug(next((c for c in checks if c.name == CheckName.REMAP_CONSISTENCY), None),
                                         remap_stats))
         if verifier:
             checks.append(verifier.verify_stamps(stamps, config.devices))
     if thread_errors[0]:
         # A guest that crashes our device thread must not look like a passing run.
-        checks.append(Check("host.emulator_thread", False,
+        checks.append(Check(CheckName.HOST_EMULATOR_THREAD, False,
                             {"errors": thread_errors[0], "first": thread_errors[1],
                              "log": str(run_dir / "emulator.log")}))
     if not checks and scenario == "default":
@@ -238,22 +242,22 @@ def run_vm(config: VmConfig, prep: Prepared, run_dir: Path, progress: Progress, 
     token = secrets.token_hex(4)
     if fuzz is not None:
         return boot_once(config, prep, run_dir, progress, scenario="fuzz", console_sink=console_sink, name=name,
-                         guest_env={"aperture_stamp": token, "aperture_duration": f"{fuzz:g}",
-                                    "aperture_remap": "1" if remap else "0"}, remap=remap)
+                         guest_env={Env.STAMP: token, Env.DURATION: f"{fuzz:g}",
+                                    Env.REMAP: "1" if remap else "0"}, remap=remap)
     if remap is not None:
         if remap.mode == "hotplug":
             config = dataclasses.replace(config, window_hotplug=True)
         return boot_once(config, prep, run_dir, progress, scenario="remap", console_sink=console_sink, name=name,
-                         guest_env={"aperture_stamp": token, "aperture_duration": f"{remap.duration:g}",
-                                    "aperture_remap_mode": remap.mode},
+                         guest_env={Env.STAMP: token, Env.DURATION: f"{remap.duration:g}",
+                                    Env.REMAP_MODE: remap.mode},
                          remap=remap)
     first = boot_once(config, prep, run_dir, progress, console_sink=console_sink, name=name,
-                      guest_env={"aperture_stamp": token})
+                      guest_env={Env.STAMP: token})
     if not reboot:
         return first
     progress("rebooting to verify persistence")
     second = boot_once(config, prep, run_dir, progress, console_sink=console_sink, name=name,
-                       guest_env={"aperture_stamp": secrets.token_hex(4), "aperture_expect": token})
+                       guest_env={Env.STAMP: secrets.token_hex(4), Env.EXPECT: token})
     return merge_boots([first, second])
 
 

@@ -13,68 +13,25 @@ import selectors
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from aperture.qmp_client.qemu import ctl_id, pmem_index, win_id
+
 from .addrmap import AddressMap, DmaFault, Region, flat
-from .config import DeviceConfig, PmemConfig, pmem_index, ram_ranges
+from .config import DeviceConfig, PmemConfig, ram_ranges
 from .device import ApertureDevice
 from .ivshmem_server import IvshmemServer
 from .memory import FileBuffer
-from .qemu_opts import opt_value
+from .qemu_argv import PCI_SLOT_BASE, device_qemu_args
+from .runpaths import DeviceFiles
 
 log = logging.getLogger("aperture.emulator")
 
-PCI_SLOT_BASE = 0x10
 LOOP_ERRORS_KEPT = 10
 LOOP_ERRORS_LOGGED = 100
 #: Seconds between two address-map rebuilds caused by addresses the map could not place.
 MAP_REFRESH_INTERVAL = 0.5
-
-
-def ctl_id(i: int) -> str:
-    return f"aperture{i}-ctl"
-
-
-def win_id(i: int) -> str:
-    return f"aperture{i}-win"
-
-
-@dataclass(frozen=True)
-class DeviceFiles:
-    devmem: Path  # persisted device memory (run dir)
-    window: Path  # the window BAR's backing file (shm)
-    socket: Path  # our ivshmem server socket
-
-
-def port_id(i: int) -> str:
-    return f"aprp{i}"
-
-
-def device_qemu_args(i: int, config: DeviceConfig, files: DeviceFiles, hotplug: bool = False) -> list[str]:
-    """QEMU arguments for device ``i``: a doorbell device served by us, and the window BAR.
-
-    With ``hotplug`` the window sits behind its own pcie-root-port (ACPI hotplug) and is backed directly by
-    the device-memory file at offset 0 (zero-copy; re-plugged at other offsets by hotplug remaps).
-    """
-    args = [
-        "-chardev", f"socket,id=apctl{i},path={opt_value(files.socket)}",
-        "-device", f"ivshmem-doorbell,id={ctl_id(i)},chardev=apctl{i},vectors=1,addr={PCI_SLOT_BASE + 2 * i:#x}",
-    ]
-    if not hotplug:
-        return args + [
-            "-object", f"memory-backend-file,id=apwin{i},size={config.window},"
-                       f"mem-path={opt_value(files.window)},share=on",
-            "-device", f"ivshmem-plain,id={win_id(i)},memdev=apwin{i},addr={PCI_SLOT_BASE + 2 * i + 1:#x}",
-        ]
-    return args + [
-        "-device", f"pcie-root-port,id={port_id(i)},chassis={i + 1},slot={i + 1},pref64-reserve=64M,"
-                   f"addr={PCI_SLOT_BASE + 2 * i + 1:#x}",
-        "-object", f"memory-backend-file,id=apwin{i},size={config.window},"
-                   f"mem-path={opt_value(files.devmem)},offset=0,share=on",
-        "-device", f"ivshmem-plain,id={win_id(i)},memdev=apwin{i},bus={port_id(i)}",
-    ]
 
 
 class DeviceService:

@@ -7,20 +7,20 @@ from pathlib import Path
 from typing import Any
 
 import click
-
-from .config import format_size
+from aperture.guest.abi import CheckName
+from aperture.guest.units import format_size
 
 
 def _summarize_detail(name: str, detail: Any) -> str:
     """One human line per check; the full detail is in --json."""
     d = detail if isinstance(detail, dict) else {}
-    if name == "nvdimm.present" and d:
+    if name == CheckName.NVDIMM_PRESENT and d:
         regions = d.get("regions") or []
         parts = [f"{r.get('name')} @ {int(r.get('addr', 0)):#x}, {format_size(int(r.get('size', 0)))}"
                  for r in regions if isinstance(r, dict)]
         match = "matches QMP" if d.get("matches_qmp") else f"QMP says {d.get('qmp')}"
         return f"{'; '.join(parts) or 'no regions'} ({match})"
-    if name in ("dax.fsdax", "dax.devdax") and d:
+    if name in (CheckName.DAX_FSDAX, CheckName.DAX_DEVDAX) and d:
         if d.get("error") or d.get("host_error"):
             return str(d.get("error") or d.get("host_error"))
         how = f"{d.get('device')} ({d.get('claim')}, {d.get('action')}{', mkfs' if d.get('mkfs') else ''})"
@@ -31,15 +31,15 @@ def _summarize_detail(name: str, detail: Any) -> str:
         witness = ("" if not w.get("present") else f"; ndctl: {w.get('namespace')} {w.get('mode')}" if w.get("ok")
                    else f"; ndctl disagrees: {w.get('why')}")
         return f"{how}; {where}{witness}"
-    if name == "dax.map_sync" and d:
+    if name == CheckName.DAX_MAP_SYNC and d:
         if d.get("mmap") != "ok":
             return f"MAP_SYNC mmap: {d.get('mmap')}"
         return (f"MAP_SYNC mmap {d.get('mmap')}, {format_size(int(d.get('bytes', 0)))} written, "
                 f"flushed with {d.get('flush')}, read back")
-    if name == "dax.persistence" and d:
+    if name == CheckName.DAX_PERSISTENCE and d:
         return ", ".join(f"{k} {'kept' if v else 'LOST'}" for k, v in d.items() if isinstance(v, bool)) + \
             f" (previous boot's token {d.get('expected_token')})"
-    if name == "zone_device.probe" and d:
+    if name == CheckName.ZONE_DEVICE_PROBE and d:
         rows = d.get("rows") or []
         cells = []
         for r in rows:
@@ -51,33 +51,33 @@ def _summarize_detail(name: str, detail: Any) -> str:
         return "O_DIRECT into: " + ", ".join(cells)
     if d.get("skip_reason"):
         return f"skipped: {d.get('skip_reason')}"
-    if name == "zone_device.p2pmem" and d:
+    if name == CheckName.ZONE_DEVICE_P2PMEM and d:
         if d.get("result") != "ok":
             return f"O_DIRECT into p2pmem: {d.get('result')} {d.get('why') or d.get('expected') or ''}".strip()
         bar = d.get("qmp_nvme_bar")
         return (f"O_DIRECT {d.get('source')} → p2pmem of {d.get('pci')} @ {int(d.get('phys', 0)):#x} "
                 f"({'inside the NVMe BAR' + str(bar) + ' per QMP' if bar is not None else 'NOT inside the NVMe CMB'})")
-    if name == "p2p.nvme_cmb" and d:
+    if name == CheckName.P2P_NVME_CMB and d:
         verified = "verified in " + Path(str(d.get("host_file"))).name if d.get("host_verified") else "NOT in the file"
         return (f"{format_size(int(d.get('len', 0)))} CMB → {d.get('device')} +{int(d.get('offset', 0)):#x}: "
                 f"{d.get('write')}, back into the CMB: {d.get('read')}; {verified}")
-    if name == "witness.hmm_tests" and d:
+    if name == CheckName.WITNESS_HMM_TESTS and d:
         if d.get("result") != "ran":
             return f"not run: {d.get('why')}"
         failed = d.get("failed_tests") or []
         return (f"hmm-tests: {d.get('passed')} passed, {d.get('failed')} failed, {d.get('skipped')} skipped "
                 f"in {d.get('duration_s')} s" + (f" (failed: {', '.join(map(str, failed[:4]))})" if failed else ""))
-    if name == "remap.consistency" and d:
+    if name == CheckName.REMAP_CONSISTENCY and d:
         return (f"{d.get('remaps')} {d.get('mode')}-mode remaps (p50 {d.get('latency_ms_p50')} ms, p99 "
                 f"{d.get('latency_ms_p99')} ms, max {d.get('latency_ms_max')} ms); guest: {d.get('reads')} checked "
                 f"reads, {d.get('writes')} stamps, {d.get('violations')} violations, {d.get('seqlock_retries')} "
                 f"seqlock retries")
-    if name == "remap.hotplug" and d:
+    if name == CheckName.REMAP_HOTPLUG and d:
         return (f"{d.get('remaps')} windows re-plugged (DEVICE_DELETED after {d.get('device_deleted_ms_p50')} ms, "
                 f"new device added after {d.get('latency_ms_p50')} ms, p50); guest re-probed {d.get('guest_reprobes')}"
                 f" times (avg {d.get('guest_reprobe_ms_avg')} ms, max {d.get('guest_reprobe_ms_max')} ms), "
                 f"{d.get('guest_reprobe_failures')} failures")
-    if name == "remap.integrity" and d:
+    if name == CheckName.REMAP_INTEGRITY and d:
         return f"{d.get('pages_checked')} pages' last stamps found in device memory; {d.get('mismatch_count')} missing"
     if name.startswith(("aperture.", "p2p.")) and d:
         return _summarize_device(name, d)
@@ -88,36 +88,36 @@ def _summarize_detail(name: str, detail: Any) -> str:
 def _summarize_device(name: str, d: dict[str, Any]) -> str:
     if d.get("error"):
         return str(d["error"])
-    if name == "aperture.window":
+    if name == CheckName.APERTURE_WINDOW:
         devs = d.get("devices") or []
         parts = [f"dev{x.get('device')}: {x.get('survived')}/{x.get('of')} pages survived remaps through "
                  f"{x.get('nr_slots')} slots of {format_size(int(x.get('slot_size', 0)))}" for x in devs]
         host = (f"host verified {d.get('host_verified_regions')} written regions in device memory"
                 if not d.get("host_mismatches") else f"host found {len(d['host_mismatches'])} regions NOT written")
         return "; ".join(parts) + f"; {host}"
-    if name == "aperture.persistence":
+    if name == CheckName.APERTURE_PERSISTENCE:
         return "; ".join(f"dev{x.get('device')}: {x.get('intact')}/{x.get('pages_checked')} pages from the first "
                          "boot intact" for x in d.get("devices") or [])
-    if name == "aperture.hidden_refused":
+    if name == CheckName.APERTURE_HIDDEN_REFUSED:
         return (f"MAP of hidden pages: {d.get('map_first_hidden')}/{d.get('map_last_hidden')}; device DMA into "
                 f"hidden memory: {d.get('device_dma_into_hidden')}, round trip "
                 f"{'ok' if d.get('round_trip_ok') else 'FAILED'}")
-    if name == "p2p.pmem_to_device":
+    if name == CheckName.P2P_PMEM_TO_DEVICE:
         return (f"{format_size(int(d.get('len', 0)))} devdax @ {int(d.get('src_phys', 0)):#x} → dev{d.get('device')} "
                 f"+{int(d.get('dst_device_offset', 0)):#x}: {d.get('status')}, "
                 f"{'verified through the window' if d.get('verified_through_window') else 'NOT verified'}")
-    if name == "p2p.device_to_pmem":
+    if name == CheckName.P2P_DEVICE_TO_PMEM:
         return (f"{format_size(int(d.get('len', 0)))} dev{d.get('device')} +{int(d.get('src_device_offset', 0)):#x} → "
                 f"devdax @ {int(d.get('dst_phys', 0)):#x}: {d.get('status')}, "
                 f"{'verified in the devdax mapping' if d.get('verified_in_devdax_mapping') else 'NOT verified'}")
-    if name == "p2p.ram_to_device":
+    if name == CheckName.P2P_RAM_TO_DEVICE:
         return (f"{d.get('pages')} scattered RAM pages ⇄ dev{d.get('device')} by DMA_LIST: in {d.get('ram_to_device')}"
                 f", out {d.get('device_to_ram')}")
-    if name == "p2p.device_to_device":
+    if name == CheckName.P2P_DEVICE_TO_DEVICE:
         return (f"{format_size(int(d.get('len', 0)))} dev{d.get('src_device')} → dev{d.get('dst_device')}'s window "
                 f"@ {int(d.get('dst_window_phys', 0)):#x} (page {d.get('dst_page')}): {d.get('status')}, "
                 f"{'seen in the peer window' if d.get('seen_in_peer_window') else 'NOT seen'}")
-    if name == "aperture.fuzz":
+    if name == CheckName.APERTURE_FUZZ:
         statuses = ", ".join(f"{k} {v}" for k, v in (d.get("statuses") or {}).items())
         changed = d.get("host_files_changed") or []
         return (f"{d.get('descriptors')} descriptors, {d.get('register_writes')} register writes, "
@@ -126,7 +126,7 @@ def _summarize_device(name: str, d: dict[str, Any]) -> str:
                 f"{d.get('alive')}; {d.get('host_files_checked')} host files "
                 f"{'unchanged' if not changed else 'CHANGED: ' + ', '.join(changed)}"
                 + (f"; {d.get('remaps')} remaps meanwhile" if d.get("remaps") is not None else ""))
-    if name == "aperture.bad_descriptors":
+    if name == CheckName.APERTURE_BAD_DESCRIPTORS:
         cases = d.get("cases") or []
         bad = [c for c in cases if "expected" in c and c.get("status") != c.get("expected")]
         extra = [c for c in cases if "expected" not in c]
@@ -161,7 +161,7 @@ def print_summary(result: Any) -> None:
     for c in result.checks:
         mark = click.style("ok  ", fg="green") if c.ok else click.style("FAIL", fg="red")
         click.echo(f"  {mark} {c.name:<{width}}  {_summarize_detail(c.name, c.detail)}")
-        if c.name == "zone_device.probe":
+        if c.name == CheckName.ZONE_DEVICE_PROBE:
             print_probe_table(c.detail)
     for note in result.messages:
         click.echo(f"  note: {note}")

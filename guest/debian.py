@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from aperture.emulator.errors import SetupError
+from aperture.guest.errors import SetupError
 
 from .cache import cache_root, read_manifest, write_manifest
 

@@ -5,10 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from aperture.guest.errors import SetupError
 from elftools.common.exceptions import ELFError
 from elftools.elf.elffile import ELFFile
-
-from aperture.emulator.errors import SetupError
 
 #: Xen ELF note type that carries the 32-bit PVH entry point (include/xen/interface/elfnote.h).
 XEN_ELFNOTE_PHYS32_ENTRY = 18

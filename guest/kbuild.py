@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass
 from importlib import resources
 from pathlib import Path
 
-from aperture.emulator.errors import SetupError
+from aperture.guest.errors import SetupError
 
 from .cache import cache_root, mtime_or_zero, private_tmp, read_manifest, write_manifest
 from .debian import DebFile, download, resolve_uri

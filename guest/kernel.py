@@ -13,8 +13,8 @@ import re
 import zlib
 from pathlib import Path
 
-from aperture.emulator.config import KernelSpec
-from aperture.emulator.errors import ConfigError, SetupError
+from aperture.guest.errors import ConfigError, SetupError
+from aperture.guest.kernelspec import KernelSpec
 
 from .cache import cache_root, private_tmp, read_manifest
 from .elf import pvh_entry

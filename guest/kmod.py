@@ -11,10 +11,9 @@ import lzma
 from dataclasses import dataclass
 from pathlib import Path
 
+from aperture.guest.errors import SetupError
 from elftools.common.exceptions import ELFError
 from elftools.elf.elffile import ELFFile
-
-from aperture.emulator.errors import SetupError
 
 _SUFFIXES = (".ko.xz", ".ko.zst", ".ko.gz", ".ko")
 

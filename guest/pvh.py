@@ -6,8 +6,8 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from aperture.emulator.config import KernelSpec
-from aperture.emulator.errors import SetupError
+from aperture.guest.errors import SetupError
+from aperture.guest.kernelspec import KernelSpec
 
 from .cache import cache_root, private_tmp
 from .elf import pvh_entry

@@ -10,13 +10,66 @@ import random
 import statistics
 import threading
 import time
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import Any, Protocol
 
-from aperture.emulator.errors import ApertureError
+from aperture.guest.errors import ConfigError
+
+from .qemu import port_id, win_backend_id, win_id
+from .session import SyncQmpSession
 
 UNSAFE_GAP_S = 0.001  # negative control: how long an unsafe remap leaves the table ahead of the data
 MAX_LATENCY_SAMPLES = 100_000  # per run: a reservoir beyond that (a long soak must not grow the host)
+
+
+class WindowGeometry(Protocol):
+    """What the remap driver reads of a device's configuration."""
+
+    @property
+    def nr_slots(self) -> int: ...
+    @property
+    def nr_pages(self) -> int: ...
+    @property
+    def window(self) -> int: ...
+    def page_hidden(self, page: int) -> bool: ...
+    def window_offsets(self) -> list[int]: ...
+
+
+class WindowState(Protocol):
+    """The slot table the device model keeps for a window."""
+
+    @property
+    def slots(self) -> list[int | None]: ...
+    @property
+    def direct_offset(self) -> int | None: ...
+    def announce(self, moves: dict[int, int | None]) -> None: ...
+    def begin_transition(self) -> None: ...
+    def set_direct(self, offset: int) -> None: ...
+
+
+class BackingFile(Protocol):
+    @property
+    def path(self) -> Path: ...
+
+
+class RemappableDevice(Protocol):
+    """What the remap driver needs of a device model: it lives in emulator/, which satisfies this without
+    qmp_client importing it (layers point down)."""
+
+    @property
+    def index(self) -> int: ...
+    @property
+    def config(self) -> WindowGeometry: ...
+    @property
+    def window(self) -> WindowState: ...
+    @property
+    def devmem(self) -> BackingFile: ...
+    @property
+    def lock(self) -> AbstractContextManager[Any]: ...
+    def retarget(self, moves: dict[int, int | None], seqlock: bool = True) -> None: ...
 
 
 @dataclass
@@ -57,7 +110,7 @@ class RemapStats:
         return out
 
 
-def pause_retarget(qmp: Any, device: Any, moves: dict[int, int | None]) -> float:
+def pause_retarget(qmp: SyncQmpSession, device: RemappableDevice, moves: dict[int, int | None]) -> float:
     """The pause-mode remap: QMP stop → retarget (under the device lock) → cont. Returns milliseconds."""
     with device.lock:
         t0 = time.perf_counter()
@@ -69,7 +122,7 @@ def pause_retarget(qmp: Any, device: Any, moves: dict[int, int | None]) -> float
         return (time.perf_counter() - t0) * 1e3
 
 
-def random_moves(device: Any, rng: random.Random, max_slots: int = 2) -> dict[int, int | None]:
+def random_moves(device: RemappableDevice, rng: random.Random, max_slots: int = 2) -> dict[int, int | None]:
     """Pick 1..max_slots slots of ``device`` and exposable pages not live elsewhere."""
     cfg = device.config
     slots = rng.sample(range(cfg.nr_slots), k=min(cfg.nr_slots, rng.randint(1, max_slots)))
@@ -86,14 +139,14 @@ def random_moves(device: Any, rng: random.Random, max_slots: int = 2) -> dict[in
 class RemapController:
     """A thread that remaps random slots of random devices every ``every`` seconds until stopped."""
 
-    def __init__(self, qmp: Any, devices: list[Any], every: float, mode: str = "pause", seed: int | None = None
-                 ) -> None:
+    def __init__(self, qmp: SyncQmpSession, devices: Sequence[RemappableDevice], every: float, mode: str = "pause",
+                 seed: int | None = None) -> None:
         self.hotplug = mode == "hotplug"
         self._memdev: dict[int, str] = {}
         self._serial = 0
-        self.on_replug: Any = None  # called after each hotplug remap (e.g. to drop a cached address map)
+        self.on_replug: Callable[[], None] | None = None  # called after each hotplug remap (e.g. to drop a cached address map)
         if mode not in ("pause", "hotplug", "unsafe"):
-            raise ApertureError(f"remap mode {mode!r} is not supported by this controller")
+            raise ConfigError(f"remap mode {mode!r} is not supported by this controller")
         # "unsafe" (APERTURE_REMAP_MODE=unsafe) is a negative control: retarget without pausing the guest and
         # without the seqlock, to show that the guest's checks do catch torn remaps. Never a user-facing mode.
         self.pause = mode != "unsafe"
@@ -120,7 +173,7 @@ class RemapController:
         self.stats.add_latency(ms)
         return ms
 
-    def _unsafe_remap(self, device: Any) -> tuple[dict[int, int | None], float]:
+    def _unsafe_remap(self, device: RemappableDevice) -> tuple[dict[int, int | None], float]:
         """Negative control: announce the new table, let the guest run, then move the data (no pause, no
         seqlock). The gap stands in for a slow copy; the lock is not held across it, so the guest keeps
         reading and DMAing through the torn window instead of waiting behind it, and the checks see it."""
@@ -136,15 +189,13 @@ class RemapController:
     def hotplug_once(self) -> float:
         """Zero-copy retarget of a whole window: plug a new memory-backend-file (device memory at another
         offset) in place of the window device. Returns ms from the start to the new device being added."""
-        from aperture.emulator.service import port_id, win_id
-
         device = self.rng.choice(self.devices)
         cfg, i = device.config, device.index
         current = device.window.direct_offset
         offsets = [off for off in cfg.window_offsets() if off != current]
         offset = self.rng.choice(offsets)
         self._serial += 1
-        old_id, new_id = self._memdev.get(i, f"apwin{i}"), f"apwin{i}-g{self._serial}"
+        old_id, new_id = self._memdev.get(i, win_backend_id(i)), win_backend_id(i, self._serial)
         session = self.qmp.session
         t0 = time.perf_counter()
         with device.lock:

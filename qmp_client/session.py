@@ -1,6 +1,7 @@
 """Typed QMP session on qemu.qmp's asyncio ``QMPClient``, plus a thread-backed synchronous facade.
 
-Every qemu.qmp failure is turned into ``QmpError`` so callers deal with one hierarchy.
+Every qemu.qmp failure is turned into ``QmpError`` (``QemuGone`` when the connection is lost) so callers deal
+with one hierarchy.
 """
 
 from __future__ import annotations
@@ -13,10 +14,9 @@ from collections.abc import Coroutine
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+from aperture.guest.errors import QemuGone, QmpError
 from qemu.qmp import ConnectError, EventListener, ExecuteError, QMPClient
 from qemu.qmp.error import QMPError
-
-from aperture.emulator.errors import QmpError
 
 T = TypeVar("T")
 
@@ -96,7 +96,7 @@ class QmpSession:
                 return
             except (ConnectError, OSError) as exc:
                 if alive is not None and not alive():
-                    raise QmpError("QEMU exited before its QMP socket accepted a connection") from None
+                    raise QemuGone("QEMU exited before its QMP socket accepted a connection") from None
                 if time.monotonic() > deadline:
                     raise QmpError(f"cannot connect to QMP at {socket_path}: {exc}") from None
                 await asyncio.sleep(0.02)
@@ -109,7 +109,7 @@ class QmpSession:
             desc = getattr(err, "desc", None) or str(exc)
             raise QmpError(f"QMP {command} failed: {desc}") from None
         except (QMPError, EOFError, OSError) as exc:
-            raise QmpError(f"QMP {command}: connection lost ({type(exc).__name__})") from None
+            raise QemuGone(f"QMP {command}: connection lost ({type(exc).__name__})") from None
 
     async def version(self) -> str:
         v = (await self.execute("query-version"))["qemu"]

@@ -13,14 +13,13 @@ import json
 import shlex
 import sys
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, Protocol, TextIO
 
-from aperture.emulator.config import parse_duration
-from aperture.emulator.errors import ApertureError
-from aperture.emulator.registry import VmRecord, state_dir
+from aperture.guest.errors import ApertureError, DaemonGone, QemuGone
+from aperture.guest.units import parse_duration
 
-from .control import call
 from .session import SyncQmpSession
 
 DOMAIN = {
@@ -72,15 +71,33 @@ def parse_qmp(line: str) -> tuple[str, dict[str, Any]]:
     return cmd, args
 
 
+class DeviceControl(Protocol):
+    """Sends one domain command to whoever owns the device model (the VM daemon) and returns its result."""
+
+    def __call__(self, cmd: str, timeout: float = 30.0, **args: Any) -> Any: ...
+
+
+@dataclass(frozen=True)
+class ShellTarget:
+    """The running VM a shell talks to: its name (the prompt), QEMU's pid (the banner), its QMP socket, the
+    device model's control and where readline keeps history."""
+
+    name: str
+    qemu_pid: int
+    qmp_socket: str
+    control: DeviceControl
+    history: Path
+
+
 class QmpShell:
-    def __init__(self, rec: VmRecord, *, as_json: bool = False, out: TextIO = sys.stdout,
+    def __init__(self, target: ShellTarget, *, as_json: bool = False, out: TextIO = sys.stdout,
                  err: TextIO = sys.stderr) -> None:
-        self.rec = rec
+        self.target = target
         self.as_json = as_json
         self.out = out
         self.err = err
-        self.qmp = SyncQmpSession(f"shell-{rec.name}")
-        self.qmp.connect(rec.qmp_socket, timeout=5)
+        self.qmp = SyncQmpSession(f"shell-{target.name}")
+        self.qmp.connect(target.qmp_socket, timeout=5)
         try:
             self.commands = self.qmp.call(self.qmp.session.commands())
         except ApertureError:
@@ -104,27 +121,27 @@ class QmpShell:
 
     # ------------------------------------------------------------------ commands
     def _domain(self, words: list[str], line: str) -> tuple[Any, Callable[[Any], str] | None]:
-        sock = self.rec.control_socket
+        call = self.target.control
         if words[0] == "guest" and len(words) > 1:  # the rest of the line, spacing and quotes as typed
             command = line.split(None, 1)[1]
-            return call(sock, "exec", timeout=GUEST_TIMEOUT + 10, command=command, timeout_s=GUEST_TIMEOUT), _show_exec
+            return call("exec", timeout=GUEST_TIMEOUT + 10, command=command, timeout_s=GUEST_TIMEOUT), _show_exec
         head = " ".join(words[:2])
         if words[0] == "window" and len(words) >= 2 and words[1] == "show" and len(words) <= 3:
             if len(words) == 3:
-                return call(sock, "window.show", dev=words[2]), _show_windows
-            return call(sock, "window.show"), _show_windows
+                return call("window.show", dev=words[2]), _show_windows
+            return call("window.show"), _show_windows
         if head == "window map" and len(words) == 5:
-            return call(sock, "window.map", dev=words[2], slot=words[3], page=words[4]), None
+            return call("window.map", dev=words[2], slot=words[3], page=words[4]), None
         if head == "window unmap" and len(words) == 4:
-            return call(sock, "window.unmap", dev=words[2], slot=words[3]), None
+            return call("window.unmap", dev=words[2], slot=words[3]), None
         if words == ["memmap"]:
-            return call(sock, "memmap"), _show_memmap
+            return call("memmap"), _show_memmap
         if words == ["dma", "stats"]:
-            return call(sock, "dma.stats"), None
+            return call("dma.stats"), None
         if head == "remap start" and len(words) == 3:
-            return call(sock, "remap.start", every=parse_duration(words[2])), str
+            return call("remap.start", every=parse_duration(words[2])), str
         if words == ["remap", "stop"]:
-            return call(sock, "remap.stop", timeout=60), None
+            return call("remap.stop", timeout=60), None
         usage = next((u for u in DOMAIN if u.split()[:2] == words[:2]), None) or \
             next((u for u in DOMAIN if u.split()[0] == words[0]), None)
         raise ShellError(f"usage: {usage}" if usage else f"unknown command {words[0]!r}")
@@ -154,24 +171,24 @@ class QmpShell:
             if self.qemu_gone:
                 raise ShellError("QEMU is gone; only 'quit' is left")
             self._reply(line, self.qmp.execute(cmd, args or None))
+        except (QemuGone, DaemonGone) as exc:
+            self.qemu_gone = True
+            self._error(line, f"{exc.one_line()}: QEMU is gone")
         except ApertureError as exc:
-            msg = exc.one_line()
-            if "connection lost" in msg or "closed" in msg:
-                self.qemu_gone = True
-                msg = f"{msg}: QEMU is gone"
-            self._error(line, msg)
+            self._error(line, exc.one_line())
         return True
 
     def loop(self, stream: TextIO) -> int:
         interactive = stream.isatty()
         if interactive:
-            _setup_readline(self.commands + sorted({u.split()[0] for u in DOMAIN}) + ["help", "quit"])
-            print(f"aperture qmp: {self.rec.name} (QEMU pid {self.rec.qemu_pid}); 'help' lists commands, "
+            _setup_readline(self.commands + sorted({u.split()[0] for u in DOMAIN}) + ["help", "quit"],
+                            self.target.history)
+            print(f"aperture qmp: {self.target.name} (QEMU pid {self.target.qemu_pid}); 'help' lists commands, "
                   "'quit' leaves", file=self.out)
         try:
             while True:
                 try:
-                    line = input(f"({self.rec.name}) ") if interactive else stream.readline()
+                    line = input(f"({self.target.name}) ") if interactive else stream.readline()
                 except EOFError:
                     break
                 except KeyboardInterrupt:
@@ -186,12 +203,11 @@ class QmpShell:
         return 1 if self.failures else 0
 
 
-def _setup_readline(words: list[str]) -> None:
+def _setup_readline(words: list[str], history: Path) -> None:
     try:
         import readline
     except ImportError:
         return
-    history = history_path()
     try:
         readline.read_history_file(history)
     except OSError:
@@ -234,7 +250,3 @@ def _show_exec(result: dict[str, Any]) -> str:
 def _show_memmap(regions: list[dict[str, Any]]) -> str:
     return "\n".join(f"  {r['start']:#014x}-{r['end']:#014x}  {r['kind']:<8} {'dma' if r['dma'] else '   '}  "
                      f"{r['name']}" for r in regions)
-
-
-def history_path() -> Path:
-    return state_dir().parent / "qmp_history"

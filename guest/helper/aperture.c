@@ -20,7 +20,6 @@
 #include <time.h>
 #include <unistd.h>
 
-#define MAX_DEVS 4
 #define KIB 1024ULL
 #define MIB (1024ULL * 1024ULL)
 
@@ -36,7 +35,7 @@ struct apdev {
     uint64_t hidden_start, hidden_end;
 };
 
-static struct apdev devs[MAX_DEVS];
+static struct apdev devs[APERTURE_MAX_DEVICES];
 static int ndevs;
 static uint32_t next_tag = 1;
 
@@ -132,7 +131,7 @@ static int discover(void)
     DIR *dir = opendir("/sys/bus/pci/devices");
     struct dirent *e;
     ndevs = 0;
-    while (dir && (e = readdir(dir)) && ndevs < MAX_DEVS) {
+    while (dir && (e = readdir(dir)) && ndevs < APERTURE_MAX_DEVICES) {
         char path[512], v[32], dv[32];
         unsigned long long start, size;
         if (e->d_name[0] == '.')
@@ -453,7 +452,7 @@ static void check_hidden(struct apdev *d, struct daxmap *dx)
               aperture_status_name((unsigned)map_st), aperture_status_name((unsigned)last_st),
               dma_in < 0 ? "timeout" : aperture_status_name((unsigned)dma_in),
               dma_out < 0 ? "timeout" : aperture_status_name((unsigned)dma_out), back ? "true" : "false");
-    report_check("aperture.hidden_refused", ok, jb.buf);
+    report_check(APERTURE_CHECK_APERTURE_HIDDEN_REFUSED, ok, jb.buf);
 }
 
 static void check_pmem_device(struct apdev *d, struct daxmap *dx)
@@ -481,7 +480,7 @@ static void check_pmem_device(struct apdev *d, struct daxmap *dx)
              "\"status\":\"%s\",\"verified_through_window\":%s}", d->index, dx->phys + 8 * MIB,
              (unsigned long long)(pin * d->slot), len, st < 0 ? "timeout" : aperture_status_name((unsigned)st),
              ok ? "true" : "false");
-    report_check("p2p.pmem_to_device", ok, detail);
+    report_check(APERTURE_CHECK_P2P_PMEM_TO_DEVICE, ok, detail);
 
     /* device page 41 (written through the window) -> pmem */
     ok = fill_page(d, 3 % d->nr_slots, pout, len, 202) == 0 && unmap_slot(d, 3 % d->nr_slots) == 0;
@@ -493,7 +492,7 @@ static void check_pmem_device(struct apdev *d, struct daxmap *dx)
     snprintf(detail, sizeof(detail), "{\"device\":%d,\"src_device_offset\":%llu,\"dst_phys\":%llu,\"len\":%zu,"
              "\"status\":\"%s\",\"verified_in_devdax_mapping\":%s}", d->index, (unsigned long long)(pout * d->slot),
              dx->phys + 10 * MIB, len, st < 0 ? "timeout" : aperture_status_name((unsigned)st), ok ? "true" : "false");
-    report_check("p2p.device_to_pmem", ok, detail);
+    report_check(APERTURE_CHECK_P2P_DEVICE_TO_PMEM, ok, detail);
 }
 
 static void check_ram_device(struct apdev *d)
@@ -532,7 +531,7 @@ static void check_ram_device(struct apdev *d)
              st_in < 0 ? "timeout" : aperture_status_name((unsigned)st_in),
              st_out < 0 ? "timeout" : aperture_status_name((unsigned)st_out), ok_in ? "true" : "false",
              ok_out ? "true" : "false");
-    report_check("p2p.ram_to_device", ok_in && ok_out, detail);
+    report_check(APERTURE_CHECK_P2P_RAM_TO_DEVICE, ok_in && ok_out, detail);
 }
 
 static void check_device_device(struct apdev *a, struct apdev *b)
@@ -562,7 +561,7 @@ static void check_device_device(struct apdev *a, struct apdev *b)
              "\"dst_page\":%llu,\"len\":%zu,\"status\":\"%s\",\"seen_in_peer_window\":%s}", a->index,
              (unsigned long long)(src * a->slot), b->index, b->win_phys + bs * b->slot, (unsigned long long)dst, len,
              st < 0 ? "timeout" : aperture_status_name((unsigned)st), seen ? "true" : "false");
-    report_check("p2p.device_to_device", ok, detail);
+    report_check(APERTURE_CHECK_P2P_DEVICE_TO_DEVICE, ok, detail);
 }
 
 struct bad_case {
@@ -685,7 +684,7 @@ static void check_bad(struct apdev *d, struct daxmap *dx)
                   alive ? "true" : "false");
     }
     jb_printf(&jb, "]}");
-    report_check("aperture.bad_descriptors", ok, jb.buf);
+    report_check(APERTURE_CHECK_APERTURE_BAD_DESCRIPTORS, ok, jb.buf);
 }
 
 /* ---------------------------------------------------------------- API for other scenarios (remap.c) */
@@ -818,7 +817,7 @@ static void bench_device(struct apdev *d, struct daxmap *dx)
         desc_4k = n / dt;
         mbps_4k = n * 4096 / dt / 1e6;
     }
-    snprintf(line, sizeof(line), "{\"type\":\"figures\",\"values\":{\"map_rtt_us_p50\":%.2f,\"map_rtt_us_p99\":%.2f,"
+    snprintf(line, sizeof(line), "{\"type\":\"" APERTURE_MSG_FIGURES "\",\"values\":{\"map_rtt_us_p50\":%.2f,\"map_rtt_us_p99\":%.2f,"
              "\"map_rtt_us_min\":%.2f,\"dma_2m_MBps\":%.1f,\"dma_4k_MBps\":%.1f,\"dma_4k_desc_per_s\":%.0f}}",
              rtt[N / 2], rtt[N * 99 / 100], rtt[0], mbps_2m, mbps_4k, desc_4k);
     report_line(line);
@@ -827,14 +826,14 @@ static void bench_device(struct apdev *d, struct daxmap *dx)
 void scenario_aperture(int bench_only)
 {
     struct daxmap dx = {0};
-    int expected = atoi(env_or("aperture_devices", "0"));
+    int expected = atoi(env_or(APERTURE_ENV_DEVICES, "0"));
     if (expected == 0)
         return;
     int n = discover();
     if (n < expected) {
         char msg[128];
         snprintf(msg, sizeof(msg), "{\"error\":\"found %d aperture devices, expected %d\"}", n, expected);
-        report_check("aperture.window", 0, msg);
+        report_check(APERTURE_CHECK_APERTURE_WINDOW, 0, msg);
         return;
     }
     open_devdax(&dx);
@@ -844,7 +843,7 @@ void scenario_aperture(int bench_only)
         bench_device(&devs[0], &dx);
         return;
     }
-    if (getenv("aperture_expect")) {
+    if (getenv(APERTURE_ENV_EXPECT)) {
         /* Second boot of --reboot: what the first boot wrote through the window is still in device memory. */
         struct jbuf jb;
         int ok = 1;
@@ -864,10 +863,10 @@ void scenario_aperture(int bench_only)
                       intact);
         }
         jb_printf(&jb, "]}");
-        report_check("aperture.persistence", ok, jb.buf);
+        report_check(APERTURE_CHECK_APERTURE_PERSISTENCE, ok, jb.buf);
     }
     jb_init(&written);
-    jb_printf(&written, "{\"type\":\"written\",\"regions\":[");
+    jb_printf(&written, "{\"type\":\"" APERTURE_MSG_WRITTEN "\",\"regions\":[");
     {
         struct jbuf jb;
         int ok = 1;
@@ -879,7 +878,7 @@ void scenario_aperture(int bench_only)
             ok &= check_window(&devs[i], &jb);
         }
         jb_printf(&jb, "]}");
-        report_check("aperture.window", ok, jb.buf);
+        report_check(APERTURE_CHECK_APERTURE_WINDOW, ok, jb.buf);
     }
     check_hidden(&devs[0], &dx);
     check_pmem_device(&devs[0], &dx);

@@ -397,7 +397,7 @@ static void fsdax_checks(struct pmem *p, const char *token, const char *expect, 
             close(fd);
     }
     jb_printf(&jb, "}");
-    report_check("dax.fsdax", ok && !p->error[0], jb.buf);
+    report_check(APERTURE_CHECK_DAX_FSDAX, ok && !p->error[0], jb.buf);
 }
 
 static void map_sync_check(const struct fsdax_state *fs)
@@ -433,7 +433,7 @@ static void map_sync_check(const struct fsdax_state *fs)
     jb_printf(&jb, "{\"mmap\":\"%s\",\"flush\":\"%s\",\"bytes\":%llu,\"phys\":%llu,\"mounted\":%s}",
               !fs->mounted ? "not attempted: no fsdax mount" : err ? errno_name(err) : "ok", flush_method(),
               MAPSYNC_LEN, phys, fs->mounted ? "true" : "false");
-    report_check("dax.map_sync", ok, jb.buf);
+    report_check(APERTURE_CHECK_DAX_MAP_SYNC, ok, jb.buf);
 }
 
 /* ---------------------------------------------------------------- devdax */
@@ -497,7 +497,7 @@ static void devdax_checks(struct pmem *p, const char *token, const char *expect,
         jb_str(&jb, unit);
     }
     jb_printf(&jb, "}");
-    report_check("dax.devdax", ok && !p->error[0], jb.buf);
+    report_check(APERTURE_CHECK_DAX_DEVDAX, ok && !p->error[0], jb.buf);
 }
 
 /* ---------------------------------------------------------------- probe matrix */
@@ -522,7 +522,7 @@ static int is_ivshmem(const char *dir, const char *name)
 static void map_bar2(struct bar *b)
 {
     char path[512], text[2048];
-    const char *want = env_or("aperture_probe_bar", "");
+    const char *want = env_or(APERTURE_ENV_PROBE_BAR, "");
     char path0[512];
     snprintf(path0, sizeof(path0), "/sys/bus/pci/devices/%s", want);
     if (want[0] && path_exists(path0))
@@ -599,7 +599,7 @@ static void probe_matrix(const struct pmem *fsdax, const struct devdax_state *dd
     }
     jb_printf(&jb, "]}");
     /* The host decides ok against the kernel's configuration; the guest reports what happened. */
-    report_check("zone_device.probe", src >= 0, jb.buf);
+    report_check(APERTURE_CHECK_ZONE_DEVICE_PROBE, src >= 0, jb.buf);
     free(ram);
 }
 
@@ -641,7 +641,7 @@ static void bench(const struct devdax_state *dd, const struct fsdax_state *fs)
     }
     char thp[64] = "?";
     read_text("/sys/kernel/mm/transparent_hugepage/enabled", thp, sizeof(thp));
-    snprintf(line, sizeof(line), "{\"type\":\"figures\",\"values\":{\"memcpy_ram_MBps\":%.1f,"
+    snprintf(line, sizeof(line), "{\"type\":\"" APERTURE_MSG_FIGURES "\",\"values\":{\"memcpy_ram_MBps\":%.1f,"
              "\"memcpy_devdax_MBps\":%.1f,\"memcpy_fsdax_MBps\":%.1f}}", r, d, f);
     report_log("bench-dax: transparent_hugepage %s", thp);
     report_line(line);
@@ -653,11 +653,11 @@ static void bench(const struct devdax_state *dd, const struct fsdax_state *fs)
 void scenario_dax(int mode)
 {
     int bench_only = mode == 1;
-    int expected = atoi(env_or("aperture_pmem", "1"));
-    const char *modes = env_or("aperture_pmem_modes", "");
-    const char *token = env_or("aperture_stamp", "none");
-    const char *expect = getenv("aperture_expect");
-    int force = atoi(env_or("aperture_force", "0"));
+    int expected = atoi(env_or(APERTURE_ENV_PMEM, "1"));
+    const char *modes = env_or(APERTURE_ENV_PMEM_MODES, "");
+    const char *token = env_or(APERTURE_ENV_STAMP, "none");
+    const char *expect = getenv(APERTURE_ENV_EXPECT);
+    int force = atoi(env_or(APERTURE_ENV_FORCE, "0"));
     struct region regions[MAX_REGIONS];
     static struct pmem pm[MAX_REGIONS];
     struct pmem *fsdax = NULL, *devdax = NULL;
@@ -708,7 +708,7 @@ void scenario_dax(int mode)
         jb_str(&persist, expect);
         jb_printf(&persist, "}");
         int ok = (fsdax || devdax) && !strstr(persist.buf, "false");
-        report_check("dax.persistence", ok, persist.buf);
+        report_check(APERTURE_CHECK_DAX_PERSISTENCE, ok, persist.buf);
     }
     if (fsdax && fsdax->dev[0])
         probe_matrix(fsdax, &dd, &fs);

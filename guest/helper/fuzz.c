@@ -210,7 +210,7 @@ static void results_garbage(struct fuzz_stats *st)
     switch (rnd() % 3) {
     case 0: memset(line, '[', len); break;                     /* deep nesting */
     case 1: for (size_t i = 0; i < len; i++) line[i] = (char)(rnd() % 256 ?: 1); break;
-    default: snprintf(line, sizeof(line), "{\"type\":\"check\",\"name\":%llu}", (unsigned long long)rnd());
+    default: snprintf(line, sizeof(line), "{\"type\":\"" APERTURE_MSG_CHECK "\",\"name\":%llu}", (unsigned long long)rnd());
              len = strlen(line);
     }
     line[len] = '\n';
@@ -224,23 +224,23 @@ void scenario_fuzz(void)
     struct jbuf jb;
     void *ram, *table;
     unsigned long long ram_phys = 0, tphys = 0, seed;
-    double duration = atof(env_or("aperture_duration", "5")), t0;
-    int n = aperture_discover(), remaps = atoi(env_or("aperture_remap", "0"));
+    double duration = atof(env_or(APERTURE_ENV_DURATION, "5")), t0;
+    int n = aperture_discover(), remaps = atoi(env_or(APERTURE_ENV_REMAP, "0"));
 
     memset(&st, 0, sizeof(st));
-    seed = strtoull(env_or("aperture_stamp", "1"), NULL, 16) | 1;
+    seed = strtoull(env_or(APERTURE_ENV_STAMP, "1"), NULL, 16) | 1;
     rng_state = seed;
     /* a DMA_LIST whose table is our page reads entries from it: fill it before the first one */
     ram = locked_page(&ram_phys);
     table = locked_page(&tphys);
     if (!ram || !table) {
-        report_check("aperture.fuzz", 0, "{\"error\":\"no locked RAM pages for DMA\"}");
+        report_check(APERTURE_CHECK_APERTURE_FUZZ, 0, "{\"error\":\"no locked RAM pages for DMA\"}");
         return;
     }
     table_phys = tphys;
     fill_list_page(table, 0, ram_phys);
     if (remaps)
-        report_line("{\"type\":\"phase\",\"name\":\"remap_start\"}");
+        report_line("{\"type\":\"" APERTURE_MSG_PHASE "\",\"name\":\"remap_start\"}");
     t0 = now_s();
     while (n > 0 && now_s() - t0 < duration) {
         int dev = (int)(rnd() % (uint64_t)n);
@@ -263,7 +263,7 @@ void scenario_fuzz(void)
         }
     }
     if (remaps)
-        report_line("{\"type\":\"phase\",\"name\":\"remap_end\"}");
+        report_line("{\"type\":\"" APERTURE_MSG_PHASE "\",\"name\":\"remap_end\"}");
     /* Give the device a moment to finish what is queued, then check each one still serves a NOP. */
     usleep(200000);
     jb_init(&jb);
@@ -294,5 +294,5 @@ void scenario_fuzz(void)
         alive = alive && nop == APERTURE_ST_OK;
     }
     jb_printf(&jb, "]}");
-    report_check("aperture.fuzz", alive && st.descriptors > 0, jb.buf);
+    report_check(APERTURE_CHECK_APERTURE_FUZZ, alive && st.descriptors > 0, jb.buf);
 }

@@ -26,7 +26,7 @@ static void modules_check(void)
         jb_printf(&jb, "{\"failed\":");
         jb_str(&jb, failed);
         jb_printf(&jb, "}");
-        report_check("guest.modules", 0, jb.buf);
+        report_check(APERTURE_CHECK_GUEST_MODULES, 0, jb.buf);
     }
 }
 
@@ -35,7 +35,7 @@ int main(int argc, char **argv)
     int tool = helper_tool(argc, argv);
     if (tool >= 0)
         return tool;
-    const char *scenario = argc > 1 ? argv[1] : env_or("aperture_scenario", "default");
+    const char *scenario = argc > 1 ? argv[1] : env_or(APERTURE_ENV_SCENARIO, "default");
     report_open();
     report_hello();
     if (strcmp(scenario, "probe") == 0) {
@@ -56,7 +56,7 @@ int main(int argc, char **argv)
         /* aperture up: configure DAX, say so, and stay up for interactive use */
         scenario_nvdimm();
         scenario_dax(2);
-        report_line("{\"type\":\"phase\",\"name\":\"idle\"}");
+        report_line("{\"type\":\"" APERTURE_MSG_PHASE "\",\"name\":\"idle\"}");
         scenario_serve(); /* never returns */
     } else if (strcmp(scenario, "remap") == 0) {
         scenario_nvdimm();

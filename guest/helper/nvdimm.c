@@ -54,7 +54,7 @@ int nd_regions(struct region *out, int max, int expected)
 
 void scenario_nvdimm(void)
 {
-    int expected = atoi(env_or("aperture_pmem", "1"));
+    int expected = atoi(env_or(APERTURE_ENV_PMEM, "1"));
     struct region regions[MAX_REGIONS];
     int n = nd_regions(regions, MAX_REGIONS, expected);
     struct jbuf jb;
@@ -66,5 +66,5 @@ void scenario_nvdimm(void)
         jb_printf(&jb, ",\"addr\":%llu,\"size\":%llu}", regions[i].addr, regions[i].size);
     }
     jb_printf(&jb, "]}");
-    report_check("nvdimm.present", n == expected && n > 0, jb.buf);
+    report_check(APERTURE_CHECK_NVDIMM_PRESENT, n == expected && n > 0, jb.buf);
 }

@@ -133,12 +133,12 @@ static void check_p2pmem_row(void)
 
     jb_init(&jb);
     /* ok is decided by the host (kernel config + QMP); the guest says whether the read worked */
-    report_check("zone_device.p2pmem", p2pmem_probe_row(&jb), jb.buf);
+    report_check(APERTURE_CHECK_ZONE_DEVICE_P2PMEM, p2pmem_probe_row(&jb), jb.buf);
 }
 
 static uint32_t token_seed(void)
 {
-    const char *token = env_or("aperture_stamp", "1");
+    const char *token = env_or(APERTURE_ENV_STAMP, "1");
 
     return (uint32_t)(strtoul(token, NULL, 16) & 0xffff) | 1;
 }
@@ -161,7 +161,7 @@ static void check_nvme_cmb(void)
                              : "no p2pmem provider: kernel without CONFIG_PCI_P2PDMA, or no NVMe controller "
                                "with a CMB");
         jb_printf(&jb, "}");
-        report_check("p2p.nvme_cmb", 0, jb.buf);
+        report_check(APERTURE_CHECK_P2P_NVME_CMB, 0, jb.buf);
         return;
     }
     src = p2pmem_alloc(&p, len);
@@ -187,7 +187,7 @@ static void check_nvme_cmb(void)
               fd >= 0 ? "ok" : errno_name(errno), src && dst ? "ok" : "failed", NVME_CMB_OFFSET, len, seed,
               wr, rd, back_ok ? "true" : "false", src ? virt_to_phys(src) : 0ULL,
               dst ? virt_to_phys(dst) : 0ULL);
-    report_check("p2p.nvme_cmb", back_ok && strcmp(wr, "ok") == 0, jb.buf);
+    report_check(APERTURE_CHECK_P2P_NVME_CMB, back_ok && strcmp(wr, "ok") == 0, jb.buf);
     if (fd >= 0)
         close(fd);
     if (src)

@@ -17,20 +17,15 @@
 
 #define MAX_PAGES 4096
 
-struct stamp {
-    uint64_t page;
-    uint64_t seq;
-};
-
 void scenario_remap(void)
 {
-    double duration = atof(env_or("aperture_duration", "10"));
+    double duration = atof(env_or(APERTURE_ENV_DURATION, "10"));
     int n = aperture_discover();
     if (n <= 0) {
-        report_check("remap.consistency", 0, "{\"error\":\"no aperture device\"}");
+        report_check(APERTURE_CHECK_REMAP_CONSISTENCY, 0, "{\"error\":\"no aperture device\"}");
         return;
     }
-    int hotplug = !strcmp(env_or("aperture_remap_mode", "pause"), "hotplug");
+    int hotplug = !strcmp(env_or(APERTURE_ENV_REMAP_MODE, "pause"), "hotplug");
     uint64_t reprobes = 0, reprobe_failures = 0;
     double reprobe_ms_sum = 0, reprobe_ms_max = 0;
     static uint64_t last[4][MAX_PAGES];
@@ -40,12 +35,12 @@ void scenario_remap(void)
     void *ram = NULL;
     unsigned long long ram_phys = 0;
     if (aperture_ram_page(&ram, &ram_phys) != 0) {
-        report_check("remap.consistency", 0, "{\"error\":\"no locked RAM page\"}");
+        report_check(APERTURE_CHECK_REMAP_CONSISTENCY, 0, "{\"error\":\"no locked RAM page\"}");
         return;
     }
     for (int i = 0; i < n; i++)
         prev_gen[i] = first_gen[i] = aperture_generation(i);
-    report_line("{\"type\":\"phase\",\"name\":\"remap_start\"}");
+    report_line("{\"type\":\"" APERTURE_MSG_PHASE "\",\"name\":\"remap_start\"}");
     double deadline = now_s() + duration;
     unsigned rr = 0;
     while (now_s() < deadline) {
@@ -94,7 +89,7 @@ void scenario_remap(void)
                     slot = -1;
                     break;
                 }
-                struct stamp seen;
+                struct aperture_remap_stamp seen;
                 if (!aperture_window(i))
                     break;
                 memcpy(&seen, aperture_window(i) + (uint64_t)slot * aperture_slot_size(i), sizeof(seen));
@@ -117,7 +112,7 @@ void scenario_remap(void)
             }
             if (slot < 0)
                 continue;
-            struct stamp st = {page, last[i][page] + 1};
+            struct aperture_remap_stamp st = {page, last[i][page] + 1};
             memcpy(ram, &st, sizeof(st));
             if (aperture_dma(i, ram_phys, page * aperture_slot_size(i), sizeof(st), APERTURE_DMA_DST_LOCAL) == 0) {
                 last[i][page] = st.seq;
@@ -125,7 +120,7 @@ void scenario_remap(void)
             }
         }
     }
-    report_line("{\"type\":\"phase\",\"name\":\"remap_end\"}");
+    report_line("{\"type\":\"" APERTURE_MSG_PHASE "\",\"name\":\"remap_end\"}");
     struct jbuf jb;
     jb_init(&jb);
     jb_printf(&jb, "{\"guest_reprobes\":%llu,\"guest_reprobe_failures\":%llu,\"guest_reprobe_ms_avg\":%.2f,"
@@ -139,11 +134,11 @@ void scenario_remap(void)
               aperture_stale_completions(), n);
     jb_str(&jb, first_violation);
     jb_printf(&jb, "}");
-    report_check("remap.consistency", violations == 0 && reads > 0 && writes > 0 && !reprobe_failures, jb.buf);
+    report_check(APERTURE_CHECK_REMAP_CONSISTENCY, violations == 0 && reads > 0 && writes > 0 && !reprobe_failures, jb.buf);
     /* The last stamp of every page written, for the host's device-memory check. */
     struct jbuf out;
     jb_init(&out);
-    jb_printf(&out, "{\"type\":\"stamps\",\"stamps\":[");
+    jb_printf(&out, "{\"type\":\"" APERTURE_MSG_STAMPS "\",\"stamps\":[");
     int first = 1;
     for (int i = 0; i < n; i++)
         for (uint32_t p = 0; p < MAX_PAGES; p++)

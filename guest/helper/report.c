@@ -71,7 +71,7 @@ int open_port(const char *name, int flags)
 
 void report_open(void)
 {
-    results_fd = open_port("aperture.results", O_WRONLY);
+    results_fd = open_port(APERTURE_RESULTS_PORT, O_WRONLY);
     if (results_fd < 0)
         fprintf(stderr, "aperture-helper: results port not found; reporting on stdout\n");
 }
@@ -128,7 +128,7 @@ void report_hello(void)
     struct jbuf jb;
     uname(&u);
     jb_init(&jb);
-    jb_printf(&jb, "{\"type\":\"hello\",\"kernel_release\":");
+    jb_printf(&jb, "{\"type\":\"" APERTURE_MSG_HELLO "\",\"kernel_release\":");
     jb_str(&jb, u.release);
     jb_printf(&jb, ",\"uptime_s\":%.3f,\"helper_abi\":%d}", uptime_s(), APERTURE_HELPER_ABI);
     report_line(jb.buf);
@@ -138,7 +138,7 @@ void report_check(const char *name, int ok, const char *detail_json)
 {
     struct jbuf jb;
     jb_init(&jb);
-    jb_printf(&jb, "{\"type\":\"check\",\"name\":");
+    jb_printf(&jb, "{\"type\":\"" APERTURE_MSG_CHECK "\",\"name\":");
     jb_str(&jb, name);
     jb_printf(&jb, ",\"ok\":%s,\"detail\":%s}", ok ? "true" : "false", detail_json ? detail_json : "null");
     report_line(jb.buf);
@@ -153,7 +153,7 @@ void report_log(const char *fmt, ...)
     vsnprintf(msg, sizeof(msg), fmt, ap);
     va_end(ap);
     jb_init(&jb);
-    jb_printf(&jb, "{\"type\":\"log\",\"message\":");
+    jb_printf(&jb, "{\"type\":\"" APERTURE_MSG_LOG "\",\"message\":");
     jb_str(&jb, msg);
     jb_printf(&jb, "}");
     report_line(jb.buf);
@@ -162,7 +162,7 @@ void report_log(const char *fmt, ...)
 void report_done(void)
 {
     char buf[64];
-    snprintf(buf, sizeof(buf), "{\"type\":\"done\",\"uptime_s\":%.3f}", uptime_s());
+    snprintf(buf, sizeof(buf), "{\"type\":\"" APERTURE_MSG_DONE "\",\"uptime_s\":%.3f}", uptime_s());
     report_line(buf);
 }
 

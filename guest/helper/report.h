@@ -4,6 +4,8 @@
 
 #include <stddef.h>
 
+#include "aperture_abi.h" /* every name the host and the helper share */
+
 /* A growable-enough JSON text buffer (fixed size: details are small). */
 struct jbuf {
     char buf[16384];

@@ -78,7 +78,7 @@ static void run_exec(long id, const char *cmd)
                     if (!chunk[i])
                         chunk[i] = '?';
             jb_init(&jb);
-            jb_printf(&jb, "{\"type\":\"cmd-output\",\"id\":%ld,\"data\":", id);
+            jb_printf(&jb, "{\"type\":\"" APERTURE_MSG_CMD_OUTPUT "\",\"id\":%ld,\"data\":", id);
             jb_str(&jb, chunk);
             jb_printf(&jb, "}");
             report_line(jb.buf);
@@ -87,7 +87,7 @@ static void run_exec(long id, const char *cmd)
         rc = WIFEXITED(st) ? WEXITSTATUS(st) : 128 + (WIFSIGNALED(st) ? WTERMSIG(st) : 0);
     }
     jb_init(&jb);
-    jb_printf(&jb, "{\"type\":\"cmd-done\",\"id\":%ld,\"rc\":%d,\"output_bytes\":%zu,\"truncated\":%s}", id, rc,
+    jb_printf(&jb, "{\"type\":\"" APERTURE_MSG_CMD_DONE "\",\"id\":%ld,\"rc\":%d,\"output_bytes\":%zu,\"truncated\":%s}", id, rc,
               total, total > EXEC_OUTPUT_MAX ? "true" : "false");
     report_line(jb.buf);
 }
@@ -109,14 +109,14 @@ static void run_scenario(long id, const char *name)
         known = 0;
     }
     char line[160];
-    snprintf(line, sizeof(line), "{\"type\":\"cmd-done\",\"id\":%ld,\"rc\":%d,\"output\":\"%s\"}", id,
+    snprintf(line, sizeof(line), "{\"type\":\"" APERTURE_MSG_CMD_DONE "\",\"id\":%ld,\"rc\":%d,\"output\":\"%s\"}", id,
              known ? 0 : 2, known ? "" : "unknown scenario");
     report_line(line);
 }
 
 void scenario_serve(void)
 {
-    int fd = open_port("aperture.cmd", O_RDONLY);
+    int fd = open_port(APERTURE_COMMAND_PORT, O_RDONLY);
     if (fd < 0)
         for (;;)
             pause();

@@ -155,13 +155,13 @@ const char *errno_name(int e)
 void pattern_fill(uint8_t *buf, size_t len, uint32_t seed)
 {
     for (size_t i = 0; i < len; i++)
-        buf[i] = (uint8_t)(seed * 7u + (uint32_t)(i % 251) * 13u);
+        buf[i] = aperture_pattern_byte(seed, i);
 }
 
 int pattern_check(const uint8_t *buf, size_t len, uint32_t seed)
 {
     for (size_t i = 0; i < len; i++)
-        if (buf[i] != (uint8_t)(seed * 7u + (uint32_t)(i % 251) * 13u))
+        if (buf[i] != aperture_pattern_byte(seed, i))
             return 0;
     return 1;
 }

@@ -118,7 +118,7 @@ void scenario_witness(void)
                                               "`aperture kernel build`)"
                                             : "no /dev/hmm_dmirror0: kernel without CONFIG_TEST_HMM");
         jb_printf(&jb, "}");
-        report_check("witness.hmm_tests", 0, jb.buf);
+        report_check(APERTURE_CHECK_WITNESS_HMM_TESTS, 0, jb.buf);
         return;
     }
     prepare_environment(huge, sizeof(huge), &debugfs, thp, sizeof(thp));
@@ -190,5 +190,5 @@ void scenario_witness(void)
         jb_str(&jb, c.failed_tests[i]);
     }
     jb_printf(&jb, "]}");
-    report_check("witness.hmm_tests", !timed_out && c.failed == 0 && c.passed >= 20, jb.buf);
+    report_check(APERTURE_CHECK_WITNESS_HMM_TESTS, !timed_out && c.failed == 0 && c.passed >= 20, jb.buf);
 }

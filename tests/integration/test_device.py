@@ -6,8 +6,8 @@ import json
 from pathlib import Path
 
 import pytest
+from aperture.guest.abi import pattern as device_pattern
 
-from aperture.emulator.results import device_pattern
 from tests.conftest import checks_by_name as _checks
 from tests.conftest import run_aperture
 

@@ -7,8 +7,8 @@ import shutil
 from pathlib import Path
 
 import pytest
+from aperture.guest.errors import SetupError
 
-from aperture.emulator.errors import SetupError
 from tests.conftest import checks_by_name, run_aperture
 
 

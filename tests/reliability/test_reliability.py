@@ -20,8 +20,8 @@ import time
 from pathlib import Path
 
 import pytest
+from aperture.emulator.runpaths import reap_dead_runs
 
-from aperture.emulator.machine import reap_dead_runs
 from tests.conftest import aperture_argv, qemu_processes, run_aperture
 
 

@@ -1,18 +1,17 @@
-"""One ABI definition: the committed C header is exactly what emulator/abi.py generates, and both agree."""
+"""One ABI definition: the committed C header is exactly what guest/abi.py generates, and both agree."""
 
 import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
-
-from aperture.emulator import abi
+from aperture.guest import abi
 
 HEADER = Path(__file__).resolve().parents[2] / "guest" / "helper" / "aperture_abi.h"
 
 
 def test_committed_header_is_generated() -> None:
-    assert HEADER.read_text() == abi.c_header(), "run: python -m aperture.emulator.abi > guest/helper/aperture_abi.h"
+    assert HEADER.read_text() == abi.c_header(), "run: python -m aperture.guest.abi > guest/helper/aperture_abi.h"
 
 
 def test_layout_fits_and_does_not_overlap() -> None:

@@ -1,7 +1,7 @@
 import pytest
-
-from aperture.emulator.config import NVDIMM_LABEL_SIZE, GiB, MiB, PmemConfig, VmConfig, format_size, parse_size, ram_ranges
-from aperture.emulator.errors import ConfigError
+from aperture.emulator.config import NVDIMM_LABEL_SIZE, PmemConfig, VmConfig, ram_ranges
+from aperture.guest.errors import ConfigError
+from aperture.guest.units import GiB, MiB, format_size, parse_size
 
 
 @pytest.mark.parametrize("text,value", [("4096", 4096), ("256M", 256 * MiB), ("1G", GiB), ("2m", 2 * MiB),

@@ -4,7 +4,6 @@ import stat
 import subprocess
 
 import pytest
-
 from aperture.guest.cpio import CpioWriter, read_cpio
 
 

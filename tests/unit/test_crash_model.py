@@ -17,11 +17,12 @@ import signal
 import time
 from pathlib import Path
 
-from aperture.emulator import abi
 from aperture.emulator.addrmap import AddressMap, Region, flat
-from aperture.emulator.config import DeviceConfig, KiB, MiB
+from aperture.emulator.config import DeviceConfig
 from aperture.emulator.device import ApertureDevice
 from aperture.emulator.memory import FileBuffer
+from aperture.guest import abi
+from aperture.guest.units import KiB, MiB
 
 CFG = DeviceConfig(mem=4 * MiB, window=256 * KiB, slot=64 * KiB, hidden=((3840 * KiB, 4 * MiB),))
 RAM_BASE, RAM_SIZE = 0x100000, 1 * MiB

@@ -11,14 +11,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
-
-from aperture.emulator import abi
 from aperture.emulator.addrmap import AddressMap, DmaFault, Region, flat
-from aperture.emulator.config import DeviceConfig, KiB, MiB
+from aperture.emulator.config import DeviceConfig
 from aperture.emulator.device import ApertureDevice
 from aperture.emulator.memory import FileBuffer
+from aperture.guest import abi
+from aperture.guest.units import KiB, MiB
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 SMALL = DeviceConfig(mem=1 * MiB, window=64 * KiB, slot=16 * KiB, hidden=((960 * KiB, 1 * MiB),))
 RAM_BASE, RAM_SIZE = 0x10000, 256 * KiB
@@ -493,7 +493,8 @@ def test_emulator_thread_errors_are_bounded_and_logged(tmp_path: Path, monkeypat
     import logging
 
     from aperture.emulator import service as service_mod
-    from aperture.emulator.service import DeviceFiles, DeviceService
+    from aperture.emulator.runpaths import DeviceFiles
+    from aperture.emulator.service import DeviceService
 
     def boom(self: ApertureDevice) -> None:
         raise RuntimeError("guest-provoked failure")

@@ -3,9 +3,8 @@ import subprocess
 from pathlib import Path
 
 import pytest
-
-from aperture.emulator.errors import ConfigError, SetupError
 from aperture.guest.elf import check_static_x86_64, elf_facts
+from aperture.guest.errors import ConfigError, SetupError
 from aperture.guest.image import build_helper
 from aperture.guest.kernel import kernel_format, kernel_release
 

@@ -4,10 +4,9 @@ import os
 from pathlib import Path
 
 import pytest
-
-from aperture.emulator.errors import SetupError
 from aperture.guest.cpio import read_cpio
 from aperture.guest.elf import binary_closure
+from aperture.guest.errors import SetupError
 from aperture.guest.image import _prune, build_image
 
 

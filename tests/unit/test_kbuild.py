@@ -6,9 +6,7 @@ import gzip
 from pathlib import Path
 
 import pytest
-
-from aperture.emulator.config import KernelSpec
-from aperture.emulator.errors import SetupError
+from aperture.guest.errors import SetupError
 from aperture.guest.image import GUEST_FEATURES, plan_modules
 from aperture.guest.kbuild import (
     FragmentOption,
@@ -19,6 +17,7 @@ from aperture.guest.kbuild import (
     read_fragment,
 )
 from aperture.guest.kernel import embedded_config, read_builtin, resolve_kernel
+from aperture.guest.kernelspec import KernelSpec
 
 
 def test_the_fragment_has_every_option_the_project_depends_on() -> None:
@@ -124,7 +123,7 @@ def test_ikconfig_is_read_from_an_elf_kernel(tmp_path: Path) -> None:
 
 
 def test_kernel_keywords_and_bad_paths(tmp_path: Path) -> None:
-    from aperture.emulator.errors import ConfigError
+    from aperture.guest.errors import ConfigError
 
     with pytest.raises(ConfigError, match="is a directory"):
         resolve_kernel(tmp_path)

@@ -5,8 +5,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-
-from aperture.emulator.errors import SetupError
+from aperture.guest.errors import SetupError
 from aperture.guest.kmod import ModuleIndex, parse_modinfo
 
 

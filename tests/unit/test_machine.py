@@ -4,11 +4,12 @@ import json
 from pathlib import Path
 
 import pytest
-
-from aperture.emulator.config import KernelSpec, PmemConfig, VmConfig
-from aperture.emulator.errors import ConfigError
-from aperture.emulator.machine import RunPaths, build_argv, kernel_cmdline
+from aperture.emulator.config import PmemConfig, VmConfig
+from aperture.emulator.qemu_argv import build_argv, kernel_cmdline
 from aperture.emulator.results import Check, HostVerifier, verify_nvdimm
+from aperture.emulator.runpaths import RunPaths
+from aperture.guest.errors import ConfigError
+from aperture.guest.kernelspec import KernelSpec
 from aperture.qmp_client.session import MemoryDevice
 
 
@@ -105,8 +106,8 @@ def test_old_auto_named_run_dirs_are_pruned(tmp_path: Path, monkeypatch: pytest.
     import os
     import subprocess
 
-    from aperture.emulator.machine import new_run_name
     from aperture.emulator.run import AUTO_NAME, default_run_dir
+    from aperture.emulator.runpaths import new_run_name
 
     child = subprocess.Popen(["true"])  # its pid names runs whose process has exited
     child.wait()
@@ -161,9 +162,9 @@ def test_files_of_killed_runs_are_reaped(tmp_path: Path, monkeypatch: pytest.Mon
     import os
     import subprocess
 
-    from aperture.emulator import machine
+    from aperture.emulator import runpaths
 
-    monkeypatch.setattr(machine, "default_sock_dir", lambda name: tmp_path / "sock" / name)
+    monkeypatch.setattr(runpaths, "default_sock_dir", lambda name: tmp_path / "sock" / name)
     dead = subprocess.Popen(["true"])
     dead.wait()
     dead_name, live_name = f"20260101-000000-{dead.pid}-abcd", f"20260101-000000-{os.getppid()}-abcd"
@@ -173,7 +174,7 @@ def test_files_of_killed_runs_are_reaped(tmp_path: Path, monkeypatch: pytest.Mon
         (shm / f"aperture-{name}-ram").write_bytes(b"x")
         (tmp_path / "sock" / name).mkdir(parents=True)
     (shm / "aperture-pytest-1234-ram").write_bytes(b"x")  # not an auto name: never touched
-    assert machine.reap_dead_runs(shm) == [dead_name]
+    assert runpaths.reap_dead_runs(shm) == [dead_name]
     assert sorted(p.name for p in shm.iterdir()) == sorted(["aperture-pytest-1234-ram", f"aperture-{live_name}-ram"])
     assert [p.name for p in (tmp_path / "sock").iterdir()] == [live_name]
 
@@ -191,8 +192,8 @@ def test_a_comma_in_a_path_never_reaches_qemu_unquoted() -> None:
 
 def test_exec_output_lost_on_the_channel_is_an_error_not_silence(tmp_path: Path) -> None:
     """A cmd-output chunk glued to an over-long garbage line is dropped with it: exec says so."""
-    from aperture.emulator.errors import GuestError
     from aperture.emulator.machine import RESULTS_LINE_MAX, Vm
+    from aperture.guest.errors import GuestError
 
     vm = Vm(VmConfig(devices=()), KernelSpec(Path("/k"), None, "6.1"), Path("/i"), accel="tcg", run_dir=tmp_path)
     vm.paths.run_dir.mkdir(parents=True, exist_ok=True)
@@ -213,8 +214,8 @@ def test_a_full_run_dir_is_refused_before_anything_starts(tmp_path: Path, monkey
     """48 MiB free where the VM's sparse files could grow by ~1 GiB: a SetupError (exit 3) naming the path."""
     import os
 
-    from aperture.emulator.errors import SetupError
     from aperture.emulator.machine import Vm
+    from aperture.guest.errors import SetupError
 
     real = os.statvfs
     run_dir = tmp_path / "run"
@@ -234,7 +235,7 @@ def test_a_full_run_dir_is_refused_before_anything_starts(tmp_path: Path, monkey
 
 def test_a_flood_on_the_results_channel_stops_the_vm(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from aperture.emulator import machine
-    from aperture.emulator.errors import GuestError
+    from aperture.guest.errors import GuestError
 
     monkeypatch.setattr(machine, "RESULTS_TOTAL_MAX", 1 << 20)
     vm = machine.Vm(VmConfig(devices=()), KernelSpec(Path("/k"), None, "6.1"), Path("/i"), accel="tcg",
@@ -248,18 +249,17 @@ def test_a_flood_on_the_results_channel_stops_the_vm(tmp_path: Path, monkeypatch
 
 def test_qmp_sessions_do_not_hoard_events() -> None:
     """Every remap makes a STOP and a RESUME event: the default all-events queue of qemu.qmp must not keep them."""
-    from qemu.qmp import Message
-
     from aperture.qmp_client.session import QmpSession
+    from qemu.qmp import Message
 
     session = QmpSession("t")
     assert not session._client.events.accept(Message({"event": "STOP", "data": {}, "timestamp": {}}))
 
 
 def test_a_helper_with_another_results_abi_is_refused() -> None:
-    from aperture.emulator import abi
-    from aperture.emulator.errors import SetupError
     from aperture.emulator.run import check_helper_abi
+    from aperture.guest import abi
+    from aperture.guest.errors import SetupError
 
     check_helper_abi({"type": "hello", "helper_abi": abi.HELPER_ABI})
     for other in (abi.HELPER_ABI + 1, None, "1"):

@@ -1,12 +1,18 @@
-"""One error hierarchy; the CLI maps each class to an exit code in one place."""
+"""One error tree for every layer (it lives in the lowest one); each class carries the exit code it means.
+
+Exit codes mean one thing each (README's table is the truth): 1 a check failed (not an error class: the run's
+verdict), 2 bad usage or configuration, 3 the environment lacks something, 4 the guest or QEMU misbehaved,
+70 an internal error (a bug), 130 interrupted.
+"""
 
 from __future__ import annotations
 
 
 class ApertureError(Exception):
-    """Base of every error aperture raises on purpose. ``exit_code`` is what the CLI exits with."""
+    """Base of every error aperture raises on purpose. ``exit_code`` is what the CLI exits with; raise a
+    subclass: the base itself has no category, so it exits 70 like any other bug."""
 
-    exit_code = 1
+    exit_code = 70
 
     def __init__(self, message: str) -> None:
         super().__init__(message)
@@ -52,4 +58,21 @@ class VmLaunchError(GuestError):
 
 
 class QmpError(GuestError):
-    """A QMP command failed, or the QMP connection was lost (QEMU gone)."""
+    """A QMP command failed."""
+
+
+class QemuGone(QmpError):
+    """The QMP connection is lost or was never made: QEMU has exited (or was killed)."""
+
+
+class ControlRefused(ApertureError):
+    """The VM daemon refused a request; ``exit_code`` is the category the daemon gave it (2 bad request, 3
+    environment, 4 guest), so a refusal means the same across the control socket as it would in-process."""
+
+    def __init__(self, message: str, exit_code: int) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code if exit_code in (2, 3, 4) else 70
+
+
+class DaemonGone(GuestError):
+    """The VM daemon's control socket is unreachable or closed without a reply: the VM has stopped."""

@@ -1,6 +1,8 @@
-"""The one definition of the aperture device ABI (control memory, rings, descriptors, status codes).
+"""The one home of every contract the host and the guest share: the aperture device ABI (control memory,
+rings, descriptors, status codes) and the helper's contract (virtio-serial ports, kernel-command-line keys,
+message types, check names, the data pattern, the remap stamp, limits, the helper ABI version).
 
-``python -m aperture.emulator.abi`` prints the C header the guest helper compiles against
+``python -m aperture.guest.abi`` prints the C header the guest helper compiles against
 (``guest/helper/aperture_abi.h``); a unit test checks the committed header is exactly this output.
 All fields are little-endian. See docs/device-abi.md.
 """
@@ -10,6 +12,7 @@ from __future__ import annotations
 import struct
 import sys
 from dataclasses import dataclass
+from enum import StrEnum
 
 MAGIC = 0x54525041  # "APRT"
 #: Version of the results channel the helper speaks (its `hello` says it); the host refuses another one.
@@ -32,6 +35,9 @@ MAX_LIST_BYTES = 256 * 1024 * 1024
 ROUND_BYTES = 256 * 1024 * 1024
 ROUND_DESCRIPTORS = 256
 MAX_HIDDEN = 4
+
+#: Aperture devices one VM may have (the helper's device table has this many entries).
+MAX_DEVICES = 4
 
 # Register offsets in control memory.
 REGS: dict[str, tuple[int, str]] = {
@@ -126,6 +132,96 @@ class Descriptor:
                          self.dst, self.length, self.reserved1, self.reserved2)
 
 
+# ------------------------------------------------------------------ the helper's contract
+
+#: virtio-serial port names: the helper's JSON lines to the host, and the host's commands to `serve`.
+RESULTS_PORT = "aperture.results"
+COMMAND_PORT = "aperture.cmd"
+
+
+class Env(StrEnum):
+    """Kernel-command-line keys; /init exports every ``aperture_*`` parameter into the helper's environment."""
+
+    SCENARIO = "aperture_scenario"  # what the helper runs (SCENARIOS)
+    PMEM = "aperture_pmem"  # NVDIMMs the host attached
+    PMEM_MODES = "aperture_pmem_modes"  # their modes, comma separated
+    FORCE = "aperture_force"  # 1: reconfigure namespaces even if they hold data
+    DEVICES = "aperture_devices"  # aperture devices the host attached
+    PROBE_BAR = "aperture_probe_bar"  # PCI address of the probe matrix's plain BAR
+    STAMP = "aperture_stamp"  # this run's persistence token (hex)
+    EXPECT = "aperture_expect"  # the token a reboot must find (persistence checks)
+    DURATION = "aperture_duration"  # seconds of remap or fuzz workload
+    REMAP = "aperture_remap"  # 1: the host remaps during the fuzz
+    REMAP_MODE = "aperture_remap_mode"  # pause | hotplug
+
+
+#: Scenarios the helper runs (``aperture_scenario``; ``serve`` takes the ones marked for it).
+SCENARIOS = ("probe", "default", "idle", "remap", "bench-device", "bench-dax", "nvdimm", "dax", "aperture", "fuzz",
+             "hang")
+
+
+class MsgType(StrEnum):
+    """The ``type`` of each JSON line on the results port."""
+
+    HELLO = "hello"  # kernel_release, uptime_s, helper_abi
+    PHASE = "phase"  # name: what the helper starts next ("idle": ready for commands)
+    CHECK = "check"  # name, ok, detail
+    FIGURES = "figures"  # a benchmark's numbers
+    LOG = "log"  # a line for the run's notes
+    STAMPS = "stamps"  # remap workload: the last stamp written to every page
+    WRITTEN = "written"  # patterns the guest wrote to device memory, for the host to verify
+    CMD_OUTPUT = "cmd-output"  # id, data: a chunk of an exec's output
+    CMD_DONE = "cmd-done"  # id, rc, output_bytes, truncated
+    DONE = "done"  # the helper finished; nothing follows
+    GARBAGE = "garbage"  # host only: a line that is not a message
+
+
+class CheckName(StrEnum):
+    """Every check name (a JSON contract: outside tools read these). Guest checks are reported by the helper;
+    host checks are added by the host."""
+
+    GUEST_MODULES = "guest.modules"
+    NVDIMM_PRESENT = "nvdimm.present"
+    DAX_FSDAX = "dax.fsdax"
+    DAX_DEVDAX = "dax.devdax"
+    DAX_MAP_SYNC = "dax.map_sync"
+    DAX_PERSISTENCE = "dax.persistence"
+    ZONE_DEVICE_PROBE = "zone_device.probe"
+    ZONE_DEVICE_P2PMEM = "zone_device.p2pmem"
+    APERTURE_WINDOW = "aperture.window"
+    APERTURE_HIDDEN_REFUSED = "aperture.hidden_refused"
+    APERTURE_BAD_DESCRIPTORS = "aperture.bad_descriptors"
+    APERTURE_PERSISTENCE = "aperture.persistence"
+    APERTURE_FUZZ = "aperture.fuzz"
+    P2P_RAM_TO_DEVICE = "p2p.ram_to_device"
+    P2P_PMEM_TO_DEVICE = "p2p.pmem_to_device"
+    P2P_DEVICE_TO_PMEM = "p2p.device_to_pmem"
+    P2P_DEVICE_TO_DEVICE = "p2p.device_to_device"
+    P2P_NVME_CMB = "p2p.nvme_cmb"
+    REMAP_CONSISTENCY = "remap.consistency"
+    WITNESS_HMM_TESTS = "witness.hmm_tests"
+    # host checks
+    REMAP_INTEGRITY = "remap.integrity"
+    REMAP_HOTPLUG = "remap.hotplug"
+    HOST_EMULATOR_THREAD = "host.emulator_thread"
+
+
+#: The data pattern the helper writes and the host verifies: byte i of seed s is
+#: (s * PATTERN_SEED_MUL + (i % PATTERN_PERIOD) * PATTERN_INDEX_MUL) mod 256 (a prime period: no alignment aliases).
+PATTERN_SEED_MUL = 7
+PATTERN_PERIOD = 251
+PATTERN_INDEX_MUL = 13
+
+
+def pattern(seed: int, length: int) -> bytes:
+    period = bytes((seed * PATTERN_SEED_MUL + i * PATTERN_INDEX_MUL) & 0xFF for i in range(PATTERN_PERIOD))
+    return (period * (length // PATTERN_PERIOD + 1))[:length]
+
+
+#: The remap workload's stamp, at the start of a device page: page u64, seq u64 (the page's write count).
+REMAP_STAMP = struct.Struct("<QQ")
+
+
 def reg(name: str) -> int:
     return REGS[name][0]
 
@@ -133,7 +229,7 @@ def reg(name: str) -> int:
 def c_header() -> str:
     """The C view of this module, generated (never edited by hand)."""
     lines = [
-        "/* Generated by `python -m aperture.emulator.abi` from emulator/abi.py. Do not edit. */",
+        "/* Generated by `python -m aperture.guest.abi` from guest/abi.py. Do not edit. */",
         "#ifndef APERTURE_ABI_H",
         "#define APERTURE_ABI_H",
         "",
@@ -152,6 +248,18 @@ def c_header() -> str:
         f"#define APERTURE_MAX_HIDDEN {MAX_HIDDEN}",
         f"#define APERTURE_STATUS_READY 0x{STATUS_READY:x}u",
         f"#define APERTURE_STATUS_RING_ERROR 0x{STATUS_RING_ERROR:x}u",
+        f"#define APERTURE_MAX_DEVICES {MAX_DEVICES}",
+        "",
+        f'#define APERTURE_RESULTS_PORT "{RESULTS_PORT}"',
+        f'#define APERTURE_COMMAND_PORT "{COMMAND_PORT}"',
+    ]
+    lines += [f'#define APERTURE_ENV_{e.name} "{e.value}"' for e in Env]
+    lines += [f'#define APERTURE_MSG_{m.name} "{m.value}"' for m in MsgType]
+    lines += [f'#define APERTURE_CHECK_{c.name} "{c.value}"' for c in CheckName]
+    lines += [
+        f"#define APERTURE_PATTERN_SEED_MUL {PATTERN_SEED_MUL}u",
+        f"#define APERTURE_PATTERN_PERIOD {PATTERN_PERIOD}u",
+        f"#define APERTURE_PATTERN_INDEX_MUL {PATTERN_INDEX_MUL}u",
         "",
     ]
     for name, (off, _) in REGS.items():
@@ -196,6 +304,19 @@ def c_header() -> str:
         f"_Static_assert(sizeof(struct aperture_desc) == {DESC_SIZE}, \"descriptor size\");",
         f"_Static_assert(sizeof(struct aperture_compl) == {COMPL_SIZE}, \"completion size\");",
         f"_Static_assert(sizeof(struct aperture_list_entry) == {LIST_ENTRY_SIZE}, \"list entry size\");",
+        "",
+        "struct aperture_remap_stamp {",
+        "    uint64_t page;",
+        "    uint64_t seq;",
+        "};",
+        "",
+        f"_Static_assert(sizeof(struct aperture_remap_stamp) == {REMAP_STAMP.size}, \"remap stamp size\");",
+        "",
+        "static inline uint8_t aperture_pattern_byte(uint32_t seed, uint64_t i)",
+        "{",
+        "    return (uint8_t)(seed * APERTURE_PATTERN_SEED_MUL + (uint32_t)(i % APERTURE_PATTERN_PERIOD) *",
+        "                     APERTURE_PATTERN_INDEX_MUL);",
+        "}",
         "",
         "static inline const char *aperture_status_name(unsigned s)",
         "{",

@@ -6,11 +6,7 @@ import json
 import socket
 from typing import Any
 
-from aperture.emulator.errors import GuestError
-
-
-class ControlError(GuestError):
-    """The daemon refused a command or is unreachable."""
+from aperture.guest.errors import ControlRefused, DaemonGone
 
 
 def call(path: str, cmd: str, timeout: float = 30.0, **args: Any) -> Any:
@@ -26,17 +22,14 @@ def call(path: str, cmd: str, timeout: float = 30.0, **args: Any) -> Any:
                     break
                 buf += chunk
     except OSError as exc:
-        raise ControlError(f"VM control socket unreachable ({exc.strerror or exc}); is the VM still up?") from None
+        raise DaemonGone(f"VM control socket unreachable ({exc.strerror or exc}); is the VM still up?") from None
     if not buf:  # the daemon closed the connection without a word: it died (or was killed) meanwhile
-        raise ControlError("the VM daemon closed the connection without replying: it has stopped (see 'aperture ls')")
+        raise DaemonGone("the VM daemon closed the connection without replying: it has stopped (see 'aperture ls')")
     try:
         reply = json.loads(buf)
     except (ValueError, RecursionError):
-        raise ControlError(f"garbled reply from the VM daemon: {buf[:80]!r}") from None
+        raise DaemonGone(f"garbled reply from the VM daemon: {buf[:80]!r}") from None
     if not reply.get("ok"):
-        refused = ControlError(str(reply.get("error", "command failed")))
         code = reply.get("exit_code")
-        if isinstance(code, int) and code in (1, 2, 3, 4):
-            refused.exit_code = code  # the daemon's category survives the socket: a refused request is a 2
-        raise refused
+        raise ControlRefused(str(reply.get("error", "command failed")), code if isinstance(code, int) else 70)
     return reply.get("result")

@@ -1,0 +1,110 @@
+"""The QEMU command line, built in one place: every option value goes through ``opt_value`` (commas doubled)
+and every verbatim argument through ``plain_arg``; ids come from qmp_client.qemu, which also parses them back.
+Pure functions: unit-tested without QEMU."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from aperture.guest.abi import COMMAND_PORT, RESULTS_PORT, Env
+from aperture.guest.kernelspec import KernelSpec
+from aperture.guest.units import GiB
+from aperture.qmp_client.qemu import (
+    NVME_ID,
+    PROBE_BAR_ID,
+    ctl_id,
+    opt_value,
+    port_id,
+    win_id,
+)
+
+from .config import NVDIMM_LABEL_SIZE, NVME_CMB_MB, PROBE_BAR_SIZE, RAM_BELOW_4G, DeviceConfig, VmConfig
+from .runpaths import DeviceFiles, RunPaths
+
+PCI_SLOT_BASE = 0x10
+PROBE_BAR_SLOT = 0x0F
+
+
+def build_argv(qemu: str, config: VmConfig, kernel: KernelSpec, initrd: Path, paths: RunPaths, accel: str,
+               cmdline: str, user_qmp: bool = False, command_channel: bool = False) -> list[str]:
+    """The full QEMU command line for one VM (pure: unit-tested without QEMU)."""
+    mem = config.memory
+    pmem_total = sum(-(-p.file_size // GiB) * GiB for p in config.pmem)
+    argv = [
+        qemu,
+        "-name", opt_value(paths.name),
+        "-machine", f"q35,nvdimm=on,memory-backend=ram0,max-ram-below-4g={RAM_BELOW_4G}",
+        "-accel", accel,
+        "-cpu", "host" if accel == "kvm" else "max",
+        "-smp", str(config.smp),
+        "-m", f"{mem // (1 << 20)}M,slots={max(len(config.pmem), 1)},maxmem={(mem + pmem_total) // (1 << 20) + 1024}M",
+        "-object", f"memory-backend-file,id=ram0,size={mem},mem-path={opt_value(paths.ram)},share=on",
+        "-nodefaults", "-no-user-config", "-display", "none", "-vga", "none", "-nic", "none",
+        "-chardev", f"file,id=con,path={opt_value(paths.console)}",
+        "-serial", "chardev:con",
+        "-device", "virtio-serial-pci,id=vser0",
+        "-chardev", f"file,id=results,path={opt_value(paths.results)}",
+        "-device", f"virtserialport,bus=vser0.0,chardev=results,name={RESULTS_PORT}",
+        "-qmp", f"unix:{opt_value(paths.qmp_socket)},server=on,wait=off",
+        "-kernel", str(kernel.image),
+        "-initrd", str(initrd),
+        "-append", cmdline,
+        "-no-reboot",
+        "-object", f"memory-backend-file,id=probebar,size={PROBE_BAR_SIZE},mem-path={opt_value(paths.probe_bar)},"
+                   "share=on",
+        "-device", f"ivshmem-plain,id={PROBE_BAR_ID},memdev=probebar,addr={PROBE_BAR_SLOT:#x}",
+    ]
+    for i, (dev, files) in enumerate(zip(config.devices, paths.device_files(len(config.devices)), strict=True)):
+        argv += device_qemu_args(i, dev, files, config.window_hotplug)
+    if user_qmp:
+        argv += ["-chardev", f"socket,id=uqmp,path={opt_value(paths.user_qmp_socket)},server=on,wait=off",
+                 "-mon", "chardev=uqmp,mode=control"]
+    if command_channel:
+        argv += ["-chardev", f"socket,id=cmd,path={opt_value(paths.command_socket)},server=on,wait=off",
+                 "-device", f"virtserialport,bus=vser0.0,chardev=cmd,name={COMMAND_PORT}"]
+    if config.nvme:
+        argv += ["-drive", f"file={opt_value(paths.nvme)},if=none,id=nvme0drive,format=raw",
+                 "-device", f"nvme,id={NVME_ID},serial=aperture0,drive=nvme0drive,cmb_size_mb={NVME_CMB_MB}"]
+    for i, p in enumerate(config.pmem):
+        argv += [
+            "-object", f"memory-backend-file,id=pmem{i},size={p.file_size},"
+                       f"mem-path={opt_value(paths.pmem(i))},share=on",
+            "-device", f"nvdimm,id=nvdimm{i},memdev=pmem{i}"
+            + (f",label-size={NVDIMM_LABEL_SIZE}" if NVDIMM_LABEL_SIZE else ""),
+        ]
+    return argv
+
+
+def kernel_cmdline(config: VmConfig, scenario: str, guest_env: dict[str, str] | None = None) -> str:
+    """Kernel arguments; ``aperture_*`` ones reach the guest's /init and helper as environment variables."""
+    env = {Env.SCENARIO: scenario, Env.PMEM: str(len(config.pmem)),
+           Env.PMEM_MODES: ",".join(p.mode for p in config.pmem), Env.FORCE: str(int(config.force)),
+           Env.DEVICES: str(len(config.devices)), Env.PROBE_BAR: f"0000:00:{PROBE_BAR_SLOT:02x}.0"}
+    env.update(guest_env or {})
+    parts = ["console=ttyS0", "panic=-1", "quiet"] + [f"{k}={v}" for k, v in env.items()]
+    return " ".join(parts + list(config.kernel_cmdline_extra))
+
+
+def device_qemu_args(i: int, config: DeviceConfig, files: DeviceFiles, hotplug: bool = False) -> list[str]:
+    """QEMU arguments for device ``i``: a doorbell device served by us, and the window BAR.
+
+    With ``hotplug`` the window sits behind its own pcie-root-port (ACPI hotplug) and is backed directly by
+    the device-memory file at offset 0 (zero-copy; re-plugged at other offsets by hotplug remaps).
+    """
+    args = [
+        "-chardev", f"socket,id=apctl{i},path={opt_value(files.socket)}",
+        "-device", f"ivshmem-doorbell,id={ctl_id(i)},chardev=apctl{i},vectors=1,addr={PCI_SLOT_BASE + 2 * i:#x}",
+    ]
+    if not hotplug:
+        return args + [
+            "-object", f"memory-backend-file,id=apwin{i},size={config.window},"
+                       f"mem-path={opt_value(files.window)},share=on",
+            "-device", f"ivshmem-plain,id={win_id(i)},memdev=apwin{i},addr={PCI_SLOT_BASE + 2 * i + 1:#x}",
+        ]
+    return args + [
+        "-device", f"pcie-root-port,id={port_id(i)},chassis={i + 1},slot={i + 1},pref64-reserve=64M,"
+                   f"addr={PCI_SLOT_BASE + 2 * i + 1:#x}",
+        "-object", f"memory-backend-file,id=apwin{i},size={config.window},"
+                   f"mem-path={opt_value(files.devmem)},offset=0,share=on",
+        "-device", f"ivshmem-plain,id={win_id(i)},memdev=apwin{i},bus={port_id(i)}",
+    ]
