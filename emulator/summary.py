@@ -14,6 +14,11 @@ from aperture.guest.units import format_size
 def _summarize_detail(name: str, detail: Any) -> str:
     """One human line per check; the full detail is in --json."""
     d = detail if isinstance(detail, dict) else {}
+    if d.get("harness"):  # the guest's harness failed the check on its behalf
+        return {"crashed": f"its process died of {d.get('signal')} before it reported",
+                "timeout": f"no result within its time limit of {d.get('timeout_s')} s (killed)",
+                "exited": f"its process exited with status {d.get('status')} before it reported",
+                }.get(str(d["harness"]), f"the harness failed it: {d['harness']}")
     if name == CheckName.NVDIMM_PRESENT and d:
         regions = d.get("regions") or []
         parts = [f"{r.get('name')} @ {int(r.get('addr', 0)):#x}, {format_size(int(r.get('size', 0)))}"

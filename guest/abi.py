@@ -153,6 +153,7 @@ class Env(StrEnum):
     DURATION = "aperture_duration"  # seconds of remap or fuzz workload
     REMAP = "aperture_remap"  # 1: the host remaps during the fuzz
     REMAP_MODE = "aperture_remap_mode"  # pause | hotplug
+    FAULT = "aperture_fault"  # CHECK:segv | CHECK:hang — the harness's own tests inject a crash or a hang
 
 
 #: Scenarios the helper runs (``aperture_scenario``; ``serve`` takes the ones marked for it).

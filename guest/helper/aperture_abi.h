@@ -32,6 +32,7 @@
 #define APERTURE_ENV_DURATION "aperture_duration"
 #define APERTURE_ENV_REMAP "aperture_remap"
 #define APERTURE_ENV_REMAP_MODE "aperture_remap_mode"
+#define APERTURE_ENV_FAULT "aperture_fault"
 #define APERTURE_MSG_HELLO "hello"
 #define APERTURE_MSG_PHASE "phase"
 #define APERTURE_MSG_CHECK "check"

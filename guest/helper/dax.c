@@ -1,9 +1,12 @@
-/* DAX and ZONE_DEVICE: put NVDIMM regions into fsdax/devdax through sysfs only, prove MAP_SYNC, persistence,
- * and the struct-page probe matrix (O_DIRECT into RAM, DAX mappings and a PCI BAR mapping).
+/* DAX and ZONE_DEVICE: put NVDIMM regions into fsdax/devdax through sysfs only (fixture dax_configured), mount
+ * and map them (fixture dax), and check MAP_SYNC, persistence and the struct-page probe matrix (O_DIRECT into
+ * RAM, DAX mappings and a PCI BAR mapping).
  *
- * Checks: dax.fsdax, dax.devdax, dax.map_sync, dax.persistence (when $aperture_expect is set), zone_device.probe.
+ * Checks: dax.persistence (when $aperture_expect is set), dax.fsdax, dax.map_sync, dax.devdax, zone_device.probe.
  */
 #define _GNU_SOURCE
+#include "checks.h"
+#include "harness.h"
 #include "report.h"
 
 #include <dirent.h>
@@ -294,13 +297,145 @@ static void json_pmem(struct jbuf *jb, const struct pmem *p)
     }
 }
 
-/* ---------------------------------------------------------------- fsdax */
+
+/* ---------------------------------------------------------------- fixture: regions configured */
+static struct pmem pm[MAX_REGIONS];
+static struct pmem *fsdax, *devdax; /* the first region of each mode, or NULL */
+
+static int configured_setup(void)
+{
+    int expected = atoi(env_or(APERTURE_ENV_PMEM, "1"));
+    const char *modes = env_or(APERTURE_ENV_PMEM_MODES, "");
+    int force = atoi(env_or(APERTURE_ENV_FORCE, "0"));
+    struct region regions[MAX_REGIONS];
+    char modebuf[256];
+    int n = nd_regions(regions, MAX_REGIONS, expected);
+
+    memset(pm, 0, sizeof(pm));
+    fsdax = devdax = NULL;
+    snprintf(modebuf, sizeof(modebuf), "%s", modes);
+    char *save = NULL, *tok = strtok_r(modebuf, ",", &save);
+    for (int i = 0; i < n && tok; i++, tok = strtok_r(NULL, ",", &save)) {
+        pm[i].r = regions[i];
+        pm[i].region_id = atoi(regions[i].name + 6);
+        snprintf(pm[i].want, sizeof(pm[i].want), "%s", tok);
+        if (strcmp(tok, "fsdax") && strcmp(tok, "devdax"))
+            continue;
+        configure(&pm[i], force); /* an error stays in pm[i].error: the region's check reports it */
+        if (!strcmp(tok, "fsdax") && !fsdax)
+            fsdax = &pm[i];
+        if (!strcmp(tok, "devdax") && !devdax)
+            devdax = &pm[i];
+    }
+    return 0;
+}
+
+const struct fixture fixture_dax_configured = {.name = "dax_configured", .setup = configured_setup};
+
+/* ---------------------------------------------------------------- fixture: mounted and mapped */
+#define STAMP_PATH FSDAX_DIR "/aperture-persist"
+
 struct fsdax_state {
-    int mounted;
-    char *probe_map;      /* 2 MiB MAP_SHARED file mapping for the probe matrix */
-    unsigned long long probe_phys;
+    int mounted, mkfs;
+    char *probe_map; /* 2 MiB MAP_SHARED file mapping for the probe matrix and the benchmark */
 };
 
+struct devdax_state {
+    char *map;
+    size_t size;
+    unsigned long long align, phys;
+};
+
+static struct fsdax_state fs;
+static struct devdax_state dd;
+
+static void mount_fsdax(struct pmem *p)
+{
+    char cmd[512];
+    mkdir(FSDAX_DIR, 0755);
+    snprintf(cmd, sizeof(cmd), "mount -t ext4 -o dax=always %s " FSDAX_DIR " 2>/dev/null", p->dev);
+    if (run_cmd(cmd) == 0) {
+        fs.mounted = 1;
+        return;
+    }
+    fs.mkfs = 1;
+    snprintf(cmd, sizeof(cmd), "/usr/local/bin/mke2fs -q -F -t ext4 -b 4096 %s 2>&1", p->dev);
+    if (run_cmd(cmd) == 0) {
+        snprintf(cmd, sizeof(cmd), "mount -t ext4 -o dax=always %s " FSDAX_DIR, p->dev);
+        fs.mounted = run_cmd(cmd) == 0;
+    }
+    if (!fs.mounted)
+        return;
+    int fd = open(FSDAX_DIR "/aperture-probe", O_CREAT | O_RDWR | O_CLOEXEC, 0644);
+    if (fd >= 0 && ftruncate(fd, 2 * MIB) == 0) {
+        char *m = mmap(NULL, 2 * MIB, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+        if (m != MAP_FAILED) {
+            memset(m, 0x11, 2 * MIB);
+            fs.probe_map = m;
+        }
+    }
+    if (fd >= 0)
+        close(fd);
+}
+
+static void map_devdax(struct pmem *p)
+{
+    char path[512], buf[64];
+    const char *name = strrchr(p->dev, '/') + 1;
+    dd.align = 2 * MIB;
+    snprintf(path, sizeof(path), "/sys/bus/dax/devices/%s/size", name);
+    if (read_text(path, buf, sizeof(buf)) == 0)
+        dd.size = strtoull(buf, NULL, 0);
+    snprintf(path, sizeof(path), "/sys/bus/dax/devices/%s/align", name);
+    if (read_text(path, buf, sizeof(buf)) == 0)
+        dd.align = strtoull(buf, NULL, 0);
+    int fd = open(p->dev, O_RDWR | O_CLOEXEC);
+    if (fd >= 0 && dd.size >= 4 * MIB && dd.size % dd.align == 0) {
+        char *m = mmap(NULL, dd.size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+        if (m != MAP_FAILED) {
+            dd.map = m;
+            *(volatile char *)dd.map = *(volatile char *)dd.map;
+            dd.phys = virt_to_phys(dd.map);
+        }
+    }
+    if (fd >= 0)
+        close(fd);
+}
+
+static int dax_setup(void)
+{
+    memset(&fs, 0, sizeof(fs));
+    memset(&dd, 0, sizeof(dd));
+    capture_ndctl();
+    if (fsdax && !fsdax->error[0])
+        mount_fsdax(fsdax);
+    if (devdax && !devdax->error[0] && devdax->dev[0])
+        map_devdax(devdax);
+    return 0;
+}
+
+static void dax_teardown(void)
+{
+    if (fs.probe_map)
+        munmap(fs.probe_map, 2 * MIB);
+    if (dd.map)
+        munmap(dd.map, dd.size);
+    if (fs.mounted)
+        run_cmd("umount " FSDAX_DIR);
+    memset(&fs, 0, sizeof(fs));
+    memset(&dd, 0, sizeof(dd));
+}
+
+const struct fixture fixture_dax = {
+    .name = "dax", .needs = &fixture_dax_configured, .setup = dax_setup, .teardown = dax_teardown,
+};
+
+struct dax_mappings dax_mappings(void)
+{
+    return (struct dax_mappings){.devdax = dd.map, .devdax_size = dd.size, .fsdax_file = fs.probe_map};
+}
+
+/* ---------------------------------------------------------------- checks */
 static unsigned long long fiemap_physical(int fd)
 {
     struct {
@@ -324,49 +459,63 @@ static int is_dax_file(const char *path)
     return (st.stx_attributes_mask & STATX_ATTR_DAX) && (st.stx_attributes & STATX_ATTR_DAX);
 }
 
-static void fsdax_checks(struct pmem *p, const char *token, const char *expect, struct fsdax_state *fs,
-                         struct jbuf *persist)
+/* Second boot of --reboot: the stamps the first boot wrote (token $aperture_expect) are still there. */
+static void check_persistence(void)
 {
-    char cmd[512], unit[128], buf[STAMP_LEN];
+    const char *expect = getenv(APERTURE_ENV_EXPECT);
+    char unit[128], buf[STAMP_LEN];
     struct jbuf jb;
-    int mkfs = 0, ok = 0;
-    unsigned long long fe = 0, stamp_phys = 0, page_phys = 0;
+    int have = 0, intact = 1;
 
+    if (!expect)
+        return;
     jb_init(&jb);
     jb_printf(&jb, "{");
-    json_pmem(&jb, p);
-    if (!p->error[0]) {
-        mkdir(FSDAX_DIR, 0755);
-        snprintf(cmd, sizeof(cmd), "mount -t ext4 -o dax=always %s " FSDAX_DIR " 2>/dev/null", p->dev);
-        if (run_cmd(cmd) != 0) {
-            mkfs = 1;
-            snprintf(cmd, sizeof(cmd), "/usr/local/bin/mke2fs -q -F -t ext4 -b 4096 %s 2>&1", p->dev);
-            if (run_cmd(cmd) == 0) {
-                snprintf(cmd, sizeof(cmd), "mount -t ext4 -o dax=always %s " FSDAX_DIR, p->dev);
-                fs->mounted = run_cmd(cmd) == 0;
-            }
-        } else {
-            fs->mounted = 1;
-        }
+    if (fs.mounted) {
+        int fd = open(STAMP_PATH, O_RDONLY | O_CLOEXEC);
+        int good = fd >= 0 && pread(fd, buf, sizeof(buf), 0) == (ssize_t)sizeof(buf);
+        stamp_unit(unit, sizeof(unit), expect, "fsdax");
+        good = good && check_bytes(buf, sizeof(buf), unit);
+        if (fd >= 0)
+            close(fd);
+        jb_printf(&jb, "\"fsdax\":%s,", good ? "true" : "false");
+        have = 1;
+        intact &= good;
     }
-    jb_printf(&jb, ",\"mkfs\":%s,\"mounted\":%s", mkfs ? "true" : "false", fs->mounted ? "true" : "false");
-    if (fs->mounted) {
-        const char *stamp_path = FSDAX_DIR "/aperture-persist";
-        if (expect) {
-            int fd = open(stamp_path, O_RDONLY);
-            int good = fd >= 0 && pread(fd, buf, sizeof(buf), 0) == (ssize_t)sizeof(buf);
-            stamp_unit(unit, sizeof(unit), expect, "fsdax");
-            good = good && check_bytes(buf, sizeof(buf), unit);
-            if (fd >= 0)
-                close(fd);
-            jb_printf(persist, "%s\"fsdax\":%s", persist->len > 1 ? "," : "", good ? "true" : "false");
-        }
+    if (dd.map) {
+        stamp_unit(unit, sizeof(unit), expect, "devdax");
+        int good = check_bytes(dd.map + DEVDAX_STAMP_OFF, STAMP_LEN, unit);
+        jb_printf(&jb, "\"devdax\":%s,", good ? "true" : "false");
+        have = 1;
+        intact &= good;
+    }
+    jb_printf(&jb, "\"expected_token\":");
+    jb_str(&jb, expect);
+    jb_printf(&jb, "}");
+    report_check(APERTURE_CHECK_DAX_PERSISTENCE, have && intact, jb.buf);
+}
+
+static void check_fsdax(void)
+{
+    const char *token = env_or(APERTURE_ENV_STAMP, "none");
+    char unit[128], buf[STAMP_LEN];
+    struct jbuf jb;
+    int ok = 0;
+    unsigned long long fe = 0, stamp_phys = 0, page_phys = 0;
+
+    if (!fsdax)
+        return;
+    jb_init(&jb);
+    jb_printf(&jb, "{");
+    json_pmem(&jb, fsdax);
+    jb_printf(&jb, ",\"mkfs\":%s,\"mounted\":%s", fs.mkfs ? "true" : "false", fs.mounted ? "true" : "false");
+    if (fs.mounted) {
         stamp_unit(unit, sizeof(unit), token, "fsdax");
         fill_stamp(buf, sizeof(buf), unit);
-        int fd = open(stamp_path, O_CREAT | O_TRUNC | O_RDWR, 0644);
+        int fd = open(STAMP_PATH, O_CREAT | O_TRUNC | O_RDWR | O_CLOEXEC, 0644);
         if (fd >= 0 && pwrite(fd, buf, sizeof(buf), 0) == (ssize_t)sizeof(buf) && fsync(fd) == 0) {
             fe = fiemap_physical(fd);
-            stamp_phys = fe ? p->data_phys + fe : 0;
+            stamp_phys = fe ? fsdax->data_phys + fe : 0;
             char *m = mmap(NULL, sizeof(buf), PROT_READ, MAP_SHARED, fd, 0);
             if (m != MAP_FAILED) {
                 volatile char c = m[0];
@@ -377,37 +526,27 @@ static void fsdax_checks(struct pmem *p, const char *token, const char *expect, 
         }
         if (fd >= 0)
             close(fd);
-        int dax = is_dax_file(stamp_path);
+        int dax = is_dax_file(STAMP_PATH);
         ok = dax && stamp_phys && page_phys == stamp_phys;
         jb_printf(&jb, ",\"statx_dax\":%s,\"fiemap_physical\":%llu,\"stamp_phys\":%llu,\"pagemap_phys\":%llu,"
                   "\"stamp_len\":%d,\"stamp\":", dax ? "true" : "false", fe, stamp_phys, page_phys, STAMP_LEN);
         jb_str(&jb, unit);
-
-        /* A mapping kept for the probe matrix. */
-        fd = open(FSDAX_DIR "/aperture-probe", O_CREAT | O_RDWR, 0644);
-        if (fd >= 0 && ftruncate(fd, 2 * MIB) == 0) {
-            char *m = mmap(NULL, 2 * MIB, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
-            if (m != MAP_FAILED) {
-                memset(m, 0x11, 2 * MIB);
-                fs->probe_map = m;
-                fs->probe_phys = virt_to_phys(m);
-            }
-        }
-        if (fd >= 0)
-            close(fd);
     }
     jb_printf(&jb, "}");
-    report_check(APERTURE_CHECK_DAX_FSDAX, ok && !p->error[0], jb.buf);
+    report_check(APERTURE_CHECK_DAX_FSDAX, ok && !fsdax->error[0], jb.buf);
 }
 
-static void map_sync_check(const struct fsdax_state *fs)
+static void check_map_sync(void)
 {
     struct jbuf jb;
     int ok = 0, err = 0;
     unsigned long long phys = 0;
+
+    if (!fsdax)
+        return;
     jb_init(&jb);
-    if (fs->mounted) {
-        int fd = open(FSDAX_DIR "/aperture-mapsync", O_CREAT | O_RDWR | O_TRUNC, 0644);
+    if (fs.mounted) {
+        int fd = open(FSDAX_DIR "/aperture-mapsync", O_CREAT | O_RDWR | O_TRUNC | O_CLOEXEC, 0644);
         if (fd >= 0 && ftruncate(fd, MAPSYNC_LEN) == 0) {
             char *m = mmap(NULL, MAPSYNC_LEN, PROT_READ | PROT_WRITE, MAP_SHARED_VALIDATE | MAP_SYNC, fd, 0);
             if (m == MAP_FAILED) {
@@ -431,73 +570,46 @@ static void map_sync_check(const struct fsdax_state *fs)
             close(fd);
     }
     jb_printf(&jb, "{\"mmap\":\"%s\",\"flush\":\"%s\",\"bytes\":%llu,\"phys\":%llu,\"mounted\":%s}",
-              !fs->mounted ? "not attempted: no fsdax mount" : err ? errno_name(err) : "ok", flush_method(),
-              MAPSYNC_LEN, phys, fs->mounted ? "true" : "false");
+              !fs.mounted ? "not attempted: no fsdax mount" : err ? errno_name(err) : "ok", flush_method(),
+              MAPSYNC_LEN, phys, fs.mounted ? "true" : "false");
     report_check(APERTURE_CHECK_DAX_MAP_SYNC, ok, jb.buf);
 }
 
-/* ---------------------------------------------------------------- devdax */
-struct devdax_state {
-    char *map;
-    size_t size;
-    unsigned long long phys;
-};
-
-static void devdax_checks(struct pmem *p, const char *token, const char *expect, struct devdax_state *dd,
-                          struct jbuf *persist)
+static void check_devdax(void)
 {
-    char path[512], buf[64], unit[128];
+    const char *token = env_or(APERTURE_ENV_STAMP, "none");
+    char unit[128];
     struct jbuf jb;
     int ok = 0;
-    unsigned long long align = 2 * MIB, stamp_phys = 0;
+    unsigned long long stamp_phys = 0;
 
+    if (!devdax)
+        return;
     jb_init(&jb);
     jb_printf(&jb, "{");
-    json_pmem(&jb, p);
-    if (!p->error[0]) {
-        const char *name = strrchr(p->dev, '/') + 1;
-        snprintf(path, sizeof(path), "/sys/bus/dax/devices/%s/size", name);
-        if (read_text(path, buf, sizeof(buf)) == 0)
-            dd->size = strtoull(buf, NULL, 0);
-        snprintf(path, sizeof(path), "/sys/bus/dax/devices/%s/align", name);
-        if (read_text(path, buf, sizeof(buf)) == 0)
-            align = strtoull(buf, NULL, 0);
-        int fd = open(p->dev, O_RDWR | O_CLOEXEC);
-        if (fd >= 0 && dd->size >= 4 * MIB && dd->size % align == 0) {
-            char *m = mmap(NULL, dd->size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
-            if (m != MAP_FAILED)
-                dd->map = m;
-        }
-        if (fd >= 0)
-            close(fd);
-    }
-    jb_printf(&jb, ",\"size\":%zu,\"align\":%llu,\"mapped\":%s", dd->size, align, dd->map ? "true" : "false");
-    if (dd->map) {
-        char *stamp = dd->map + DEVDAX_STAMP_OFF;
-        if (expect) {
-            stamp_unit(unit, sizeof(unit), expect, "devdax");
-            int good = check_bytes(stamp, STAMP_LEN, unit);
-            jb_printf(persist, "%s\"devdax\":%s", persist->len > 1 ? "," : "", good ? "true" : "false");
-        }
+    json_pmem(&jb, devdax);
+    jb_printf(&jb, ",\"size\":%zu,\"align\":%llu,\"mapped\":%s", dd.size, dd.align ? dd.align : 2 * MIB,
+              dd.map ? "true" : "false");
+    if (dd.map) {
+        char *stamp = dd.map + DEVDAX_STAMP_OFF;
         /* Pattern over the first 2 MiB, verified after a flush. */
         for (size_t i = 0; i < DEVDAX_STAMP_OFF; i++)
-            dd->map[i] = (char)(i * 13 + 1);
-        flush_range(dd->map, DEVDAX_STAMP_OFF);
+            dd.map[i] = (char)(i * 13 + 1);
+        flush_range(dd.map, DEVDAX_STAMP_OFF);
         ok = 1;
         for (size_t i = 0; ok && i < DEVDAX_STAMP_OFF; i++)
-            ok = dd->map[i] == (char)(i * 13 + 1);
+            ok = dd.map[i] == (char)(i * 13 + 1);
         stamp_unit(unit, sizeof(unit), token, "devdax");
         fill_stamp(stamp, STAMP_LEN, unit);
         flush_range(stamp, STAMP_LEN);
-        dd->phys = virt_to_phys(dd->map);
         stamp_phys = virt_to_phys(stamp);
-        ok = ok && stamp_phys == p->data_phys + DEVDAX_STAMP_OFF;
+        ok = ok && stamp_phys == devdax->data_phys + DEVDAX_STAMP_OFF;
         jb_printf(&jb, ",\"pattern_bytes\":%llu,\"pagemap_phys\":%llu,\"stamp_phys\":%llu,\"stamp_len\":%d,"
-                  "\"stamp\":", DEVDAX_STAMP_OFF, dd->phys, stamp_phys, STAMP_LEN);
+                  "\"stamp\":", DEVDAX_STAMP_OFF, dd.phys, stamp_phys, STAMP_LEN);
         jb_str(&jb, unit);
     }
     jb_printf(&jb, "}");
-    report_check(APERTURE_CHECK_DAX_DEVDAX, ok && !p->error[0], jb.buf);
+    report_check(APERTURE_CHECK_DAX_DEVDAX, ok && !devdax->error[0], jb.buf);
 }
 
 /* ---------------------------------------------------------------- probe matrix */
@@ -562,8 +674,12 @@ static const char *odirect_into(int src, void *dst)
     return n < 0 ? errno_name(errno) : "short";
 }
 
-static void probe_matrix(const struct pmem *fsdax, const struct devdax_state *dd, const struct fsdax_state *fs)
+static void check_probe_matrix(void)
 {
+    if (!fsdax || !fsdax->dev[0]) {
+        report_log("zone_device.probe not run: it reads with O_DIRECT from an fsdax NVDIMM, and there is none");
+        return;
+    }
     struct jbuf jb;
     struct bar bar = {0};
     int src = fsdax && fsdax->dev[0] ? open(fsdax->dev, O_RDONLY | O_DIRECT | O_CLOEXEC) : -1;
@@ -579,17 +695,17 @@ static void probe_matrix(const struct pmem *fsdax, const struct devdax_state *dd
               src >= 0 ? "ok" : (fsdax && fsdax->dev[0]) ? errno_name(errno) : "no fsdax device");
     if (src >= 0) {
         /* Do each read before asking pagemap: a page is only present once touched. */
-        char *dd_dst = dd->map ? dd->map + 4 * MIB : NULL;
+        char *dd_dst = dd.map ? dd.map + 4 * MIB : NULL;
         const char *r_ram = odirect_into(src, ram);
         const char *r_dd = dd_dst ? odirect_into(src, dd_dst) : "absent";
-        const char *r_fs = fs->probe_map ? odirect_into(src, fs->probe_map) : "absent";
+        const char *r_fs = fs.probe_map ? odirect_into(src, fs.probe_map) : "absent";
         const char *r_bar = bar.map ? odirect_into(src, bar.map) : "absent";
         jb_printf(&jb, "{\"memory\":\"ram\",\"result\":\"%s\",\"phys\":%llu},", r_ram,
                   ram ? virt_to_phys(ram) : 0ULL);
         jb_printf(&jb, "{\"memory\":\"devdax\",\"result\":\"%s\",\"phys\":%llu},", r_dd,
                   dd_dst ? virt_to_phys(dd_dst) : 0ULL);
         jb_printf(&jb, "{\"memory\":\"fsdax\",\"result\":\"%s\",\"phys\":%llu},", r_fs,
-                  fs->probe_map ? virt_to_phys(fs->probe_map) : 0ULL);
+                  fs.probe_map ? virt_to_phys(fs.probe_map) : 0ULL);
         jb_printf(&jb, "{\"memory\":\"bar\",\"result\":\"%s\",\"phys\":%llu,\"pagemap_phys\":%llu,\"pci\":",
                   r_bar, bar.phys, bar.map ? virt_to_phys(bar.map) : 0ULL);
         jb_str(&jb, bar.addr);
@@ -603,121 +719,11 @@ static void probe_matrix(const struct pmem *fsdax, const struct devdax_state *dd
     free(ram);
 }
 
-/* ---------------------------------------------------------------- bench */
-static double memcpy_mbps(char *dst, const char *src, size_t len)
-{
-    double t0 = now_s(), t;
-    size_t bytes = 0;
-    do {
-        memcpy(dst, src, len);
-        bytes += len;
-        t = now_s();
-    } while (t - t0 < 0.2);
-    return (double)bytes / (t - t0) / 1e6;
-}
+#define DAX_CHECK(id, check_name, function) \
+    const struct check id = {.name = check_name, .fixture = &fixture_dax, .fn = function}
 
-static void bench(const struct devdax_state *dd, const struct fsdax_state *fs)
-{
-    const size_t len = 1 * MIB;
-    char line[256];
-    /* Anonymous RAM on 2 MiB-aligned, THP-advised buffers: DAX mappings use 2 MiB pages, so compare like
-     * with like (under TCG, 4 KiB pages alone halve memcpy bandwidth through the soft-MMU). */
-    char *src = aligned_alloc(2 * MIB, 2 * MIB), *ram = aligned_alloc(2 * MIB, 2 * MIB);
-    if (!src || !ram)
-        return;
-    madvise(src, 2 * MIB, MADV_HUGEPAGE);
-    madvise(ram, 2 * MIB, MADV_HUGEPAGE);
-    memset(src, 0x5a, len);
-    memset(ram, 0, len);
-    /* Interleaved rounds, best of three per target: TCG warm-up and host noise hit every target alike. */
-    double r = 0, d = 0, f = 0;
-    for (int round = 0; round < 3; round++) {
-        double x = memcpy_mbps(ram, src, len);
-        r = x > r ? x : r;
-        x = dd->map ? memcpy_mbps(dd->map + 4 * MIB, src, len) : 0;
-        d = x > d ? x : d;
-        x = fs->probe_map ? memcpy_mbps(fs->probe_map, src, len) : 0;
-        f = x > f ? x : f;
-    }
-    char thp[64] = "?";
-    read_text("/sys/kernel/mm/transparent_hugepage/enabled", thp, sizeof(thp));
-    snprintf(line, sizeof(line), "{\"type\":\"" APERTURE_MSG_FIGURES "\",\"values\":{\"memcpy_ram_MBps\":%.1f,"
-             "\"memcpy_devdax_MBps\":%.1f,\"memcpy_fsdax_MBps\":%.1f}}", r, d, f);
-    report_log("bench-dax: transparent_hugepage %s", thp);
-    report_line(line);
-    free(src);
-    free(ram);
-}
-
-/* mode: 0 checks, 1 bench (memcpy figures), 2 configure only (for other scenarios that need DAX) */
-void scenario_dax(int mode)
-{
-    int bench_only = mode == 1;
-    int expected = atoi(env_or(APERTURE_ENV_PMEM, "1"));
-    const char *modes = env_or(APERTURE_ENV_PMEM_MODES, "");
-    const char *token = env_or(APERTURE_ENV_STAMP, "none");
-    const char *expect = getenv(APERTURE_ENV_EXPECT);
-    int force = atoi(env_or(APERTURE_ENV_FORCE, "0"));
-    struct region regions[MAX_REGIONS];
-    static struct pmem pm[MAX_REGIONS];
-    struct pmem *fsdax = NULL, *devdax = NULL;
-    struct fsdax_state fs = {0};
-    struct devdax_state dd = {0};
-    struct jbuf persist;
-    char modebuf[256];
-    int n = nd_regions(regions, MAX_REGIONS, expected);
-
-    snprintf(modebuf, sizeof(modebuf), "%s", modes);
-    char *save = NULL, *tok = strtok_r(modebuf, ",", &save);
-    for (int i = 0; i < n && tok; i++, tok = strtok_r(NULL, ",", &save)) {
-        pm[i].r = regions[i];
-        pm[i].region_id = atoi(regions[i].name + 6);
-        snprintf(pm[i].want, sizeof(pm[i].want), "%s", tok);
-        if (strcmp(tok, "fsdax") && strcmp(tok, "devdax"))
-            continue;
-        configure(&pm[i], force);
-        if (!strcmp(tok, "fsdax") && !fsdax)
-            fsdax = &pm[i];
-        if (!strcmp(tok, "devdax") && !devdax)
-            devdax = &pm[i];
-    }
-    if (mode == 2)
-        return;
-    if (!bench_only)
-        capture_ndctl();
-    jb_init(&persist);
-    jb_printf(&persist, "{");
-    if (fsdax) {
-        if (bench_only) {
-            struct jbuf dummy;
-            jb_init(&dummy);
-            fsdax_checks(fsdax, token, NULL, &fs, &dummy);
-        } else {
-            fsdax_checks(fsdax, token, expect, &fs, &persist);
-            map_sync_check(&fs);
-        }
-    }
-    if (devdax)
-        devdax_checks(devdax, token, bench_only ? NULL : expect, &dd, &persist);
-    if (bench_only) {
-        bench(&dd, &fs);
-        return;
-    }
-    if (expect) {
-        jb_printf(&persist, "%s\"expected_token\":", persist.len > 1 ? "," : "");
-        jb_str(&persist, expect);
-        jb_printf(&persist, "}");
-        int ok = (fsdax || devdax) && !strstr(persist.buf, "false");
-        report_check(APERTURE_CHECK_DAX_PERSISTENCE, ok, persist.buf);
-    }
-    if (fsdax && fsdax->dev[0])
-        probe_matrix(fsdax, &dd, &fs);
-    else
-        report_log("zone_device.probe not run: it reads with O_DIRECT from an fsdax NVDIMM, and there is none");
-    if (fs.probe_map)
-        munmap(fs.probe_map, 2 * MIB);
-    if (dd.map)
-        munmap(dd.map, dd.size);
-    if (fs.mounted)
-        run_cmd("umount " FSDAX_DIR);
-}
+DAX_CHECK(check_dax_persistence, APERTURE_CHECK_DAX_PERSISTENCE, check_persistence);
+DAX_CHECK(check_dax_fsdax, APERTURE_CHECK_DAX_FSDAX, check_fsdax);
+DAX_CHECK(check_dax_map_sync, APERTURE_CHECK_DAX_MAP_SYNC, check_map_sync);
+DAX_CHECK(check_dax_devdax, APERTURE_CHECK_DAX_DEVDAX, check_devdax);
+DAX_CHECK(check_zone_device_probe, APERTURE_CHECK_ZONE_DEVICE_PROBE, check_probe_matrix);

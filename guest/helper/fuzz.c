@@ -4,8 +4,9 @@
  * sent and the statuses it saw; ok when every device still answers a NOP afterwards. The host adds what only
  * it can see: files outside the device's reach unchanged, no error in its device thread. */
 #define _GNU_SOURCE
+#include "checks.h"
 #include "report.h"
-#include "aperture_abi.h"
+#include "device.h"
 
 #include <stdio.h>
 #include <stdlib.h>
@@ -65,7 +66,7 @@ static uint64_t wild_source(int dev, uint64_t ram_phys)
 {
     switch (rnd() % 6) {
     case 0: return ram_phys + (rnd() % 8192) - 4096;
-    case 1: return aperture_window_phys(dev) + (rnd() % (32ULL << 20));
+    case 1: return apdev_get(dev)->win_phys + (rnd() % (32ULL << 20));
     case 2: return 0xfe000000ULL + (rnd() % (32ULL << 20)); /* the PCI hole: registers, other BARs */
     case 3: return ~0ULL - (rnd() % 8192);                   /* 2^64 overflows */
     case 4: return rnd() % (4ULL << 30);
@@ -79,7 +80,7 @@ static uint64_t wild_destination(int dev, uint64_t ram_phys)
 {
     switch (rnd() % 6) {
     case 0: return ram_phys + (rnd() % 4096);                /* in our page; a long length crosses out: ECROSS */
-    case 1: return aperture_window_phys(dev) + (rnd() % (32ULL << 20));
+    case 1: return apdev_get(dev)->win_phys + (rnd() % (32ULL << 20));
     case 2: return 0xfe000000ULL + (rnd() % (32ULL << 20));
     case 3: return ~0ULL - (rnd() % 8192);
     case 4: return (1ULL << 40) + (rnd() % (1ULL << 36));    /* nothing is mapped there */
@@ -116,7 +117,7 @@ static void random_descriptors(int dev, uint64_t ram_phys, struct fuzz_stats *st
 {
     /* A DMA_LIST table, a DMA's destination or a local copy of device memory may come from anywhere the
      * device can read; writes go only where wild_destination() aims. */
-    volatile uint8_t *ctl = aperture_ctl(dev);
+    volatile uint8_t *ctl = apdev_get(dev)->ctl;
     uint32_t head = *(volatile uint32_t *)(ctl + APERTURE_REG_SQ_HEAD);
     int n = 1 + (int)(rnd() % 16);
 
@@ -142,7 +143,7 @@ static void random_descriptors(int dev, uint64_t ram_phys, struct fuzz_stats *st
     }
     __sync_synchronize();
     *(volatile uint32_t *)(ctl + APERTURE_REG_SQ_HEAD) = head + (uint32_t)n;
-    aperture_doorbell(dev);
+    apdev_doorbell(apdev_get(dev));
     st->descriptors += (unsigned long long)n;
     st->doorbells++;
     /* Collect what completes within a few ms; never wait on a guest-corrupted ring for long. */
@@ -167,25 +168,25 @@ static void random_descriptors(int dev, uint64_t ram_phys, struct fuzz_stats *st
 
 static void garbage_indices(int dev, struct fuzz_stats *st)
 {
-    volatile uint8_t *ctl = aperture_ctl(dev);
+    volatile uint8_t *ctl = apdev_get(dev)->ctl;
     unsigned reg = rnd() % 2 ? APERTURE_REG_SQ_HEAD : APERTURE_REG_CQ_TAIL;
 
     *(volatile uint32_t *)(ctl + reg) = (uint32_t)rnd();
-    aperture_doorbell(dev);
+    apdev_doorbell(apdev_get(dev));
     st->index_garbage++;
     st->doorbells++;
 }
 
 static void register_writes(int dev, struct fuzz_stats *st)
 {
-    volatile uint8_t *ctl = aperture_ctl(dev);
+    volatile uint8_t *ctl = apdev_get(dev)->ctl;
     /* Anywhere in the register page, the slot table or the rings: the host must trust none of it. */
     unsigned off = (unsigned)(rnd() % (APERTURE_REG_CQ + APERTURE_RING_ENTRIES * 16)) & ~3u;
 
     *(volatile uint32_t *)(ctl + off) = (uint32_t)rnd();
     st->register_writes++;
     if (rnd() % 2) {
-        aperture_doorbell(dev);
+        apdev_doorbell(apdev_get(dev));
         st->doorbells++;
     }
 }
@@ -218,14 +219,14 @@ static void results_garbage(struct fuzz_stats *st)
     st->garbage_lines++;
 }
 
-void scenario_fuzz(void)
+static void check_fuzz(void)
 {
     struct fuzz_stats st;
     struct jbuf jb;
     void *ram, *table;
     unsigned long long ram_phys = 0, tphys = 0, seed;
     double duration = atof(env_or(APERTURE_ENV_DURATION, "5")), t0;
-    int n = aperture_discover(), remaps = atoi(env_or(APERTURE_ENV_REMAP, "0"));
+    int n = apdev_discover(), remaps = atoi(env_or(APERTURE_ENV_REMAP, "0"));
 
     memset(&st, 0, sizeof(st));
     seed = strtoull(env_or(APERTURE_ENV_STAMP, "1"), NULL, 16) | 1;
@@ -256,7 +257,7 @@ void scenario_fuzz(void)
             register_writes(dev, &st);
         else if (action < 97) {
             for (int i = 0; i < 50; i++)
-                aperture_doorbell(dev);
+                apdev_doorbell(apdev_get(dev));
             st.doorbells += 50;
         } else {
             results_garbage(&st);
@@ -283,12 +284,12 @@ void scenario_fuzz(void)
     jb_printf(&jb, "},\"alive\":[");
     int alive = n > 0;
     for (int i = 0; i < n; i++) {
-        aperture_resync(i);
-        int nop = aperture_nop(i);
+        apdev_resync(apdev_get(i));
+        int nop = apdev_cmd(apdev_get(i), (struct aperture_desc){.opcode = APERTURE_OP_NOP}, NULL);
         if (nop != APERTURE_ST_OK) { /* a fuzzed register may still be settling: resynchronise once more */
             usleep(100000);
-            aperture_resync(i);
-            nop = aperture_nop(i);
+            apdev_resync(apdev_get(i));
+            nop = apdev_cmd(apdev_get(i), (struct aperture_desc){.opcode = APERTURE_OP_NOP}, NULL);
         }
         jb_printf(&jb, "%s%s", i ? "," : "", nop == APERTURE_ST_OK ? "true" : "false");
         alive = alive && nop == APERTURE_ST_OK;
@@ -296,3 +297,7 @@ void scenario_fuzz(void)
     jb_printf(&jb, "]}");
     report_check(APERTURE_CHECK_APERTURE_FUZZ, alive && st.descriptors > 0, jb.buf);
 }
+
+const struct check check_aperture_fuzz = {
+    .name = APERTURE_CHECK_APERTURE_FUZZ, .fn = check_fuzz, .timeout_s = 120, .plus_duration = 1,
+};

@@ -1,4 +1,5 @@
 /* nvdimm.present: the NVDIMM regions the kernel found, with the physical address and size it sees. */
+#include "checks.h"
 #include "report.h"
 
 #include <dirent.h>
@@ -52,7 +53,7 @@ int nd_regions(struct region *out, int max, int expected)
     return n;
 }
 
-void scenario_nvdimm(void)
+static void check_present(void)
 {
     int expected = atoi(env_or(APERTURE_ENV_PMEM, "1"));
     struct region regions[MAX_REGIONS];
@@ -68,3 +69,5 @@ void scenario_nvdimm(void)
     jb_printf(&jb, "]}");
     report_check(APERTURE_CHECK_NVDIMM_PRESENT, n == expected && n > 0, jb.buf);
 }
+
+const struct check check_nvdimm_present = {.name = APERTURE_CHECK_NVDIMM_PRESENT, .fn = check_present};

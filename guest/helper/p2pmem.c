@@ -7,6 +7,7 @@
  *                       the pattern in the namespace's backing file
  * The guest reports what happened; the host decides against the kernel's config (absent without P2PDMA). */
 #define _GNU_SOURCE
+#include "checks.h"
 #include "report.h"
 
 #include <errno.h>
@@ -196,8 +197,5 @@ static void check_nvme_cmb(void)
         munmap(dst, len);
 }
 
-void scenario_p2pmem(void)
-{
-    check_p2pmem_row();
-    check_nvme_cmb();
-}
+const struct check check_zone_device_p2pmem = {.name = APERTURE_CHECK_ZONE_DEVICE_P2PMEM, .fn = check_p2pmem_row};
+const struct check check_p2p_nvme_cmb = {.name = APERTURE_CHECK_P2P_NVME_CMB, .fn = check_nvme_cmb};

@@ -7,7 +7,8 @@
  * last stamp of every page; the host then checks device memory holds them (remap.integrity).
  */
 #define _GNU_SOURCE
-#include "aperture_abi.h"
+#include "device.h"
+#include "checks.h"
 #include "report.h"
 
 #include <stdint.h>
@@ -17,10 +18,10 @@
 
 #define MAX_PAGES 4096
 
-void scenario_remap(void)
+static void check_consistency(void)
 {
     double duration = atof(env_or(APERTURE_ENV_DURATION, "10"));
-    int n = aperture_discover();
+    int n = apdev_discover();
     if (n <= 0) {
         report_check(APERTURE_CHECK_REMAP_CONSISTENCY, 0, "{\"error\":\"no aperture device\"}");
         return;
@@ -34,32 +35,32 @@ void scenario_remap(void)
     char first_violation[256] = "";
     void *ram = NULL;
     unsigned long long ram_phys = 0;
-    if (aperture_ram_page(&ram, &ram_phys) != 0) {
+    if (ram_page(&ram, &ram_phys) != 0) {
         report_check(APERTURE_CHECK_REMAP_CONSISTENCY, 0, "{\"error\":\"no locked RAM page\"}");
         return;
     }
     for (int i = 0; i < n; i++)
-        prev_gen[i] = first_gen[i] = aperture_generation(i);
+        prev_gen[i] = first_gen[i] = apdev_r32(apdev_get(i), APERTURE_REG_GENERATION);
     report_line("{\"type\":\"" APERTURE_MSG_PHASE "\",\"name\":\"remap_start\"}");
     double deadline = now_s() + duration;
     unsigned rr = 0;
     while (now_s() < deadline) {
         for (int i = 0; i < n; i++) {
             uint64_t table[APERTURE_MAX_SLOTS];
-            uint32_t nslots = aperture_nr_slots(i);
+            uint32_t nslots = apdev_get(i)->nr_slots;
             int slot = -1;
             uint64_t page = 0;
             /* A burst of reads with no device command in between: they run while remaps may be happening. */
             for (int burst = 0; burst < 16; burst++) {
                 double t_odd = now_s();
-                uint32_t g = aperture_snapshot(i, table, &retries);
+                uint32_t g = apdev_snapshot(apdev_get(i), table, &retries);
                 if (g != prev_gen[i]) {
                     gen_changes++;
                     prev_gen[i] = g;
                     if (hotplug) {
                         /* The window device was re-plugged (maybe at a new BAR address): find it again. */
                         double t0 = now_s();
-                        if (aperture_remap_window(i, 5.0) == 0) {
+                        if (apdev_map_window(apdev_get(i), 5.0) == 0) {
                             double ms = (now_s() - (t_odd < t0 ? t_odd : t0)) * 1e3;
                             reprobes++;
                             reprobe_ms_sum += ms;
@@ -90,11 +91,11 @@ void scenario_remap(void)
                     break;
                 }
                 struct aperture_remap_stamp seen;
-                if (!aperture_window(i))
+                if (!apdev_get(i)->win)
                     break;
-                memcpy(&seen, aperture_window(i) + (uint64_t)slot * aperture_slot_size(i), sizeof(seen));
+                memcpy(&seen, apdev_get(i)->win + (uint64_t)slot * apdev_get(i)->slot, sizeof(seen));
                 __sync_synchronize();
-                if (aperture_generation(i) != g) {
+                if (apdev_r32(apdev_get(i), APERTURE_REG_GENERATION) != g) {
                     retries++; /* remapped between snapshot and read: not trustworthy, not a violation */
                     continue;
                 }
@@ -114,7 +115,7 @@ void scenario_remap(void)
                 continue;
             struct aperture_remap_stamp st = {page, last[i][page] + 1};
             memcpy(ram, &st, sizeof(st));
-            if (aperture_dma(i, ram_phys, page * aperture_slot_size(i), sizeof(st), APERTURE_DMA_DST_LOCAL) == 0) {
+            if (apdev_dma(apdev_get(i), ram_phys, page * apdev_get(i)->slot, sizeof(st), APERTURE_DMA_DST_LOCAL) == 0) {
                 last[i][page] = st.seq;
                 writes++;
             }
@@ -131,7 +132,7 @@ void scenario_remap(void)
               "\"devices\":%d,\"first_violation\":",
               (unsigned long long)reads, (unsigned long long)writes, (unsigned long long)violations,
               (unsigned long long)retries, (unsigned long long)gen_changes, (unsigned long long)unmapped_rounds,
-              aperture_stale_completions(), n);
+              apdev_stale_completions(), n);
     jb_str(&jb, first_violation);
     jb_printf(&jb, "}");
     report_check(APERTURE_CHECK_REMAP_CONSISTENCY, violations == 0 && reads > 0 && writes > 0 && !reprobe_failures, jb.buf);
@@ -149,3 +150,7 @@ void scenario_remap(void)
     jb_printf(&out, "]}");
     report_line(out.buf);
 }
+
+const struct check check_remap_consistency = {
+    .name = APERTURE_CHECK_REMAP_CONSISTENCY, .fn = check_consistency, .timeout_s = 120, .plus_duration = 1,
+};

@@ -1,3 +1,4 @@
+#include "harness.h"
 #include "report.h"
 #include "aperture_abi.h"
 
@@ -142,6 +143,7 @@ void report_check(const char *name, int ok, const char *detail_json)
     jb_str(&jb, name);
     jb_printf(&jb, ",\"ok\":%s,\"detail\":%s}", ok ? "true" : "false", detail_json ? detail_json : "null");
     report_line(jb.buf);
+    harness_reported(name);
 }
 
 void report_log(const char *fmt, ...)

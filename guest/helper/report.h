@@ -1,4 +1,4 @@
-/* Guest helper: JSON-lines reporting to the host over the aperture.results virtio-serial port. */
+/* Guest helper: JSON-lines reporting to the host over the results port, and small utilities every unit uses. */
 #ifndef APERTURE_REPORT_H
 #define APERTURE_REPORT_H
 
@@ -52,38 +52,13 @@ struct region {
 };
 int nd_regions(struct region *out, int max, int expected);
 
-/* Scenarios: each reports its own checks. */
-void scenario_nvdimm(void);
-void scenario_dax(int bench);
-void scenario_aperture(int bench);
-void scenario_remap(void);
+/* The serve loop (serve.c): host commands on the command port, forever. */
 void scenario_serve(void);
-void scenario_p2pmem(void);  /* p2pmem.c: zone_device.p2pmem, p2p.nvme_cmb */
-int p2pmem_probe_row(struct jbuf *jb); /* the probe matrix's p2pmem row, a JSON object; 1 if the read worked */
-void scenario_witness(void); /* witness.c: witness.hmm_tests */
-void scenario_fuzz(void);    /* fuzz.c: aperture.fuzz, a hostile guest for $aperture_duration seconds */
-int helper_tool(int argc, char **argv); /* map/unmap/dma/peek/poke/info; -1 if argv[1] is not a tool */
+int p2pmem_probe_row(struct jbuf *jb); /* p2pmem.c: the probe matrix's p2pmem row; 1 if the read worked */
+int helper_tool(int argc, char **argv); /* tools.c: info/map/unmap/dma/peek/poke/flood; -1 if not a tool */
 
 #include <stdint.h>
-void pattern_fill(uint8_t *buf, size_t len, uint32_t seed);  /* the device data pattern */
+void pattern_fill(uint8_t *buf, size_t len, uint32_t seed); /* the device data pattern (aperture_abi.h) */
 int pattern_check(const uint8_t *buf, size_t len, uint32_t seed);
-
-/* aperture.c API for other scenarios */
-int aperture_discover(void);
-uint32_t aperture_nr_slots(int i);
-uint64_t aperture_slot_size(int i);
-uint8_t *aperture_window(int i);
-uint32_t aperture_generation(int i);
-uint32_t aperture_snapshot(int i, uint64_t *table, uint64_t *retries);
-int aperture_remap_window(int i, double wait_s); /* re-probe a re-plugged window (hotplug mode) */
-int aperture_dma(int i, uint64_t src, uint64_t dst, uint64_t len, uint16_t flags);
-int aperture_ram_page(void **buf, unsigned long long *phys);
-/* Raw access for the fuzzer: control memory, the doorbell, and re-reading the ring indices afterwards. */
-volatile uint8_t *aperture_ctl(int i);
-void aperture_doorbell(int i);
-void aperture_resync(int i);
-int aperture_nop(int i); /* a NOP through the normal path: the status, or -1 on timeout */
-unsigned long long aperture_window_phys(int i);
-unsigned long long aperture_stale_completions(void);
 
 #endif

@@ -1,10 +1,11 @@
 /* serve: after `idle`, run commands the host sends on the aperture.cmd port (one JSON object per line):
  *   {"id": N, "exec": "shell command"}   → {"type":"cmd-output","id":N,"data":"..."} per 2 KiB of output, then
  *                                          {"type":"cmd-done","id":N,"rc":RC,"output_bytes":N,"truncated":false}
- *   {"id": N, "scenario": "default"|"nvdimm"|"dax"|"aperture"} → the scenario's checks, then cmd-done
+ *   {"id": N, "scenario": NAME} → the scenario's checks (scenarios.c: those marked serve), then cmd-done
  * This is how the pytest plugin runs things in an already booted guest.
  */
 #define _GNU_SOURCE
+#include "harness.h"
 #include "report.h"
 
 #include <fcntl.h>
@@ -94,21 +95,12 @@ static void run_exec(long id, const char *cmd)
 
 static void run_scenario(long id, const char *name)
 {
-    int known = 1;
-    if (!strcmp(name, "default")) {
-        scenario_nvdimm();
-        scenario_dax(0);
-        scenario_aperture(0);
-    } else if (!strcmp(name, "nvdimm")) {
-        scenario_nvdimm();
-    } else if (!strcmp(name, "dax")) {
-        scenario_dax(0);
-    } else if (!strcmp(name, "aperture")) {
-        scenario_aperture(0);
-    } else {
-        known = 0;
-    }
+    const struct scenario *s = scenario_find(name);
+    int known = s && s->serve;
     char line[160];
+
+    if (known)
+        harness_run(s);
     snprintf(line, sizeof(line), "{\"type\":\"" APERTURE_MSG_CMD_DONE "\",\"id\":%ld,\"rc\":%d,\"output\":\"%s\"}", id,
              known ? 0 : 2, known ? "" : "unknown scenario");
     report_line(line);

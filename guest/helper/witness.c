@@ -3,6 +3,7 @@
  * migration and hmm_range_fault work in this kernel. The guest counts the kselftest TAP results; the host
  * decides (0 failed, at least 20 passed) and explains each group of skipped tests. */
 #define _GNU_SOURCE
+#include "checks.h"
 #include "report.h"
 
 #include <errno.h>
@@ -98,7 +99,7 @@ static void prepare_environment(char *huge, size_t hugelen, int *debugfs, char *
     *debugfs = mount("debugfs", "/sys/kernel/debug", "debugfs", 0, NULL) == 0 || errno == EBUSY;
 }
 
-void scenario_witness(void)
+static void check_hmm_tests(void)
 {
     struct tap_counts c;
     struct jbuf jb;
@@ -192,3 +193,8 @@ void scenario_witness(void)
     jb_printf(&jb, "]}");
     report_check(APERTURE_CHECK_WITNESS_HMM_TESTS, !timed_out && c.failed == 0 && c.passed >= 20, jb.buf);
 }
+
+/* hmm-tests has its own time limit (HMM_TIMEOUT_S); the harness's is above it. */
+const struct check check_witness_hmm_tests = {
+    .name = APERTURE_CHECK_WITNESS_HMM_TESTS, .fn = check_hmm_tests, .timeout_s = 300,
+};

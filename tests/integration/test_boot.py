@@ -44,10 +44,15 @@ def test_json_matches_the_published_schema(default_run) -> None:
 def test_junit_xml(tmp_path: Path) -> None:
     import xml.etree.ElementTree as ET
 
+    import shutil
+
     out = tmp_path / "aperture.xml"
     run_dir = tmp_path / "a,share=off"  # a comma in a path reaches QEMU doubled, never as an option
+    bins = tmp_path / "b,in"
+    bins.mkdir()
+    shutil.copy("/usr/bin/stat", bins / "stat")  # and a comma in a --guest-bin path is only a file name
     proc = run_aperture("run", "-q", "--device", "none", "--junit-xml", str(out), "--run-dir",
-                        str(run_dir), timeout=240)
+                        str(run_dir), "--guest-bin", str(bins / "stat"), timeout=240)
     assert proc.returncode == 0, proc.stderr
     assert (run_dir / "pmem0.img").stat().st_blocks > 0  # share=on held: guest writes reached the file
     suite = ET.parse(out).getroot()

@@ -1,0 +1,62 @@
+/* The one scenario table: what `aperture-helper SCENARIO` (main.c) and the host's {"scenario": NAME} command
+ * (serve.c) run. Check order matters only where a check reads what an earlier boot left: the persistence
+ * checks run before the checks that write new stamps. */
+#include "checks.h"
+#include "harness.h"
+#include "report.h"
+
+#include <string.h>
+#include <unistd.h>
+
+#define DAX_CHECKS &check_dax_persistence, &check_dax_fsdax, &check_dax_map_sync, &check_dax_devdax, \
+    &check_zone_device_probe
+#define DEVICE_CHECKS &check_aperture_persistence, &check_aperture_window, &check_aperture_hidden_refused, \
+    &check_p2p_pmem_to_device, &check_p2p_device_to_pmem, &check_p2p_ram_to_device, &check_p2p_device_to_device, \
+    &check_aperture_bad_descriptors
+
+static const struct check *const default_checks[] = {
+    &check_guest_modules, &check_nvdimm_present, DAX_CHECKS, DEVICE_CHECKS, &check_zone_device_p2pmem,
+    &check_p2p_nvme_cmb, &check_witness_hmm_tests, NULL,
+};
+static const struct check *const nvdimm_checks[] = {&check_guest_modules, &check_nvdimm_present, NULL};
+static const struct check *const dax_checks[] = {DAX_CHECKS, NULL};
+static const struct check *const device_checks[] = {DEVICE_CHECKS, NULL};
+static const struct check *const remap_checks[] = {
+    &check_guest_modules, &check_nvdimm_present, &check_remap_consistency, NULL,
+};
+static const struct check *const fuzz_checks[] = {&check_guest_modules, &check_aperture_fuzz, NULL};
+
+static void serve_after_idle(void)
+{
+    /* aperture up: DAX is configured; say so, and stay up for interactive use */
+    report_line("{\"type\":\"" APERTURE_MSG_PHASE "\",\"name\":\"idle\"}");
+    scenario_serve(); /* never returns */
+}
+
+static void hang(void)
+{
+    for (;;)
+        pause();
+}
+
+static const struct scenario scenarios[] = {
+    {.name = "probe"}, /* hello and done only: the accelerator probe and the boot benchmark */
+    {.name = "default", .checks = default_checks, .serve = 1},
+    {.name = "idle", .checks = nvdimm_checks, .fixture = &fixture_dax_configured, .run = serve_after_idle},
+    {.name = "remap", .checks = remap_checks},
+    {.name = "bench-device", .fixture = &fixture_devices, .run = bench_device},
+    {.name = "bench-dax", .fixture = &fixture_dax, .run = bench_dax},
+    {.name = "nvdimm", .checks = nvdimm_checks, .serve = 1},
+    {.name = "dax", .checks = dax_checks, .serve = 1},
+    {.name = "aperture", .checks = device_checks, .serve = 1},
+    {.name = "fuzz", .checks = fuzz_checks},
+    {.name = "hang", .run = hang}, /* hello, then never done: the host's run timeout */
+};
+
+const struct scenario *scenario_find(const char *name)
+{
+    for (size_t i = 0; i < sizeof(scenarios) / sizeof(scenarios[0]); i++)
+        if (!strcmp(scenarios[i].name, name))
+            return &scenarios[i];
+    return NULL;
+}
