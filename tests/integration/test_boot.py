@@ -42,9 +42,8 @@ def test_json_matches_the_published_schema(default_run) -> None:
 
 
 def test_junit_xml(tmp_path: Path) -> None:
-    import xml.etree.ElementTree as ET
-
     import shutil
+    import xml.etree.ElementTree as ET
 
     out = tmp_path / "aperture.xml"
     run_dir = tmp_path / "a,share=off"  # a comma in a path reaches QEMU doubled, never as an option
