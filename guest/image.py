@@ -131,7 +131,8 @@ def build_helper(cache: Path | None = None) -> Path:
         raise SetupError("gcc not found: it builds the static guest helper (run scripts/setup.sh)")
     out_dir.mkdir(parents=True, exist_ok=True)
     tmp = private_tmp(out)
-    argv = [gcc, "-static", "-O2", "-Wall", "-Wextra", "-Werror", "-o", str(tmp)] + [str(p) for p in src if p.suffix == ".c"]
+    argv = [gcc, "-static", "-O2", "-Wall", "-Wextra", "-Werror", "-o", str(tmp)]
+    argv += [str(p) for p in src if p.suffix == ".c"]
     proc = subprocess.run(argv, capture_output=True, text=True)
     if proc.returncode != 0:
         tail = (proc.stderr.strip().splitlines() or ["?"])[-1]

@@ -144,7 +144,8 @@ class RemapController:
         self.hotplug = mode == "hotplug"
         self._memdev: dict[int, str] = {}
         self._serial = 0
-        self.on_replug: Callable[[], None] | None = None  # called after each hotplug remap (e.g. to drop a cached address map)
+        #: called after each hotplug remap (e.g. to drop a cached address map)
+        self.on_replug: Callable[[], None] | None = None
         if mode not in ("pause", "hotplug", "unsafe"):
             raise ConfigError(f"remap mode {mode!r} is not supported by this controller")
         # "unsafe" (APERTURE_REMAP_MODE=unsafe) is a negative control: retarget without pausing the guest and
