@@ -1,17 +1,18 @@
-"""``Vm``: one QEMU process with its run directory, backing files, console and results channel.
+"""``Vm``: the lifecycle of one QEMU process with its run directory, backing files, device model and channels.
 
 In the spirit of QEMU's ``QEMUMachine``: a context manager; a launch failure raises one error carrying the
-exit code, the command line and QEMU's output; everything the run creates is registered with ``_cleanup``
-*before* it is created, and ``shutdown`` (the one place cleanup lives) runs on success, failure and Ctrl-C.
+exit code, the command line and QEMU's output; everything the run creates is registered with ``_cleanup`` (an
+ExitStack) *before* it is created, and ``shutdown`` (the one place cleanup lives) runs on success, failure and
+Ctrl-C. The command line is built in qemu_argv.py, paths in runpaths.py, the channels are read in channels.py.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
 import os
-import re
 import shutil
 import signal
 import socket
@@ -22,84 +23,18 @@ from pathlib import Path
 from typing import Any
 
 from aperture.guest.abi import MsgType
-from aperture.guest.errors import ConfigError, GuestError, SetupError, VmLaunchError
+from aperture.guest.errors import GuestError, SetupError, VmLaunchError
 from aperture.guest.kernelspec import KernelSpec
 from aperture.guest.units import MiB, format_size
 from aperture.qmp_client.qemu import find_qemu
 from aperture.qmp_client.session import SyncQmpSession
 
+from .channels import ConsoleLog, ResultsChannel
 from .config import PROBE_BAR_SIZE, VmConfig
+from .processes import die_with_parent
 from .qemu_argv import build_argv, kernel_cmdline
-from .runpaths import RunPaths, default_sock_dir, new_run_name
+from .runpaths import RunPaths, default_sock_dir, new_run_name, persistent_file
 from .service import DeviceService
-
-PANIC_RE = re.compile(r"Kernel panic - not syncing[^\n]*")
-RESULTS_PORT = "aperture.results"
-COMMAND_PORT = "aperture.cmd"
-PROBE_BAR_SLOT = 0x0F
-
-
-#: The results channel is untrusted input: a line longer than this is dropped (and noted), and each pass
-#: reads at most RESULTS_READ_MAX bytes of it.
-RESULTS_LINE_MAX = 1 << 20
-RESULTS_READ_MAX = 4 << 20
-#: A guest that writes more than this on the results channel in one boot is stopped (exit 4): it is flooding,
-#: and results.jsonl (QEMU's file) must not fill the run dir.
-RESULTS_TOTAL_MAX = 256 << 20
-#: Deeper JSON than this is not a message the helper sends (and could exhaust the parser's recursion).
-RESULTS_DEPTH_MAX = 64
-
-
-def parse_result_line(raw: bytes) -> dict[str, Any]:
-    """One line of the results channel as a message dict; anything else becomes a ``garbage`` message."""
-    depth = max_depth = 0
-    # Bracket depth, ignoring strings only roughly: an upper bound is all we need. Scanned byte by byte only
-    # when the line holds enough opening brackets to be that deep (counting them is cheap; the scan is not).
-    if raw.count(b"[") + raw.count(b"{") > RESULTS_DEPTH_MAX:
-        for byte in raw:
-            if byte in b"[{":
-                depth += 1
-                max_depth = max(max_depth, depth)
-            elif byte in b"]}":
-                depth -= 1
-    if max_depth > RESULTS_DEPTH_MAX:
-        return {"type": MsgType.GARBAGE, "raw": raw[:200].decode("utf-8", "replace"),
-                "why": f"nested deeper than {RESULTS_DEPTH_MAX}"}
-    try:
-        msg = json.loads(raw)
-    except (ValueError, RecursionError):
-        return {"type": MsgType.GARBAGE, "raw": raw[:200].decode("utf-8", "replace")}
-    if not isinstance(msg, dict):
-        return {"type": MsgType.GARBAGE, "raw": str(msg)[:200]}
-    return msg
-
-
-PR_SET_PDEATHSIG = 1
-
-
-def die_with_parent(parent: int) -> Callable[[], None]:
-    """A ``preexec_fn``: QEMU gets SIGKILL when the process that owns its device model dies (even by
-    SIGKILL), so it never runs on with nobody serving its devices. (QEMU's own ``-run-with exit-with-parent``
-    is not in every build.)"""
-
-    def arm() -> None:
-        import ctypes
-
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-        if os.getppid() != parent:  # the owner died between fork and prctl
-            os._exit(1)
-
-    return arm
-
-
-def persistent_file(path: Path, size: int, option: str) -> None:
-    """A backing file that keeps its contents across runs of one run dir: created sparse, or reused at its size."""
-    if not path.exists():
-        with open(path, "wb") as f:
-            f.truncate(size)
-    elif path.stat().st_size != size:
-        raise ConfigError(f"{path} exists with {format_size(path.stat().st_size)} but the configuration wants "
-                          f"{format_size(size)}; use another --run-dir or the same {option}")
 
 
 class Vm:
@@ -122,9 +57,8 @@ class Vm:
         self.argv = build_argv(self.qemu, config, kernel, initrd, self.paths, accel,
                                kernel_cmdline(config, scenario, guest_env), user_qmp,
                                command_channel=self.command_channel)
-        self._results_pos = 0
-        self._results_buf = b""
-        self._skip_to_newline = False
+        self.results = ResultsChannel(self.paths.results)
+        self.console = ConsoleLog(self.paths.console)
         self._cmd_sock: socket.socket | None = None
         self._cmd_id = 0
         self.console_sink = console_sink
@@ -133,9 +67,8 @@ class Vm:
         self.service: DeviceService | None = None
         self.started_at = 0.0
         self.first_message_at: float | None = None
-        self._cleanup: list[Callable[[], None]] = []
-        self._console_pos = 0
-        self._console_text = ""
+        #: Everything launch creates is registered here before it is created; shutdown unwinds it, newest first.
+        self._cleanup = contextlib.ExitStack()
 
     # ------------------------------------------------------------------ lifecycle
     def __enter__(self) -> Vm:
@@ -149,8 +82,8 @@ class Vm:
     def __exit__(self, *exc: object) -> None:
         self.shutdown()
 
-    def _register(self, fn: Callable[[], None]) -> None:
-        self._cleanup.append(fn)
+    def _register(self, fn: Callable[[], object]) -> None:
+        self._cleanup.callback(fn)
 
     def backing_files(self) -> dict[Path, int]:
         """Every file this VM's guest or device model can fill, and its full size (they start sparse)."""
@@ -202,8 +135,7 @@ class Vm:
         self._prepare_files()
         self.paths.qmp_socket.unlink(missing_ok=True)
         # Cleanup runs newest first: stop QEMU (via QMP if possible), then close QMP, then the log.
-        log = open(self.paths.qemu_log, "wb")
-        self._register(log.close)
+        log = self._cleanup.enter_context(open(self.paths.qemu_log, "wb"))
         self.qmp = SyncQmpSession(self.name)
         self._register(self._close_qmp)
         handler = logging.FileHandler(self.paths.run_dir / "emulator.log")
@@ -284,29 +216,17 @@ class Vm:
                 continue
 
     def shutdown(self) -> None:
-        """Release everything this VM created, newest first. Idempotent."""
-        while self._cleanup:
-            fn = self._cleanup.pop()
-            try:
-                fn()
-            except Exception:  # noqa: BLE001 - cleanup must go on
-                pass
+        """Release everything this VM created, newest first. Idempotent. A step that fails does not stop the
+        others (ExitStack runs them all); the failure is logged, never raised over the run's own outcome."""
+        try:
+            self._cleanup.close()
+        except Exception as exc:  # noqa: BLE001 - cleanup must go on and must not mask the run's result
+            logging.getLogger("aperture.emulator").warning("cleanup of %s: %s: %s", self.name,
+                                                           type(exc).__name__, exc)
 
     # ------------------------------------------------------------------ observation
     def console_tail(self, lines: int = 25) -> str:
-        self._read_console()
-        return "\n".join(self._console_text.splitlines()[-lines:])
-
-    def _read_console(self) -> str:
-        try:
-            with open(self.paths.console, "rb") as f:
-                f.seek(self._console_pos)
-                new = f.read().decode("utf-8", "replace")
-        except FileNotFoundError:
-            return ""
-        self._console_pos += len(new.encode("utf-8", "replace"))
-        self._console_text = (self._console_text + new)[-200_000:]
-        return new
+        return self.console.tail(lines)
 
     def _qemu_output(self) -> str:
         try:
@@ -316,7 +236,7 @@ class Vm:
 
     def _raise_exited(self, what: str) -> None:
         code = self.process.wait(10) if self.process else None
-        tail = (self._qemu_output().strip() + "\n--- console ---\n" + self.console_tail()).strip()
+        tail = (self._qemu_output().strip() + "\n--- console ---\n" + self.console.tail()).strip()
         first = next((ln for ln in self._qemu_output().splitlines() if ln.strip()), "")
         if code == -signal.SIGBUS:
             first = ("killed by SIGBUS: a memory backing file could not grow (is the run dir or the shm dir full? "
@@ -333,43 +253,14 @@ class Vm:
         while True:
             if should_stop is not None and should_stop():
                 return
-            new_console = self._read_console()
+            new_console = self.console.read()
             if new_console and self.console_sink:
                 self.console_sink(new_console)
-            panic = PANIC_RE.search(self._console_text)
+            panic = self.console.panic()
             if panic:
-                raise GuestError(f"guest kernel panicked: {panic.group(0).strip()} (console: {self.paths.console})")
-            try:
-                with open(self.paths.results, "rb") as f:
-                    f.seek(self._results_pos)
-                    chunk = f.read(RESULTS_READ_MAX)  # bounded: the guest controls how much is there
-            except FileNotFoundError:
-                chunk = b""
-            self._results_pos += len(chunk)
-            self._results_buf += chunk
-            if self._results_pos > RESULTS_TOTAL_MAX:
-                raise GuestError(f"the guest wrote more than {RESULTS_TOTAL_MAX >> 20} MiB on the results channel: "
-                                 f"stopped as a flood (see {self.paths.results})")
-            while True:
-                if self._skip_to_newline:  # the rest of an over-long line: dropped without a word
-                    nl = self._results_buf.find(b"\n")
-                    if nl < 0:
-                        self._results_buf = b""
-                        break
-                    self._results_buf = self._results_buf[nl + 1:]
-                    self._skip_to_newline = False
-                nl = self._results_buf.find(b"\n", 0, RESULTS_LINE_MAX + 1)
-                if nl >= 0:
-                    raw, self._results_buf = self._results_buf[:nl], self._results_buf[nl + 1:]
-                    msg = parse_result_line(raw)
-                elif len(self._results_buf) > RESULTS_LINE_MAX:
-                    msg = {"type": MsgType.GARBAGE, "raw": self._results_buf[:200].decode("utf-8", "replace"),
-                           "why": f"line longer than {RESULTS_LINE_MAX} bytes"}
-                    end = self._results_buf.find(b"\n")
-                    self._results_buf = self._results_buf[end + 1:] if end >= 0 else b""
-                    self._skip_to_newline = end < 0
-                else:
-                    break
+                raise GuestError(f"guest kernel panicked: {panic} (console: {self.paths.console})")
+            messages, new_bytes = self.results.read()
+            for msg in messages:
                 if self.first_message_at is None:
                     self.first_message_at = time.monotonic()
                 yield msg
@@ -377,12 +268,12 @@ class Vm:
                     return
             elapsed = time.monotonic() - self.started_at
             if not self.alive():
-                if chunk:
+                if new_bytes:
                     continue  # drain what the guest wrote before it went away (a partial last line is lost)
-                self._read_console()
-                panic = PANIC_RE.search(self._console_text)
+                self.console.read()
+                panic = self.console.panic()
                 if panic:
-                    raise GuestError(f"guest kernel panicked: {panic.group(0).strip()}")
+                    raise GuestError(f"guest kernel panicked: {panic}")
                 if self.process is not None and self.process.returncode not in (0, None):
                     self._raise_exited("QEMU died")
                 raise GuestError(f"guest powered off before the helper finished (console: {self.paths.console})")

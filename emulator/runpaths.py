@@ -12,6 +12,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from aperture.guest.errors import ConfigError
+from aperture.guest.units import format_size
+
 from .processes import pid_alive
 
 
@@ -123,3 +126,13 @@ def reap_dead_runs(shm_dir: Path) -> list[str]:
         shutil.rmtree(default_sock_dir(name), ignore_errors=True)
         reaped.append(name)
     return reaped
+
+
+def persistent_file(path: Path, size: int, option: str) -> None:
+    """A backing file that keeps its contents across runs of one run dir: created sparse, or reused at its size."""
+    if not path.exists():
+        with open(path, "wb") as f:
+            f.truncate(size)
+    elif path.stat().st_size != size:
+        raise ConfigError(f"{path} exists with {format_size(path.stat().st_size)} but the configuration wants "
+                          f"{format_size(size)}; use another --run-dir or the same {option}")

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import run_aperture
 
 
@@ -24,3 +26,32 @@ def test_a_crashing_and_a_hanging_check_fail_alone(tmp_path: Path) -> None:
     assert failed == ["aperture.window", "dax.fsdax"]
     assert {"dax.map_sync", "dax.devdax", "p2p.ram_to_device", "aperture.bad_descriptors",
             "p2p.nvme_cmb", "witness.hmm_tests"} <= set(checks)
+
+
+def test_an_exception_in_the_emulator_thread_fails_the_run_and_is_logged(
+        tmp_path: Path, built_kernel, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The device thread raises once (as a guest-provoked bug would): the run fails with a host check naming
+    the exception, and run_dir/emulator.log has it with its traceback."""
+    from aperture.emulator.config import VmConfig
+    from aperture.emulator.device import ApertureDevice
+    from aperture.emulator.run import boot_once, prepare
+
+    real = ApertureDevice.process_ring
+    raised: list[bool] = []
+
+    def fails_once(self: ApertureDevice, doorbell: bool = True) -> int:
+        if not raised:
+            raised.append(True)
+            raise RuntimeError("emulator thread test fault")
+        return real(self, doorbell)
+
+    monkeypatch.setattr(ApertureDevice, "process_ring", fails_once)
+    config = VmConfig(nvme=0)
+    prep = prepare(config, built_kernel, lambda _msg: None)
+    result = boot_once(config, prep, tmp_path / "run", lambda _msg: None, scenario="aperture")
+    assert not result.ok
+    thread = next(c for c in result.checks if c.name == "host.emulator_thread")
+    assert not thread.ok and thread.detail["errors"] == 1
+    assert thread.detail["first"] == ["RuntimeError: emulator thread test fault"]
+    log = (tmp_path / "run" / "emulator.log").read_text()
+    assert "emulator thread test fault" in log and "Traceback" in log

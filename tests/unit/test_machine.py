@@ -139,7 +139,8 @@ def test_default_topology_has_an_nvme_with_a_cmb() -> None:
 
 def test_results_channel_survives_hostile_lines(tmp_path: Path) -> None:
     """Deep nesting, an over-long line and non-objects become garbage notes; the channel goes on."""
-    from aperture.emulator.machine import RESULTS_LINE_MAX, Vm
+    from aperture.emulator.channels import RESULTS_LINE_MAX
+    from aperture.emulator.machine import Vm
 
     vm = Vm(VmConfig(devices=()), KernelSpec(Path("/k"), None, "6.1"), Path("/i"), accel="tcg", run_dir=tmp_path)
     vm.paths.run_dir.mkdir(parents=True, exist_ok=True)
@@ -192,7 +193,8 @@ def test_a_comma_in_a_path_never_reaches_qemu_unquoted() -> None:
 
 def test_exec_output_lost_on_the_channel_is_an_error_not_silence(tmp_path: Path) -> None:
     """A cmd-output chunk glued to an over-long garbage line is dropped with it: exec says so."""
-    from aperture.emulator.machine import RESULTS_LINE_MAX, Vm
+    from aperture.emulator.channels import RESULTS_LINE_MAX
+    from aperture.emulator.machine import Vm
     from aperture.guest.errors import GuestError
 
     vm = Vm(VmConfig(devices=()), KernelSpec(Path("/k"), None, "6.1"), Path("/i"), accel="tcg", run_dir=tmp_path)
@@ -234,10 +236,10 @@ def test_a_full_run_dir_is_refused_before_anything_starts(tmp_path: Path, monkey
 
 
 def test_a_flood_on_the_results_channel_stops_the_vm(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from aperture.emulator import machine
+    from aperture.emulator import channels, machine
     from aperture.guest.errors import GuestError
 
-    monkeypatch.setattr(machine, "RESULTS_TOTAL_MAX", 1 << 20)
+    monkeypatch.setattr(channels, "RESULTS_TOTAL_MAX", 1 << 20)
     vm = machine.Vm(VmConfig(devices=()), KernelSpec(Path("/k"), None, "6.1"), Path("/i"), accel="tcg",
                     run_dir=tmp_path)
     vm.paths.run_dir.mkdir(parents=True, exist_ok=True)
