@@ -35,9 +35,20 @@ def _user_project(tmp_path: Path) -> Path:
     proj = tmp_path / "userproj"
     proj.mkdir()
     shutil.copy(ROOT / "examples" / "test_example.py", proj / "test_example.py")
+    # The user's project has its own `guest` and `emulator` packages: aperture's installed names
+    # (aperture.guest, aperture.emulator) neither shadow them nor are shadowed by them.
+    for pkg in ("guest", "emulator"):
+        (proj / pkg).mkdir()
+        (proj / pkg / "__init__.py").write_text("")
+        (proj / pkg / "local.py").write_text(f"OWNER = 'user {pkg}'\nEXPECTED_RC = 0\n")
     (proj / "test_failing.py").write_text(
-        "import pytest\n\n@pytest.mark.aperture(devices=1)\n"
-        "def test_fails(aperture_vm):\n    assert aperture_vm.exec('false').rc == 0\n")
+        "import pytest\nfrom guest.local import EXPECTED_RC\n\n@pytest.mark.aperture(devices=1)\n"
+        "def test_fails(aperture_vm):\n    assert aperture_vm.exec('false').rc == EXPECTED_RC\n")
+    (proj / "test_own_packages.py").write_text(
+        "import aperture.guest\nimport emulator.local\nimport guest.local\n\n"
+        "def test_own_packages():\n"
+        "    assert (guest.local.OWNER, emulator.local.OWNER) == ('user guest', 'user emulator')\n"
+        "    assert aperture.guest.__file__ != guest.__file__\n")
     return proj
 
 
@@ -51,7 +62,7 @@ def test_user_project_with_and_without_xdist(tmp_path: Path, workers: str | None
     proc = subprocess.run(argv, cwd=proj, capture_output=True, text=True, timeout=600, env=env)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 1, out  # the one failing test fails; the examples pass
-    assert "3 passed" in out and "1 failed" in out, out
+    assert "4 passed" in out and "1 failed" in out, out
     assert "aperture console tail" in out and "aperture run dir" in out
     leftovers = subprocess.run(["pgrep", "-f", str(tmp_path / "bt")], capture_output=True, text=True).stdout
     assert leftovers.strip() == ""
