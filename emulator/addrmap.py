@@ -65,7 +65,7 @@ class AddressMap:
                 for r in self.regions]
 
 
-def flat(view: memoryview) -> Resolver:
+def contiguous(view: memoryview) -> Resolver:
     """A region backed by one contiguous host buffer."""
 
     def resolve(offset: int, length: int) -> list[memoryview]:

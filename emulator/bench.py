@@ -40,14 +40,15 @@ def _boot(config: VmConfig, kernel: KernelSpec, initrd: Path, qemu: str, accel: 
 def bench_boot(config: VmConfig, kernel: KernelSpec, n: int, progress: Progress) -> dict[str, Any]:
     """Cold boots of the chosen kernel and, in the same run and interleaved, of what it is compared with: the
     built kernel against its own bzImage and Debian's kernel; another kernel against its PVH vmlinux."""
-    prep = prepare(config, kernel, progress)
+    inputs = prepare(config, kernel, progress)
     notes: list[str] = []
     # (figure prefix, kernel, image, label)
-    variants: list[tuple[str, KernelSpec, Path, str]] = [("", kernel, prep.image.path, kernel.kind)]
+    variants: list[tuple[str, KernelSpec, Path, str]] = [("", kernel, inputs.image.path, kernel.kind)]
     if kernel.kind == "built":
         bzimage = kernel.image.parent / "bzImage"
         if bzimage.is_file():
-            variants.append(("bzimage_", dataclasses.replace(kernel, image=bzimage), prep.image.path, "built bzImage"))
+            variants.append(("bzimage_", dataclasses.replace(kernel, image=bzimage), inputs.image.path,
+                             "built bzImage"))
         try:
             from aperture.guest.kernel import debian_kernel
 
@@ -61,14 +62,14 @@ def bench_boot(config: VmConfig, kernel: KernelSpec, n: int, progress: Progress)
 
         vmlinux, why = extract_pvh_vmlinux(kernel)
         if vmlinux is not None and vmlinux != kernel.image:
-            variants.append(("pvh_", dataclasses.replace(kernel, image=vmlinux), prep.image.path, "PVH vmlinux"))
+            variants.append(("pvh_", dataclasses.replace(kernel, image=vmlinux), inputs.image.path, "PVH vmlinux"))
         elif vmlinux is None:
             notes.append(f"PVH vmlinux not measured: {why}")
     helper: dict[str, list[float]] = {prefix: [] for prefix, *_ in variants}
     off: dict[str, list[float]] = {prefix: [] for prefix, *_ in variants}
     for i in range(n):  # interleaved: host noise hits every variant alike
         for prefix, spec, initrd, label in variants:
-            h, o = _boot(config, spec, initrd, prep.qemu, prep.accel.accel)
+            h, o = _boot(config, spec, initrd, inputs.qemu, inputs.accel.accel)
             helper[prefix].append(h)
             off[prefix].append(o)
             progress(f"{label} boot {i + 1}/{n}: helper {h:.2f} s, poweroff {o:.2f} s")
@@ -87,7 +88,7 @@ def bench_boot(config: VmConfig, kernel: KernelSpec, n: int, progress: Progress)
         ratios["pvh_vs_bzimage_boot_to_helper"] = round(p50("") / p50("bzimage_"), 3)
     if "pvh_" in helper:
         ratios["pvh_vs_bzimage_boot_to_helper"] = round(p50("pvh_") / p50(""), 3)
-    return {"bench": "boot", "accel": prep.accel.accel, "qemu_version": prep.qemu_version,
+    return {"bench": "boot", "accel": inputs.accel.accel, "qemu_version": inputs.qemu_version,
             "kernel_release": kernel.release, "kernel": kernel.kind, "boots": n, "figures": figures,
             "ratios": ratios, "notes": notes}
 
@@ -98,9 +99,9 @@ def bench_dax(config: VmConfig, kernel: KernelSpec, progress: Progress) -> dict[
 
     from .run import boot_once
 
-    prep = prepare(config, kernel, progress)
+    inputs = prepare(config, kernel, progress)
     with tempfile.TemporaryDirectory(prefix="aperture-bench-") as tmp:
-        result = boot_once(config, prep, Path(tmp), progress, scenario="bench-dax",
+        result = boot_once(config, inputs, Path(tmp), progress, scenario="bench-dax",
                            guest_env={Env.STAMP: "bench"})
     f = result.figures
     ram = f.get("memcpy_ram_MBps", 0.0)
@@ -111,7 +112,7 @@ def bench_dax(config: VmConfig, kernel: KernelSpec, progress: Progress) -> dict[
         ratios["devdax_vs_ram"] = round(f["memcpy_devdax_MBps"] / ram, 3)
     if f.get("memcpy_fsdax_MBps"):
         ratios["fsdax_vs_ram"] = round(f["memcpy_fsdax_MBps"] / ram, 3)
-    return {"bench": "dax", "accel": prep.accel.accel, "qemu_version": prep.qemu_version,
+    return {"bench": "dax", "accel": inputs.accel.accel, "qemu_version": inputs.qemu_version,
             "kernel_release": kernel.release, "figures": f, "ratios": ratios,
             "notes": ["1 MiB memcpy repeated for 0.2 s per target, inside the guest; three interleaved rounds, best "
                       "of three per target; RAM buffers are 2 MiB-aligned and THP-advised (effective only if "
@@ -187,13 +188,13 @@ def bench_device(config: VmConfig, kernel: KernelSpec, progress: Progress) -> di
         from aperture.guest.errors import ConfigError
 
         raise ConfigError("bench device needs at least one aperture device")
-    prep = prepare(config, kernel, progress)
+    inputs = prepare(config, kernel, progress)
     progress("measuring host baselines (eventfd wake-up, slot copies, memcpy)")
     wake_us = _eventfd_wakeup_us()
     copy_us = _slot_copy_us(config.devices[0].slot)
     memcpy_4k, memcpy_2m = _copy_MBps(4096), _copy_MBps(2 << 20)
     with tempfile.TemporaryDirectory(prefix="aperture-bench-") as tmp:
-        result = boot_once(config, prep, Path(tmp), progress, scenario="bench-device",
+        result = boot_once(config, inputs, Path(tmp), progress, scenario="bench-device",
                            guest_env={Env.STAMP: "bench"})
     f = result.figures
     if not f.get("map_rtt_us_p50"):
@@ -206,7 +207,7 @@ def bench_device(config: VmConfig, kernel: KernelSpec, progress: Progress) -> di
     ratios = {"map_rtt_vs_floor": round(f["map_rtt_us_p50"] / floor, 3),
               "dma_4k_vs_memcpy": round(f.get("dma_4k_MBps", 0) / memcpy_4k, 3),
               "dma_2m_vs_memcpy": round(f.get("dma_2m_MBps", 0) / memcpy_2m, 3)}
-    return {"bench": "device", "accel": prep.accel.accel, "qemu_version": prep.qemu_version,
+    return {"bench": "device", "accel": inputs.accel.accel, "qemu_version": inputs.qemu_version,
             "kernel_release": kernel.release, "figures": figures, "ratios": ratios,
             "notes": ["MAP: guest clock around MAP(slot 0, alternating pages), 1000 rounds; each MAP copies two "
                       "2 MiB slots on the host", "DMA 2 MiB: device-local → devdax, 32 per doorbell; 4 KiB: DMA_LIST "
@@ -223,11 +224,11 @@ def bench_remap(config: VmConfig, kernel: KernelSpec, progress: Progress, rounds
 
     if not config.devices:
         raise ConfigError("bench remap needs at least one aperture device")
-    prep = prepare(config, kernel, progress)
+    inputs = prepare(config, kernel, progress)
     figures: dict[str, float] = {}
     with tempfile.TemporaryDirectory(prefix="aperture-bench-") as tmp:
-        with Vm(config, kernel, prep.image.path, accel=prep.accel.accel, run_dir=Path(tmp), scenario="idle",
-                qemu=prep.qemu) as vm:
+        with Vm(config, kernel, inputs.image.path, accel=inputs.accel.accel, run_dir=Path(tmp), scenario="idle",
+                qemu=inputs.qemu) as vm:
             assert vm.qmp is not None and vm.service is not None
             vm.wait_idle()
             progress(f"guest idle; {rounds} rounds of: bare stop+cont, a bare retarget, a pause-mode remap")
@@ -263,11 +264,11 @@ def bench_remap(config: VmConfig, kernel: KernelSpec, progress: Progress, rounds
              "one slot of a random page, as cold as in the remap) for the _plus_copy ratio"]
     from aperture.qmp_client.qemu import hotplug_supported
 
-    if hotplug_supported(prep.qemu):
+    if hotplug_supported(inputs.qemu):
         hp_config = dataclasses.replace(config, window_hotplug=True)
         with tempfile.TemporaryDirectory(prefix="aperture-bench-") as tmp:
-            with Vm(hp_config, kernel, prep.image.path, accel=prep.accel.accel, run_dir=Path(tmp), scenario="idle",
-                    qemu=prep.qemu) as vm:
+            with Vm(hp_config, kernel, inputs.image.path, accel=inputs.accel.accel, run_dir=Path(tmp), scenario="idle",
+                    qemu=inputs.qemu) as vm:
                 assert vm.qmp is not None and vm.service is not None
                 vm.wait_idle()
                 progress("20 hotplug-mode remaps (re-plug the window at another device-memory offset)")
@@ -293,13 +294,13 @@ def bench_remap(config: VmConfig, kernel: KernelSpec, progress: Progress, rounds
     p50_bare, p50_remap = statistics.median(bare), statistics.median(one_slot)
     ratios = {"remap_pause_vs_stopcont": round(p50_remap / p50_bare, 3),
               "remap_pause_vs_stopcont_plus_copy": round(p50_remap / (p50_bare + copy_ms), 3)}
-    return {"bench": "remap", "accel": prep.accel.accel, "qemu_version": prep.qemu_version,
+    return {"bench": "remap", "accel": inputs.accel.accel, "qemu_version": inputs.qemu_version,
             "kernel_release": kernel.release, "figures": figures, "ratios": ratios,
             "notes": notes}
 
 
 def _rss_mib(field: str = "RssAnon") -> float:
-    """This process's resident memory of one kind, in MiB. RssAnon is our own heap: it is what must stay flat.
+    """This process's resident memory of one kind, in MiB. RssAnon is our own heap: it is what must stay contiguous.
     (RssShmem and RssFile grow as the device model touches guest RAM and device memory: pages of files.)"""
     with open("/proc/self/status") as f:
         for line in f:
@@ -310,14 +311,14 @@ def _rss_mib(field: str = "RssAnon") -> float:
 
 def bench_soak(config: VmConfig, kernel: KernelSpec, duration: float, progress: Progress) -> dict[str, Any]:
     """The hostile-guest fuzzer against both devices with host remaps every 20 ms for ``duration``: this process's
-    memory (the device model, the results channel, the remap driver) must stay flat. The baseline is the same
+    memory (the device model, the results channel, the remap driver) must stay contiguous. The baseline is the same
     run's first quarter."""
     import threading
 
     from .config import RemapPlan
     from .run import run_vm
 
-    prep = prepare(config, kernel, progress)
+    inputs = prepare(config, kernel, progress)
     samples: list[tuple[float, float]] = []  # (seconds, RssAnon MiB)
     shared: list[float] = []  # RssShmem + RssFile MiB, for the report
     stop = threading.Event()
@@ -335,7 +336,7 @@ def bench_soak(config: VmConfig, kernel: KernelSpec, duration: float, progress: 
     config = dataclasses.replace(config, run_timeout=max(config.run_timeout, duration + 120))
     try:
         with tempfile.TemporaryDirectory(prefix="aperture-soak-") as tmp:
-            result = run_vm(config, prep, Path(tmp), progress, remap=RemapPlan(every=0.02, duration=duration),
+            result = run_vm(config, inputs, Path(tmp), progress, remap=RemapPlan(every=0.02, duration=duration),
                             fuzz=duration)
     finally:
         stop.set()
@@ -354,7 +355,7 @@ def bench_soak(config: VmConfig, kernel: KernelSpec, duration: float, progress: 
                "host_anon_rss_mib_last_quarter_p50": round(last, 1),
                "host_anon_rss_mib_max": round(max(rss or [0.0]), 1),
                "host_file_and_shmem_rss_mib_max": round(max(shared or [0.0]), 1)}
-    return {"bench": "soak", "accel": prep.accel.accel, "qemu_version": prep.qemu_version,
+    return {"bench": "soak", "accel": inputs.accel.accel, "qemu_version": inputs.qemu_version,
             "kernel_release": kernel.release, "ok": result.ok, "figures": figures,
             "ratios": {"host_anon_rss_last_vs_first_quarter": round(last / first, 3) if first else 0.0},
             "notes": [f"aperture.fuzz {'ok' if fuzz is not None and fuzz.ok else 'FAILED'}: devices alive "

@@ -26,7 +26,7 @@ from .summary import print_bench, print_summary
 
 
 # ---------------------------------------------------------------------------- shared helpers
-class Ui:
+class ProgressOutput:
     """Progress to stderr (never stdout, which carries --json), optionally silenced."""
 
     def __init__(self, quiet: bool = False, verbose: bool = False) -> None:
@@ -42,7 +42,7 @@ class Ui:
         sys.stderr.flush()
 
 
-def _edge(parse: Callable[[Any], Any]) -> Callable[[click.Context, click.Parameter, Any], Any]:
+def _parse_option(parse: Callable[[Any], Any]) -> Callable[[click.Context, click.Parameter, Any], Any]:
     """A click callback that validates with ``parse`` and turns ConfigError into a usage error (exit 2)."""
 
     def callback(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
@@ -62,11 +62,11 @@ def _parse_devices(values: tuple[str, ...]) -> tuple[DeviceConfig, ...] | None:
     return tuple(DeviceConfig.parse(v) for v in values)
 
 
-_size = _edge(lambda v: None if v is None else parse_size(v))
-_duration = _edge(lambda v: None if v is None else parse_duration(v))
-_pmem = _edge(lambda values: tuple(PmemConfig.parse(v) for v in values))
-_devices = _edge(_parse_devices)
-_nvme = _edge(lambda v: 0 if v in (None, "none", "0") else parse_size(v))
+_size = _parse_option(lambda v: None if v is None else parse_size(v))
+_duration = _parse_option(lambda v: None if v is None else parse_duration(v))
+_pmem = _parse_option(lambda values: tuple(PmemConfig.parse(v) for v in values))
+_devices = _parse_option(_parse_devices)
+_nvme = _parse_option(lambda v: 0 if v in (None, "none", "0") else parse_size(v))
 
 
 def _check_run_dir(value: Path | None) -> Path | None:
@@ -75,7 +75,7 @@ def _check_run_dir(value: Path | None) -> Path | None:
     return value
 
 
-_run_dir = _edge(_check_run_dir)
+_run_dir = _parse_option(_check_run_dir)
 
 
 def vm_options(f: Any) -> Any:
@@ -198,7 +198,7 @@ def run(kernel: str | None, modules: Path | None, kconfig: Path | None, pmem: tu
     from .run import default_run_dir, prepare, run_vm
     from .runpaths import new_run_name
 
-    ui = Ui(quiet, verbose)
+    ui = ProgressOutput(quiet, verbose)
     if verbose and not any(a.startswith("loglevel=") for a in append):
         append = append + ("loglevel=7",)  # the whole kernel log on the streamed console (default: quiet)
     config = dataclasses.replace(make_config(pmem, memory, accel, boot_timeout, run_timeout, append, devices, nvme),
@@ -225,13 +225,13 @@ def run(kernel: str | None, modules: Path | None, kconfig: Path | None, pmem: tu
             raise ConfigError("--fuzz takes pause-mode remaps only (--remap-mode pause)")
         config = dataclasses.replace(config, run_timeout=max(config.run_timeout, duration + 90))
     spec = resolve_kernel(kernel, modules, kconfig)
-    prep = prepare(config, spec, ui.progress)
+    inputs = prepare(config, spec, ui.progress)
     if remap is not None and remap.mode == "hotplug":
         from aperture.qmp_client.qemu import require_hotplug
 
-        require_hotplug(prep.qemu)
+        require_hotplug(inputs.qemu)
     name = new_run_name()
-    result = run_vm(config, prep, run_dir or default_run_dir(name), ui.progress, name=name, reboot=reboot,
+    result = run_vm(config, inputs, run_dir or default_run_dir(name), ui.progress, name=name, reboot=reboot,
                     console_sink=ui.console if verbose else None, remap=remap, fuzz=duration if fuzz else None)
     if junit_xml is not None:
         from .results import junit_xml as to_junit
@@ -250,8 +250,8 @@ def fetch(release: str | None) -> None:
     """Download the guest kernel and busybox packages into the cache (no host install)."""
     from aperture.guest.debian import fetch_guest_packages
 
-    manifest = fetch_guest_packages(release, progress=Ui().progress)
-    Ui().progress(f"kernel {manifest['kernel']['release']}, busybox {manifest['busybox']}")
+    manifest = fetch_guest_packages(release, progress=ProgressOutput().progress)
+    ProgressOutput().progress(f"kernel {manifest['kernel']['release']}, busybox {manifest['busybox']}")
 
 
 @cli.group()
@@ -272,7 +272,7 @@ def kernel_build(force: bool, jobs: int | None, verbose: bool, as_json: bool) ->
     """
     from aperture.guest.kbuild import KernelBuilder
 
-    ui = Ui()
+    ui = ProgressOutput()
     built = KernelBuilder(ui.progress, verbose=verbose, jobs=jobs, output=lambda line: click.echo(line, err=True)
                           ).build(force=force)
     if as_json:
@@ -354,7 +354,7 @@ def doctor(probe: bool, as_json: bool) -> None:
     """What this machine has: QEMU and its features, accelerator verdict, cache, kernel config."""
     from .doctor import diagnose
 
-    report = diagnose(probe=probe, progress=Ui().progress)
+    report = diagnose(probe=probe, progress=ProgressOutput().progress)
     if as_json:
         emit_json(report)
         return
@@ -379,7 +379,7 @@ def bench_boot(kernel: str | None, modules: Path | None, kconfig: Path | None, p
 
     from .bench import bench_boot as run_bench
 
-    ui = Ui(quiet)
+    ui = ProgressOutput(quiet)
     config = make_config(pmem, memory, accel, boot_timeout, run_timeout, append, devices, nvme)
     report = run_bench(config, resolve_kernel(kernel, modules, kconfig), boots, ui.progress)
     print_bench(report, as_json)
@@ -397,7 +397,7 @@ def bench_dax_cmd(kernel: str | None, modules: Path | None, kconfig: Path | None
 
     from .bench import bench_dax
 
-    ui = Ui(quiet)
+    ui = ProgressOutput(quiet)
     config = make_config(pmem, memory, accel, boot_timeout, run_timeout, append, devices, nvme)
     report = bench_dax(config, resolve_kernel(kernel, modules, kconfig), ui.progress)
     print_bench(report, as_json)
@@ -414,7 +414,7 @@ def bench_device_cmd(kernel: str | None, modules: Path | None, kconfig: Path | N
 
     from .bench import bench_device
 
-    ui = Ui(quiet)
+    ui = ProgressOutput(quiet)
     config = make_config(pmem, memory, accel, boot_timeout, run_timeout, append, devices, nvme)
     print_bench(bench_device(config, resolve_kernel(kernel, modules, kconfig), ui.progress), as_json)
 
@@ -427,13 +427,13 @@ def bench_device_cmd(kernel: str | None, modules: Path | None, kconfig: Path | N
 def bench_soak_cmd(kernel: str | None, modules: Path | None, kconfig: Path | None, pmem: tuple[PmemConfig, ...],
                    devices: tuple[DeviceConfig, ...] | None, nvme: int, memory: int, accel: str, boot_timeout: float,
                    run_timeout: float, append: tuple[str, ...], quiet: bool, duration: float, as_json: bool) -> None:
-    """The hostile-guest fuzzer plus host remaps every 20 ms for DURATION; this process's memory must stay flat
+    """The hostile-guest fuzzer plus host remaps every 20 ms for DURATION; this process's memory must stay contiguous
     (ratio: last quarter vs first quarter of the same run). Exit 1 if the fuzz check failed."""
     from aperture.guest.kernel import resolve_kernel
 
     from .bench import bench_soak
 
-    ui = Ui(quiet)
+    ui = ProgressOutput(quiet)
     config = make_config(pmem, memory, accel, boot_timeout, run_timeout, append, devices, nvme)
     report = bench_soak(config, resolve_kernel(kernel, modules, kconfig), duration, ui.progress)
     print_bench(report, as_json)
@@ -452,7 +452,7 @@ def bench_remap_cmd(kernel: str | None, modules: Path | None, kconfig: Path | No
 
     from .bench import bench_remap
 
-    ui = Ui(quiet)
+    ui = ProgressOutput(quiet)
     config = make_config(pmem, memory, accel, boot_timeout, run_timeout, append, devices, nvme)
     print_bench(bench_remap(config, resolve_kernel(kernel, modules, kconfig), ui.progress, rounds), as_json)
 
@@ -475,12 +475,12 @@ def up(name: str, kernel: str | None, modules: Path | None, kconfig: Path | None
     from .registry import check_name
     from .run import default_run_dir, prepare
 
-    ui = Ui(quiet)
+    ui = ProgressOutput(quiet)
     check_name(name)
     config = dataclasses.replace(make_config(pmem, memory, accel, boot_timeout, run_timeout, append, devices, nvme),
                                  guest_bins=guest_bins)
-    prep = prepare(config, resolve_kernel(kernel, modules, kconfig), ui.progress)
-    rec = start(name, config, prep, run_dir or default_run_dir(name), ui.progress)
+    inputs = prepare(config, resolve_kernel(kernel, modules, kconfig), ui.progress)
+    rec = start(name, config, inputs, run_dir or default_run_dir(name), ui.progress)
     click.echo(f"{name} is up: daemon pid {rec.pid}, QEMU pid {rec.qemu_pid}, {rec.accel}, run dir {rec.run_dir}")
     click.echo(f"  aperture qmp {name}    aperture console {name}    aperture down {name}")
 

@@ -63,7 +63,7 @@ class Daemon:
         return {"latency_ms": round(ms, 3), "slots": device.window.slots}
 
     @staticmethod
-    def _int(value: Any, what: str) -> int:
+    def _parse_int(value: Any, what: str) -> int:
         try:
             return int(str(value), 0)
         except ValueError:
@@ -96,10 +96,10 @@ class Daemon:
                      "pages": d.config.nr_pages, "hidden": [list(h) for h in d.config.hidden],
                      "generation": d.ctl.get("GENERATION"), "slots": d.window.slots} for d in devs]
         if cmd == "window.map":
-            slot, page = self._int(args.get("slot"), "slot"), self._int(args.get("page"), "page")
+            slot, page = self._parse_int(args.get("slot"), "slot"), self._parse_int(args.get("page"), "page")
             return self._remap(args.get("dev"), {slot: page})
         if cmd == "window.unmap":
-            return self._remap(args.get("dev"), {self._int(args.get("slot"), "slot"): None})
+            return self._remap(args.get("dev"), {self._parse_int(args.get("slot"), "slot"): None})
         if cmd == "memmap":
             service.invalidate_map()
             amap = service.address_map()

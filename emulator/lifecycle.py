@@ -18,21 +18,21 @@ from aperture.guest.kernelspec import KernelSpec
 from .config import VmConfig, config_to_dict
 from .processes import parent_pid
 from .registry import VmRecord, check_name, read_record, reap_orphan, remove_record
-from .run import Prepared
+from .run import BootInputs
 
 Progress = Callable[[str], None]
 
 
-def up(name: str, config: VmConfig, prep: Prepared, run_dir: Path, progress: Progress) -> VmRecord:
+def up(name: str, config: VmConfig, inputs: BootInputs, run_dir: Path, progress: Progress) -> VmRecord:
     """Start the daemon and wait until the guest says it is ready (or the daemon dies)."""
     check_name(name)
     existing = read_record(name)
     if existing is not None and existing.alive():
         raise ConfigError(f"a VM named {name!r} is already up (pid {existing.pid}); 'aperture down {name}' first")
     run_dir.mkdir(parents=True, exist_ok=True)
-    kernel: KernelSpec = prep.kernel
-    spec = {"name": name, "config": config_to_dict(config), "initrd": str(prep.image.path), "qemu": prep.qemu,
-            "accel": prep.accel.accel, "run_dir": str(run_dir.resolve()),
+    kernel: KernelSpec = inputs.kernel
+    spec = {"name": name, "config": config_to_dict(config), "initrd": str(inputs.image.path), "qemu": inputs.qemu,
+            "accel": inputs.accel.accel, "run_dir": str(run_dir.resolve()),
             "kernel": kernel.to_dict()}
     spec_path = run_dir / "daemon-spec.json"
     spec_path.write_text(json.dumps(spec, indent=2))
@@ -42,7 +42,7 @@ def up(name: str, config: VmConfig, prep: Prepared, run_dir: Path, progress: Pro
         proc = subprocess.Popen([sys.executable, "-m", "aperture.emulator.daemon", "--supervise", str(spec_path)],
                                 stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                                 start_new_session=True, cwd=str(Path(__file__).resolve().parent.parent))
-    progress(f"daemon pid {proc.pid} booting {name} ({prep.accel.accel}) in {run_dir}")
+    progress(f"daemon pid {proc.pid} booting {name} ({inputs.accel.accel}) in {run_dir}")
     deadline = time.monotonic() + config.boot_timeout + 30
     try:
         while True:

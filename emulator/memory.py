@@ -113,10 +113,10 @@ class ControlMemory:
 class Window:
     """The BAR window: ``nr_slots`` slots, each the live copy of at most one device page."""
 
-    def __init__(self, config: DeviceConfig, devmem: memoryview, window: memoryview, ctl: ControlMemory) -> None:
+    def __init__(self, config: DeviceConfig, devmem: memoryview, bar: memoryview, ctl: ControlMemory) -> None:
         self.config = config
         self.devmem = devmem
-        self.window = window
+        self.bar = bar  # what the guest sees through the window BAR (its backing file)
         self.ctl = ctl
         self.slots: list[int | None] = [None] * config.nr_slots
         self.page_slot: dict[int, int] = {}
@@ -125,7 +125,7 @@ class Window:
 
     def _slot_view(self, slot: int) -> memoryview:
         s = self.config.slot
-        return self.window[slot * s : (slot + 1) * s]
+        return self.bar[slot * s : (slot + 1) * s]
 
     def _page_view(self, page: int) -> memoryview:
         s = self.config.slot
@@ -192,7 +192,7 @@ class Window:
             self.writeback_all()
         s = self.config.slot
         self.direct_offset = offset
-        self.window = self.devmem[offset : offset + self.config.window]
+        self.bar = self.devmem[offset : offset + self.config.window]
         first = offset // s
         self.slots = [first + k for k in range(self.config.nr_slots)]
         self.page_slot = {p: k for k, p in enumerate(self.slots) if p is not None}
@@ -218,5 +218,5 @@ class Window:
         slot = self.page_slot.get(page)
         if slot is not None:
             base = slot * self.config.slot + inner
-            return self.window[base : base + length]
+            return self.bar[base : base + length]
         return self.devmem[offset : offset + length]

@@ -123,12 +123,12 @@ def _config_from_marker(marker: pytest.Mark | None, accel: str) -> VmConfig:
 
 
 @pytest.fixture(scope="session")
-def _aperture_prepared(request: pytest.FixtureRequest) -> dict[Any, Any]:
+def _aperture_boot_inputs(request: pytest.FixtureRequest) -> dict[Any, Any]:
     return {}
 
 
 @pytest.fixture
-def aperture_vm(request: pytest.FixtureRequest, tmp_path: Path, _aperture_prepared: dict[Any, Any]
+def aperture_vm(request: pytest.FixtureRequest, tmp_path: Path, _aperture_boot_inputs: dict[Any, Any]
                 ) -> Iterator[ApertureVM]:
     """A booted VM configured by the test's ``@pytest.mark.aperture(...)``; torn down after the test."""
     from aperture.guest.kernel import resolve_kernel
@@ -140,12 +140,12 @@ def aperture_vm(request: pytest.FixtureRequest, tmp_path: Path, _aperture_prepar
     kernel_path = opts.aperture_kernel or None  # built | debian | a path
     modules = Path(opts.aperture_modules) if opts.aperture_modules else None
     key = (kernel_path, modules, opts.aperture_accel, config.guest_bins)  # one image per set of extra binaries
-    if key not in _aperture_prepared:
-        _aperture_prepared[key] = prepare(config, resolve_kernel(kernel_path, modules), lambda s: None)
-    prep = _aperture_prepared[key]
+    if key not in _aperture_boot_inputs:
+        _aperture_boot_inputs[key] = prepare(config, resolve_kernel(kernel_path, modules), lambda s: None)
+    inputs = _aperture_boot_inputs[key]
     name = f"pytest-{uuid.uuid4().hex[:10]}"
-    with Vm(config, prep.kernel, prep.image.path, accel=prep.accel.accel, run_dir=tmp_path / "aperture",
-            scenario="idle", name=name, qemu=prep.qemu) as vm:
+    with Vm(config, inputs.kernel, inputs.image.path, accel=inputs.accel.accel, run_dir=tmp_path / "aperture",
+            scenario="idle", name=name, qemu=inputs.qemu) as vm:
         handle = ApertureVM(vm)
         request.node._aperture_vm = handle
         vm.wait_idle(config.boot_timeout)

@@ -78,7 +78,8 @@ def explain_hmm_skip(reason: str) -> str:
                 "not explained by aperture: see the reason hmm-tests gives")
 
 
-def _int(value: Any) -> int:
+def _guest_int(value: Any) -> int:
+    """An integer the guest reported, or -1 when what it sent is not one."""
     try:
         return int(value)
     except (TypeError, ValueError):
@@ -173,7 +174,7 @@ class HostVerifier:
         if skipped is not None:
             return skipped
         detail = check.detail if isinstance(check.detail, dict) else {}
-        phys = _int(detail.get("phys"))
+        phys = _guest_int(detail.get("phys"))
         bar = self.nvme_bar_of(phys) if phys > 0 else None
         return Check(check.name, check.ok and detail.get("result") == "ok" and bar is not None,
                      dict(detail, expected="ok", qmp_nvme_bar=bar, phys_ok=bar is not None))
@@ -184,8 +185,8 @@ class HostVerifier:
         if skipped is not None:
             return skipped
         detail = check.detail if isinstance(check.detail, dict) else {}
-        off, length, seed = _int(detail.get("offset")), _int(detail.get("len")), _int(detail.get("seed"))
-        src_bar = self.nvme_bar_of(_int(detail.get("src_phys")))
+        off, length, seed = _guest_int(detail.get("offset")), _guest_int(detail.get("len")), _guest_int(detail.get("seed"))
+        src_bar = self.nvme_bar_of(_guest_int(detail.get("src_phys")))
         host_ok = False
         if self.nvme_file is not None and off >= 0 and 0 < length <= 16 << 20 and seed >= 0:
             with open(self.nvme_file, "rb") as f:
@@ -205,7 +206,7 @@ class HostVerifier:
         detail = check.detail if isinstance(check.detail, dict) else {}
         groups = [g for g in detail.get("skipped_groups", []) if isinstance(g, dict)]
         explained = [dict(g, why=explain_hmm_skip(str(g.get("reason", "")))) for g in groups]
-        passed, failed = _int(detail.get("passed")), _int(detail.get("failed"))
+        passed, failed = _guest_int(detail.get("passed")), _guest_int(detail.get("failed"))
         ok = check.ok and failed == 0 and passed >= HMM_TESTS_MIN_PASSED and not detail.get("timed_out")
         return Check(check.name, ok, dict(detail, skipped_groups=explained, min_passed=HMM_TESTS_MIN_PASSED))
 
@@ -215,7 +216,7 @@ class HostVerifier:
         superseded = 0
         covered: list[tuple[int, int, int]] = []  # (device, start, end) checked so far, newest first
         for w in reversed(written):
-            dev, off, length, seed = (_int(w.get(k)) for k in ("device", "offset", "len", "seed"))
+            dev, off, length, seed = (_guest_int(w.get(k)) for k in ("device", "offset", "len", "seed"))
             if not 0 <= dev < len(self.devmem_files) or off < 0 or not 0 < length <= 64 << 20 or seed < 0:
                 mismatches.append({"record": w, "why": "malformed record"})
                 continue
@@ -277,7 +278,7 @@ class HostVerifier:
     def _verify_stamp(self, check: Check) -> Check:
         """The guest's stamp must be in the NVDIMM's backing file at the physical address it reports."""
         detail = check.detail if isinstance(check.detail, dict) else {}
-        phys, length, unit = _int(detail.get("stamp_phys")), _int(detail.get("stamp_len")), detail.get("stamp")
+        phys, length, unit = _guest_int(detail.get("stamp_phys")), _guest_int(detail.get("stamp_len")), detail.get("stamp")
         if phys <= 0 or not 0 < length <= 1 << 20 or not isinstance(unit, str) or not unit:
             return Check(check.name, False, dict(detail, host_verified=False, host_error="no stamp reported"))
         want_mode = "fsdax" if check.name == CheckName.DAX_FSDAX else "devdax"
@@ -326,7 +327,7 @@ class HostVerifier:
         for row in rows:
             mem = str(row.get("memory"))
             want = expected.get(mem, "?")
-            phys = _int(row.get("phys"))
+            phys = _guest_int(row.get("phys"))
             phys_ok: bool | None = None
             if row.get("result") not in ("absent", None):
                 if mem == "ram":

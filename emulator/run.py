@@ -88,7 +88,7 @@ def prune_runs(base: Path, keep: int) -> list[Path]:
 
 
 @dataclass(frozen=True)
-class Prepared:
+class BootInputs:
     """What a run needs before a VM starts; shared by run, bench and tests."""
 
     kernel: KernelSpec
@@ -98,7 +98,7 @@ class Prepared:
     accel: AccelChoice
 
 
-def prepare(config: VmConfig, kernel: KernelSpec, progress: Progress) -> Prepared:
+def prepare(config: VmConfig, kernel: KernelSpec, progress: Progress) -> BootInputs:
     reaped = reap_dead_runs(Path(os.environ.get("APERTURE_SHM", "/dev/shm")))
     if reaped:
         progress(f"removed the shm files and sockets of {len(reaped)} run(s) whose process was killed")
@@ -110,7 +110,7 @@ def prepare(config: VmConfig, kernel: KernelSpec, progress: Progress) -> Prepare
              f"{len(image.modules)} modules)")
     accel = choose_accel(config.accel, kernel, image.path, qemu, version, cache_root())
     progress(f"accelerator: {accel.accel} ({accel.reason})")
-    return Prepared(kernel, image, qemu, version, accel)
+    return BootInputs(kernel, image, qemu, version, accel)
 
 
 def _verifier(vm: Vm, config: VmConfig, kernel: KernelSpec) -> HostVerifier:
@@ -130,7 +130,7 @@ def _verifier(vm: Vm, config: VmConfig, kernel: KernelSpec) -> HostVerifier:
     )
 
 
-def boot_once(config: VmConfig, prep: Prepared, run_dir: Path, progress: Progress, *, scenario: str = "default",
+def boot_once(config: VmConfig, inputs: BootInputs, run_dir: Path, progress: Progress, *, scenario: str = "default",
               console_sink: Callable[[str], None] | None = None, name: str | None = None,
               guest_env: dict[str, str] | None = None, remap: RemapPlan | None = None) -> RunResult:
     """Boot once, collect the helper's checks and figures, verify them on the host."""
@@ -142,11 +142,12 @@ def boot_once(config: VmConfig, prep: Prepared, run_dir: Path, progress: Progres
     garbage = 0  # unparseable lines on the results channel: the first few become notes, all are counted
     controller: RemapController | None = None
     remap_stats = None
-    untouchable = UntouchableFiles.take(run_dir, [prep.image.path, prep.kernel.image]) if scenario == "fuzz" else None
-    with Vm(config, prep.kernel, prep.image.path, accel=prep.accel.accel, run_dir=run_dir, scenario=scenario,
-            qemu=prep.qemu, console_sink=console_sink, name=name, guest_env=guest_env) as vm:
+    untouchable = (UntouchableFiles.take(run_dir, [inputs.image.path, inputs.kernel.image]) if scenario == "fuzz"
+                   else None)
+    with Vm(config, inputs.kernel, inputs.image.path, accel=inputs.accel.accel, run_dir=run_dir, scenario=scenario,
+            qemu=inputs.qemu, console_sink=console_sink, name=name, guest_env=guest_env) as vm:
         assert vm.qmp is not None
-        progress(f"booting {vm.name} (QEMU {prep.qemu_version}, {prep.accel.accel}) in {vm.paths.run_dir}")
+        progress(f"booting {vm.name} (QEMU {inputs.qemu_version}, {inputs.accel.accel}) in {vm.paths.run_dir}")
         qemu_ver = vm.qmp.version()
         verifier: HostVerifier | None = None
         pending: list[Check] = []
@@ -155,10 +156,10 @@ def boot_once(config: VmConfig, prep: Prepared, run_dir: Path, progress: Progres
             if kind == MsgType.HELLO:
                 check_helper_abi(msg)
                 # BARs are assigned by the guest's firmware: read the address map once the guest is up.
-                verifier = _verifier(vm, config, prep.kernel)
+                verifier = _verifier(vm, config, inputs.kernel)
                 progress(f"guest up: helper started {vm.boot_s:.2f} s after QEMU start "
                          f"(guest uptime {msg.get('uptime_s')} s)")
-                if msg.get("kernel_release") != prep.kernel.release:
+                if msg.get("kernel_release") != inputs.kernel.release:
                     notes.append(f"guest reports kernel {msg.get('kernel_release')}")
             elif kind == MsgType.CHECK and not (isinstance(msg.get("name"), str) and CHECK_NAME.fullmatch(msg["name"])
                                            and isinstance(msg.get("ok"), bool)):
@@ -219,10 +220,10 @@ def boot_once(config: VmConfig, prep: Prepared, run_dir: Path, progress: Progres
         raise GuestError("the guest helper reported no checks")
     return RunResult(
         ok=all(c.ok for c in checks),
-        accel=prep.accel.accel,
-        accel_reason=prep.accel.reason,
+        accel=inputs.accel.accel,
+        accel_reason=inputs.accel.reason,
         qemu_version=qemu_ver,
-        kernel_release=prep.kernel.release,
+        kernel_release=inputs.kernel.release,
         boot_s=round(vm.boot_s, 3) if vm.boot_s is not None else None,
         poweroff_s=round(poweroff_s, 3),
         run_dir=str(vm.paths.run_dir),
@@ -234,29 +235,29 @@ def boot_once(config: VmConfig, prep: Prepared, run_dir: Path, progress: Progres
     )
 
 
-def run_vm(config: VmConfig, prep: Prepared, run_dir: Path, progress: Progress, *, reboot: bool = False,
+def run_vm(config: VmConfig, inputs: BootInputs, run_dir: Path, progress: Progress, *, reboot: bool = False,
            console_sink: Callable[[str], None] | None = None, name: str | None = None,
            remap: RemapPlan | None = None, fuzz: float | None = None) -> RunResult:
     """The default scenario; with ``reboot``, boot twice in the same run dir and check persistence;
     with ``remap``, the window workload under host-driven remaps instead."""
     token = secrets.token_hex(4)
     if fuzz is not None:
-        return boot_once(config, prep, run_dir, progress, scenario="fuzz", console_sink=console_sink, name=name,
+        return boot_once(config, inputs, run_dir, progress, scenario="fuzz", console_sink=console_sink, name=name,
                          guest_env={Env.STAMP: token, Env.DURATION: f"{fuzz:g}",
                                     Env.REMAP: "1" if remap else "0"}, remap=remap)
     if remap is not None:
         if remap.mode == "hotplug":
             config = dataclasses.replace(config, window_hotplug=True)
-        return boot_once(config, prep, run_dir, progress, scenario="remap", console_sink=console_sink, name=name,
+        return boot_once(config, inputs, run_dir, progress, scenario="remap", console_sink=console_sink, name=name,
                          guest_env={Env.STAMP: token, Env.DURATION: f"{remap.duration:g}",
                                     Env.REMAP_MODE: remap.mode},
                          remap=remap)
-    first = boot_once(config, prep, run_dir, progress, console_sink=console_sink, name=name,
+    first = boot_once(config, inputs, run_dir, progress, console_sink=console_sink, name=name,
                       guest_env={Env.STAMP: token})
     if not reboot:
         return first
     progress("rebooting to verify persistence")
-    second = boot_once(config, prep, run_dir, progress, console_sink=console_sink, name=name,
+    second = boot_once(config, inputs, run_dir, progress, console_sink=console_sink, name=name,
                        guest_env={Env.STAMP: secrets.token_hex(4), Env.EXPECT: token})
     return merge_boots([first, second])
 

@@ -18,7 +18,7 @@ from typing import Any
 
 from aperture.qmp_client.qemu import ctl_id, pmem_index, win_id
 
-from .addrmap import AddressMap, DmaFault, Region, flat
+from .addrmap import AddressMap, DmaFault, Region, contiguous
 from .config import DeviceConfig, PmemConfig, ram_ranges
 from .device import ApertureDevice
 from .ivshmem_server import IvshmemServer
@@ -179,17 +179,17 @@ class DeviceService:
 
     def build_map(self, memory_devices: list[Any], pci: list[Any]) -> AddressMap:
         ram = self._buffers[0].view
-        regions = [Region(0, 0xA0000, "ram", "ram (<640K)", flat(ram[:0xA0000]))]  # then the VGA/BIOS hole
+        regions = [Region(0, 0xA0000, "ram", "ram (<640K)", contiguous(ram[:0xA0000]))]  # then the VGA/BIOS hole
         for start, offset, length in ram_ranges(self.memory):
             first = 0x100000 if start == 0 else 0
             regions.append(Region(start + first, start + length, "ram", "ram" if start == 0 else "ram (above 4G)",
-                                  flat(ram[offset + first : offset + length])))
+                                  contiguous(ram[offset + first : offset + length])))
         for md in memory_devices:
             idx = pmem_index(md.memdev)
             if md.kind != "nvdimm" or not 0 <= idx < len(self.pmem_spec):
                 continue
             view = self._buffers[1 + idx].view
-            regions.append(Region(md.addr, md.addr + md.size, "pmem", f"nvdimm{idx}", flat(view[: md.size])))
+            regions.append(Region(md.addr, md.addr + md.size, "pmem", f"nvdimm{idx}", contiguous(view[: md.size])))
         win_ids = {win_id(i): dev for i, dev in enumerate(self.devices)}
         ctl_ids = {ctl_id(i) for i in range(len(self.devices))}
         for d in pci:
@@ -211,7 +211,7 @@ class DeviceService:
             for slot in range(offset // s, (offset + length - 1) // s + 1):
                 if dev.window.slots[slot] is None:
                     raise DmaFault("EFAULT", f"slot {slot} of aperture{dev.index}'s window maps no page")
-            return [dev.window.window[offset : offset + length]]
+            return [dev.window.bar[offset : offset + length]]
 
         return resolve
 

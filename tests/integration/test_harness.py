@@ -47,8 +47,8 @@ def test_an_exception_in_the_emulator_thread_fails_the_run_and_is_logged(
 
     monkeypatch.setattr(ApertureDevice, "process_ring", fails_once)
     config = VmConfig(nvme=0)
-    prep = prepare(config, built_kernel, lambda _msg: None)
-    result = boot_once(config, prep, tmp_path / "run", lambda _msg: None, scenario="aperture")
+    inputs = prepare(config, built_kernel, lambda _msg: None)
+    result = boot_once(config, inputs, tmp_path / "run", lambda _msg: None, scenario="aperture")
     assert not result.ok
     thread = next(c for c in result.checks if c.name == "host.emulator_thread")
     assert not thread.ok and thread.detail["errors"] == 1

@@ -17,7 +17,7 @@ import signal
 import time
 from pathlib import Path
 
-from aperture.emulator.addrmap import AddressMap, Region, flat
+from aperture.emulator.addrmap import AddressMap, Region, contiguous
 from aperture.emulator.config import DeviceConfig
 from aperture.emulator.device import ApertureDevice
 from aperture.emulator.memory import FileBuffer
@@ -107,8 +107,8 @@ def _child(tmp: str, seed: int, start: int, end: int, log_fd: int) -> None:
     """Execute operations [start, end) on the real device model, logging each index once it completed."""
     base = Path(tmp)
     ram, pmem = FileBuffer(base / "ram", RAM_SIZE), FileBuffer(base / "pmem", PMEM_SIZE)
-    amap = AddressMap([Region(RAM_BASE, RAM_BASE + RAM_SIZE, "ram", "ram", flat(ram.view)),
-                       Region(PMEM_BASE, PMEM_BASE + PMEM_SIZE, "pmem", "nvdimm0", flat(pmem.view))])
+    amap = AddressMap([Region(RAM_BASE, RAM_BASE + RAM_SIZE, "ram", "ram", contiguous(ram.view)),
+                       Region(PMEM_BASE, PMEM_BASE + PMEM_SIZE, "pmem", "nvdimm0", contiguous(pmem.view))])
     dev = ApertureDevice(0, CFG, base / "devmem", base / "window", 0x11, lambda: amap)
     ctl = dev.ctl
     sq = cq = 0

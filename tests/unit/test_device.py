@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from aperture.emulator.addrmap import AddressMap, DmaFault, Region, flat
+from aperture.emulator.addrmap import AddressMap, DmaFault, Region, contiguous
 from aperture.emulator.config import DeviceConfig
 from aperture.emulator.device import ApertureDevice
 from aperture.emulator.memory import FileBuffer
@@ -32,7 +32,7 @@ class Rig:
         self.ram = FileBuffer(tmp / "ram", RAM_SIZE)
         self.canary_path = tmp / "canary"
         self.canary_path.write_bytes(b"\xAA" * 4096)
-        self.map = AddressMap([Region(RAM_BASE, RAM_BASE + RAM_SIZE, "ram", "ram", flat(self.ram.view)),
+        self.map = AddressMap([Region(RAM_BASE, RAM_BASE + RAM_SIZE, "ram", "ram", contiguous(self.ram.view)),
                                Region(0x100000, 0x101000, "register", "ctl BAR", None)])
         self.dev = ApertureDevice(0, config, tmp / "devmem", tmp / "window", 0x11, lambda: self.map)
         self.sq = 0
@@ -73,7 +73,7 @@ def rig(tmp_path: Path):
     r.close()
 
 
-ST = abi.STATUS_CODES
+STATUS = abi.STATUS_CODES
 
 
 def test_control_memory_advertises_the_device(rig: Rig) -> None:
@@ -86,34 +86,34 @@ def test_control_memory_advertises_the_device(rig: Rig) -> None:
 
 def test_map_makes_the_slot_the_live_copy_and_remap_writes_back(rig: Rig) -> None:
     s = SMALL.slot
-    assert rig.one(abi.OP_MAP, slot=1, page=3) == (ST["OK"], 0)
+    assert rig.one(abi.OP_MAP, slot=1, page=3) == (STATUS["OK"], 0)
     assert rig.dev.ctl.slot_entry(1) == 4
     rig.dev.window_file.view[s : s + 5] = b"hello"  # the guest writes through the window
     assert bytes(rig.dev.devmem.view[3 * s : 3 * s + 5]) == bytes(5)  # not yet in device memory
-    assert rig.one(abi.OP_MAP, slot=1, page=4)[0] == ST["OK"]  # remap: write back page 3, load page 4
+    assert rig.one(abi.OP_MAP, slot=1, page=4)[0] == STATUS["OK"]  # remap: write back page 3, load page 4
     assert bytes(rig.dev.devmem.view[3 * s : 3 * s + 5]) == b"hello"
     assert bytes(rig.dev.window_file.view[s : s + 5]) == bytes(5)
     assert rig.dev.ctl.get("GENERATION") % 2 == 0
-    assert rig.one(abi.OP_MAP, slot=2, page=3)[0] == ST["OK"]
+    assert rig.one(abi.OP_MAP, slot=2, page=3)[0] == STATUS["OK"]
     assert bytes(rig.dev.window_file.view[2 * s : 2 * s + 5]) == b"hello"
 
 
 def test_map_refusals(rig: Rig) -> None:
-    assert rig.one(abi.OP_MAP, slot=4, page=0)[0] == ST["ERANGE"]
-    assert rig.one(abi.OP_MAP, slot=0, page=64)[0] == ST["ERANGE"]
-    assert rig.one(abi.OP_MAP, slot=0, page=60)[0] == ST["EACCES"]  # 960K / 16K: hidden
-    assert rig.one(abi.OP_MAP, slot=0, page=1)[0] == ST["OK"]
-    assert rig.one(abi.OP_MAP, slot=1, page=1)[0] == ST["EBUSY"]
-    assert rig.one(abi.OP_MAP, slot=0, page=1, reserved1=5)[0] == ST["EINVAL"]
-    assert rig.one(99)[0] == ST["EINVAL"]
+    assert rig.one(abi.OP_MAP, slot=4, page=0)[0] == STATUS["ERANGE"]
+    assert rig.one(abi.OP_MAP, slot=0, page=64)[0] == STATUS["ERANGE"]
+    assert rig.one(abi.OP_MAP, slot=0, page=60)[0] == STATUS["EACCES"]  # 960K / 16K: hidden
+    assert rig.one(abi.OP_MAP, slot=0, page=1)[0] == STATUS["OK"]
+    assert rig.one(abi.OP_MAP, slot=1, page=1)[0] == STATUS["EBUSY"]
+    assert rig.one(abi.OP_MAP, slot=0, page=1, reserved1=5)[0] == STATUS["EINVAL"]
+    assert rig.one(99)[0] == STATUS["EINVAL"]
 
 
 def test_dma_resolves_and_validates(rig: Rig) -> None:
     rig.ram.view[0:4] = b"abcd"
-    assert rig.one(abi.OP_DMA, src=RAM_BASE, dst=0x100, length=4, flags=abi.DMA_DST_LOCAL) == (ST["OK"], 4)
+    assert rig.one(abi.OP_DMA, src=RAM_BASE, dst=0x100, length=4, flags=abi.DMA_DST_LOCAL) == (STATUS["OK"], 4)
     assert bytes(rig.dev.devmem.view[0x100:0x104]) == b"abcd"
     # the device's own DMA reaches hidden memory
-    assert rig.one(abi.OP_DMA, src=RAM_BASE, dst=960 * KiB, length=4, flags=abi.DMA_DST_LOCAL)[0] == ST["OK"]
+    assert rig.one(abi.OP_DMA, src=RAM_BASE, dst=960 * KiB, length=4, flags=abi.DMA_DST_LOCAL)[0] == STATUS["OK"]
     cases = {
         "hole": dict(src=RAM_BASE, dst=HOLE, length=4),
         "register": dict(src=RAM_BASE, dst=0x100000, length=4),
@@ -126,7 +126,7 @@ def test_dma_resolves_and_validates(rig: Rig) -> None:
     expect = {"hole": "EFAULT", "register": "EFAULT", "cross": "ECROSS", "zero": "EINVAL", "big": "ETOOBIG",
               "local range": "ERANGE", "flags": "EINVAL"}
     for name, kw in cases.items():
-        assert rig.one(abi.OP_DMA, **kw)[0] == ST[expect[name]], name
+        assert rig.one(abi.OP_DMA, **kw)[0] == STATUS[expect[name]], name
 
 
 def test_dma_into_a_mapped_page_lands_in_its_slot(rig: Rig) -> None:
@@ -142,17 +142,17 @@ def test_dma_list_is_all_or_nothing(rig: Rig) -> None:
         abi.LIST_ENTRY.pack(RAM_BASE + 4096, HOLE, 16, 0, 0)
     rig.ram.view[0 : len(table)] = table
     rig.ram.view[4096 : 4096 + 16] = b"S" * 16
-    assert rig.one(abi.OP_DMA_LIST, src=RAM_BASE, length=2) == (ST["EFAULT"], 1)
+    assert rig.one(abi.OP_DMA_LIST, src=RAM_BASE, length=2) == (STATUS["EFAULT"], 1)
     assert bytes(rig.ram.view[8192 : 8192 + 16]) == bytes(16)
-    assert rig.one(abi.OP_DMA_LIST, src=RAM_BASE, length=1) == (ST["OK"], 16)
+    assert rig.one(abi.OP_DMA_LIST, src=RAM_BASE, length=1) == (STATUS["OK"], 16)
     assert bytes(rig.ram.view[8192 : 8192 + 16]) == b"S" * 16
-    assert rig.one(abi.OP_DMA_LIST, src=RAM_BASE, length=abi.MAX_LIST_ENTRIES + 1)[0] == ST["ETOOBIG"]
+    assert rig.one(abi.OP_DMA_LIST, src=RAM_BASE, length=abi.MAX_LIST_ENTRIES + 1)[0] == STATUS["ETOOBIG"]
 
 
 def test_no_address_map_gives_enomap(tmp_path: Path) -> None:
     dev = ApertureDevice(0, SMALL, tmp_path / "d", tmp_path / "w", 0x11, lambda: None)
     try:
-        assert dev.execute(abi.Descriptor(abi.OP_DMA, 0, 1, 0, 0, 0, 0, 0, 4, 0, 0).pack())[0] == ST["ENOMAP"]
+        assert dev.execute(abi.Descriptor(abi.OP_DMA, 0, 1, 0, 0, 0, 0, 0, 4, 0, 0).pack())[0] == STATUS["ENOMAP"]
     finally:
         dev.close()
 
@@ -164,7 +164,7 @@ def test_garbage_ring_indices_are_flagged_not_trusted(rig: Rig) -> None:
     assert rig.dev.ctl.get("SQ_TAIL") == 100000
     rig.sq = 100000
     rig.dev.ctl.set("CQ_TAIL", 12345)  # garbage consumer index
-    assert rig.one(abi.OP_NOP)[0] == ST["OK"]
+    assert rig.one(abi.OP_NOP)[0] == STATUS["OK"]
 
 
 def _count_foreign_values(fd: int, offset: int, allowed: tuple[int, ...], stop: Any, counter: Any) -> None:
@@ -259,10 +259,10 @@ def test_matches_reference_model(tmp_path_factory: pytest.TempPathFactory, seque
                 else:
                     want = "OK"
                     slots[slot] = page
-                assert status == ST[want], op
+                assert status == STATUS[want], op
             elif kind == "unmap":
                 status = rig.one(abi.OP_UNMAP, slot=op[1])[0]
-                assert status == ST["OK" if op[1] < SMALL.nr_slots else "ERANGE"]
+                assert status == STATUS["OK" if op[1] < SMALL.nr_slots else "ERANGE"]
                 slots.pop(op[1], None)
             elif kind == "winwrite":
                 _, slot, off, data = op
@@ -282,9 +282,9 @@ def test_matches_reference_model(tmp_path_factory: pytest.TempPathFactory, seque
                 dst = b + (RAM_BASE if kind == "dev2ram" else 0)
                 status, result = rig.one(abi.OP_DMA, src=src, dst=dst, length=n, flags=flags)
                 if a + n > src_size or b + n > dst_size:
-                    assert status in (ST["ECROSS"], ST["ERANGE"]), op
+                    assert status in (STATUS["ECROSS"], STATUS["ERANGE"]), op
                     continue
-                assert (status, result) == (ST["OK"], n), op
+                assert (status, result) == (STATUS["OK"], n), op
                 sbuf = ram_ref if kind == "ram2dev" else dev_ref
                 dbuf = ram_ref if kind == "dev2ram" else dev_ref
                 dbuf[b : b + n] = bytes(sbuf[a : a + n])
@@ -409,15 +409,15 @@ def test_direct_window_is_device_memory(rig: Rig) -> None:
     assert rig.dev.ctl.get("GENERATION") % 2 == 0
     assert bytes(rig.dev.devmem.view[2 * s : 2 * s + 3]) == b"old"  # written back before going direct
     assert [rig.dev.ctl.slot_entry(k) for k in range(SMALL.nr_slots)] == [5, 6, 7, 8]
-    rig.dev.window.window[0:2] = b"hi"  # the window IS device memory now
+    rig.dev.window.bar[0:2] = b"hi"  # the window IS device memory now
     assert bytes(rig.dev.devmem.view[4 * s : 4 * s + 2]) == b"hi"
-    assert rig.one(abi.OP_MAP, slot=0, page=9)[0] == ST["EINVAL"]
-    assert rig.one(abi.OP_UNMAP, slot=0)[0] == ST["EINVAL"]
+    assert rig.one(abi.OP_MAP, slot=0, page=9)[0] == STATUS["EINVAL"]
+    assert rig.one(abi.OP_UNMAP, slot=0)[0] == STATUS["EINVAL"]
     with pytest.raises(DmaFault):
         rig.dev.retarget({0: 9})
     rig.ram.view[0:2] = b"ok"
-    assert rig.one(abi.OP_DMA, src=RAM_BASE, dst=5 * s, length=2, flags=abi.DMA_DST_LOCAL)[0] == ST["OK"]
-    assert bytes(rig.dev.window.window[s : s + 2]) == b"ok"
+    assert rig.one(abi.OP_DMA, src=RAM_BASE, dst=5 * s, length=2, flags=abi.DMA_DST_LOCAL)[0] == STATUS["OK"]
+    assert bytes(rig.dev.window.bar[s : s + 2]) == b"ok"
 
 
 def test_random_moves_never_double_map_on_a_crowded_device(tmp_path: Path) -> None:
@@ -463,12 +463,12 @@ def test_address_map_follows_guest_ram_above_4g(tmp_path: Path) -> None:
 
 def test_dma_rebuilds_a_stale_address_map_once_per_fault() -> None:
     """The guest moved a BAR after the map was built: an address the map cannot place gets one rebuild."""
-    from aperture.emulator.addrmap import AddressMap, DmaFault, Region, flat
+    from aperture.emulator.addrmap import AddressMap, DmaFault, Region, contiguous
     from aperture.emulator.dma import DmaEngine
 
     ram = memoryview(bytearray(0x10000))
-    stale = AddressMap([Region(0, 0x8000, "ram", "ram", flat(ram[:0x8000]))])
-    fresh = AddressMap([Region(0, 0x10000, "ram", "ram", flat(ram))])
+    stale = AddressMap([Region(0, 0x8000, "ram", "ram", contiguous(ram[:0x8000]))])
+    fresh = AddressMap([Region(0, 0x10000, "ram", "ram", contiguous(ram))])
     calls = []
 
     def refresh() -> AddressMap:
@@ -522,8 +522,8 @@ def test_emulator_thread_errors_are_bounded_and_logged(tmp_path: Path, monkeypat
 
 
 def test_nop_with_flags_is_refused(rig: Rig) -> None:
-    assert rig.one(abi.OP_NOP, flags=1)[0] == ST["EINVAL"]
-    assert rig.one(abi.OP_NOP)[0] == ST["OK"]
+    assert rig.one(abi.OP_NOP, flags=1)[0] == STATUS["EINVAL"]
+    assert rig.one(abi.OP_NOP)[0] == STATUS["OK"]
 
 
 def test_a_dma_list_above_max_list_bytes_is_too_big_and_writes_nothing(tmp_path: Path) -> None:
@@ -534,9 +534,9 @@ def test_a_dma_list_above_max_list_bytes_is_too_big_and_writes_nothing(tmp_path:
         table = b"".join(abi.LIST_ENTRY.pack(0, 128 * MiB, 64 * MiB, local, 0) for _ in range(5))
         r.ram.view[0:len(table)] = table
         assert 5 * 64 * MiB > abi.MAX_LIST_BYTES >= 4 * 64 * MiB
-        assert r.one(abi.OP_DMA_LIST, src=RAM_BASE, length=5) == (ST["ETOOBIG"], 4)
+        assert r.one(abi.OP_DMA_LIST, src=RAM_BASE, length=5) == (STATUS["ETOOBIG"], 4)
         assert r.dev.dma.bytes_copied == 0
-        assert r.one(abi.OP_DMA_LIST, src=RAM_BASE, length=4) == (ST["OK"], 4 * 64 * MiB)
+        assert r.one(abi.OP_DMA_LIST, src=RAM_BASE, length=4) == (STATUS["OK"], 4 * 64 * MiB)
     finally:
         r.close()
 
