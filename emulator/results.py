@@ -185,7 +185,7 @@ class HostVerifier:
         if skipped is not None:
             return skipped
         detail = check.detail if isinstance(check.detail, dict) else {}
-        off, length, seed = _guest_int(detail.get("offset")), _guest_int(detail.get("len")), _guest_int(detail.get("seed"))
+        off, length, seed = (_guest_int(detail.get(k)) for k in ("offset", "len", "seed"))
         src_bar = self.nvme_bar_of(_guest_int(detail.get("src_phys")))
         host_ok = False
         if self.nvme_file is not None and off >= 0 and 0 < length <= 16 << 20 and seed >= 0:
@@ -278,7 +278,8 @@ class HostVerifier:
     def _verify_stamp(self, check: Check) -> Check:
         """The guest's stamp must be in the NVDIMM's backing file at the physical address it reports."""
         detail = check.detail if isinstance(check.detail, dict) else {}
-        phys, length, unit = _guest_int(detail.get("stamp_phys")), _guest_int(detail.get("stamp_len")), detail.get("stamp")
+        phys, length = _guest_int(detail.get("stamp_phys")), _guest_int(detail.get("stamp_len"))
+        unit = detail.get("stamp")
         if phys <= 0 or not 0 < length <= 1 << 20 or not isinstance(unit, str) or not unit:
             return Check(check.name, False, dict(detail, host_verified=False, host_error="no stamp reported"))
         want_mode = "fsdax" if check.name == CheckName.DAX_FSDAX else "devdax"
