@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from aperture.guest import abi
 from aperture.guest.errors import ConfigError
@@ -223,7 +223,7 @@ class RemapPlan:
             raise ConfigError("--duration must be between 0.5s and 1h")
 
 
-def config_to_dict(config: VmConfig) -> dict:
+def config_to_dict(config: VmConfig) -> dict[str, Any]:
     """JSON-able form (for the ``aperture up`` daemon); ``config_from_dict`` re-validates it."""
     return {
         "memory": config.memory, "accel": config.accel, "boot_timeout": config.boot_timeout,
@@ -236,7 +236,7 @@ def config_to_dict(config: VmConfig) -> dict:
     }
 
 
-def config_from_dict(data: dict) -> VmConfig:
+def config_from_dict(data: dict[str, Any]) -> VmConfig:
     return VmConfig(
         memory=data["memory"], accel=data["accel"], boot_timeout=data["boot_timeout"],
         run_timeout=data["run_timeout"], kernel_cmdline_extra=tuple(data["kernel_cmdline_extra"]), smp=data["smp"],

@@ -77,7 +77,7 @@ def build_argv(qemu: str, config: VmConfig, kernel: KernelSpec, initrd: Path, pa
 
 def kernel_cmdline(config: VmConfig, scenario: str, guest_env: dict[str, str] | None = None) -> str:
     """Kernel arguments; ``aperture_*`` ones reach the guest's /init and helper as environment variables."""
-    env = {Env.SCENARIO: scenario, Env.PMEM: str(len(config.pmem)),
+    env: dict[str, str] = {Env.SCENARIO: scenario, Env.PMEM: str(len(config.pmem)),
            Env.PMEM_MODES: ",".join(p.mode for p in config.pmem), Env.FORCE: str(int(config.force)),
            Env.DEVICES: str(len(config.devices)), Env.PROBE_BAR: f"0000:00:{PROBE_BAR_SLOT:02x}.0"}
     env.update(guest_env or {})

@@ -137,7 +137,7 @@ def boot_once(config: VmConfig, inputs: BootInputs, run_dir: Path, progress: Pro
     checks: list[Check] = []
     notes: list[str] = []
     figures: dict[str, float] = {}
-    written: list[dict] = []
+    written: list[dict[str, Any]] = []
     stamps: list[Any] = []
     garbage = 0  # unparseable lines on the results channel: the first few become notes, all are counted
     controller: RemapController | None = None

@@ -6,6 +6,7 @@ import json
 import os
 import secrets
 from pathlib import Path
+from typing import Any
 
 
 def cache_root() -> Path:
@@ -20,9 +21,10 @@ def manifest_path(root: Path | None = None) -> Path:
     return (root or cache_root()) / "manifest.json"
 
 
-def read_manifest(root: Path | None = None) -> dict:
+def read_manifest(root: Path | None = None) -> dict[str, Any]:
     try:
-        return json.loads(manifest_path(root).read_text())
+        data = json.loads(manifest_path(root).read_text())
+        return data if isinstance(data, dict) else {}
     except (FileNotFoundError, json.JSONDecodeError):
         return {}
 
@@ -41,7 +43,7 @@ def mtime_or_zero(path: Path) -> float:
         return 0.0
 
 
-def write_manifest(data: dict, root: Path | None = None) -> None:
+def write_manifest(data: dict[str, Any], root: Path | None = None) -> None:
     path = manifest_path(root)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = private_tmp(path)

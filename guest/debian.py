@@ -15,6 +15,7 @@ import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from aperture.guest.errors import SetupError
 
@@ -118,7 +119,7 @@ def fetch_package(package: str, progress: Progress) -> Path:
     return unpack
 
 
-def fetch_guest_packages(release: str | None = None, progress: Progress | None = None) -> dict:
+def fetch_guest_packages(release: str | None = None, progress: Progress | None = None) -> dict[str, Any]:
     """Fetch the default kernel and busybox; record them in the cache manifest."""
     say = progress or (lambda s: print(s, file=sys.stderr))
     kpkg = kernel_package(release)

@@ -12,6 +12,7 @@ import subprocess
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 from aperture.guest.errors import SetupError
 from aperture.guest.kernelspec import KernelSpec
@@ -151,7 +152,7 @@ class GuestImage:
     modules: tuple[str, ...]
     cached: bool
 
-    def to_json(self) -> dict:
+    def to_json(self) -> dict[str, Any]:
         return {
             "path": str(self.path),
             "digest": self.digest,
