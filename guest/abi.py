@@ -16,7 +16,7 @@ from enum import StrEnum
 
 MAGIC = 0x54525041  # "APRT"
 #: Version of the results channel the helper speaks (its `hello` says it); the host refuses another one.
-HELPER_ABI = 1
+HELPER_ABI = 2  # 2: checks run by a harness (harness details), "written" once per check
 ABI_MAJOR = 1
 ABI_MINOR = 1  # 1.1: DMA_LIST bytes capped (MAX_LIST_BYTES), flags on NOP refused, work served in rounds
 
