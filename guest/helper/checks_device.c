@@ -179,20 +179,24 @@ static void check_hidden(void)
     written_report();
 }
 
+/* The P2P checks with pmem need a devdax mapping of 12 MiB or more and a scratch page; say why not if not. */
+static int pmem_p2p_applies(const char *check, uint64_t page)
+{
+    if (!dx.map)
+        report_log("%s not run: no devdax NVDIMM in this topology", check);
+    else if (page == UINT64_MAX || dx.size < 12 * MIB)
+        report_log("%s not run: device or devdax too small", check);
+    return dx.map && page != UINT64_MAX && dx.size >= 12 * MIB;
+}
+
 static void check_pmem_to_device(void)
 {
     struct apdev *d = apdev_get(0);
     const size_t len = chunk(d, 1 * MIB);
     char detail[512];
     uint64_t pin = scratch_page(d, 0);
-    if (!dx.map) {
-        report_log("p2p.pmem_to_device not run: no devdax NVDIMM in this topology");
+    if (!pmem_p2p_applies("p2p.pmem_to_device", pin))
         return;
-    }
-    if (pin == UINT64_MAX || dx.size < 12 * MIB) {
-        report_log("p2p.pmem_to_device not run: device or devdax too small");
-        return;
-    }
     /* pmem -> a scratch device page, verified through the window */
     pattern_fill(dx.map + 8 * MIB, len, 201);
     flush_range(dx.map + 8 * MIB, len);
@@ -214,14 +218,8 @@ static void check_device_to_pmem(void)
     const size_t len = chunk(d, 1 * MIB);
     char detail[512];
     uint64_t pout = scratch_page(d, 1);
-    if (!dx.map) {
-        report_log("p2p.device_to_pmem not run: no devdax NVDIMM in this topology");
+    if (!pmem_p2p_applies("p2p.device_to_pmem", pout))
         return;
-    }
-    if (pout == UINT64_MAX || dx.size < 12 * MIB) {
-        report_log("p2p.device_to_pmem not run: device or devdax too small");
-        return;
-    }
     /* a device page written through the window -> pmem, verified in the devdax mapping */
     int ok = apdev_fill_page(d, 3 % d->nr_slots, pout, len, 202) == 0 && apdev_unmap(d, 3 % d->nr_slots) == 0;
     record(d, pout * d->slot, len, 202);

@@ -354,15 +354,14 @@ static void mount_fsdax(struct pmem *p)
     char cmd[512];
     mkdir(FSDAX_DIR, 0755);
     snprintf(cmd, sizeof(cmd), "mount -t ext4 -o dax=always %s " FSDAX_DIR " 2>/dev/null", p->dev);
-    if (run_cmd(cmd) == 0) {
-        fs.mounted = 1;
-        return;
-    }
-    fs.mkfs = 1;
-    snprintf(cmd, sizeof(cmd), "/usr/local/bin/mke2fs -q -F -t ext4 -b 4096 %s 2>&1", p->dev);
-    if (run_cmd(cmd) == 0) {
-        snprintf(cmd, sizeof(cmd), "mount -t ext4 -o dax=always %s " FSDAX_DIR, p->dev);
-        fs.mounted = run_cmd(cmd) == 0;
+    fs.mounted = run_cmd(cmd) == 0;
+    if (!fs.mounted) { /* no file system yet (or a broken one): make one */
+        fs.mkfs = 1;
+        snprintf(cmd, sizeof(cmd), "/usr/local/bin/mke2fs -q -F -t ext4 -b 4096 %s 2>&1", p->dev);
+        if (run_cmd(cmd) == 0) {
+            snprintf(cmd, sizeof(cmd), "mount -t ext4 -o dax=always %s " FSDAX_DIR, p->dev);
+            fs.mounted = run_cmd(cmd) == 0;
+        }
     }
     if (!fs.mounted)
         return;

@@ -22,7 +22,7 @@ struct harness_state {
 
 static struct harness_state *state;
 
-void harness_reported(const char *name)
+static void check_reported(const char *name)
 {
     if (state && !strcmp(name, state->running))
         state->reported = 1;
@@ -161,6 +161,7 @@ int harness_run(const struct scenario *s)
             return 1;
         }
         state = m;
+        report_on_check(check_reported);
     }
     for (const struct check *const *c = s->checks; c && *c; c++) {
         if (set_up((*c)->fixture, done, &ndone, failed) != 0)
@@ -168,7 +169,7 @@ int harness_run(const struct scenario *s)
         rc |= run_check(*c);
     }
     state->running[0] = 0;
-    if (s->run && set_up(s->fixture, done, &ndone, failed) == 0)
+    if ((s->run || s->serve_after) && set_up(s->fixture, done, &ndone, failed) == 0 && s->run)
         s->run();
     for (int i = ndone - 1; i >= 0; i--)
         if (done[i]->teardown && failed[i] == 0)

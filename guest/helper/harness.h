@@ -34,16 +34,14 @@ struct scenario {
     const struct check *const *checks; /* NULL-terminated, or NULL */
     const struct fixture *fixture;     /* for run: set up before it, torn down after */
     void (*run)(void);                 /* after the checks, or NULL */
-    int serve;
+    int serve;                         /* the host may run it over the command port */
+    int serve_after;                   /* then say "idle" and serve the host's commands (main.c) */
 };
 
 /* Run a scenario: its checks (each fixture set up when first needed), then its run function; fixtures are torn
  * down at the end. Returns non-zero when the harness had to fail a check (crash, timeout, exit). */
 int harness_run(const struct scenario *s);
 const struct scenario *scenario_find(const char *name);
-
-/* Called by report_check: tells the harness the running check has reported. */
-void harness_reported(const char *name);
 
 /* Fault injection, for the harness's own tests: $aperture_fault = CHECK:segv[,CHECK:hang...]. segv makes the
  * check's child die of SIGSEGV before it reports; hang makes it hang (its time limit is then 5 s). */

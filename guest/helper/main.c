@@ -18,6 +18,10 @@ int main(int argc, char **argv)
         harness_run(s);
     else
         report_log("unknown scenario %s", name);
+    if (s && s->serve_after) {
+        report_line("{\"type\":\"" APERTURE_MSG_PHASE "\",\"name\":\"idle\"}");
+        scenario_serve(); /* never returns */
+    }
     report_done();
     return 0;
 }

@@ -22,6 +22,7 @@ void report_line(const char *json);
 void report_raw(const void *buf, size_t len); /* as is, no newline: garbage for the fuzzer */
 void report_hello(void);
 void report_check(const char *name, int ok, const char *detail_json);
+void report_on_check(void (*hook)(const char *name)); /* called after each check is reported */
 void report_done(void);
 void report_log(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
 

@@ -26,13 +26,6 @@ static const struct check *const remap_checks[] = {
 };
 static const struct check *const fuzz_checks[] = {&check_guest_modules, &check_aperture_fuzz, NULL};
 
-static void serve_after_idle(void)
-{
-    /* aperture up: DAX is configured; say so, and stay up for interactive use */
-    report_line("{\"type\":\"" APERTURE_MSG_PHASE "\",\"name\":\"idle\"}");
-    scenario_serve(); /* never returns */
-}
-
 static void hang(void)
 {
     for (;;)
@@ -42,7 +35,8 @@ static void hang(void)
 static const struct scenario scenarios[] = {
     {.name = "probe"}, /* hello and done only: the accelerator probe and the boot benchmark */
     {.name = "default", .checks = default_checks, .serve = 1},
-    {.name = "idle", .checks = nvdimm_checks, .fixture = &fixture_dax_configured, .run = serve_after_idle},
+    /* aperture up, the pytest plugin: DAX configured, then main.c serves the host's commands */
+    {.name = "idle", .checks = nvdimm_checks, .fixture = &fixture_dax_configured, .serve_after = 1},
     {.name = "remap", .checks = remap_checks},
     {.name = "bench-device", .fixture = &fixture_devices, .run = bench_device},
     {.name = "bench-dax", .fixture = &fixture_dax, .run = bench_dax},
