@@ -21,7 +21,16 @@ import click
 from aperture.guest.errors import ApertureError, ConfigError, VmLaunchError
 from aperture.guest.units import parse_duration, parse_size
 
-from .config import DEFAULT_DEVICES, DEFAULT_NVME_SIZE, DEFAULT_PMEM, DeviceConfig, PmemConfig, RemapPlan, VmConfig
+from .config import (
+    DEFAULT_DEVICES,
+    DEFAULT_NVME_SIZE,
+    DEFAULT_PMEM,
+    DeviceConfig,
+    PmemConfig,
+    RemapPlan,
+    ShareConfig,
+    VmConfig,
+)
 from .summary import print_bench, print_summary
 
 
@@ -67,6 +76,7 @@ _duration = _parse_option(lambda v: None if v is None else parse_duration(v))
 _pmem = _parse_option(lambda values: tuple(PmemConfig.parse(v) for v in values))
 _devices = _parse_option(_parse_devices)
 _nvme = _parse_option(lambda v: 0 if v in (None, "none", "0") else parse_size(v))
+_shares = _parse_option(lambda values: tuple(ShareConfig.parse(v) for v in values))
 
 
 def _check_run_dir(value: Path | None) -> Path | None:
@@ -118,10 +128,11 @@ def vm_options(f: Any) -> Any:
 
 def make_config(pmem: tuple[PmemConfig, ...], memory: int, accel: str, boot_timeout: float,
                 run_timeout: float, append: tuple[str, ...] = (),
-                devices: tuple[DeviceConfig, ...] | None = None, nvme: int = DEFAULT_NVME_SIZE) -> VmConfig:
+                devices: tuple[DeviceConfig, ...] | None = None, nvme: int = DEFAULT_NVME_SIZE,
+                shares: tuple[ShareConfig, ...] = ()) -> VmConfig:
     return VmConfig(memory=memory, pmem=pmem or DEFAULT_PMEM, accel=accel,  # type: ignore[arg-type]
                     boot_timeout=boot_timeout, run_timeout=run_timeout, kernel_cmdline_extra=append,
-                    devices=DEFAULT_DEVICES if devices is None else devices, nvme=nvme)
+                    devices=DEFAULT_DEVICES if devices is None else devices, nvme=nvme, shares=shares)
 
 
 def print_report(report: dict[str, dict[str, Any]]) -> None:
@@ -155,6 +166,11 @@ def cli() -> None:
     """
 
 
+share_option = click.option(
+    "--share", "shares", multiple=True, callback=_shares, metavar="HOSTDIR[:GUESTDIR][:ro]",
+    help="Make a host directory visible in the guest (9p; repeatable). GUESTDIR defaults to the same path; :ro "
+    "refuses writes from the guest.")
+
 guest_bin_option = click.option(
     "--guest-bin", "guest_bins", multiple=True, type=click.Path(path_type=Path, dir_okay=False),
     help="Host binary to put into the guest's /usr/local/bin, with its shared libraries. Repeatable.")
@@ -164,6 +180,13 @@ guest_bin_option = click.option(
 @vm_options
 @click.option("--run-dir", type=click.Path(path_type=Path), callback=_run_dir,
               help="Where backing files and logs go; reuse one to keep NVDIMM contents across runs.")
+@share_option
+@click.option("--cwd", "share_cwd", is_flag=True, help="With -- CMD: share the current directory read-write at "
+              "the same path and run CMD there.")
+@click.option("--checks", "with_checks", is_flag=True, help="With -- CMD: run the built-in checks first.")
+@click.option("--shell", "give_shell", is_flag=True, help="Boot, attach this terminal to a shell in the guest, "
+              "stop the VM when the shell exits (Ctrl-] detaches, which stops it too).")
+@click.argument("command", nargs=-1, type=click.UNPROCESSED)
 @click.option("--reboot", is_flag=True, help="Boot twice in the same run dir; the second boot checks that the "
               "first boot's DAX data persisted (dax.persistence).")
 @click.option("--force", is_flag=True, help="Let the guest overwrite an NVDIMM whose info block is foreign, "
@@ -187,11 +210,20 @@ guest_bin_option = click.option(
 def run(kernel: str | None, modules: Path | None, kconfig: Path | None, pmem: tuple[PmemConfig, ...],
         devices: tuple[DeviceConfig, ...] | None, nvme: int, memory: int, accel: str,
         boot_timeout: float, run_timeout: float, append: tuple[str, ...], quiet: bool, run_dir: Path | None,
+        shares: tuple[ShareConfig, ...], share_cwd: bool, with_checks: bool, give_shell: bool,
+        command: tuple[str, ...],
         reboot: bool, force: bool, guest_bins: tuple[Path, ...], remap_every: float | None, remap_mode: str,
         duration: float, fuzz: bool, as_json: bool, junit_xml: Path | None, verbose: bool) -> None:
     """Boot the default VM scenario, run the guest checks, print the results.
 
     Exit 0 when every check passed, 1 when one failed.
+
+    \b
+    With -- CMD [ARG...]: boot, set DAX and the devices up as for the checks, run CMD in the guest (busybox sh,
+    host binaries from --share/--cwd directories run too), stream its output, exit with its status (128+N
+    for a signal). The built-in checks run only with --checks.
+      aperture run --cwd -- sh -c './prog && ./check.sh'
+      aperture run --share ~/tests:/tests:ro -- /tests/run.sh
     """
     from aperture.guest.kernel import resolve_kernel
 
@@ -201,8 +233,31 @@ def run(kernel: str | None, modules: Path | None, kconfig: Path | None, pmem: tu
     ui = ProgressOutput(quiet, verbose)
     if verbose and not any(a.startswith("loglevel=") for a in append):
         append = append + ("loglevel=7",)  # the whole kernel log on the streamed console (default: quiet)
-    config = dataclasses.replace(make_config(pmem, memory, accel, boot_timeout, run_timeout, append, devices, nvme),
-                                 force=force, guest_bins=guest_bins)
+    cwd = None
+    if share_cwd:
+        if not command and not give_shell:
+            raise ConfigError("--cwd needs a command (aperture run --cwd -- CMD) or --shell")
+        here = ShareConfig.parse(os.getcwd())
+        cwd = here.guest
+        shares = tuple(s for s in shares if s.guest != here.guest) + (here,)
+    if (with_checks or command) and not command:
+        raise ConfigError("--checks goes with a command: aperture run --checks -- CMD")
+    if command and (reboot or remap_every is not None or fuzz or junit_xml):
+        raise ConfigError("-- CMD cannot be combined with --reboot, --remap-every, --fuzz or --junit-xml")
+    config = dataclasses.replace(make_config(pmem, memory, accel, boot_timeout, run_timeout, append, devices, nvme,
+                                             shares), force=force, guest_bins=guest_bins)
+    if give_shell:
+        if command or with_checks or reboot or remap_every is not None or fuzz or as_json:
+            raise ConfigError("--shell takes VM options only (no command, --checks, --json, --reboot, --remap-every "
+                              "or --fuzz)")
+        from .oneshot import run_shell
+
+        inputs = prepare(config, resolve_kernel(kernel, modules, kconfig), ui.progress)
+        name = new_run_name()
+        sys.exit(run_shell(config, inputs, run_dir or default_run_dir(name), ui.progress, name=name))
+    if command:
+        _run_command(config, resolve_kernel(kernel, modules, kconfig), run_dir, ui, command, cwd, with_checks,
+                     as_json, verbose)
     remap = None
     if remap_every is not None:
         if not config.devices:
@@ -241,6 +296,39 @@ def run(kernel: str | None, modules: Path | None, kconfig: Path | None, pmem: tu
         emit_json(result.to_json())
     else:
         print_summary(result)
+    sys.exit(result.exit_code)
+
+
+def _run_command(config: VmConfig, spec: Any, run_dir: Path | None, ui: ProgressOutput, command: tuple[str, ...],
+                 cwd: str | None, with_checks: bool, as_json: bool, verbose: bool) -> None:
+    """`aperture run -- CMD`: the command's output as it comes (to stderr under --json), its status as ours."""
+    from .oneshot import command_line, run_command
+    from .run import default_run_dir, prepare
+    from .runpaths import new_run_name
+
+    command_line(command)  # too long: refused before anything boots
+    inputs = prepare(config, spec, ui.progress)
+    name = new_run_name()
+    out, err = sys.stdout.buffer, sys.stderr.buffer
+
+    def write(stream: str, data: bytes) -> None:
+        target = err if as_json or stream == "stderr" else out
+        target.write(data)
+        target.flush()
+
+    result = run_command(config, inputs, run_dir or default_run_dir(name), ui.progress, command, cwd=cwd,
+                         with_checks=with_checks, on_output=write, console_sink=ui.console if verbose else None,
+                         name=name)
+    if as_json:
+        emit_json(result.to_json())
+    else:
+        for check in result.checks:
+            if not check.ok:
+                click.echo(f"aperture: check FAILED: {check.name}", err=True)
+        if with_checks:
+            passed = sum(c.ok for c in result.checks)
+            ui.progress(f"checks: {passed}/{len(result.checks)} passed")
+        ui.progress(f"command exited with status {result.rc} after {result.duration_s:.2f} s")
     sys.exit(result.exit_code)
 
 
@@ -403,6 +491,28 @@ def bench_dax_cmd(kernel: str | None, modules: Path | None, kconfig: Path | None
     print_bench(report, as_json)
 
 
+@bench.command("share")
+@vm_options
+@click.option("--mib", type=click.IntRange(16, 4096), default=256, show_default=True, help="Size of the file read.")
+@click.option("--files", type=click.IntRange(100, 100_000), default=10_000, show_default=True,
+              help="Small files for find + stat.")
+@click.option("--json", "as_json", is_flag=True)
+def bench_share_cmd(kernel: str | None, modules: Path | None, kconfig: Path | None, pmem: tuple[PmemConfig, ...],
+                    devices: tuple[DeviceConfig, ...] | None, nvme: int, memory: int, accel: str,
+                    boot_timeout: float, run_timeout: float, append: tuple[str, ...], quiet: bool, mib: int,
+                    files: int, as_json: bool) -> None:
+    """--share (9p): a sequential read and find + stat over many small files, as ratios of the same on the
+    guest's RAM-backed root."""
+    from aperture.guest.kernel import resolve_kernel
+
+    from .bench import bench_share
+
+    ui = ProgressOutput(quiet)
+    config = make_config(pmem, memory, accel, boot_timeout, run_timeout, append, devices, nvme)
+    report = bench_share(config, resolve_kernel(kernel, modules, kconfig), ui.progress, mib, files)
+    print_bench(report, as_json)
+
+
 @bench.command("device")
 @vm_options
 @click.option("--json", "as_json", is_flag=True)
@@ -464,10 +574,11 @@ def bench_remap_cmd(kernel: str | None, modules: Path | None, kconfig: Path | No
               help="Default: a directory named after the VM, so device memory and NVDIMM contents carry over "
               "between up/down cycles.")
 @guest_bin_option
+@share_option
 def up(name: str, kernel: str | None, modules: Path | None, kconfig: Path | None, pmem: tuple[PmemConfig, ...],
        devices: tuple[DeviceConfig, ...] | None, nvme: int, memory: int, accel: str, boot_timeout: float,
        run_timeout: float, append: tuple[str, ...], quiet: bool, run_dir: Path | None,
-       guest_bins: tuple[Path, ...]) -> None:
+       guest_bins: tuple[Path, ...], shares: tuple[ShareConfig, ...]) -> None:
     """Start a VM (QEMU + device model) in the background and return once the guest is ready."""
     from aperture.guest.kernel import resolve_kernel
 
@@ -477,8 +588,8 @@ def up(name: str, kernel: str | None, modules: Path | None, kconfig: Path | None
 
     ui = ProgressOutput(quiet)
     check_name(name)
-    config = dataclasses.replace(make_config(pmem, memory, accel, boot_timeout, run_timeout, append, devices, nvme),
-                                 guest_bins=guest_bins)
+    config = dataclasses.replace(make_config(pmem, memory, accel, boot_timeout, run_timeout, append, devices, nvme,
+                                             shares), guest_bins=guest_bins)
     inputs = prepare(config, resolve_kernel(kernel, modules, kconfig), ui.progress)
     rec = start(name, config, inputs, run_dir or default_run_dir(name), ui.progress)
     click.echo(f"{name} is up: daemon pid {rec.pid}, QEMU pid {rec.qemu_pid}, {rec.accel}, run dir {rec.run_dir}")
@@ -555,6 +666,31 @@ def qmp(name: str, as_json: bool) -> None:
                          history=state_dir().parent / "qmp_history")
     shell = QmpShell(target, as_json=as_json)
     sys.exit(shell.loop(sys.stdin))
+
+
+@cli.command("shell")
+@click.argument("name", default="default")
+def shell_cmd(name: str) -> None:
+    """Attach this terminal to a shell in a running VM's guest (a pseudo-terminal: job control, Ctrl-C goes to
+    the guest's foreground job, window size follows). Ctrl-] detaches and leaves the VM running; `exit` ends the
+    shell (the VM stays up). Exits with the shell's status."""
+    import socket
+
+    from .terminal import attach
+
+    rec = _record(name)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    try:
+        sock.connect(rec.shell_socket)
+    except OSError as exc:
+        raise ConfigError(f"{name} has no guest shell port ({exc.strerror}); was it started by this aperture?") \
+            from None
+    with sock:
+        status = attach(sock)
+    if status is None:
+        click.echo(f"\r\ndetached; {name} is still up (aperture shell {name} to attach again)", err=True)
+        sys.exit(0)
+    sys.exit(status)
 
 
 @cli.command("exec", context_settings={"ignore_unknown_options": True})

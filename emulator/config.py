@@ -164,6 +164,49 @@ NVME_CMB_MB = 16
 PROBE_BAR_SIZE = 2 * MiB
 
 
+#: Guest directories a share may not cover: the guest's own system (it would hide busybox, /init's mounts, the
+#: helper's tools) and the DAX mount.
+GUEST_SYSTEM_DIRS = ("/proc", "/sys", "/dev", "/bin", "/sbin", "/lib", "/lib64", "/usr", "/etc", "/run")
+GUEST_RESERVED_DIRS = ("/", "/tmp", "/mnt", "/mnt/fsdax", "/root")
+MAX_SHARES = 8
+
+
+@dataclass(frozen=True)
+class ShareConfig:
+    """A host directory the guest sees (9p over virtio: QEMU serves it, nothing else runs on the host)."""
+
+    host: Path
+    guest: str
+    readonly: bool = False
+
+    def __post_init__(self) -> None:
+        if not self.host.exists():
+            raise ConfigError(f"--share {self.host}: no such directory")
+        if not self.host.is_dir():
+            raise ConfigError(f"--share {self.host}: not a directory")
+        g = self.guest
+        if not g.startswith("/") or any(c.isspace() or c in ',:"\\' for c in g) or "/../" in g + "/":
+            raise ConfigError(f"--share guest path {g!r} must be absolute, without spaces, commas, colons or '..'")
+        norm = "/" + "/".join(part for part in g.split("/") if part and part != ".")
+        if norm in GUEST_RESERVED_DIRS or any(norm == d or norm.startswith(d + "/") for d in GUEST_SYSTEM_DIRS):
+            raise ConfigError(f"--share guest path {g!r} would cover a system directory of the guest; "
+                              "choose another (e.g. /mnt/share or /work)")
+
+    @classmethod
+    def parse(cls, text: str) -> ShareConfig:
+        """``HOSTDIR[:GUESTDIR][:ro|rw]``; GUESTDIR defaults to HOSTDIR's absolute path."""
+        parts = text.split(":")
+        mode = "rw"
+        if len(parts) > 1 and parts[-1] in ("ro", "rw"):
+            mode = parts.pop()
+        if not parts[0] or len(parts) > 2:
+            raise ConfigError(f"invalid --share {text!r}: expected HOSTDIR[:GUESTDIR][:ro]")
+        host = Path(parts[0]).expanduser().absolute()
+        guest = parts[1] if len(parts) == 2 else str(host)
+        return cls(host, "/" + "/".join(p for p in guest.split("/") if p) if guest.startswith("/") else guest,
+                   mode == "ro")
+
+
 @dataclass(frozen=True)
 class VmConfig:
     """Everything needed to boot one VM. Paths are resolved; sizes are validated."""
@@ -180,6 +223,7 @@ class VmConfig:
     window_hotplug: bool = False  # windows behind root ports, backed by device memory (hotplug remaps)
     guest_bins: tuple[Path, ...] = ()
     nvme: int = DEFAULT_NVME_SIZE  # namespace size of the NVMe controller with a CMB; 0: no NVMe
+    shares: tuple[ShareConfig, ...] = ()
 
     def __post_init__(self) -> None:
         if self.memory < 128 * MiB or self.memory % MiB:
@@ -204,6 +248,11 @@ class VmConfig:
             raise ConfigError(f"nvme namespace {format_size(self.nvme)} must be whole MiB, 16M to 16G (or none)")
         if not 1 <= self.smp <= 8:
             raise ConfigError("smp must be between 1 and 8")
+        if len(self.shares) > MAX_SHARES:
+            raise ConfigError(f"at most {MAX_SHARES} --share directories")
+        guests = [s.guest for s in self.shares]
+        if len(set(guests)) != len(guests):
+            raise ConfigError("two --share directories at the same guest path")
 
 
 @dataclass(frozen=True)
@@ -230,6 +279,7 @@ def config_to_dict(config: VmConfig) -> dict[str, Any]:
         "run_timeout": config.run_timeout, "kernel_cmdline_extra": list(config.kernel_cmdline_extra),
         "smp": config.smp, "force": config.force, "window_hotplug": config.window_hotplug,
         "guest_bins": [str(p) for p in config.guest_bins], "nvme": config.nvme,
+        "shares": [{"host": str(s.host), "guest": s.guest, "readonly": s.readonly} for s in config.shares],
         "pmem": [{"size": p.size, "mode": p.mode} for p in config.pmem],
         "devices": [{"mem": d.mem, "window": d.window, "slot": d.slot, "hidden": [list(h) for h in d.hidden]}
                     for d in config.devices],
@@ -242,6 +292,7 @@ def config_from_dict(data: dict[str, Any]) -> VmConfig:
         run_timeout=data["run_timeout"], kernel_cmdline_extra=tuple(data["kernel_cmdline_extra"]), smp=data["smp"],
         force=data["force"], window_hotplug=data.get("window_hotplug", False),
         guest_bins=tuple(Path(p) for p in data["guest_bins"]), nvme=int(data.get("nvme", DEFAULT_NVME_SIZE)),
+        shares=tuple(ShareConfig(Path(s["host"]), s["guest"], bool(s["readonly"])) for s in data.get("shares", [])),
         pmem=tuple(PmemConfig(p["size"], p["mode"]) for p in data["pmem"]),
         devices=tuple(DeviceConfig(d["mem"], d["window"], d["slot"], tuple(tuple(h) for h in d["hidden"]))
                       for d in data["devices"]),

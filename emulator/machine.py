@@ -43,7 +43,7 @@ class Vm:
     def __init__(self, config: VmConfig, kernel: KernelSpec, initrd: Path, *, accel: str, run_dir: Path,
                  scenario: str = "default", name: str | None = None, qemu: str | None = None,
                  console_sink: Callable[[str], None] | None = None, guest_env: dict[str, str] | None = None,
-                 user_qmp: bool = False) -> None:
+                 user_qmp: bool = False, shell: bool = False) -> None:
         self.config = config
         self.kernel = kernel
         self.initrd = initrd
@@ -60,6 +60,9 @@ class Vm:
         self.results = ResultsChannel(self.paths.results)
         self.console = ConsoleLog(self.paths.console)
         self._cmd_sock: socket.socket | None = None
+        self.want_shell = shell
+        #: With ``shell``: a connection to the guest shell's port, made before the socket's name is unlinked.
+        self.shell_sock: socket.socket | None = None
         self._cmd_id = 0
         self.console_sink = console_sink
         self.process: subprocess.Popen[bytes] | None = None
@@ -175,6 +178,11 @@ class Vm:
             self._register(sock.close)
             sock.connect(str(self.paths.command_socket))
             self._cmd_sock = sock
+            if self.want_shell:
+                shell = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+                self._register(shell.close)
+                shell.connect(str(self.paths.shell_socket))
+                self.shell_sock = shell
         self._drop_names()
 
     def _drop_names(self) -> None:
@@ -295,8 +303,11 @@ class Vm:
                 return
         raise GuestError("the guest finished without becoming idle")
 
-    def command(self, request: dict[str, Any], timeout: float = 120.0) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-        """Send one command to the helper's `serve` loop; return its cmd-done message and what came before."""
+    def command(self, request: dict[str, Any], timeout: float = 120.0,
+                on_message: Callable[[dict[str, Any]], None] | None = None,
+                ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+        """Send one command to the helper's `serve` loop; return its cmd-done message and what came before
+        (or hand each message to ``on_message`` as it arrives, keeping none)."""
         if self._cmd_sock is None:
             raise GuestError("this VM has no command channel (boot it with scenario 'idle')")
         self._cmd_id += 1
@@ -310,22 +321,42 @@ class Vm:
         for msg in self.messages(run_timeout=float("inf"), should_stop=lambda: time.monotonic() > deadline):
             if msg.get("type") == MsgType.CMD_DONE and msg.get("id") == ident:
                 return msg, seen
-            seen.append(msg)
+            if on_message is not None:
+                on_message(msg)
+            else:
+                seen.append(msg)
         raise GuestError(f"guest command {request} timed out after {timeout:.0f} s")
 
-    def exec(self, command: str, timeout: float = 120.0) -> tuple[int, str]:
-        """Run a shell command in the guest (busybox sh, helper tools on PATH): its exit status and output."""
-        done, seen = self.command({"exec": command}, timeout)
-        ident = done.get("id")
-        chunks = [str(m.get("data", "")) for m in seen if m.get("type") == MsgType.CMD_OUTPUT and m.get("id") == ident]
-        # The helper escapes every byte >= 0x7f as \u00XX: latin-1 gives the bytes back, then decode them as UTF-8.
-        raw = "".join(chunks).encode("latin-1", "replace")
+    def exec(self, command: str, timeout: float = 120.0, cwd: str | None = None,
+             on_output: Callable[[str, bytes], None] | None = None) -> tuple[int, str]:
+        """Run a shell command in the guest (busybox sh, helper tools on PATH): its exit status (128 + N when
+        signal N killed it) and its output. With ``on_output``, each chunk goes there as the guest sends it
+        (stream name, bytes) and the returned output is empty."""
+        received = 0
+        chunks: list[bytes] = []
+
+        def take(msg: dict[str, Any]) -> None:
+            nonlocal received
+            if msg.get("type") != MsgType.CMD_OUTPUT or msg.get("id") != self._cmd_id:
+                return
+            # The helper escapes every byte >= 0x7f as \u00XX: latin-1 gives the bytes back.
+            data = str(msg.get("data", "")).encode("latin-1", "replace")
+            received += len(data)
+            if on_output is not None:
+                on_output(str(msg.get("stream", "stdout")), data)
+            else:
+                chunks.append(data)
+
+        request: dict[str, Any] = {"exec": command}
+        if cwd:
+            request["cwd"] = cwd
+        done, _ = self.command(request, timeout, on_message=take)
         sent = done.get("output_bytes")
-        if not done.get("truncated") and isinstance(sent, int) and len(raw) != sent:
+        if not done.get("truncated") and isinstance(sent, int) and received != sent:
             # Output is never silently incomplete: a chunk was lost (e.g. glued to garbage on the channel).
-            raise GuestError(f"guest command output was lost on the results channel: {len(raw)} of {sent} bytes "
+            raise GuestError(f"guest command output was lost on the results channel: {received} of {sent} bytes "
                              "arrived")
-        output = raw.decode("utf-8", "replace")
+        output = b"".join(chunks).decode("utf-8", "replace")
         if done.get("truncated"):
             output += f"\n[output truncated: {done.get('output_bytes')} bytes, the first 1 MiB shown]\n"
         return int(done.get("rc", -1)), output

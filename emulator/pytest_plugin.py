@@ -24,7 +24,7 @@ from aperture.guest.abi import MsgType
 from aperture.guest.errors import GuestError
 from aperture.guest.units import parse_size
 
-from .config import DEFAULT_DEVICES, DEFAULT_PMEM, DeviceConfig, PmemConfig, VmConfig
+from .config import DEFAULT_DEVICES, DEFAULT_PMEM, DeviceConfig, PmemConfig, ShareConfig, VmConfig
 from .machine import Vm
 from .results import Check
 
@@ -60,9 +60,9 @@ class ApertureVM:
         """The host-side ``ApertureDevice`` objects (device memory, window, DMA engine, stats)."""
         return self.vm.service.devices if self.vm.service else []
 
-    def exec(self, command: str, timeout: float = 120.0) -> ExecResult:
-        """Run a shell command in the guest (busybox sh; ``aperture-helper`` tools are on PATH)."""
-        return ExecResult(*self.vm.exec(command, timeout))
+    def exec(self, command: str, timeout: float = 120.0, cwd: str | None = None) -> ExecResult:
+        """Run a shell command in the guest (busybox sh; ``aperture-helper`` tools are on PATH), in ``cwd``."""
+        return ExecResult(*self.vm.exec(command, timeout, cwd=cwd))
 
     def run_scenario(self, name: str = "aperture", timeout: float = 300.0) -> dict[str, Check]:
         """Run a helper scenario (default, nvdimm, dax, aperture) in the live guest; its checks by name."""
@@ -99,8 +99,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers", "aperture(pmem=['256M:devdax'], devices=2 | ['aperture,mem=64M'], memory='512M', "
-        "boot_timeout=60, guest_bins=['/usr/bin/strace']): topology of the VM the aperture_vm fixture boots, "
-        "and host binaries (with their libraries) to put into its /usr/local/bin")
+        "boot_timeout=60, guest_bins=['/usr/bin/strace'], shares=['HOSTDIR[:GUESTDIR][:ro]']): topology of the VM "
+        "the aperture_vm fixture boots, host binaries (with their libraries) to put into its /usr/local/bin, and "
+        "host directories it sees (9p)")
 
 
 def _config_from_marker(marker: pytest.Mark | None, accel: str) -> VmConfig:
@@ -116,10 +117,11 @@ def _config_from_marker(marker: pytest.Mark | None, accel: str) -> VmConfig:
     memory = parse_size(kw.pop("memory", "512M"))
     boot_timeout = float(kw.pop("boot_timeout", 90))
     guest_bins = tuple(Path(b) for b in kw.pop("guest_bins", ()))
+    shares = tuple(ShareConfig.parse(str(sh)) for sh in kw.pop("shares", ()))
     if kw:
         raise pytest.UsageError(f"unknown aperture marker arguments: {', '.join(kw)}")
     return VmConfig(memory=memory, pmem=pmem, devices=devices, accel=accel,  # type: ignore[arg-type]
-                    boot_timeout=boot_timeout, run_timeout=24 * 3600, guest_bins=guest_bins)
+                    boot_timeout=boot_timeout, run_timeout=24 * 3600, guest_bins=guest_bins, shares=shares)
 
 
 @pytest.fixture(scope="session")

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from aperture.guest.abi import COMMAND_PORT, RESULTS_PORT, Env
+from aperture.guest.abi import COMMAND_PORT, RESULTS_PORT, SHELL_PORT, Env
 from aperture.guest.kernelspec import KernelSpec
 from aperture.guest.units import GiB
 from aperture.qmp_client.qemu import (
@@ -15,6 +15,7 @@ from aperture.qmp_client.qemu import (
     ctl_id,
     opt_value,
     port_id,
+    share_id,
     win_id,
 )
 
@@ -61,10 +62,16 @@ def build_argv(qemu: str, config: VmConfig, kernel: KernelSpec, initrd: Path, pa
                  "-mon", "chardev=uqmp,mode=control"]
     if command_channel:
         argv += ["-chardev", f"socket,id=cmd,path={opt_value(paths.command_socket)},server=on,wait=off",
-                 "-device", f"virtserialport,bus=vser0.0,chardev=cmd,name={COMMAND_PORT}"]
+                 "-device", f"virtserialport,bus=vser0.0,chardev=cmd,name={COMMAND_PORT}",
+                 "-chardev", f"socket,id=shell,path={opt_value(paths.shell_socket)},server=on,wait=off",
+                 "-device", f"virtserialport,bus=vser0.0,chardev=shell,name={SHELL_PORT}"]
     if config.nvme:
         argv += ["-drive", f"file={opt_value(paths.nvme)},if=none,id=nvme0drive,format=raw",
                  "-device", f"nvme,id={NVME_ID},serial=aperture0,drive=nvme0drive,cmb_size_mb={NVME_CMB_MB}"]
+    for i, share in enumerate(config.shares):
+        argv += ["-fsdev", f"local,id={share_id(i)},path={opt_value(share.host)},security_model=none"
+                 + (",readonly=on" if share.readonly else ""),
+                 "-device", f"virtio-9p-pci,fsdev={share_id(i)},mount_tag={share_id(i)}"]
     for i, p in enumerate(config.pmem):
         argv += [
             "-object", f"memory-backend-file,id=pmem{i},size={p.file_size},"
@@ -80,6 +87,9 @@ def kernel_cmdline(config: VmConfig, scenario: str, guest_env: dict[str, str] | 
     env: dict[str, str] = {Env.SCENARIO: scenario, Env.PMEM: str(len(config.pmem)),
            Env.PMEM_MODES: ",".join(p.mode for p in config.pmem), Env.FORCE: str(int(config.force)),
            Env.DEVICES: str(len(config.devices)), Env.PROBE_BAR: f"0000:00:{PROBE_BAR_SLOT:02x}.0"}
+    if config.shares:  # /init mounts them: TAG:GUESTDIR:ro|rw, comma separated
+        env[Env.SHARES] = ",".join(f"{share_id(i)}:{s.guest}:{'ro' if s.readonly else 'rw'}"
+                                   for i, s in enumerate(config.shares))
     env.update(guest_env or {})
     parts = ["console=ttyS0", "panic=-1", "quiet"] + [f"{k}={v}" for k, v in env.items()]
     return " ".join(parts + list(config.kernel_cmdline_extra))

@@ -38,6 +38,11 @@ class VmRecord:
     run_dir: str
     qmp_socket: str  # a QMP monitor reserved for users
     control_socket: str  # the daemon's domain commands
+
+    @property
+    def shell_socket(self) -> str:
+        """The guest shell's port, beside the control socket (RunPaths.shell_socket)."""
+        return str(Path(self.control_socket).parent / "shell.sock")
     state: str = "starting"  # starting | ready | stopping
     kernel_release: str = ""
 

@@ -64,6 +64,11 @@ class RunPaths:
         """Host → guest commands for the helper's `serve` loop (virtio-serial port aperture.cmd)."""
         return self.sock_dir / "cmd.sock"
 
+    @property
+    def shell_socket(self) -> Path:
+        """The interactive shell's port (virtio-serial aperture.shell; see guest/helper/shell.c)."""
+        return self.sock_dir / "shell.sock"
+
     def devmem(self, index: int) -> Path:
         return self.run_dir / f"devmem{index}.img"
 

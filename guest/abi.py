@@ -137,6 +137,15 @@ class Descriptor:
 #: virtio-serial port names: the helper's JSON lines to the host, and the host's commands to `serve`.
 RESULTS_PORT = "aperture.results"
 COMMAND_PORT = "aperture.cmd"
+#: The interactive shell's port: frames of [kind u8][length u16][payload] both ways (SHELL_* below).
+SHELL_PORT = "aperture.shell"
+SHELL_FRAME = struct.Struct("<BH")
+SHELL_OPEN = ord("o")  # host → guest: start a shell (payload: rows u16, cols u16)
+SHELL_DATA = ord("d")  # both ways: terminal bytes
+SHELL_WINSIZE = ord("w")  # host → guest: rows u16, cols u16
+SHELL_HANGUP = ord("k")  # host → guest: the user detached; end the session
+SHELL_READY = ord("r")  # guest → host: the session's shell is running
+SHELL_EXIT = ord("x")  # guest → host: the shell ended (payload: exit status i32, 128 + N for a signal)
 
 
 class Env(StrEnum):
@@ -153,6 +162,7 @@ class Env(StrEnum):
     DURATION = "aperture_duration"  # seconds of remap or fuzz workload
     REMAP = "aperture_remap"  # 1: the host remaps during the fuzz
     REMAP_MODE = "aperture_remap_mode"  # pause | hotplug
+    SHARES = "aperture_shares"  # TAG:GUESTDIR:ro|rw,... — host directories /init mounts (9p)
     FAULT = "aperture_fault"  # CHECK:segv | CHECK:hang — the harness's own tests inject a crash or a hang
 
 
@@ -182,6 +192,7 @@ class CheckName(StrEnum):
     host checks are added by the host."""
 
     GUEST_MODULES = "guest.modules"
+    GUEST_SHARES = "guest.shares"
     NVDIMM_PRESENT = "nvdimm.present"
     DAX_FSDAX = "dax.fsdax"
     DAX_DEVDAX = "dax.devdax"
@@ -253,7 +264,11 @@ def c_header() -> str:
         "",
         f'#define APERTURE_RESULTS_PORT "{RESULTS_PORT}"',
         f'#define APERTURE_COMMAND_PORT "{COMMAND_PORT}"',
+        f'#define APERTURE_SHELL_PORT "{SHELL_PORT}"',
     ]
+    lines += [f"#define APERTURE_SHELL_{name} '{chr(value)}'" for name, value in (
+        ("OPEN", SHELL_OPEN), ("DATA", SHELL_DATA), ("WINSIZE", SHELL_WINSIZE), ("HANGUP", SHELL_HANGUP),
+        ("READY", SHELL_READY), ("EXIT", SHELL_EXIT))]
     lines += [f'#define APERTURE_ENV_{e.name} "{e.value}"' for e in Env]
     lines += [f'#define APERTURE_MSG_{m.name} "{m.value}"' for m in MsgType]
     lines += [f'#define APERTURE_CHECK_{c.name} "{c.value}"' for c in CheckName]

@@ -50,6 +50,8 @@ GUEST_FEATURES: tuple[GuestFeature, ...] = (
     GuestFeature("device_dax", "CONFIG_DEV_DAX", "/dev/daxN.M"),
     GuestFeature("crc32c_generic", "CONFIG_CRYPTO_CRC32C", "ext4's metadata checksums"),
     GuestFeature("ext4", "CONFIG_EXT4_FS", "the fsdax filesystem"),
+    GuestFeature("9pnet_virtio", "CONFIG_NET_9P_VIRTIO", "--share (host directories over 9p)", required=False),
+    GuestFeature("9p", "CONFIG_9P_FS", "--share (host directories over 9p)", required=False),
     # test_hmm memremaps 256 MiB of device-private memory when it loads (~0.25 s under TCG): witness.c loads it.
     GuestFeature("test_hmm", "CONFIG_TEST_HMM", "witness.hmm_tests (the kernel's own HMM selftest)",
                  required=False, at_boot=False),

@@ -101,6 +101,11 @@ def port_id(i: int) -> str:
     return f"aprp{i}"
 
 
+def share_id(i: int) -> str:
+    """Shared directory ``i``: its -fsdev id and the 9p mount tag the guest mounts."""
+    return f"share{i}"
+
+
 def pmem_backend_id(i: int) -> str:
     return f"pmem{i}"
 

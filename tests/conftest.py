@@ -24,7 +24,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 def aperture_argv() -> list[str]:
     exe = Path(sys.executable).parent / "aperture"
-    return [str(exe)] if exe.exists() else [sys.executable, "-m", "emulator"]
+    return [str(exe)] if exe.exists() else [sys.executable, "-m", "aperture.emulator"]
 
 
 def run_aperture(*args: str, timeout: float = 300, env: dict[str, str] | None = None,

@@ -21,6 +21,13 @@
 
 #define APERTURE_RESULTS_PORT "aperture.results"
 #define APERTURE_COMMAND_PORT "aperture.cmd"
+#define APERTURE_SHELL_PORT "aperture.shell"
+#define APERTURE_SHELL_OPEN 'o'
+#define APERTURE_SHELL_DATA 'd'
+#define APERTURE_SHELL_WINSIZE 'w'
+#define APERTURE_SHELL_HANGUP 'k'
+#define APERTURE_SHELL_READY 'r'
+#define APERTURE_SHELL_EXIT 'x'
 #define APERTURE_ENV_SCENARIO "aperture_scenario"
 #define APERTURE_ENV_PMEM "aperture_pmem"
 #define APERTURE_ENV_PMEM_MODES "aperture_pmem_modes"
@@ -32,6 +39,7 @@
 #define APERTURE_ENV_DURATION "aperture_duration"
 #define APERTURE_ENV_REMAP "aperture_remap"
 #define APERTURE_ENV_REMAP_MODE "aperture_remap_mode"
+#define APERTURE_ENV_SHARES "aperture_shares"
 #define APERTURE_ENV_FAULT "aperture_fault"
 #define APERTURE_MSG_HELLO "hello"
 #define APERTURE_MSG_PHASE "phase"
@@ -45,6 +53,7 @@
 #define APERTURE_MSG_DONE "done"
 #define APERTURE_MSG_GARBAGE "garbage"
 #define APERTURE_CHECK_GUEST_MODULES "guest.modules"
+#define APERTURE_CHECK_GUEST_SHARES "guest.shares"
 #define APERTURE_CHECK_NVDIMM_PRESENT "nvdimm.present"
 #define APERTURE_CHECK_DAX_FSDAX "dax.fsdax"
 #define APERTURE_CHECK_DAX_DEVDAX "dax.devdax"

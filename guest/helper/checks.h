@@ -32,7 +32,7 @@ const struct daxmap *devices_daxmap(void);
 uint64_t scratch_page(struct apdev *d, unsigned k);
 
 /* checks_guest.c, nvdimm.c, p2pmem.c, witness.c, remap.c, fuzz.c */
-extern const struct check check_guest_modules, check_nvdimm_present, check_zone_device_p2pmem, check_p2p_nvme_cmb,
+extern const struct check check_guest_modules, check_guest_shares, check_nvdimm_present, check_zone_device_p2pmem, check_p2p_nvme_cmb,
     check_witness_hmm_tests, check_remap_consistency, check_aperture_fuzz;
 
 /* Benchmarks: bench_dax.c (fixture dax), bench_device.c (fixture devices). */

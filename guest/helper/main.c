@@ -19,6 +19,7 @@ int main(int argc, char **argv)
     else
         report_log("unknown scenario %s", name);
     if (s && s->serve_after) {
+        shell_start();
         report_line("{\"type\":\"" APERTURE_MSG_PHASE "\",\"name\":\"idle\"}");
         scenario_serve(); /* never returns */
     }

@@ -55,6 +55,7 @@ int nd_regions(struct region *out, int max, int expected);
 
 /* The serve loop (serve.c): host commands on the command port, forever. */
 void scenario_serve(void);
+void shell_start(void); /* shell.c: the interactive shell relay, in a process of its own */
 int p2pmem_probe_row(struct jbuf *jb); /* p2pmem.c: the probe matrix's p2pmem row; 1 if the read worked */
 int helper_tool(int argc, char **argv); /* tools.c: info/map/unmap/dma/peek/poke/flood; -1 if not a tool */
 

@@ -15,10 +15,12 @@
     &check_aperture_bad_descriptors
 
 static const struct check *const default_checks[] = {
-    &check_guest_modules, &check_nvdimm_present, DAX_CHECKS, DEVICE_CHECKS, &check_zone_device_p2pmem,
+    &check_guest_modules, &check_guest_shares, &check_nvdimm_present, DAX_CHECKS, DEVICE_CHECKS, &check_zone_device_p2pmem,
     &check_p2p_nvme_cmb, &check_witness_hmm_tests, NULL,
 };
-static const struct check *const nvdimm_checks[] = {&check_guest_modules, &check_nvdimm_present, NULL};
+static const struct check *const nvdimm_checks[] = {
+    &check_guest_modules, &check_guest_shares, &check_nvdimm_present, NULL,
+};
 static const struct check *const dax_checks[] = {DAX_CHECKS, NULL};
 static const struct check *const device_checks[] = {DEVICE_CHECKS, NULL};
 static const struct check *const remap_checks[] = {

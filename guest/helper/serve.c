@@ -1,5 +1,6 @@
 /* serve: after `idle`, run commands the host sends on the aperture.cmd port (one JSON object per line):
- *   {"id": N, "exec": "shell command"}   → {"type":"cmd-output","id":N,"data":"..."} per 2 KiB of output, then
+ *   {"id": N, "exec": "shell command", "cwd": DIR?} → {"type":"cmd-output","id":N,"stream":"stdout"|"stderr",
+ *                                          "data":"..."} as the command writes (≤ 2 KiB each), then
  *                                          {"type":"cmd-done","id":N,"rc":RC,"output_bytes":N,"truncated":false}
  *   {"id": N, "scenario": NAME} → the scenario's checks (scenarios.c: those marked serve), then cmd-done
  * This is how the pytest plugin runs things in an already booted guest.
@@ -9,6 +10,7 @@
 #include "report.h"
 
 #include <fcntl.h>
+#include <poll.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -53,44 +55,79 @@ static long json_int(const char *obj, const char *key)
     return strtol(p + 1, NULL, 10);
 }
 
-/* Output goes out in cmd-output chunks small enough that each escaped line fits a jbuf (a byte escapes to at most
- * 6 characters), so any output arrives whole; past EXEC_OUTPUT_MAX it is drained and dropped ("truncated"). */
+/* Output goes out in cmd-output chunks as soon as the command writes it (a read of the pipe returns what is
+ * there), each small enough that its escaped line fits a jbuf (a byte escapes to at most 6 characters), with the
+ * stream it came from; past EXEC_OUTPUT_MAX it is drained and dropped ("truncated"). */
 #define EXEC_CHUNK 2048
 #define EXEC_OUTPUT_MAX (1 << 20)
 
-static void run_exec(long id, const char *cmd)
+static void send_chunk(long id, const char *stream, char *data, size_t got)
+{
+    static struct jbuf jb;
+    data[got] = 0;
+    if (memchr(data, 0, got)) /* jb_str stops at a NUL: show NULs as '?' */
+        for (size_t i = 0; i < got; i++)
+            if (!data[i])
+                data[i] = '?';
+    jb_init(&jb);
+    jb_printf(&jb, "{\"type\":\"" APERTURE_MSG_CMD_OUTPUT "\",\"id\":%ld,\"stream\":\"%s\",\"data\":", id, stream);
+    jb_str(&jb, data);
+    jb_printf(&jb, "}");
+    report_line(jb.buf);
+}
+
+/* sh -c CMD in DIR (if given), stdout and stderr on their own pipes, both relayed as they come. The exit status
+ * as a shell gives it: 128 + N for a command killed by signal N. */
+static void run_exec(long id, const char *cmd, const char *dir)
 {
     static char chunk[EXEC_CHUNK + 1];
-    static struct jbuf jb;
-    char full[4200];
-    snprintf(full, sizeof(full), "%s 2>&1", cmd);
-    FILE *f = popen(full, "r");
-    int rc = -1;
+    char line[256];
+    int out[2], err[2], rc = -1;
     size_t total = 0;
-    if (f) {
-        size_t got;
-        while ((got = fread(chunk, 1, EXEC_CHUNK, f)) > 0) {
-            total += got;
-            if (total - got >= EXEC_OUTPUT_MAX)
-                continue;
-            chunk[got] = 0;
-            if (memchr(chunk, 0, got)) /* jb_str stops at a NUL: show NULs as '?' */
-                for (size_t i = 0; i < got; i++)
-                    if (!chunk[i])
-                        chunk[i] = '?';
-            jb_init(&jb);
-            jb_printf(&jb, "{\"type\":\"" APERTURE_MSG_CMD_OUTPUT "\",\"id\":%ld,\"data\":", id);
-            jb_str(&jb, chunk);
-            jb_printf(&jb, "}");
-            report_line(jb.buf);
+
+    if (pipe2(out, O_CLOEXEC) == 0 && pipe2(err, O_CLOEXEC) == 0) {
+        pid_t pid = fork();
+        if (pid == 0) {
+            dup2(out[1], 1);
+            dup2(err[1], 2);
+            setpgid(0, 0);
+            if (dir && *dir && chdir(dir) != 0) {
+                dprintf(2, "aperture: cannot enter %s\n", dir);
+                _exit(127);
+            }
+            execl("/bin/sh", "sh", "-c", cmd, (char *)NULL);
+            _exit(127);
         }
-        int st = pclose(f);
-        rc = WIFEXITED(st) ? WEXITSTATUS(st) : 128 + (WIFSIGNALED(st) ? WTERMSIG(st) : 0);
+        close(out[1]);
+        close(err[1]);
+        struct pollfd fds[2] = {{.fd = out[0], .events = POLLIN}, {.fd = err[0], .events = POLLIN}};
+        const char *names[2] = {"stdout", "stderr"};
+        int open_fds = 2;
+        while (pid > 0 && open_fds > 0) {
+            if (poll(fds, 2, -1) < 0)
+                break;
+            for (int i = 0; i < 2; i++) {
+                if (fds[i].fd < 0 || !(fds[i].revents & (POLLIN | POLLHUP | POLLERR)))
+                    continue;
+                ssize_t got = read(fds[i].fd, chunk, EXEC_CHUNK);
+                if (got <= 0) {
+                    close(fds[i].fd);
+                    fds[i].fd = -1;
+                    open_fds--;
+                    continue;
+                }
+                total += (size_t)got;
+                if (total - (size_t)got < EXEC_OUTPUT_MAX)
+                    send_chunk(id, names[i], chunk, (size_t)got);
+            }
+        }
+        int st = 0;
+        if (pid > 0 && waitpid(pid, &st, 0) == pid)
+            rc = WIFEXITED(st) ? WEXITSTATUS(st) : 128 + (WIFSIGNALED(st) ? WTERMSIG(st) : 0);
     }
-    jb_init(&jb);
-    jb_printf(&jb, "{\"type\":\"" APERTURE_MSG_CMD_DONE "\",\"id\":%ld,\"rc\":%d,\"output_bytes\":%zu,\"truncated\":%s}", id, rc,
-              total, total > EXEC_OUTPUT_MAX ? "true" : "false");
-    report_line(jb.buf);
+    snprintf(line, sizeof(line), "{\"type\":\"" APERTURE_MSG_CMD_DONE "\",\"id\":%ld,\"rc\":%d,\"output_bytes\":%zu,"
+             "\"truncated\":%s}", id, rc, total, total > EXEC_OUTPUT_MAX ? "true" : "false");
+    report_line(line);
 }
 
 static void run_scenario(long id, const char *name)
@@ -125,10 +162,10 @@ void scenario_serve(void)
         char *nl;
         while ((nl = strchr(buf, '\n'))) {
             *nl = 0;
-            char arg[4096];
+            char arg[4096], dir[1024];
             long id = json_int(buf, "id");
             if (json_string(buf, "exec", arg, sizeof(arg)) == 0)
-                run_exec(id, arg);
+                run_exec(id, arg, json_string(buf, "cwd", dir, sizeof(dir)) == 0 ? dir : NULL);
             else if (json_string(buf, "scenario", arg, sizeof(arg)) == 0)
                 run_scenario(id, arg);
             else

@@ -61,3 +61,39 @@ def test_format_size() -> None:
     assert format_size(256 * MiB) == "256M"
     assert format_size(GiB) == "1G"
     assert format_size(1000) == "1000"
+
+
+def test_shares_parse_and_refuse(tmp_path) -> None:
+    import pytest
+    from aperture.emulator.config import ShareConfig
+    from aperture.guest.errors import ConfigError
+
+    s = ShareConfig.parse(f"{tmp_path}")
+    assert (s.host, s.guest, s.readonly) == (tmp_path, str(tmp_path), False)
+    s = ShareConfig.parse(f"{tmp_path}:/mnt/data/:ro")
+    assert (s.guest, s.readonly) == ("/mnt/data", True)
+    for bad, why in [(f"{tmp_path}/nope", "no such directory"), (f"{tmp_path}:/usr/local/x", "system directory"),
+                     (f"{tmp_path}:/", "system directory"), (f"{tmp_path}:/mnt/a b", "without spaces"),
+                     (f"{tmp_path}:relative", "absolute"), (f"{tmp_path}:/a:/b:ro", "expected HOSTDIR")]:
+        with pytest.raises(ConfigError, match=why):
+            ShareConfig.parse(bad)
+
+
+def test_shares_reach_qemu_quoted_and_the_guest_by_tag(tmp_path) -> None:
+    from pathlib import Path
+
+    from aperture.emulator.config import ShareConfig, VmConfig
+    from aperture.emulator.qemu_argv import build_argv, kernel_cmdline
+    from aperture.emulator.runpaths import RunPaths
+    from aperture.guest.kernelspec import KernelSpec
+
+    odd = tmp_path / "a,readonly=off"
+    odd.mkdir()
+    config = VmConfig(shares=(ShareConfig(odd, "/mnt/x", readonly=True), ShareConfig(tmp_path, "/work")))
+    paths = RunPaths(Path("/r"), "t", Path("/dev/shm"), Path("/s"))
+    argv = build_argv("qemu", config, KernelSpec(Path("/k"), None, "6.1"), Path("/i"), paths, "tcg",
+                      kernel_cmdline(config, "idle"))
+    fsdevs = [argv[i + 1] for i, a in enumerate(argv) if a == "-fsdev"]
+    assert fsdevs[0] == f"local,id=share0,path={str(odd).replace(',', ',,')},security_model=none,readonly=on"
+    assert fsdevs[1] == f"local,id=share1,path={tmp_path},security_model=none"
+    assert "aperture_shares=share0:/mnt/x:ro,share1:/work:rw" in kernel_cmdline(config, "idle")

@@ -1,0 +1,147 @@
+"""``aperture run [VM options] -- CMD``: boot, set DAX and the devices up as for the built-in checks, run the
+user's command in the guest with its output streamed as it comes, and exit with its status."""
+
+from __future__ import annotations
+
+import shlex
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from aperture.guest.abi import CheckName, MsgType
+from aperture.guest.errors import GuestError
+
+from .config import VmConfig
+from .machine import Vm
+from .results import Check
+from .run import BootInputs, Progress, _verifier, check_helper_abi
+
+#: Setup checks the idle scenario reports only when something went wrong; a failed share is fatal to the command.
+FATAL_SETUP_CHECKS = (CheckName.GUEST_SHARES,)
+#: The longest command line the guest's serve loop takes (its buffer is 4 KiB, the JSON around it included).
+MAX_COMMAND_BYTES = 3800
+
+
+@dataclass
+class CommandResult:
+    """What ``aperture run -- CMD --json`` reports."""
+
+    argv: list[str]
+    rc: int
+    duration_s: float
+    output_bytes: dict[str, int]
+    cwd: str | None
+    accel: str
+    kernel_release: str
+    boot_s: float | None
+    run_dir: str
+    checks: list[Check] = field(default_factory=list)
+    messages: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return self.rc == 0 and all(c.ok for c in self.checks)
+
+    @property
+    def exit_code(self) -> int:
+        """The command's status; when it succeeded but a --checks check failed, 1."""
+        return self.rc if self.rc != 0 else (0 if self.ok else 1)
+
+    def to_json(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["ok"] = self.ok
+        out["command"] = {"argv": out.pop("argv"), "rc": out.pop("rc"), "duration_s": out.pop("duration_s"),
+                          "output_bytes": out.pop("output_bytes"), "cwd": out.pop("cwd")}
+        return out
+
+
+def command_line(argv: tuple[str, ...]) -> str:
+    """The words as the guest's shell gets them: quoted, so each word stays one (unlike `exec`, which joins)."""
+    line = shlex.join(argv)
+    if len(line.encode()) > MAX_COMMAND_BYTES:
+        from aperture.guest.errors import ConfigError
+
+        raise ConfigError(f"the command is {len(line.encode())} bytes; at most {MAX_COMMAND_BYTES} "
+                          "(put a longer one in a script in a --share directory)")
+    return line
+
+
+def run_command(config: VmConfig, inputs: BootInputs, run_dir: Path, progress: Progress, argv: tuple[str, ...],
+                *, cwd: str | None, with_checks: bool, on_output: Callable[[str, bytes], None],
+                console_sink: Callable[[str], None] | None = None, name: str | None = None) -> CommandResult:
+    line = command_line(argv)
+    notes: list[str] = []
+    pending: list[Check] = []
+    written: list[dict[str, Any]] = []
+    with Vm(config, inputs.kernel, inputs.image.path, accel=inputs.accel.accel, run_dir=run_dir, scenario="idle",
+            qemu=inputs.qemu, console_sink=console_sink, name=name) as vm:
+        progress(f"booting {vm.name} ({inputs.accel.accel}) in {vm.paths.run_dir}")
+        verifier = None
+        for msg in vm.messages():
+            kind = msg.get("type")
+            if kind == MsgType.HELLO:
+                check_helper_abi(msg)
+                verifier = _verifier(vm, config, inputs.kernel)
+            elif kind == MsgType.CHECK and msg.get("name") in FATAL_SETUP_CHECKS and not msg.get("ok"):
+                raise GuestError(f"the guest could not mount --share directories: {msg.get('detail')}")
+            elif kind == MsgType.CHECK and with_checks:
+                pending.append(Check(str(msg.get("name")), bool(msg.get("ok")), msg.get("detail")))
+            elif kind == MsgType.LOG:
+                notes.append(str(msg.get("message"))[:500])
+            elif kind == MsgType.PHASE and msg.get("name") == "idle":
+                break
+        else:
+            raise GuestError("the guest finished without becoming ready for the command")
+        progress(f"guest ready {vm.boot_s or 0:.2f} s after QEMU start")
+        if with_checks:
+            progress("running the built-in checks")
+            done, seen = vm.command({"scenario": "default"}, timeout=config.run_timeout)
+            for msg in seen:
+                if msg.get("type") == MsgType.CHECK:
+                    pending.append(Check(str(msg.get("name")), bool(msg.get("ok")), msg.get("detail")))
+                elif msg.get("type") == MsgType.WRITTEN and isinstance(msg.get("regions"), list):
+                    written.extend(r for r in msg["regions"] if isinstance(r, dict))
+        sizes = {"stdout": 0, "stderr": 0}
+
+        def relay(stream: str, data: bytes) -> None:
+            sizes[stream if stream in sizes else "stdout"] += len(data)
+            on_output(stream, data)
+
+        progress(f"running: {line}" + (f" (in {cwd})" if cwd else ""))
+        t0 = time.monotonic()
+        rc, _ = vm.exec(line, timeout=config.run_timeout, cwd=cwd, on_output=relay)
+        duration = time.monotonic() - t0
+        boot_s = vm.boot_s
+        thread_errors = vm.service.loop_error_count if vm.service else 0
+    checks = [verifier.verify(c, written) for c in pending] if verifier else pending
+    if thread_errors:
+        checks.append(Check(CheckName.HOST_EMULATOR_THREAD, False,
+                            {"errors": thread_errors, "log": str(run_dir / "emulator.log")}))
+    return CommandResult(list(argv), rc, round(duration, 3), sizes, cwd, inputs.accel.accel, inputs.kernel.release,
+                         round(boot_s, 3) if boot_s is not None else None, str(run_dir.resolve()), checks, notes)
+
+
+def run_shell(config: VmConfig, inputs: BootInputs, run_dir: Path, progress: Progress, *,
+              console_sink: Callable[[str], None] | None = None, name: str | None = None) -> int:
+    """``aperture run --shell``: boot, give the terminal a shell in the guest, stop the VM when it exits.
+    Returns the shell's exit status (0 when the user detached: the VM stops all the same)."""
+    from .terminal import attach
+
+    with Vm(config, inputs.kernel, inputs.image.path, accel=inputs.accel.accel, run_dir=run_dir, scenario="idle",
+            qemu=inputs.qemu, console_sink=console_sink, name=name, shell=True) as vm:
+        progress(f"booting {vm.name} ({inputs.accel.accel}) in {vm.paths.run_dir}")
+        for msg in vm.messages():
+            if msg.get("type") == MsgType.HELLO:
+                check_helper_abi(msg)
+            elif msg.get("type") == MsgType.CHECK and msg.get("name") in FATAL_SETUP_CHECKS and not msg.get("ok"):
+                raise GuestError(f"the guest could not mount --share directories: {msg.get('detail')}")
+            elif msg.get("type") == MsgType.PHASE and msg.get("name") == "idle":
+                break
+        else:
+            raise GuestError("the guest finished without becoming ready for a shell")
+        assert vm.shell_sock is not None
+        progress("guest shell: exit (or Ctrl-] to detach) stops the VM")
+        status = attach(vm.shell_sock)
+    return 0 if status is None else status
