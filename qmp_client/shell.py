@@ -19,6 +19,7 @@ from typing import Any, Protocol, TextIO
 
 from aperture.guest.errors import ApertureError, DaemonGone, QemuGone
 from aperture.guest.units import parse_duration
+from qemu.qmp.qmp_shell import QMPShell, QMPShellError
 
 from .session import SyncQmpSession
 
@@ -41,8 +42,35 @@ class ShellError(ApertureError):
     pass
 
 
-def parse_qmp(line: str) -> tuple[str, dict[str, Any]]:
-    """``cmd key=value ...`` or a JSON object → (command, arguments)."""
+class QmpSyntax(QMPShell):
+    """QEMU's own qmp-shell syntax (qemu.qmp.qmp_shell.QMPShell): ``name key=value ...``, dotted keys for nested
+    arguments (``a.b=1``), JSON-ish values, ``transaction( ... )``. Only its parser is used: the connection,
+    output and domain commands are ours (one-line errors, --json lines, the daemon's commands)."""
+
+    def __init__(self) -> None:  # no QEMUMonitorProtocol.__init__: this object never connects
+        self._transmode = False
+        self._actions: list[Any] = []
+
+    def __del__(self) -> None:  # nothing to close: never connected
+        pass
+
+    def parse(self, line: str) -> tuple[str, dict[str, Any]] | None:
+        """The command and its arguments, or None while a transaction is being collected."""
+        try:
+            shlex.split(line)  # unbalanced quotes: refuse here (qmp-shell would send what it could parse)
+        except ValueError as exc:
+            raise ShellError(f"malformed arguments: {exc}") from None
+        try:
+            cmd = self._build_cmd(line)
+        except (QMPShellError, ValueError, SyntaxError) as exc:
+            raise ShellError(f"malformed arguments: {exc}") from None
+        if cmd is None:
+            return None
+        return str(cmd["execute"]), dict(cmd.get("arguments") or {})
+
+
+def parse_qmp(line: str, syntax: QmpSyntax | None = None) -> tuple[str, dict[str, Any]] | None:
+    """A JSON command object, or a line in qmp-shell syntax → (command, arguments); None inside a transaction."""
     line = line.strip()
     if line.startswith("{"):
         try:
@@ -55,20 +83,7 @@ def parse_qmp(line: str) -> tuple[str, dict[str, Any]]:
         if not isinstance(args, dict):
             raise ShellError("arguments must be an object")
         return obj["execute"], args
-    try:
-        words = shlex.split(line)
-    except ValueError as exc:
-        raise ShellError(f"malformed arguments: {exc}") from None
-    cmd, args = words[0], {}
-    for word in words[1:]:
-        key, sep, value = word.partition("=")
-        if not sep or not key:
-            raise ShellError(f"malformed argument {word!r}: expected key=value")
-        try:
-            args[key] = json.loads(value)
-        except json.JSONDecodeError:
-            args[key] = value
-    return cmd, args
+    return (syntax or QmpSyntax()).parse(line)
 
 
 class DeviceControl(Protocol):
@@ -104,6 +119,7 @@ class QmpShell:
             self.commands = []
         self.failures = 0
         self.qemu_gone = False
+        self.syntax = QmpSyntax()
 
     # ------------------------------------------------------------------ output
     def _reply(self, line: str, result: Any, human: Callable[[Any], str] | None = None) -> None:
@@ -131,17 +147,17 @@ class QmpShell:
                 return call("window.show", dev=words[2]), _show_windows
             return call("window.show"), _show_windows
         if head == "window map" and len(words) == 5:
-            return call("window.map", dev=words[2], slot=words[3], page=words[4]), None
+            return call("window.map", dev=words[2], slot=words[3], page=words[4]), _show_remap
         if head == "window unmap" and len(words) == 4:
-            return call("window.unmap", dev=words[2], slot=words[3]), None
+            return call("window.unmap", dev=words[2], slot=words[3]), _show_remap
         if words == ["memmap"]:
             return call("memmap"), _show_memmap
         if words == ["dma", "stats"]:
-            return call("dma.stats"), None
+            return call("dma.stats"), _show_dma_stats
         if head == "remap start" and len(words) == 3:
             return call("remap.start", every=parse_duration(words[2])), str
         if words == ["remap", "stop"]:
-            return call("remap.stop", timeout=60), None
+            return call("remap.stop", timeout=60), _show_remap_summary
         usage = next((u for u in DOMAIN if u.split()[:2] == words[:2]), None) or \
             next((u for u in DOMAIN if u.split()[0] == words[0]), None)
         raise ShellError(f"usage: {usage}" if usage else f"unknown command {words[0]!r}")
@@ -154,8 +170,8 @@ class QmpShell:
         if line in ("quit", "exit"):
             return False
         if line in ("help", "?"):
-            print("QMP: any command from query-commands, as 'name key=value ...' or JSON. Domain commands:",
-                  file=self.out)
+            print("QMP: any command from query-commands in qmp-shell syntax ('name key=value ...', dotted keys "
+                  "for nested arguments, 'transaction(' ... ')') or as JSON. Domain commands:", file=self.out)
             for usage, what in DOMAIN.items():
                 print(f"  {usage:<28} {what}", file=self.out)
             return True
@@ -165,7 +181,10 @@ class QmpShell:
                 result, human = self._domain(words, line)
                 self._reply(line, result, human)
                 return True
-            cmd, args = parse_qmp(line)
+            parsed = parse_qmp(line, self.syntax)
+            if parsed is None:
+                return True  # an action of a transaction( ... ): sent with its closing ')'
+            cmd, args = parsed
             if self.commands and cmd not in self.commands:
                 raise ShellError(f"unknown command {cmd!r} (try 'help', or tab completion)")
             if self.qemu_gone:
@@ -240,6 +259,34 @@ def _show_windows(devs: list[dict[str, Any]]) -> str:
         for slot, page in enumerate(d["slots"]):
             lines.append(f"  slot {slot}: {'-' if page is None else f'page {page}'}")
     return "\n".join(lines)
+
+
+def _show_remap(result: dict[str, Any]) -> str:
+    """window map/unmap: the device's slots after the remap, and how long the VM was paused for it."""
+    slots = result.get("slots") or []
+    table = "  ".join(f"{slot}:{'-' if page is None else page}" for slot, page in enumerate(slots))
+    return f"remapped in {float(result.get('latency_ms', 0)):.2f} ms (VM paused around it)\n  slot:page  {table}"
+
+
+def _show_dma_stats(devs: list[dict[str, Any]]) -> str:
+    head = f"{'dev':>3} {'doorbells':>9} {'completed':>9} {'maps':>6} {'remaps':>6} {'dma bytes':>12} " \
+           f"{'descr':>7} {'ring err':>8}  errors"
+    rows = [head]
+    for d in devs:
+        errors = ", ".join(f"{k} {v}" for k, v in sorted((d.get("errors") or {}).items())) or "-"
+        rows.append(f"{d.get('index'):>3} {d.get('doorbells'):>9} {d.get('completed'):>9} {d.get('maps'):>6} "
+                    f"{d.get('remaps'):>6} {d.get('dma_bytes'):>12} {d.get('dma_descriptors'):>7} "
+                    f"{d.get('ring_errors'):>8}  {errors}")
+    return "\n".join(rows)
+
+
+def _show_remap_summary(s: dict[str, Any]) -> str:
+    rows = [f"{s.get('remaps')} remaps ({s.get('mode')} mode), {s.get('slots_moved')} slots moved",
+            f"  latency ms: p50 {s.get('latency_ms_p50')}  p99 {s.get('latency_ms_p99')}  "
+            f"max {s.get('latency_ms_max')}"]
+    errors = s.get("errors") or []
+    rows.append(f"  errors: {'; '.join(map(str, errors))}" if errors else "  errors: none")
+    return "\n".join(rows)
 
 
 def _show_exec(result: dict[str, Any]) -> str:
