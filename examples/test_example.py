@@ -38,3 +38,10 @@ def test_the_built_in_checks(aperture_vm):
     checks = aperture_vm.run_scenario("aperture")
     assert checks["p2p.pmem_to_device"].ok
     assert checks["aperture.bad_descriptors"].ok
+
+
+@pytest.mark.aperture(devices=1, shares=["/usr/share/common-licenses:/mnt/licenses:ro"])
+def test_a_host_directory_in_the_guest(aperture_vm):
+    # shares=[HOSTDIR[:GUESTDIR][:ro]]: the host directory, seen in the guest over 9p; cwd= runs a command there.
+    r = aperture_vm.exec("ls GPL-2 && touch refused", cwd="/mnt/licenses")
+    assert "GPL-2" in r.output and "Read-only file system" in r.output and r.rc != 0

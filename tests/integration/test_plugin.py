@@ -62,7 +62,7 @@ def test_user_project_with_and_without_xdist(tmp_path: Path, workers: str | None
     proc = subprocess.run(argv, cwd=proj, capture_output=True, text=True, timeout=600, env=env)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 1, out  # the one failing test fails; the examples pass
-    assert "4 passed" in out and "1 failed" in out, out
+    assert "5 passed" in out and "1 failed" in out, out
     assert "aperture console tail" in out and "aperture run dir" in out
     leftovers = subprocess.run(["pgrep", "-f", str(tmp_path / "bt")], capture_output=True, text=True).stdout
     assert leftovers.strip() == ""
