@@ -36,6 +36,9 @@ from .qemu_argv import build_argv, kernel_cmdline
 from .runpaths import RunPaths, default_sock_dir, new_run_name, persistent_file
 from .service import DeviceService
 
+#: How much of a streamed command's output the guest sends (its serve loop's upper limit); kept output: 1 MiB.
+STREAMED_OUTPUT_MAX = 32 << 20
+
 
 class Vm:
     """A VM: ``with Vm(...) as vm: for msg in vm.messages(): ...``."""
@@ -350,12 +353,16 @@ class Vm:
         request: dict[str, Any] = {"exec": command}
         if cwd:
             request["cwd"] = cwd
+        if on_output is not None:  # streamed, not kept: the guest may send more (the results channel stays bounded)
+            request["max_output"] = STREAMED_OUTPUT_MAX
         done, _ = self.command(request, timeout, on_message=take)
         sent = done.get("output_bytes")
         if not done.get("truncated") and isinstance(sent, int) and received != sent:
             # Output is never silently incomplete: a chunk was lost (e.g. glued to garbage on the channel).
             raise GuestError(f"guest command output was lost on the results channel: {received} of {sent} bytes "
                              "arrived")
+        if on_output is not None and done.get("truncated"):
+            on_output("stderr", f"\n[aperture: output beyond {STREAMED_OUTPUT_MAX >> 20} MiB was dropped]\n".encode())
         output = b"".join(chunks).decode("utf-8", "replace")
         if done.get("truncated"):
             output += f"\n[output truncated: {done.get('output_bytes')} bytes, the first 1 MiB shown]\n"

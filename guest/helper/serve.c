@@ -59,7 +59,8 @@ static long json_int(const char *obj, const char *key)
  * there), each small enough that its escaped line fits a jbuf (a byte escapes to at most 6 characters), with the
  * stream it came from; past EXEC_OUTPUT_MAX it is drained and dropped ("truncated"). */
 #define EXEC_CHUNK 2048
-#define EXEC_OUTPUT_MAX (1 << 20)
+#define EXEC_OUTPUT_MAX (1 << 20)  /* unless the request asks for another limit ("max_output", at most 32 MiB) */
+#define EXEC_OUTPUT_LIMIT (32 << 20)
 
 static void send_chunk(long id, const char *stream, char *data, size_t got)
 {
@@ -78,7 +79,7 @@ static void send_chunk(long id, const char *stream, char *data, size_t got)
 
 /* sh -c CMD in DIR (if given), stdout and stderr on their own pipes, both relayed as they come. The exit status
  * as a shell gives it: 128 + N for a command killed by signal N. */
-static void run_exec(long id, const char *cmd, const char *dir)
+static void run_exec(long id, const char *cmd, const char *dir, size_t limit)
 {
     static char chunk[EXEC_CHUNK + 1];
     char line[256];
@@ -117,7 +118,7 @@ static void run_exec(long id, const char *cmd, const char *dir)
                     continue;
                 }
                 total += (size_t)got;
-                if (total - (size_t)got < EXEC_OUTPUT_MAX)
+                if (total - (size_t)got < limit)
                     send_chunk(id, names[i], chunk, (size_t)got);
             }
         }
@@ -126,7 +127,7 @@ static void run_exec(long id, const char *cmd, const char *dir)
             rc = WIFEXITED(st) ? WEXITSTATUS(st) : 128 + (WIFSIGNALED(st) ? WTERMSIG(st) : 0);
     }
     snprintf(line, sizeof(line), "{\"type\":\"" APERTURE_MSG_CMD_DONE "\",\"id\":%ld,\"rc\":%d,\"output_bytes\":%zu,"
-             "\"truncated\":%s}", id, rc, total, total > EXEC_OUTPUT_MAX ? "true" : "false");
+             "\"truncated\":%s}", id, rc, total, total > limit ? "true" : "false");
     report_line(line);
 }
 
@@ -164,8 +165,10 @@ void scenario_serve(void)
             *nl = 0;
             char arg[4096], dir[1024];
             long id = json_int(buf, "id");
+            long max_output = json_int(buf, "max_output");
+            size_t limit = max_output > 0 && max_output <= EXEC_OUTPUT_LIMIT ? (size_t)max_output : EXEC_OUTPUT_MAX;
             if (json_string(buf, "exec", arg, sizeof(arg)) == 0)
-                run_exec(id, arg, json_string(buf, "cwd", dir, sizeof(dir)) == 0 ? dir : NULL);
+                run_exec(id, arg, json_string(buf, "cwd", dir, sizeof(dir)) == 0 ? dir : NULL, limit);
             else if (json_string(buf, "scenario", arg, sizeof(arg)) == 0)
                 run_scenario(id, arg);
             else

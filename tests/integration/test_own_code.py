@@ -180,3 +180,9 @@ def test_ctrl_c_stops_the_command_and_the_vm(tmp_path: Path) -> None:
     assert proc.returncode == 130 and "interrupted" in err and "Traceback" not in err
     assert qemu_processes(str(run_dir)) == []
     assert not list(Path("/dev/shm").glob(f"aperture-*{proc.pid}*"))
+
+
+def test_output_beyond_a_mebibyte_arrives_whole() -> None:
+    proc = run_aperture("run", "-q", "--", "seq", "1", "300000", timeout=300)
+    assert proc.returncode == 0, proc.stderr[-1000:]
+    assert proc.stdout == "".join(f"{i}\n" for i in range(1, 300001))  # ~2 MB: more than exec keeps
