@@ -76,10 +76,8 @@ void report_open(void)
         fprintf(stderr, "aperture-helper: results port not found; reporting on stdout\n");
 }
 
-/* Bytes as they are, no newline added: the fuzzer's garbage on the results channel. */
-void report_raw(const void *buf, size_t len)
+int write_all(int fd, const void *buf, size_t len)
 {
-    int fd = results_fd >= 0 ? results_fd : 1;
     const char *p = buf;
 
     while (len > 0) {
@@ -87,10 +85,17 @@ void report_raw(const void *buf, size_t len)
         if (n < 0 && errno == EINTR)
             continue;
         if (n <= 0)
-            break;
+            return -1;
         p += n;
         len -= (size_t)n;
     }
+    return 0;
+}
+
+/* Bytes as they are, no newline added: the fuzzer's garbage on the results channel. */
+void report_raw(const void *buf, size_t len)
+{
+    write_all(results_fd >= 0 ? results_fd : 1, buf, len);
 }
 
 void report_line(const char *json)
@@ -102,15 +107,7 @@ void report_line(const char *json)
         return;
     memcpy(line, json, len);
     line[len] = '\n';
-    size_t off = 0;
-    while (off < len + 1) {
-        ssize_t n = write(fd, line + off, len + 1 - off);
-        if (n < 0 && errno == EINTR)
-            continue;
-        if (n <= 0)
-            break;
-        off += (size_t)n;
-    }
+    write_all(fd, line, len + 1); /* one write where the port takes it: lines never interleave */
     free(line);
 }
 

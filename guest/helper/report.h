@@ -19,6 +19,7 @@ void jb_str(struct jbuf *jb, const char *s); /* appends a quoted, escaped JSON s
 void report_open(void);
 int open_port(const char *name, int flags); /* a virtio-serial port by name, or -1 */
 void report_line(const char *json);
+int write_all(int fd, const void *buf, size_t len); /* 0, or -1 when the fd failed */
 void report_raw(const void *buf, size_t len); /* as is, no newline: garbage for the fuzzer */
 void report_hello(void);
 void report_check(const char *name, int ok, const char *detail_json);

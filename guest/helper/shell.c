@@ -27,21 +27,6 @@ struct session {
     pid_t pid;
 };
 
-static int write_all(int fd, const void *buf, size_t len)
-{
-    const char *p = buf;
-    while (len > 0) {
-        ssize_t n = write(fd, p, len);
-        if (n < 0 && errno == EINTR)
-            continue;
-        if (n <= 0)
-            return -1;
-        p += n;
-        len -= (size_t)n;
-    }
-    return 0;
-}
-
 static void send_frame(int port, char kind, const void *payload, size_t len)
 {
     unsigned char head[3] = {(unsigned char)kind, (unsigned char)(len & 0xff), (unsigned char)(len >> 8)};
