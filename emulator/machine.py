@@ -299,11 +299,15 @@ class Vm:
         passes = iter((False,))
         return list(self.messages(run_timeout=float("inf"), should_stop=lambda: next(passes, True)))
 
-    def wait_idle(self, timeout: float | None = None) -> None:
-        """Wait for the `idle` scenario's helper to finish setting up (DAX configured, serving commands)."""
+    def wait_idle(self, timeout: float | None = None,
+                  on_message: Callable[[dict[str, Any]], None] | None = None) -> None:
+        """Wait for the `idle` scenario's helper to finish setting up (DAX configured, serving commands); the
+        messages before that go to ``on_message``."""
         for msg in self.messages(run_timeout=timeout):
             if msg.get("type") == MsgType.PHASE and msg.get("name") == "idle":
                 return
+            if on_message is not None:
+                on_message(msg)
         raise GuestError("the guest finished without becoming idle")
 
     def command(self, request: dict[str, Any], timeout: float = 120.0,

@@ -11,11 +11,11 @@ from pathlib import Path
 from typing import Any
 
 from aperture.guest.abi import CheckName, MsgType
-from aperture.guest.errors import GuestError
+from aperture.guest.errors import ConfigError, GuestError
 
 from .config import VmConfig
 from .machine import Vm
-from .results import Check
+from .results import Check, HostVerifier, emulator_thread_check
 from .run import BootInputs, Progress, _verifier, check_helper_abi
 
 #: Setup checks the idle scenario reports only when something went wrong; a failed share is fatal to the command.
@@ -61,11 +61,24 @@ def command_line(argv: tuple[str, ...]) -> str:
     """The words as the guest's shell gets them: quoted, so each word stays one (unlike `exec`, which joins)."""
     line = shlex.join(argv)
     if len(line.encode()) > MAX_COMMAND_BYTES:
-        from aperture.guest.errors import ConfigError
-
         raise ConfigError(f"the command is {len(line.encode())} bytes; at most {MAX_COMMAND_BYTES} "
                           "(put a longer one in a script in a --share directory)")
     return line
+
+
+def _wait_ready(vm: Vm, on_message: Callable[[dict[str, Any]], None] | None = None) -> None:
+    """Until the idle guest is ready: the helper's ABI checked, a share that failed to mount fatal, every other
+    message before ready handed to ``on_message``."""
+
+    def take(msg: dict[str, Any]) -> None:
+        if msg.get("type") == MsgType.HELLO:
+            check_helper_abi(msg)
+        elif msg.get("type") == MsgType.CHECK and msg.get("name") in FATAL_SETUP_CHECKS and not msg.get("ok"):
+            raise GuestError(f"the guest could not mount --share directories: {msg.get('detail')}")
+        if on_message is not None:
+            on_message(msg)
+
+    vm.wait_idle(on_message=take)
 
 
 def run_command(config: VmConfig, inputs: BootInputs, run_dir: Path, progress: Progress, argv: tuple[str, ...],
@@ -78,22 +91,18 @@ def run_command(config: VmConfig, inputs: BootInputs, run_dir: Path, progress: P
     with Vm(config, inputs.kernel, inputs.image.path, accel=inputs.accel.accel, run_dir=run_dir, scenario="idle",
             qemu=inputs.qemu, console_sink=console_sink, name=name) as vm:
         progress(f"booting {vm.name} ({inputs.accel.accel}) in {vm.paths.run_dir}")
-        verifier = None
-        for msg in vm.messages():
-            kind = msg.get("type")
-            if kind == MsgType.HELLO:
-                check_helper_abi(msg)
-                verifier = _verifier(vm, config, inputs.kernel)
-            elif kind == MsgType.CHECK and msg.get("name") in FATAL_SETUP_CHECKS and not msg.get("ok"):
-                raise GuestError(f"the guest could not mount --share directories: {msg.get('detail')}")
-            elif kind == MsgType.CHECK and with_checks:
+        verifier: HostVerifier | None = None
+
+        def setup(msg: dict[str, Any]) -> None:
+            nonlocal verifier
+            if msg.get("type") == MsgType.HELLO:
+                verifier = _verifier(vm, config, inputs.kernel)  # BARs are assigned by then
+            elif msg.get("type") == MsgType.CHECK and with_checks:
                 pending.append(Check(str(msg.get("name")), bool(msg.get("ok")), msg.get("detail")))
-            elif kind == MsgType.LOG:
+            elif msg.get("type") == MsgType.LOG:
                 notes.append(str(msg.get("message"))[:500])
-            elif kind == MsgType.PHASE and msg.get("name") == "idle":
-                break
-        else:
-            raise GuestError("the guest finished without becoming ready for the command")
+
+        _wait_ready(vm, setup)
         progress(f"guest ready {vm.boot_s or 0:.2f} s after QEMU start")
         if with_checks:
             progress("running the built-in checks")
@@ -114,11 +123,10 @@ def run_command(config: VmConfig, inputs: BootInputs, run_dir: Path, progress: P
         rc, _ = vm.exec(line, timeout=config.run_timeout, cwd=cwd, on_output=relay)
         duration = time.monotonic() - t0
         boot_s = vm.boot_s
-        thread_errors = vm.service.loop_error_count if vm.service else 0
+        thread_errors = (vm.service.loop_error_count, list(vm.service.loop_errors)) if vm.service else (0, [])
     checks = [verifier.verify(c, written) for c in pending] if verifier else pending
-    if thread_errors:
-        checks.append(Check(CheckName.HOST_EMULATOR_THREAD, False,
-                            {"errors": thread_errors, "log": str(run_dir / "emulator.log")}))
+    if thread_errors[0]:
+        checks.append(emulator_thread_check(*thread_errors, run_dir))
     return CommandResult(list(argv), rc, round(duration, 3), sizes, cwd, inputs.accel.accel, inputs.kernel.release,
                          round(boot_s, 3) if boot_s is not None else None, str(run_dir.resolve()), checks, notes)
 
@@ -132,15 +140,7 @@ def run_shell(config: VmConfig, inputs: BootInputs, run_dir: Path, progress: Pro
     with Vm(config, inputs.kernel, inputs.image.path, accel=inputs.accel.accel, run_dir=run_dir, scenario="idle",
             qemu=inputs.qemu, console_sink=console_sink, name=name, shell=True) as vm:
         progress(f"booting {vm.name} ({inputs.accel.accel}) in {vm.paths.run_dir}")
-        for msg in vm.messages():
-            if msg.get("type") == MsgType.HELLO:
-                check_helper_abi(msg)
-            elif msg.get("type") == MsgType.CHECK and msg.get("name") in FATAL_SETUP_CHECKS and not msg.get("ok"):
-                raise GuestError(f"the guest could not mount --share directories: {msg.get('detail')}")
-            elif msg.get("type") == MsgType.PHASE and msg.get("name") == "idle":
-                break
-        else:
-            raise GuestError("the guest finished without becoming ready for a shell")
+        _wait_ready(vm)
         assert vm.shell_sock is not None
         progress("guest shell: exit (or Ctrl-] to detach) stops the VM")
         status = attach(vm.shell_sock)

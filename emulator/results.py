@@ -49,6 +49,13 @@ class RunResult:
         return 0 if self.ok else 1
 
 
+def emulator_thread_check(count: int, first: list[str], run_dir: Path) -> Check:
+    """``host.emulator_thread``: the device-emulator thread raised. Never ok: a guest that crashes our device
+    thread must not look like a passing run."""
+    return Check(CheckName.HOST_EMULATOR_THREAD, False,
+                 {"errors": count, "first": first, "log": str(run_dir / "emulator.log")})
+
+
 def verify_nvdimm(check: Check, devices: list[MemoryDevice]) -> Check:
     """Host side of ``nvdimm.present``: the guest's regions must be exactly QMP's NVDIMMs."""
     expected = sorted((d.addr, d.size) for d in devices if d.kind == "nvdimm")

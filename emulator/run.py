@@ -31,6 +31,7 @@ from .results import (
     HostVerifier,
     RunResult,
     UntouchableFiles,
+    emulator_thread_check,
     remap_consistency,
     remap_hotplug,
     verify_fuzz,
@@ -212,10 +213,7 @@ def boot_once(config: VmConfig, inputs: BootInputs, run_dir: Path, progress: Pro
         if verifier:
             checks.append(verifier.verify_stamps(stamps, config.devices))
     if thread_errors[0]:
-        # A guest that crashes our device thread must not look like a passing run.
-        checks.append(Check(CheckName.HOST_EMULATOR_THREAD, False,
-                            {"errors": thread_errors[0], "first": thread_errors[1],
-                             "log": str(run_dir / "emulator.log")}))
+        checks.append(emulator_thread_check(*thread_errors, run_dir))
     if not checks and scenario == "default":
         raise GuestError("the guest helper reported no checks")
     return RunResult(
