@@ -186,3 +186,11 @@ def test_output_beyond_a_mebibyte_arrives_whole() -> None:
     proc = run_aperture("run", "-q", "--", "seq", "1", "300000", timeout=300)
     assert proc.returncode == 0, proc.stderr[-1000:]
     assert proc.stdout == "".join(f"{i}\n" for i in range(1, 300001))  # ~2 MB: more than exec keeps
+
+
+def test_checks_run_first_once_each() -> None:
+    proc = run_aperture("run", "-q", "--checks", "--json", "--", "true", timeout=300)
+    result = json.loads(proc.stdout)
+    names = [c["name"] for c in result["checks"]]
+    assert proc.returncode == 0 and result["ok"], proc.stderr[-1000:]
+    assert len(names) == len(set(names)) and {"nvdimm.present", "dax.fsdax", "aperture.window"} <= set(names)
