@@ -240,7 +240,7 @@ def run(kernel: str | None, modules: Path | None, kconfig: Path | None, pmem: tu
         here = ShareConfig.parse(os.getcwd())
         cwd = here.guest
         shares = tuple(s for s in shares if s.guest != here.guest) + (here,)
-    if (with_checks or command) and not command:
+    if with_checks and not command:
         raise ConfigError("--checks goes with a command: aperture run --checks -- CMD")
     if command and (reboot or remap_every is not None or fuzz or junit_xml):
         raise ConfigError("-- CMD cannot be combined with --reboot, --remap-every, --fuzz or --junit-xml")

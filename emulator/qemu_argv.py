@@ -10,12 +10,20 @@ from aperture.guest.abi import COMMAND_PORT, RESULTS_PORT, SHELL_PORT, Env
 from aperture.guest.kernelspec import KernelSpec
 from aperture.guest.units import GiB
 from aperture.qmp_client.qemu import (
+    NVME_DRIVE_ID,
     NVME_ID,
+    PROBE_BAR_BACKEND_ID,
     PROBE_BAR_ID,
+    RAM_BACKEND_ID,
+    ctl_chardev_id,
     ctl_id,
+    nvdimm_id,
     opt_value,
+    plain_arg,
+    pmem_backend_id,
     port_id,
     share_id,
+    win_backend_id,
     win_id,
 )
 
@@ -34,12 +42,12 @@ def build_argv(qemu: str, config: VmConfig, kernel: KernelSpec, initrd: Path, pa
     argv = [
         qemu,
         "-name", opt_value(paths.name),
-        "-machine", f"q35,nvdimm=on,memory-backend=ram0,max-ram-below-4g={RAM_BELOW_4G}",
+        "-machine", f"q35,nvdimm=on,memory-backend={RAM_BACKEND_ID},max-ram-below-4g={RAM_BELOW_4G}",
         "-accel", accel,
         "-cpu", "host" if accel == "kvm" else "max",
         "-smp", str(config.smp),
         "-m", f"{mem // (1 << 20)}M,slots={max(len(config.pmem), 1)},maxmem={(mem + pmem_total) // (1 << 20) + 1024}M",
-        "-object", f"memory-backend-file,id=ram0,size={mem},mem-path={opt_value(paths.ram)},share=on",
+        "-object", f"memory-backend-file,id={RAM_BACKEND_ID},size={mem},mem-path={opt_value(paths.ram)},share=on",
         "-nodefaults", "-no-user-config", "-display", "none", "-vga", "none", "-nic", "none",
         "-chardev", f"file,id=con,path={opt_value(paths.console)}",
         "-serial", "chardev:con",
@@ -47,13 +55,13 @@ def build_argv(qemu: str, config: VmConfig, kernel: KernelSpec, initrd: Path, pa
         "-chardev", f"file,id=results,path={opt_value(paths.results)}",
         "-device", f"virtserialport,bus=vser0.0,chardev=results,name={RESULTS_PORT}",
         "-qmp", f"unix:{opt_value(paths.qmp_socket)},server=on,wait=off",
-        "-kernel", str(kernel.image),
-        "-initrd", str(initrd),
-        "-append", cmdline,
+        "-kernel", plain_arg(kernel.image),
+        "-initrd", plain_arg(initrd),
+        "-append", plain_arg(cmdline),
         "-no-reboot",
-        "-object", f"memory-backend-file,id=probebar,size={PROBE_BAR_SIZE},mem-path={opt_value(paths.probe_bar)},"
-                   "share=on",
-        "-device", f"ivshmem-plain,id={PROBE_BAR_ID},memdev=probebar,addr={PROBE_BAR_SLOT:#x}",
+        "-object", f"memory-backend-file,id={PROBE_BAR_BACKEND_ID},size={PROBE_BAR_SIZE},"
+                   f"mem-path={opt_value(paths.probe_bar)},share=on",
+        "-device", f"ivshmem-plain,id={PROBE_BAR_ID},memdev={PROBE_BAR_BACKEND_ID},addr={PROBE_BAR_SLOT:#x}",
     ]
     for i, (dev, files) in enumerate(zip(config.devices, paths.device_files(len(config.devices)), strict=True)):
         argv += device_qemu_args(i, dev, files, config.window_hotplug)
@@ -66,17 +74,17 @@ def build_argv(qemu: str, config: VmConfig, kernel: KernelSpec, initrd: Path, pa
                  "-chardev", f"socket,id=shell,path={opt_value(paths.shell_socket)},server=on,wait=off",
                  "-device", f"virtserialport,bus=vser0.0,chardev=shell,name={SHELL_PORT}"]
     if config.nvme:
-        argv += ["-drive", f"file={opt_value(paths.nvme)},if=none,id=nvme0drive,format=raw",
-                 "-device", f"nvme,id={NVME_ID},serial=aperture0,drive=nvme0drive,cmb_size_mb={NVME_CMB_MB}"]
+        argv += ["-drive", f"file={opt_value(paths.nvme)},if=none,id={NVME_DRIVE_ID},format=raw",
+                 "-device", f"nvme,id={NVME_ID},serial=aperture0,drive={NVME_DRIVE_ID},cmb_size_mb={NVME_CMB_MB}"]
     for i, share in enumerate(config.shares):
         argv += ["-fsdev", f"local,id={share_id(i)},path={opt_value(share.host)},security_model=none"
                  + (",readonly=on" if share.readonly else ""),
                  "-device", f"virtio-9p-pci,fsdev={share_id(i)},mount_tag={share_id(i)}"]
     for i, p in enumerate(config.pmem):
         argv += [
-            "-object", f"memory-backend-file,id=pmem{i},size={p.file_size},"
+            "-object", f"memory-backend-file,id={pmem_backend_id(i)},size={p.file_size},"
                        f"mem-path={opt_value(paths.pmem(i))},share=on",
-            "-device", f"nvdimm,id=nvdimm{i},memdev=pmem{i}"
+            "-device", f"nvdimm,id={nvdimm_id(i)},memdev={pmem_backend_id(i)}"
             + (f",label-size={NVDIMM_LABEL_SIZE}" if NVDIMM_LABEL_SIZE else ""),
         ]
     return argv
@@ -102,19 +110,20 @@ def device_qemu_args(i: int, config: DeviceConfig, files: DeviceFiles, hotplug: 
     the device-memory file at offset 0 (zero-copy; re-plugged at other offsets by hotplug remaps).
     """
     args = [
-        "-chardev", f"socket,id=apctl{i},path={opt_value(files.socket)}",
-        "-device", f"ivshmem-doorbell,id={ctl_id(i)},chardev=apctl{i},vectors=1,addr={PCI_SLOT_BASE + 2 * i:#x}",
+        "-chardev", f"socket,id={ctl_chardev_id(i)},path={opt_value(files.socket)}",
+        "-device", f"ivshmem-doorbell,id={ctl_id(i)},chardev={ctl_chardev_id(i)},vectors=1,"
+                   f"addr={PCI_SLOT_BASE + 2 * i:#x}",
     ]
     if not hotplug:
         return args + [
-            "-object", f"memory-backend-file,id=apwin{i},size={config.window},"
+            "-object", f"memory-backend-file,id={win_backend_id(i)},size={config.window},"
                        f"mem-path={opt_value(files.window)},share=on",
-            "-device", f"ivshmem-plain,id={win_id(i)},memdev=apwin{i},addr={PCI_SLOT_BASE + 2 * i + 1:#x}",
+            "-device", f"ivshmem-plain,id={win_id(i)},memdev={win_backend_id(i)},addr={PCI_SLOT_BASE + 2 * i + 1:#x}",
         ]
     return args + [
         "-device", f"pcie-root-port,id={port_id(i)},chassis={i + 1},slot={i + 1},pref64-reserve=64M,"
                    f"addr={PCI_SLOT_BASE + 2 * i + 1:#x}",
-        "-object", f"memory-backend-file,id=apwin{i},size={config.window},"
+        "-object", f"memory-backend-file,id={win_backend_id(i)},size={config.window},"
                    f"mem-path={opt_value(files.devmem)},offset=0,share=on",
-        "-device", f"ivshmem-plain,id={win_id(i)},memdev=apwin{i},bus={port_id(i)}",
+        "-device", f"ivshmem-plain,id={win_id(i)},memdev={win_backend_id(i)},bus={port_id(i)}",
     ]

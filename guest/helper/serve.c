@@ -9,6 +9,7 @@
 #include "harness.h"
 #include "report.h"
 
+#include <errno.h>
 #include <fcntl.h>
 #include <poll.h>
 #include <stdio.h>
@@ -105,8 +106,11 @@ static void run_exec(long id, const char *cmd, const char *dir, size_t limit)
         const char *names[2] = {"stdout", "stderr"};
         int open_fds = 2;
         while (pid > 0 && open_fds > 0) {
-            if (poll(fds, 2, -1) < 0)
+            if (poll(fds, 2, -1) < 0) {
+                if (errno == EINTR)
+                    continue;
                 break;
+            }
             for (int i = 0; i < 2; i++) {
                 if (fds[i].fd < 0 || !(fds[i].revents & (POLLIN | POLLHUP | POLLERR)))
                     continue;

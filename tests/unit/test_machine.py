@@ -268,3 +268,11 @@ def test_a_helper_with_another_results_abi_is_refused() -> None:
         with pytest.raises(SetupError, match=f"speaks results ABI {other!r}, this host {abi.HELPER_ABI}") as err:
             check_helper_abi({"type": "hello", "helper_abi": other})
         assert err.value.exit_code == 3
+
+
+def test_verbatim_qemu_arguments_refuse_what_cannot_survive() -> None:
+    """-kernel/-initrd/-append take no quoting; a newline or NUL in them is refused, not passed on."""
+    paths = RunPaths(Path("/r"), "t", Path("/dev/shm"), Path("/s"))
+    for kernel, initrd in ((Path("/k\nx"), Path("/i")), (Path("/k"), Path("/i\0x"))):
+        with pytest.raises(ConfigError, match="cannot hold a newline or NUL"):
+            build_argv("qemu", VmConfig(), KernelSpec(kernel, None, "6.1"), initrd, paths, "tcg", "quiet")
