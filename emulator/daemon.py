@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from aperture.guest.abi import MsgType
+from aperture.guest.abi import MsgType, Phase
 from aperture.guest.errors import ApertureError, ConfigError, GuestError
 from aperture.guest.kernelspec import KernelSpec
 from aperture.qmp_client.remap import RemapController, pause_retarget
@@ -187,7 +187,7 @@ class Daemon:
             ctl.start()
             try:
                 for msg in vm.messages(run_timeout=float("inf"), should_stop=self.stop.is_set):
-                    if msg.get("type") == MsgType.PHASE and msg.get("name") == "idle":
+                    if msg.get("type") == MsgType.PHASE and msg.get("name") == Phase.IDLE:
                         break
                 else:
                     return 0  # stopped (or the guest finished) before it became ready

@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from aperture.guest.abi import MsgType
+from aperture.guest.abi import MsgType, Phase
 from aperture.guest.errors import GuestError, SetupError, VmLaunchError
 from aperture.guest.kernelspec import KernelSpec
 from aperture.guest.units import MiB, format_size
@@ -304,7 +304,7 @@ class Vm:
         """Wait for the `idle` scenario's helper to finish setting up (DAX configured, serving commands); the
         messages before that go to ``on_message``."""
         for msg in self.messages(run_timeout=timeout):
-            if msg.get("type") == MsgType.PHASE and msg.get("name") == "idle":
+            if msg.get("type") == MsgType.PHASE and msg.get("name") == Phase.IDLE:
                 return
             if on_message is not None:
                 on_message(msg)

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from aperture.guest import abi
-from aperture.guest.abi import CheckName, Env, MsgType
+from aperture.guest.abi import CheckName, Env, MsgType, Phase
 from aperture.guest.cache import cache_root, mtime_or_zero
 from aperture.guest.errors import ConfigError, GuestError, SetupError
 from aperture.guest.image import GuestImage, build_image
@@ -174,13 +174,14 @@ def boot_once(config: VmConfig, inputs: BootInputs, run_dir: Path, progress: Pro
                 pending.append(check)
             elif kind == MsgType.FIGURES and isinstance(msg.get("values"), dict):
                 figures.update({str(k): float(v) for k, v in msg["values"].items() if isinstance(v, (int, float))})
-            elif kind == MsgType.PHASE and msg.get("name") == "remap_start" and remap and vm.service and not controller:
+            elif (kind == MsgType.PHASE and msg.get("name") == Phase.REMAP_START and remap and vm.service
+                  and not controller):
                 mode = os.environ.get("APERTURE_REMAP_MODE") or remap.mode  # "unsafe": negative control
                 controller = RemapController(vm.qmp, vm.service.devices, remap.every, mode)
                 controller.on_replug = vm.service.invalidate_map
                 controller.start()
                 progress(f"guest workload running; remapping every {remap.every * 1e3:g} ms ({remap.mode} mode)")
-            elif kind == MsgType.PHASE and msg.get("name") == "remap_end" and controller:
+            elif kind == MsgType.PHASE and msg.get("name") == Phase.REMAP_END and controller:
                 remap_stats = controller.stop()
                 progress(f"{remap_stats.remaps} remaps done")
             elif kind == MsgType.STAMPS and isinstance(msg.get("stamps"), list):

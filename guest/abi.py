@@ -187,6 +187,14 @@ class MsgType(StrEnum):
     GARBAGE = "garbage"  # host only: a line that is not a message
 
 
+class Phase(StrEnum):
+    """The ``name`` of a ``phase`` message: what the helper starts next."""
+
+    IDLE = "idle"  # DAX configured; the serve loop takes host commands
+    REMAP_START = "remap_start"  # the host may start remapping
+    REMAP_END = "remap_end"  # the host stops remapping
+
+
 class CheckName(StrEnum):
     """Every check name (a JSON contract: outside tools read these). Guest checks are reported by the helper;
     host checks are added by the host."""
@@ -271,6 +279,7 @@ def c_header() -> str:
         ("READY", SHELL_READY), ("EXIT", SHELL_EXIT))]
     lines += [f'#define APERTURE_ENV_{e.name} "{e.value}"' for e in Env]
     lines += [f'#define APERTURE_MSG_{m.name} "{m.value}"' for m in MsgType]
+    lines += [f'#define APERTURE_PHASE_{ph.name} "{ph.value}"' for ph in Phase]
     lines += [f'#define APERTURE_CHECK_{c.name} "{c.value}"' for c in CheckName]
     lines += [
         f"#define APERTURE_PATTERN_SEED_MUL {PATTERN_SEED_MUL}u",

@@ -241,7 +241,7 @@ static void check_fuzz(void)
     table_phys = tphys;
     fill_list_page(table, 0, ram_phys);
     if (remaps)
-        report_line("{\"type\":\"" APERTURE_MSG_PHASE "\",\"name\":\"remap_start\"}");
+        report_line("{\"type\":\"" APERTURE_MSG_PHASE "\",\"name\":\"" APERTURE_PHASE_REMAP_START "\"}");
     t0 = now_s();
     while (n > 0 && now_s() - t0 < duration) {
         int dev = (int)(rnd() % (uint64_t)n);
@@ -264,7 +264,7 @@ static void check_fuzz(void)
         }
     }
     if (remaps)
-        report_line("{\"type\":\"" APERTURE_MSG_PHASE "\",\"name\":\"remap_end\"}");
+        report_line("{\"type\":\"" APERTURE_MSG_PHASE "\",\"name\":\"" APERTURE_PHASE_REMAP_END "\"}");
     /* Give the device a moment to finish what is queued, then check each one still serves a NOP. */
     usleep(200000);
     jb_init(&jb);

@@ -20,7 +20,7 @@ int main(int argc, char **argv)
         report_log("unknown scenario %s", name);
     if (s && s->serve_after) {
         shell_start();
-        report_line("{\"type\":\"" APERTURE_MSG_PHASE "\",\"name\":\"idle\"}");
+        report_line("{\"type\":\"" APERTURE_MSG_PHASE "\",\"name\":\"" APERTURE_PHASE_IDLE "\"}");
         scenario_serve(); /* never returns */
     }
     report_done();

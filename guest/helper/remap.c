@@ -41,7 +41,7 @@ static void check_consistency(void)
     }
     for (int i = 0; i < n; i++)
         prev_gen[i] = first_gen[i] = apdev_r32(apdev_get(i), APERTURE_REG_GENERATION);
-    report_line("{\"type\":\"" APERTURE_MSG_PHASE "\",\"name\":\"remap_start\"}");
+    report_line("{\"type\":\"" APERTURE_MSG_PHASE "\",\"name\":\"" APERTURE_PHASE_REMAP_START "\"}");
     double deadline = now_s() + duration;
     unsigned rr = 0;
     while (now_s() < deadline) {
@@ -121,7 +121,7 @@ static void check_consistency(void)
             }
         }
     }
-    report_line("{\"type\":\"" APERTURE_MSG_PHASE "\",\"name\":\"remap_end\"}");
+    report_line("{\"type\":\"" APERTURE_MSG_PHASE "\",\"name\":\"" APERTURE_PHASE_REMAP_END "\"}");
     struct jbuf jb;
     jb_init(&jb);
     jb_printf(&jb, "{\"guest_reprobes\":%llu,\"guest_reprobe_failures\":%llu,\"guest_reprobe_ms_avg\":%.2f,"
