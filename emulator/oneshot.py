@@ -106,8 +106,8 @@ def run_command(config: VmConfig, inputs: BootInputs, run_dir: Path, progress: P
             progress("running the built-in checks")
             done, seen = vm.command({"scenario": "default"}, timeout=config.run_timeout)
             for msg in seen:
-                if msg.get("type") == MsgType.CHECK:
-                    pending.append(Check(str(msg.get("name")), bool(msg.get("ok")), msg.get("detail")))
+                if msg.get("type") == MsgType.CHECK and (check := Check.from_message(msg)) is not None:
+                    pending.append(check)
                 elif msg.get("type") == MsgType.WRITTEN and isinstance(msg.get("regions"), list):
                     written.extend(r for r in msg["regions"] if isinstance(r, dict))
         sizes = {"stdout": 0, "stderr": 0}

@@ -69,8 +69,8 @@ class ApertureVM:
         done, seen = self.vm.command({"scenario": name}, timeout)
         if done.get("rc") != 0:
             raise GuestError(f"scenario {name!r}: {done.get('output')}")
-        checks = {str(m["name"]): Check(str(m["name"]), bool(m.get("ok")), m.get("detail"))
-                  for m in seen if m.get("type") == MsgType.CHECK}
+        found = (Check.from_message(m) for m in seen if m.get("type") == MsgType.CHECK)
+        checks = {c.name: c for c in found if c is not None}
         self.checks.extend(checks.values())
         return checks
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,12 +17,24 @@ from aperture.qmp_client.session import MemoryDevice, PciDevice
 
 from .config import ram_ranges
 
+#: What a check's name looks like (docs/run-schema.json): anything else on the results channel is not a check.
+CHECK_NAME = re.compile(r"[a-z_0-9]{1,32}\.[a-z_0-9]{1,48}")
+
 
 @dataclass
 class Check:
     name: str
     ok: bool
     detail: Any = None
+
+    @classmethod
+    def from_message(cls, msg: dict[str, Any]) -> Check | None:
+        """A ``check`` message from the guest as a Check, or None when it is malformed (its name is not
+        ``group.name`` in lower case, or its ok is not a boolean): then it is not a check."""
+        name, ok = msg.get("name"), msg.get("ok")
+        if not (isinstance(name, str) and CHECK_NAME.fullmatch(name) and isinstance(ok, bool)):
+            return None
+        return cls(name, ok, msg.get("detail"))
 
 
 @dataclass

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import re
 import secrets
 import shutil
 from collections.abc import Callable
@@ -45,8 +44,6 @@ Progress = Callable[[str], None]
 MAX_NOTES = 200
 MAX_GARBAGE_NOTES = 20
 MAX_RECORDS = 200_000
-#: What a check's name looks like (docs/run-schema.json): anything else on the results channel is not a check.
-CHECK_NAME = re.compile(r"[a-z_0-9]{1,32}\.[a-z_0-9]{1,48}")
 
 
 def check_helper_abi(hello: dict[str, Any]) -> None:
@@ -162,16 +159,16 @@ def boot_once(config: VmConfig, inputs: BootInputs, run_dir: Path, progress: Pro
                          f"(guest uptime {msg.get('uptime_s')} s)")
                 if msg.get("kernel_release") != inputs.kernel.release:
                     notes.append(f"guest reports kernel {msg.get('kernel_release')}")
-            elif kind == MsgType.CHECK and not (isinstance(msg.get("name"), str) and CHECK_NAME.fullmatch(msg["name"])
-                                           and isinstance(msg.get("ok"), bool)):
-                garbage += 1
-                if garbage <= MAX_GARBAGE_NOTES:
-                    notes.append(f"malformed check message ignored: {str(msg)[:160]}")
             elif kind == MsgType.CHECK:
-                check = Check(str(msg.get("name", "?")), bool(msg.get("ok")), msg.get("detail"))
-                absent = isinstance(check.detail, dict) and check.detail.get("result") == "absent"
-                progress(f"  guest: {'ok  ' if check.ok else 'n/a ' if absent else 'FAIL'} {check.name}")
-                pending.append(check)
+                check = Check.from_message(msg)
+                if check is None:
+                    garbage += 1
+                    if garbage <= MAX_GARBAGE_NOTES:
+                        notes.append(f"malformed check message ignored: {str(msg)[:160]}")
+                else:
+                    absent = isinstance(check.detail, dict) and check.detail.get("result") == "absent"
+                    progress(f"  guest: {'ok  ' if check.ok else 'n/a ' if absent else 'FAIL'} {check.name}")
+                    pending.append(check)
             elif kind == MsgType.FIGURES and isinstance(msg.get("values"), dict):
                 figures.update({str(k): float(v) for k, v in msg["values"].items() if isinstance(v, (int, float))})
             elif (kind == MsgType.PHASE and msg.get("name") == Phase.REMAP_START and remap and vm.service
