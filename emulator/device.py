@@ -42,6 +42,7 @@ class ApertureDevice:
         self.errors: dict[str, int] = {}
         self.maps = 0
         self.more_work = False  # the last round stopped at its budget with descriptors left
+        self.pinned_skips = 0  # host remaps that left a slot alone because the guest's driver pinned it
 
     # ------------------------------------------------------------------ device-local addressing
     def local_segments(self, offset: int, length: int) -> list[memoryview]:
@@ -172,15 +173,28 @@ class ApertureDevice:
                     done += 1
         return done
 
-    def retarget(self, moves: dict[int, int | None], seqlock: bool = True) -> None:
-        """Host-driven remap (validated here too: callers may be interactive users)."""
+    def slot_pinned(self, slot: int) -> bool:
+        return self.ctl.slot_pinned(slot)
+
+    def retarget(self, moves: dict[int, int | None], seqlock: bool = True,
+                 skip_pinned: bool = False) -> dict[int, int | None]:
+        """Host-driven remap (validated here too: callers may be interactive users). A slot the guest's driver
+        pinned (SLOT_PIN) is never moved: refused (EBUSY), or left out with ``skip_pinned`` (the remap
+        controller, which reads the pins with the VM paused). Returns the moves done."""
         with self.lock:
             if self.window.direct_offset is not None:
                 raise DmaFault("EINVAL", "the window is host-managed (hotplug topology): re-plug it instead")
+            for slot in moves:
+                self._check_slot(slot)
+            pinned = sorted(s for s in moves if self.ctl.slot_pinned(s))
+            if pinned and not skip_pinned:
+                raise DmaFault("EBUSY", f"slot {pinned[0]} is pinned by the guest's driver (a peer may be DMAing to "
+                                        "it): not remapped")
+            moves = {s: p for s, p in moves.items() if s not in pinned}
+            self.pinned_skips += len(pinned)
             staying = {p for s, p in enumerate(self.window.slots) if p is not None and s not in moves}
             targets = [p for p in moves.values() if p is not None]
-            for slot, page in moves.items():
-                self._check_slot(slot)
+            for page in moves.values():
                 if page is None:
                     continue
                 if not 0 <= page < self.config.nr_pages:
@@ -189,14 +203,18 @@ class ApertureDevice:
                     raise DmaFault("EACCES", f"page {page} is not exposable")
                 if page in staying or targets.count(page) > 1:
                     raise DmaFault("EBUSY", f"page {page} would be live in two slots")
-            self.window.retarget(moves, seqlock)
+            if moves:
+                self.window.retarget(moves, seqlock)
+            return moves
 
     def stats(self) -> dict[str, object]:
         return {"index": self.index, "completed": self.ctl.get("COMPLETED"), "doorbells": self.ctl.get("DOORBELLS"),
                 "maps": self.maps, "remaps": self.window.remaps, "dma_bytes": self.dma.bytes_copied,
                 "dma_descriptors": self.dma.descriptors, "errors": dict(self.errors),
                 "ring_errors": self.ctl.get("ERRORS"),
-                "slots": [p for p in self.window.slots]}
+                "slots": [p for p in self.window.slots],
+                "pinned": [s for s in range(self.config.nr_slots) if self.ctl.slot_pinned(s)],
+                "pinned_skips": self.pinned_skips}
 
     def close(self) -> None:
         """Write every mapped slot back, then release the buffers. Idempotent."""

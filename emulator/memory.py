@@ -76,6 +76,11 @@ class ControlMemory:
     def set_slot_entry(self, slot: int, value: int) -> None:
         self._u64[abi.reg("SLOT_TABLE") // 8 + slot] = value
 
+    def slot_pinned(self, slot: int) -> bool:
+        """SLOT_PIN[slot] (ABI 1.2): the guest's driver says a peer may be DMAing to this slot; any non-zero value
+        counts (a guest that pins everything only stops host remaps, it cannot make the host misbehave)."""
+        return bool(self._u32[abi.reg("SLOT_PIN") // 4 + slot])
+
     def descriptor(self, index: int) -> bytes:
         """A copy of SQ entry ``index % RING_ENTRIES`` (copied once: the guest may change it under us)."""
         off = abi.reg("SQ") + (index % abi.RING_ENTRIES) * abi.DESC_SIZE

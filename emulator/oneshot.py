@@ -11,11 +11,12 @@ from pathlib import Path
 from typing import Any
 
 from aperture.guest.abi import CheckName, MsgType
+from aperture.guest.driver_build import DRIVER_MODULE
 from aperture.guest.errors import ConfigError, GuestError
 
 from .config import VmConfig
 from .machine import Vm
-from .results import Check, HostVerifier, emulator_thread_check
+from .results import Check, HostVerifier, driver_claims, emulator_thread_check
 from .run import BootInputs, Progress, _verifier, check_helper_abi
 
 #: Setup checks the idle scenario reports only when something went wrong; a failed share is fatal to the command.
@@ -96,7 +97,8 @@ def run_command(config: VmConfig, inputs: BootInputs, run_dir: Path, progress: P
         def setup(msg: dict[str, Any]) -> None:
             nonlocal verifier
             if msg.get("type") == MsgType.HELLO:
-                verifier = _verifier(vm, config, inputs.kernel)  # BARs are assigned by then
+                # BARs are assigned by then
+                verifier = _verifier(vm, config, inputs.kernel, DRIVER_MODULE in inputs.image.modules)
             elif msg.get("type") == MsgType.LOG:  # (setup's checks come again in --checks' default scenario)
                 notes.append(str(msg.get("message"))[:500])
 
@@ -108,6 +110,7 @@ def run_command(config: VmConfig, inputs: BootInputs, run_dir: Path, progress: P
             for msg in seen:
                 if msg.get("type") == MsgType.CHECK and (check := Check.from_message(msg)) is not None:
                     pending.append(check)
+                    written.extend(driver_claims(check))
                 elif msg.get("type") == MsgType.WRITTEN and isinstance(msg.get("regions"), list):
                     written.extend(r for r in msg["regions"] if isinstance(r, dict))
         sizes = {"stdout": 0, "stderr": 0}

@@ -34,6 +34,12 @@ PCI_SLOT_BASE = 0x10
 PROBE_BAR_SLOT = 0x0F
 
 
+#: The TCG CPU: every feature TCG has, reporting an AMD Zen family (0x17). Linux's P2PDMA lets a peer (the NVMe
+#: controller) DMA into another device's BAR (an aperture window registered as P2P memory) through the host
+#: bridge only on whitelisted host bridges or on Zen and later CPUs; QEMU's q35 bridge is not on the list.
+TCG_CPU = "max,family=23,model=1"
+
+
 def build_argv(qemu: str, config: VmConfig, kernel: KernelSpec, initrd: Path, paths: RunPaths, accel: str,
                cmdline: str, user_qmp: bool = False, command_channel: bool = False) -> list[str]:
     """The full QEMU command line for one VM (pure: unit-tested without QEMU)."""
@@ -44,7 +50,7 @@ def build_argv(qemu: str, config: VmConfig, kernel: KernelSpec, initrd: Path, pa
         "-name", opt_value(paths.name),
         "-machine", f"q35,nvdimm=on,memory-backend={RAM_BACKEND_ID},max-ram-below-4g={RAM_BELOW_4G}",
         "-accel", accel,
-        "-cpu", "host" if accel == "kvm" else "max",
+        "-cpu", "host" if accel == "kvm" else TCG_CPU,
         "-smp", str(config.smp),
         "-m", f"{mem // (1 << 20)}M,slots={max(len(config.pmem), 1)},maxmem={(mem + pmem_total) // (1 << 20) + 1024}M",
         "-object", f"memory-backend-file,id={RAM_BACKEND_ID},size={mem},mem-path={opt_value(paths.ram)},share=on",

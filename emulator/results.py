@@ -6,13 +6,15 @@ import hashlib
 import json
 import os
 import re
+import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from aperture.guest import abi
 from aperture.guest.abi import CheckName
-from aperture.qmp_client.qemu import pmem_index
+from aperture.qmp_client.qemu import pmem_index, win_id
 from aperture.qmp_client.session import MemoryDevice, PciDevice
 
 from .config import ram_ranges
@@ -93,6 +95,53 @@ HMM_SKIP_REASONS: tuple[tuple[str, str], ...] = (
 )
 
 
+#: The guest driver's checks (guest/driver/, checks_driver.c); those whose peer is the NVMe controller; those
+#: that report device bytes for the host to find in the device-memory file.
+DRIVER_CHECKS = frozenset({CheckName.ZONE_DEVICE_WINDOW, CheckName.HMM_MIGRATE, CheckName.HMM_FAULT_BACK,
+                           CheckName.P2P_PEER_MAP, CheckName.P2P_PEER_MAP_HIDDEN, CheckName.P2P_PINNED_VS_REMAP,
+                           CheckName.DRIVER_UNLOAD})
+NVME_DRIVER_CHECKS = frozenset({CheckName.ZONE_DEVICE_WINDOW, CheckName.P2P_PEER_MAP,
+                                CheckName.P2P_PINNED_VS_REMAP})
+BYTES_DRIVER_CHECKS = frozenset({CheckName.ZONE_DEVICE_WINDOW, CheckName.HMM_MIGRATE, CheckName.P2P_PEER_MAP,
+                                 CheckName.P2P_PINNED_VS_REMAP})
+MAX_DEVICE_REGIONS = 40
+
+
+def driver_claims(check: Check) -> list[dict[str, Any]]:
+    """A driver check's ``device_bytes`` as claims on device memory, tagged with the check's name (the run keeps
+    them in order with the helper's ``written`` records: a later write supersedes an earlier one)."""
+    detail = check.detail if isinstance(check.detail, dict) else {}
+    regions = detail.get("device_bytes") if check.name in BYTES_DRIVER_CHECKS else None
+    if not isinstance(regions, list):
+        return []
+    return [dict(r, check=check.name) for r in regions[:MAX_DEVICE_REGIONS] if isinstance(r, dict)]
+
+
+def host_memcpy_mb_s(length: int) -> float | None:
+    """The host's memcpy over ``length`` bytes (best of 3), the baseline a guest copy figure is compared to."""
+    if not 0 < length <= 256 << 20:
+        return None
+    src, dst = bytearray(os.urandom(1 << 20)) * (length >> 20 or 1), bytearray(length or 1)
+    best = min(_timed_copy(dst, src) for _ in range(3))
+    return round(len(src) / 1e6 / best, 1) if best > 0 else None
+
+
+def _timed_copy(dst: bytearray, src: bytearray) -> float:
+    t0 = time.perf_counter()
+    memoryview(dst)[: len(src)] = src
+    return time.perf_counter() - t0
+
+
+def pinned_vs_remap(check: Check, stats: Any) -> Check:
+    """``p2p.pinned_vs_remap``: the host did remap during the peer DMA (around the pinned slots), without error."""
+    summary: dict[str, Any] | None = stats.summary() if stats is not None else None
+    detail = check.detail if isinstance(check.detail, dict) else {"guest": check.detail}
+    if detail.get("result") == "absent":
+        return check
+    remapped = summary is not None and summary["remaps"] > 0 and not summary["errors"]
+    return Check(check.name, check.ok and remapped, dict(detail, host_remaps=summary))
+
+
 def explain_hmm_skip(reason: str) -> str:
     return next((why for key, why in HMM_SKIP_REASONS if key.lower() in reason.lower()),
                 "not explained by aperture: see the reason hmm-tests gives")
@@ -121,6 +170,7 @@ class HostVerifier:
     nvme_file: Path | None = None
     nvme_id: str = ""
     hmm_tests_in_image: bool = False
+    driver_in_image: bool = False
 
     def nvdimm_at(self, phys: int, length: int = 1) -> tuple[int, MemoryDevice] | None:
         """Index and device of the NVDIMM holding [phys, phys+length), in configuration order."""
@@ -155,6 +205,8 @@ class HostVerifier:
             return self._verify_nvme_cmb(check)
         if check.name == CheckName.WITNESS_HMM_TESTS:
             return self._verify_hmm_tests(check)
+        if check.name in DRIVER_CHECKS:
+            return self._verify_driver(check, written or [])
         return check
 
     def _on(self, option: str) -> bool:
@@ -230,30 +282,95 @@ class HostVerifier:
         ok = check.ok and failed == 0 and passed >= HMM_TESTS_MIN_PASSED and not detail.get("timed_out")
         return Check(check.name, ok, dict(detail, skipped_groups=explained, min_passed=HMM_TESTS_MIN_PASSED))
 
+    def _driver_expected_absent(self, name: str) -> tuple[bool, str]:
+        if not self.driver_in_image:
+            return True, ("no aperture driver in the guest image: it is built only for the kernel `aperture kernel "
+                          "build` makes")
+        if not self.devmem_files:
+            return True, "no aperture devices in this VM"
+        if name in NVME_DRIVER_CHECKS and self.nvme_file is None:
+            return True, "no NVMe controller in this VM (--nvme none): it is the peer"
+        return False, ""
+
+    def window_bar(self, device: int) -> tuple[int, int] | None:
+        """(address, size) of device ``device``'s window BAR, from QMP."""
+        for dev in self.pci:
+            if dev.qdev_id == win_id(device) and 2 in dev.bars:
+                return dev.bars[2]
+        return None
+
+    def _verify_driver(self, check: Check, claims: list[dict[str, Any]]) -> Check:
+        """The guest driver's checks: absent exactly when there is no driver (or no peer); otherwise the device
+        bytes they report are in the device-memory file, and a window address is inside the window BAR."""
+        skipped = self._absent_as_expected(check, *self._driver_expected_absent(check.name))
+        if skipped is not None:
+            return skipped
+        detail = check.detail if isinstance(check.detail, dict) else {"guest": check.detail}
+        extra: dict[str, Any] = {}
+        ok = check.ok
+        if check.name in BYTES_DRIVER_CHECKS:
+            if not any(c.get("check") == check.name for c in claims):
+                claims = claims + driver_claims(check)
+            verified, superseded, mismatches = self.verify_claims(claims, lambda c: c.get("check") == check.name)
+            extra.update(host_verified_regions=verified, host_superseded=superseded,
+                         host_mismatches=mismatches[:10], host_dir=str(self.devmem_files[0].parent))
+            ok = ok and verified > 0 and not mismatches
+        if check.name == CheckName.ZONE_DEVICE_WINDOW:
+            bar = self.window_bar(_guest_int(detail.get("device")))
+            bus = _guest_int(detail.get("bus_addr"))
+            inside = bar is not None and bar[0] <= bus < bar[0] + bar[1]
+            extra.update(qmp_window_bar=[bar[0], bar[1]] if bar else None, bus_addr_in_window_bar=inside)
+            ok = ok and inside
+        if check.name == CheckName.HMM_MIGRATE:
+            mb_s = host_memcpy_mb_s(_guest_int(detail.get("bytes")))
+            guest = detail.get("mb_s")
+            extra.update(host_memcpy_mb_s=mb_s, migrate_vs_host_memcpy=round(float(guest) / mb_s, 4)
+                         if isinstance(guest, (int, float)) and mb_s else None)
+        return Check(check.name, ok, dict(detail, **extra))
+
     def _verify_written(self, check: Check, written: list[dict[str, Any]]) -> Check:
         """Device memory after the run holds every pattern the guest says it wrote (window, DMA, P2P)."""
-        mismatches = []
-        superseded = 0
-        covered: list[tuple[int, int, int]] = []  # (device, start, end) checked so far, newest first
-        for w in reversed(written):
+        verified, superseded, mismatches = self.verify_claims(written, lambda w: "check" not in w)
+        detail = check.detail if isinstance(check.detail, dict) else {"guest": check.detail}
+        ok = any("check" not in w for w in written) and not mismatches
+        return Check(check.name, check.ok and ok,
+                     dict(detail, host_verified_regions=verified, host_superseded=superseded,
+                          host_mismatches=mismatches))
+
+    def verify_claims(self, claims: list[dict[str, Any]],
+                      own: Callable[[dict[str, Any]], bool]) -> tuple[int, int, list[dict[str, Any]]]:
+        """Check the claims ``own`` selects against the device-memory files: ``{device, offset, len, seed,
+        start?}`` says bytes [start, start + len) of seed's pattern are at ``offset``. ``claims`` are every claim
+        of the run in the order the guest made them (the helper's ``written`` records and the driver checks'
+        device bytes): one a later claim overlaps is superseded, not compared. Returns (verified, superseded,
+        mismatches)."""
+        mismatches: list[dict[str, Any]] = []
+        verified = superseded = 0
+        covered: list[tuple[int, int, int]] = []  # (device, start, end) of newer claims
+        for w in reversed(claims):
             dev, off, length, seed = (_guest_int(w.get(k)) for k in ("device", "offset", "len", "seed"))
-            if not 0 <= dev < len(self.devmem_files) or off < 0 or not 0 < length <= 64 << 20 or seed < 0:
-                mismatches.append({"record": w, "why": "malformed record"})
+            start = _guest_int(w.get("start", 0))
+            mine = own(w)
+            if not 0 <= dev < len(self.devmem_files) or off < 0 or not 0 < length <= 64 << 20 or seed < 0 \
+                    or not 0 <= start <= 64 << 20:
+                if mine:
+                    mismatches.append({"record": w, "why": "malformed record"})
                 continue
-            if any(d == dev and off < e and s < off + length for d, s, e in covered):
+            newer = any(d == dev and off < e and s < off + length for d, s, e in covered)
+            covered.append((dev, off, off + length))
+            if not mine:
+                continue
+            if newer:
                 superseded += 1  # a later write overlaps it: only the later one is still in memory
                 continue
-            covered.append((dev, off, off + length))
             with open(self.devmem_files[dev], "rb") as f:
                 f.seek(off)
                 got = f.read(length)
-            if got != abi.pattern(seed, length):
-                mismatches.append({"device": dev, "offset": off, "len": length, "seed": seed})
-        detail = check.detail if isinstance(check.detail, dict) else {"guest": check.detail}
-        ok = bool(written) and not mismatches
-        return Check(check.name, check.ok and ok,
-                     dict(detail, host_verified_regions=len(covered) - len(mismatches), host_superseded=superseded,
-                          host_mismatches=mismatches))
+            if got != abi.pattern(seed, start + length)[start:]:
+                mismatches.append({"device": dev, "offset": off, "len": length, "seed": seed, "start": start})
+            else:
+                verified += 1
+        return verified, superseded, mismatches
 
     def verify_stamps(self, stamps: list[Any], devices: Any) -> Check:
         """``remap.integrity``: each page's header in device memory is the last stamp the guest wrote to it."""

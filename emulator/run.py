@@ -14,6 +14,7 @@ from typing import Any
 from aperture.guest import abi
 from aperture.guest.abi import CheckName, Env, MsgType, Phase
 from aperture.guest.cache import cache_root, mtime_or_zero
+from aperture.guest.driver_build import DRIVER_MODULE
 from aperture.guest.errors import ConfigError, GuestError, SetupError
 from aperture.guest.image import GuestImage, build_image
 from aperture.guest.kernel import kernel_config
@@ -30,7 +31,9 @@ from .results import (
     HostVerifier,
     RunResult,
     UntouchableFiles,
+    driver_claims,
     emulator_thread_check,
+    pinned_vs_remap,
     remap_consistency,
     remap_hotplug,
     verify_fuzz,
@@ -111,7 +114,14 @@ def prepare(config: VmConfig, kernel: KernelSpec, progress: Progress) -> BootInp
     return BootInputs(kernel, image, qemu, version, accel)
 
 
-def _verifier(vm: Vm, config: VmConfig, kernel: KernelSpec) -> HostVerifier:
+def phase_period(msg: dict[str, Any]) -> float:
+    """The remap period a guest's ``remap_start`` asks for (``every_ms``, 1 ms to 1 s; 5 ms when it names none)."""
+    every = msg.get("every_ms")
+    ms = float(every) if isinstance(every, (int, float)) and not isinstance(every, bool) else 5.0
+    return min(max(ms, 1.0), 1000.0) / 1e3
+
+
+def _verifier(vm: Vm, config: VmConfig, kernel: KernelSpec, driver: bool) -> HostVerifier:
     assert vm.qmp is not None
     return HostVerifier(
         devices=vm.qmp.memory_devices(),
@@ -125,6 +135,7 @@ def _verifier(vm: Vm, config: VmConfig, kernel: KernelSpec) -> HostVerifier:
         nvme_file=vm.paths.nvme if config.nvme else None,
         nvme_id=NVME_ID,
         hmm_tests_in_image=kernel.hmm_tests is not None,
+        driver_in_image=driver,
     )
 
 
@@ -154,7 +165,7 @@ def boot_once(config: VmConfig, inputs: BootInputs, run_dir: Path, progress: Pro
             if kind == MsgType.HELLO:
                 check_helper_abi(msg)
                 # BARs are assigned by the guest's firmware: read the address map once the guest is up.
-                verifier = _verifier(vm, config, inputs.kernel)
+                verifier = _verifier(vm, config, inputs.kernel, DRIVER_MODULE in inputs.image.modules)
                 progress(f"guest up: helper started {vm.boot_s:.2f} s after QEMU start "
                          f"(guest uptime {msg.get('uptime_s')} s)")
                 if msg.get("kernel_release") != inputs.kernel.release:
@@ -169,15 +180,19 @@ def boot_once(config: VmConfig, inputs: BootInputs, run_dir: Path, progress: Pro
                     absent = isinstance(check.detail, dict) and check.detail.get("result") == "absent"
                     progress(f"  guest: {'ok  ' if check.ok else 'n/a ' if absent else 'FAIL'} {check.name}")
                     pending.append(check)
+                    written.extend(driver_claims(check)[: max(MAX_RECORDS - len(written), 0)])
             elif kind == MsgType.FIGURES and isinstance(msg.get("values"), dict):
                 figures.update({str(k): float(v) for k, v in msg["values"].items() if isinstance(v, (int, float))})
-            elif (kind == MsgType.PHASE and msg.get("name") == Phase.REMAP_START and remap and vm.service
+            elif (kind == MsgType.PHASE and msg.get("name") == Phase.REMAP_START and vm.service
                   and not controller):
-                mode = os.environ.get("APERTURE_REMAP_MODE") or remap.mode  # "unsafe": negative control
-                controller = RemapController(vm.qmp, vm.service.devices, remap.every, mode)
+                # The remap workload runs under the user's plan; a check that asks for remaps itself (the
+                # driver's p2p.pinned_vs_remap) names its period.
+                plan = remap or RemapPlan(every=phase_period(msg), duration=1.0, mode="pause")
+                mode = os.environ.get("APERTURE_REMAP_MODE") or plan.mode  # "unsafe": negative control
+                controller = RemapController(vm.qmp, vm.service.devices, plan.every, mode)
                 controller.on_replug = vm.service.invalidate_map
                 controller.start()
-                progress(f"guest workload running; remapping every {remap.every * 1e3:g} ms ({remap.mode} mode)")
+                progress(f"guest workload running; remapping every {plan.every * 1e3:g} ms ({plan.mode} mode)")
             elif kind == MsgType.PHASE and msg.get("name") == Phase.REMAP_END and controller:
                 remap_stats = controller.stop()
                 progress(f"{remap_stats.remaps} remaps done")
@@ -203,7 +218,9 @@ def boot_once(config: VmConfig, inputs: BootInputs, run_dir: Path, progress: Pro
     checks = [verifier.verify(c, written) for c in pending] if verifier else pending
     if scenario == "fuzz":
         checks = [verify_fuzz(c, untouchable, remap_stats) if c.name == CheckName.APERTURE_FUZZ else c for c in checks]
-    elif remap is not None:
+    elif remap is None:
+        checks = [pinned_vs_remap(c, remap_stats) if c.name == CheckName.P2P_PINNED_VS_REMAP else c for c in checks]
+    if remap is not None:
         checks = [remap_consistency(c, remap_stats) if c.name == CheckName.REMAP_CONSISTENCY else c for c in checks]
         if remap.mode == "hotplug":
             checks.append(remap_hotplug(next((c for c in checks if c.name == CheckName.REMAP_CONSISTENCY), None),

@@ -84,10 +84,68 @@ def _summarize_detail(name: str, detail: Any) -> str:
                 f"{d.get('guest_reprobe_failures')} failures")
     if name == CheckName.REMAP_INTEGRITY and d:
         return f"{d.get('pages_checked')} pages' last stamps found in device memory; {d.get('mismatch_count')} missing"
+    if name in DRIVER_SUMMARIES and d:
+        return _summarize_driver(name, d)
     if name.startswith(("aperture.", "p2p.")) and d:
         return _summarize_device(name, d)
     text = json.dumps(detail, separators=(",", ":"))
     return text if len(text) <= 90 else text[:87] + "..."
+
+
+DRIVER_SUMMARIES = frozenset({CheckName.ZONE_DEVICE_WINDOW, CheckName.HMM_MIGRATE, CheckName.HMM_FAULT_BACK,
+                              CheckName.P2P_PEER_MAP, CheckName.P2P_PEER_MAP_HIDDEN, CheckName.P2P_PINNED_VS_REMAP,
+                              CheckName.DRIVER_UNLOAD})
+
+
+def _host_bytes(d: dict[str, Any]) -> str:
+    if d.get("host_mismatches"):
+        return f"host found {len(d['host_mismatches'])} regions NOT in device memory"
+    return f"host found {d.get('host_verified_regions')} regions in device memory"
+
+
+def _summarize_driver(name: str, d: dict[str, Any]) -> str:
+    """The guest driver's checks (guest/driver/)."""
+    if d.get("error"):
+        return str(d["error"])
+    if name == CheckName.ZONE_DEVICE_WINDOW:
+        return (f"O_DIRECT {d.get('source')} → window page (P2P, slot {d.get('slot')} @ {_guest_hex(d.get('bus_addr'))}"
+                f"): {d.get('result')}; raw BAR mapping: {d.get('bar_row')}; {_host_bytes(d)}")
+    if name == CheckName.HMM_MIGRATE:
+        ratio = d.get("migrate_vs_host_memcpy")
+        return (f"{format_size(int(d.get('bytes', 0)))} → device memory by device DMA: {d.get('migrated')}/"
+                f"{d.get('pages')} pages, {d.get('mb_s')} MB/s (host memcpy {d.get('host_memcpy_mb_s')} MB/s, "
+                f"ratio {ratio}); {_host_bytes(d)}")
+    if name == CheckName.HMM_FAULT_BACK:
+        return (f"CPU touched {format_size(int(d.get('bytes', 0)))}: {d.get('faults')} faults, "
+                f"{d.get('pages_to_ram')} pages back by device DMA ({d.get('mb_s')} MB/s), "
+                f"{'intact' if d.get('intact') else 'CORRUPTED'}")
+    if name == CheckName.P2P_PEER_MAP:
+        lat = _sub(d, "latency")
+        return (f"{d.get('mapped')} device-private pages mapped for peers: NVMe → window {d.get('nvme_to_window')}, "
+                f"window → NVMe {d.get('window_to_nvme')}, other device's DMA {d.get('device_dma')}; peer map p50 "
+                f"{lat.get('map_us_p50')} µs, p99 {lat.get('map_us_p99')} µs; {_host_bytes(d)}")
+    if name == CheckName.P2P_PEER_MAP_HIDDEN:
+        return (f"hidden page @ +{_guest_hex(d.get('dev_offset'))}: peer map {d.get('peer_map')}, "
+                f"fault back {'intact' if d.get('fault_back_intact') else 'CORRUPTED'}")
+    if name == CheckName.P2P_PINNED_VS_REMAP:
+        host = _sub(d, "host_remaps")
+        return (f"{d.get('rounds')} rounds of NVMe DMA into {d.get('pages')} pinned pages, {d.get('bad_pages')} bad; "
+                f"host: {host.get('remaps')} remaps around the pins (p50 {host.get('latency_ms_p50')} ms, p99 "
+                f"{host.get('latency_ms_p99')} ms); {_host_bytes(d)}")
+    if name == CheckName.DRIVER_UNLOAD:
+        pinned, unpinned = _sub(d, "pinned"), _sub(d, "unpinned")
+        return (f"rmmod while pinned: {pinned.get('rmmod')}; when not: {unpinned.get('rmmod')}; "
+                f"{'reloaded' if d.get('reloaded') else 'NOT reloaded'}")
+    return json.dumps(d, separators=(",", ":"))[:90]
+
+
+def _sub(d: dict[str, Any], key: str) -> dict[str, Any]:
+    value = d.get(key)
+    return value if isinstance(value, dict) else {}
+
+
+def _guest_hex(value: Any) -> str:
+    return f"{value:#x}" if isinstance(value, int) else str(value)
 
 
 def _summarize_device(name: str, d: dict[str, Any]) -> str:

@@ -18,7 +18,7 @@ MAGIC = 0x54525041  # "APRT"
 #: Version of the results channel the helper speaks (its `hello` says it); the host refuses another one.
 HELPER_ABI = 2  # 2: checks run by a harness (harness details), "written" once per check
 ABI_MAJOR = 1
-ABI_MINOR = 1  # 1.1: DMA_LIST bytes capped (MAX_LIST_BYTES), flags on NOP refused, work served in rounds
+ABI_MINOR = 2  # 1.2: SLOT_PIN (a guest driver pins slots a peer is using); 1.1: DMA_LIST bytes capped, rounds
 
 CTL_SIZE = 64 * 1024  # control memory (BAR2 of the ivshmem-doorbell device); a power of two
 MAX_SLOTS = 64
@@ -62,6 +62,7 @@ REGS: dict[str, tuple[int, str]] = {
     "CQ_TAIL": (0x05C, "u32"),  # guest: consumer index
     "HIDDEN": (0x080, "u64"),  # NR_HIDDEN pairs of (start, end) device offsets, MAX_HIDDEN at most
     "SLOT_TABLE": (0x100, "u64"),  # NR_SLOTS entries: device page + 1, or 0 when the slot is empty
+    "SLOT_PIN": (0x300, "u32"),  # guest: MAX_SLOTS entries, non-zero while a peer may DMA to the slot (1.2)
     "SQ": (0x1000, "desc"),  # RING_ENTRIES descriptors
     "CQ": (0x5000, "compl"),  # RING_ENTRIES completions
 }
@@ -220,6 +221,14 @@ class CheckName(StrEnum):
     P2P_NVME_CMB = "p2p.nvme_cmb"
     REMAP_CONSISTENCY = "remap.consistency"
     WITNESS_HMM_TESTS = "witness.hmm_tests"
+    # the guest driver (guest/driver/)
+    ZONE_DEVICE_WINDOW = "zone_device.window"
+    HMM_MIGRATE = "hmm.migrate"
+    HMM_FAULT_BACK = "hmm.fault_back"
+    P2P_PEER_MAP = "p2p.peer_map"
+    P2P_PEER_MAP_HIDDEN = "p2p.peer_map_hidden"
+    P2P_PINNED_VS_REMAP = "p2p.pinned_vs_remap"
+    DRIVER_UNLOAD = "driver.unload"
     # host checks
     REMAP_INTEGRITY = "remap.integrity"
     REMAP_HOTPLUG = "remap.hotplug"
@@ -253,7 +262,11 @@ def c_header() -> str:
         "#ifndef APERTURE_ABI_H",
         "#define APERTURE_ABI_H",
         "",
+        "#ifdef __KERNEL__",
+        "#include <linux/types.h> /* the guest driver (guest/driver/) compiles against this header too */",
+        "#else",
         "#include <stdint.h>",
+        "#endif",
         "",
         f"#define APERTURE_MAGIC 0x{MAGIC:08x}u",
         f"#define APERTURE_HELPER_ABI {HELPER_ABI}",

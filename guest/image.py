@@ -19,6 +19,7 @@ from aperture.guest.kernelspec import KernelSpec
 
 from .cache import cache_root, mtime_or_zero, private_tmp, read_manifest
 from .cpio import CpioWriter
+from .driver_build import DRIVER_MODULE, build_driver, driver_unavailable
 from .elf import binary_closure, check_static_x86_64
 from .kernel import kernel_config
 from .kmod import ModuleIndex
@@ -120,8 +121,10 @@ def _init_script() -> bytes:
 
 
 def build_helper(cache: Path | None = None) -> Path:
-    """Compile the guest helper with ``gcc -static``; cached by a hash of the sources."""
-    src = sorted(p for p in _helper_dir().iterdir() if p.suffix in (".c", ".h"))
+    """Compile the guest helper with ``gcc -static``; cached by a hash of the sources (the driver's UAPI header
+    included: the helper's checks drive /dev/apertureN)."""
+    uapi = _helper_dir().parent / "driver" / "aperture_uapi.h"
+    src = sorted(p for p in _helper_dir().iterdir() if p.suffix in (".c", ".h")) + [uapi]
     digest = hashlib.sha256()
     for p in src:
         digest.update(p.name.encode() + b"\0" + p.read_bytes())
@@ -134,7 +137,7 @@ def build_helper(cache: Path | None = None) -> Path:
         raise SetupError("gcc not found: it builds the static guest helper (run scripts/setup.sh)")
     out_dir.mkdir(parents=True, exist_ok=True)
     tmp = private_tmp(out)
-    argv = [gcc, "-static", "-O2", "-Wall", "-Wextra", "-Werror", "-o", str(tmp)]
+    argv = [gcc, "-static", "-O2", "-Wall", "-Wextra", "-Werror", f"-I{uapi.parent}", "-o", str(tmp)]
     argv += [str(p) for p in src if p.suffix == ".c"]
     proc = subprocess.run(argv, capture_output=True, text=True)
     if proc.returncode != 0:
@@ -230,6 +233,11 @@ def build_image(kernel: KernelSpec, *, force: bool = False, cache: Path | None =
         closure = ModuleIndex(kernel.modules_dir, kernel.release).closure(list(plan.load + plan.on_demand))
     # /init loads these, dependencies first; the rest of the closure waits for the check that needs it.
     at_boot = [m.name for m in closure if m.name not in plan.on_demand]
+    # The guest driver, for the kernel it can be built against; /init loads it last (it binds no device until
+    # a device's driver_override names it).
+    driver = build_driver(kernel, root) if driver_unavailable(kernel) is None else None
+    if driver is not None:
+        at_boot.append(DRIVER_MODULE)
     helper = build_helper(root)
     busybox = _busybox()
     init = _init_script()
@@ -244,9 +252,11 @@ def build_image(kernel: KernelSpec, *, force: bool = False, cache: Path | None =
     for guest_path, host in sorted(extra.items()):
         st = host.stat()
         digest.update(f"{guest_path}:{host}:{st.st_size}:{st.st_mtime_ns}\n".encode())
+    if driver is not None:
+        digest.update(b"driver:" + hashlib.sha256(driver.read_bytes()).digest())
     hexdigest = digest.hexdigest()[:20]
     out = root / "images" / f"initramfs-{hexdigest}.cpio"
-    names = tuple(m.name for m in closure)
+    names = tuple(m.name for m in closure) + ((DRIVER_MODULE,) if driver is not None else ())
     if out.exists() and not force:
         return GuestImage(out, hexdigest, kernel.release, names, cached=True)
 
@@ -265,6 +275,8 @@ def build_image(kernel: KernelSpec, *, force: bool = False, cache: Path | None =
         w.file("init", init, 0o755)
         for m in closure:
             w.file(f"lib/modules/{m.name}.ko", m.data)
+        if driver is not None:
+            w.file(f"lib/modules/{DRIVER_MODULE}.ko", driver.read_bytes())
         w.file("etc/aperture/modules", "".join(n + "\n" for n in at_boot).encode())
         for guest_path, host in sorted(extra.items()):
             w.file(guest_path, host.read_bytes(), 0o755)

@@ -123,6 +123,7 @@ class BuiltKernel:
     modules_dir: Path
     hmm_tests: Path | None
     build_s: float
+    obj_dir: Path | None = None  # the kbuild object tree (shared by builds of one source version)
 
     def to_json(self) -> dict[str, object]:
         return {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(self).items()}
@@ -137,7 +138,8 @@ class BuiltKernel:
                    vmlinux=path("vmlinux"), bzimage=path("bzimage"), config=path("config"),
                    modules_dir=path("modules_dir"),
                    hmm_tests=Path(str(data["hmm_tests"])) if data.get("hmm_tests") else None,
-                   build_s=float(str(data.get("build_s", 0.0))))
+                   build_s=float(str(data.get("build_s", 0.0))),
+                   obj_dir=Path(str(data["obj_dir"])) if data.get("obj_dir") else None)
 
     def complete(self) -> bool:
         return all(p.exists() for p in (self.vmlinux, self.bzimage, self.config, self.modules_dir))

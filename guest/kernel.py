@@ -114,7 +114,7 @@ def built_kernel() -> KernelSpec:
         raise SetupError("no built guest kernel for the current guest/kconfig/aperture.config in the cache: run "
                          "scripts/setup.sh (or `aperture kernel build`); `--kernel debian` boots Debian's kernel")
     return KernelSpec(built.vmlinux, built.modules_dir, built.release, built.config, "built",
-                      read_builtin(built.modules_dir), built.hmm_tests)
+                      read_builtin(built.modules_dir), built.hmm_tests, built.obj_dir)
 
 
 def debian_kernel(modules: Path | None = None) -> KernelSpec:

@@ -21,12 +21,14 @@ class KernelSpec:
     kind: KernelKind = "user"
     builtin: frozenset[str] = frozenset()
     hmm_tests: Path | None = None  # the kernel's own static hmm-tests selftest, built from the same tree
+    build_dir: Path | None = None  # the kbuild object tree it was built in (out-of-tree modules build there)
 
     def to_dict(self) -> dict[str, object]:
         return {"image": str(self.image), "modules_dir": str(self.modules_dir) if self.modules_dir else None,
                 "release": self.release, "config_file": str(self.config_file) if self.config_file else None,
                 "kind": self.kind, "builtin": sorted(self.builtin),
-                "hmm_tests": str(self.hmm_tests) if self.hmm_tests else None}
+                "hmm_tests": str(self.hmm_tests) if self.hmm_tests else None,
+                "build_dir": str(self.build_dir) if self.build_dir else None}
 
     @classmethod
     def from_dict(cls, data: dict[str, object]) -> KernelSpec:
@@ -39,4 +41,4 @@ class KernelSpec:
         return cls(Path(str(data["image"])), opt("modules_dir"), str(data["release"]), opt("config_file"),
                    kind if kind in ("built", "debian", "user") else "user",  # type: ignore[arg-type]
                    frozenset(str(b) for b in builtin) if isinstance(builtin, list) else frozenset(),
-                   opt("hmm_tests"))
+                   opt("hmm_tests"), opt("build_dir"))

@@ -69,7 +69,9 @@ class RemappableDevice(Protocol):
     def devmem(self) -> BackingFile: ...
     @property
     def lock(self) -> AbstractContextManager[Any]: ...
-    def retarget(self, moves: dict[int, int | None], seqlock: bool = True) -> None: ...
+    def slot_pinned(self, slot: int) -> bool: ...
+    def retarget(self, moves: dict[int, int | None], seqlock: bool = True,
+                 skip_pinned: bool = False) -> dict[int, int | None]: ...
 
 
 @dataclass
@@ -77,6 +79,8 @@ class RemapStats:
     mode: str
     remaps: int = 0
     slots_moved: int = 0
+    skipped_pinned: int = 0  # slots a remap left alone: the guest's driver had pinned them (SLOT_PIN)
+    remaps_with_pins: int = 0  # remaps done while some slot of the device was pinned (chosen among the rest)
     latencies_ms: list[float] = field(default_factory=list)
     deleted_ms: list[float] = field(default_factory=list)  # hotplug: device_del → DEVICE_DELETED
     errors: list[str] = field(default_factory=list)
@@ -102,6 +106,7 @@ class RemapStats:
             return round(lat[min(len(lat) - 1, int(q * len(lat)))], 3) if lat else None
 
         out = {"mode": self.mode, "remaps": self.remaps, "slots_moved": self.slots_moved,
+               "skipped_pinned": self.skipped_pinned, "remaps_with_pins": self.remaps_with_pins,
                "latency_ms_p50": round(statistics.median(lat), 3) if lat else None,
                "latency_ms_p99": pct(0.99), "latency_ms_max": round(self.latency_ms_max, 3) if lat else None,
                "errors": self.errors[:10]}
@@ -110,22 +115,34 @@ class RemapStats:
         return out
 
 
-def pause_retarget(qmp: SyncQmpSession, device: RemappableDevice, moves: dict[int, int | None]) -> float:
-    """The pause-mode remap: QMP stop → retarget (under the device lock) → cont. Returns milliseconds."""
+def pause_retarget(qmp: SyncQmpSession, device: RemappableDevice, moves: dict[int, int | None],
+                   skip_pinned: bool = False) -> float:
+    """The pause-mode remap: QMP stop → retarget (under the device lock) → cont. Returns milliseconds.
+
+    The guest's pins are read while the VM is stopped, so a pin the driver wrote before the stop is seen and
+    none can appear during the retarget; a pinned slot is refused (EBUSY) or, with ``skip_pinned``, left out."""
+    return pause_retarget_moves(qmp, device, moves, skip_pinned)[0]
+
+
+def pause_retarget_moves(qmp: SyncQmpSession, device: RemappableDevice, moves: dict[int, int | None],
+                         skip_pinned: bool = False) -> tuple[float, dict[int, int | None]]:
+    """``pause_retarget``, also returning the moves done."""
     with device.lock:
         t0 = time.perf_counter()
         qmp.stop()
         try:
-            device.retarget(moves)
+            done = device.retarget(moves, skip_pinned=skip_pinned)
         finally:
             qmp.cont()
-        return (time.perf_counter() - t0) * 1e3
+        return (time.perf_counter() - t0) * 1e3, done
 
 
 def random_moves(device: RemappableDevice, rng: random.Random, max_slots: int = 2) -> dict[int, int | None]:
-    """Pick 1..max_slots slots of ``device`` and exposable pages not live elsewhere."""
+    """Pick 1..max_slots slots of ``device`` the guest has not pinned, and exposable pages not live elsewhere
+    (no slots at all when every slot is pinned)."""
     cfg = device.config
-    slots = rng.sample(range(cfg.nr_slots), k=min(cfg.nr_slots, rng.randint(1, max_slots)))
+    free_slots = [s for s in range(cfg.nr_slots) if not device.slot_pinned(s)]
+    slots = rng.sample(free_slots, k=min(len(free_slots), rng.randint(1, max_slots)))
     while True:
         busy = {p for s, p in enumerate(device.window.slots) if p is not None and s not in slots}
         free = [p for p in range(cfg.nr_pages) if not cfg.page_hidden(p) and p not in busy]
@@ -165,8 +182,14 @@ class RemapController:
         device = self.rng.choice(self.devices)
         if self.pause:
             with device.lock:  # the guest's own MAP commands wait: the chosen pages stay free
-                moves = random_moves(device, self.rng, self.max_slots)
-                ms = pause_retarget(self.qmp, device, moves)
+                pinned = sum(device.slot_pinned(s) for s in range(device.config.nr_slots))
+                wanted = random_moves(device, self.rng, self.max_slots)
+                if not wanted:  # every slot pinned: nothing to move, no reason to stop the guest
+                    self.stats.skipped_pinned += pinned
+                    return 0.0
+                ms, moves = pause_retarget_moves(self.qmp, device, wanted, skip_pinned=True)
+            self.stats.skipped_pinned += len(wanted) - len(moves)
+            self.stats.remaps_with_pins += bool(pinned)
         else:
             moves, ms = self._unsafe_remap(device)
         self.stats.remaps += 1
@@ -184,7 +207,7 @@ class RemapController:
             device.window.announce(moves)
         time.sleep(min(UNSAFE_GAP_S, self.every / 2))
         with device.lock:
-            device.retarget(moves, seqlock=False)
+            device.retarget(moves, seqlock=False, skip_pinned=True)
         return moves, (time.perf_counter() - t0) * 1e3
 
     def hotplug_once(self) -> float:

@@ -2,12 +2,16 @@
 #ifndef APERTURE_ABI_H
 #define APERTURE_ABI_H
 
+#ifdef __KERNEL__
+#include <linux/types.h> /* the guest driver (guest/driver/) compiles against this header too */
+#else
 #include <stdint.h>
+#endif
 
 #define APERTURE_MAGIC 0x54525041u
 #define APERTURE_HELPER_ABI 2
 #define APERTURE_ABI_MAJOR 1
-#define APERTURE_ABI_MINOR 1
+#define APERTURE_ABI_MINOR 2
 #define APERTURE_CTL_SIZE 0x10000
 #define APERTURE_MAX_SLOTS 64
 #define APERTURE_RING_ENTRIES 256
@@ -76,6 +80,13 @@
 #define APERTURE_CHECK_P2P_NVME_CMB "p2p.nvme_cmb"
 #define APERTURE_CHECK_REMAP_CONSISTENCY "remap.consistency"
 #define APERTURE_CHECK_WITNESS_HMM_TESTS "witness.hmm_tests"
+#define APERTURE_CHECK_ZONE_DEVICE_WINDOW "zone_device.window"
+#define APERTURE_CHECK_HMM_MIGRATE "hmm.migrate"
+#define APERTURE_CHECK_HMM_FAULT_BACK "hmm.fault_back"
+#define APERTURE_CHECK_P2P_PEER_MAP "p2p.peer_map"
+#define APERTURE_CHECK_P2P_PEER_MAP_HIDDEN "p2p.peer_map_hidden"
+#define APERTURE_CHECK_P2P_PINNED_VS_REMAP "p2p.pinned_vs_remap"
+#define APERTURE_CHECK_DRIVER_UNLOAD "driver.unload"
 #define APERTURE_CHECK_REMAP_INTEGRITY "remap.integrity"
 #define APERTURE_CHECK_REMAP_HOTPLUG "remap.hotplug"
 #define APERTURE_CHECK_HOST_EMULATOR_THREAD "host.emulator_thread"
@@ -104,6 +115,7 @@
 #define APERTURE_REG_CQ_TAIL 0x005c
 #define APERTURE_REG_HIDDEN 0x0080
 #define APERTURE_REG_SLOT_TABLE 0x0100
+#define APERTURE_REG_SLOT_PIN 0x0300
 #define APERTURE_REG_SQ 0x1000
 #define APERTURE_REG_CQ 0x5000
 

@@ -35,6 +35,10 @@ uint64_t scratch_page(struct apdev *d, unsigned k);
 extern const struct check check_guest_modules, check_guest_shares, check_nvdimm_present, check_zone_device_p2pmem, check_p2p_nvme_cmb,
     check_witness_hmm_tests, check_remap_consistency, check_aperture_fuzz;
 
+/* checks_driver.c: the guest kernel driver (fixture: the last device bound to it) */
+extern const struct check check_zone_device_window, check_hmm_migrate, check_hmm_fault_back, check_p2p_peer_map,
+    check_p2p_peer_map_hidden, check_p2p_pinned_vs_remap, check_driver_unload;
+
 /* Benchmarks: bench_dax.c (fixture dax), bench_device.c (fixture devices). */
 void bench_dax(void);
 void bench_device(void);

@@ -338,7 +338,8 @@ void apdev_resync(struct apdev *d)
 void apdev_resync_all(void)
 {
     for (int i = 0; i < ndevs; i++)
-        apdev_resync(&devs[i]);
+        if (!devs[i].driver_owned)
+            apdev_resync(&devs[i]);
 }
 
 int ram_page(void **buf, unsigned long long *phys)

@@ -22,6 +22,7 @@ struct apdev {
     uint64_t devmem, slot;
     uint32_t nr_slots, nr_pages, sq_head, cq_tail;
     uint64_t hidden_start, hidden_end;
+    int driver_owned; /* bound to the guest driver: the helper leaves its rings alone */
 };
 
 static inline uint32_t apdev_r32(struct apdev *d, unsigned off) { return *(volatile uint32_t *)(d->ctl + off); }

@@ -32,12 +32,14 @@ struct p2p_provider {
     unsigned long long size;
 };
 
+/* An NVMe controller that publishes p2pmem (an aperture window the driver registered is not this row's). */
 static int has_p2pmem(const char *dir, const char *name)
 {
-    char path[512];
+    char path[512], nvme[512];
 
     snprintf(path, sizeof(path), "%s/%s/p2pmem/allocate", dir, name);
-    return path_exists(path);
+    snprintf(nvme, sizeof(nvme), "%s/%s/nvme", dir, name);
+    return path_exists(path) && path_exists(nvme);
 }
 
 static int is_namespace(const char *dir, const char *name)

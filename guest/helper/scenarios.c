@@ -14,10 +14,15 @@
     &check_p2p_pmem_to_device, &check_p2p_device_to_pmem, &check_p2p_ram_to_device, &check_p2p_device_to_device, \
     &check_aperture_bad_descriptors
 
+/* The guest driver's checks: after the helper's own device checks (the fixture takes the last device from it). */
+#define DRIVER_CHECKS &check_zone_device_window, &check_hmm_migrate, &check_hmm_fault_back, &check_p2p_peer_map, \
+    &check_p2p_peer_map_hidden, &check_p2p_pinned_vs_remap, &check_driver_unload
+
 static const struct check *const default_checks[] = {
     &check_guest_modules, &check_guest_shares, &check_nvdimm_present, DAX_CHECKS, DEVICE_CHECKS, &check_zone_device_p2pmem,
-    &check_p2p_nvme_cmb, &check_witness_hmm_tests, NULL,
+    &check_p2p_nvme_cmb, &check_witness_hmm_tests, DRIVER_CHECKS, NULL,
 };
+static const struct check *const driver_checks[] = {DRIVER_CHECKS, NULL};
 static const struct check *const nvdimm_checks[] = {
     &check_guest_modules, &check_guest_shares, &check_nvdimm_present, NULL,
 };
@@ -45,6 +50,7 @@ static const struct scenario scenarios[] = {
     {.name = "nvdimm", .checks = nvdimm_checks, .serve = 1},
     {.name = "dax", .checks = dax_checks, .serve = 1},
     {.name = "aperture", .checks = device_checks, .serve = 1},
+    {.name = "driver", .checks = driver_checks, .serve = 1},
     {.name = "fuzz", .checks = fuzz_checks},
     {.name = "hang", .run = hang}, /* hello, then never done: the host's run timeout */
 };

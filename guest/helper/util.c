@@ -147,6 +147,12 @@ const char *errno_name(int e)
     case ENXIO: return "ENXIO";
     case ENODEV: return "ENODEV";
     case EACCES: return "EACCES";
+    case EAGAIN: return "EAGAIN";
+    case EBUSY: return "EBUSY";
+    case EEXIST: return "EEXIST";
+    case ENOENT: return "ENOENT";
+    case ENOSPC: return "ENOSPC";
+    case ETIMEDOUT: return "ETIMEDOUT";
     default: return "EUNKNOWN";
     }
 }

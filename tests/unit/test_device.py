@@ -581,3 +581,52 @@ def test_remap_latency_samples_are_bounded() -> None:
     stats.add_latency(99.0)
     assert len(stats.latencies_ms) == remap.MAX_LATENCY_SAMPLES
     assert stats.summary()["latency_ms_max"] == 99.0 and 1.0 <= stats.summary()["latency_ms_p50"] <= 1.6
+
+
+def _pin(rig: Rig, slot: int, value: int = 1) -> None:
+    """What the guest driver does (ABI 1.2): SLOT_PIN[slot] non-zero while a peer may DMA to the slot."""
+    rig.dev.ctl._u32[abi.reg("SLOT_PIN") // 4 + slot] = value
+
+
+def test_a_pinned_slot_is_refused_to_a_host_remap_and_keeps_its_page(rig: Rig) -> None:
+    s = SMALL.slot
+    rig.dev.retarget({0: 2, 1: 3})
+    rig.dev.window_file.view[0:4] = b"peer"  # a peer's DMA landing in the pinned slot
+    _pin(rig, 0)
+    with pytest.raises(DmaFault) as refused:
+        rig.dev.retarget({0: 5})
+    assert refused.value.status == STATUS["EBUSY"] and "pinned" in str(refused.value)
+    assert rig.dev.retarget({0: 5, 1: 6}, skip_pinned=True) == {1: 6}  # the controller's way: left out
+    assert rig.dev.window.slots[:2] == [2, 6] and bytes(rig.dev.window_file.view[0:4]) == b"peer"
+    assert rig.dev.pinned_skips == 1 and rig.dev.stats()["pinned"] == [0]
+    _pin(rig, 0, 0)
+    rig.dev.retarget({0: 5})  # unpinned: the host may move it again, writing the peer's bytes back
+    assert bytes(rig.dev.devmem.view[2 * s : 2 * s + 4]) == b"peer"
+
+
+def test_garbage_pins_only_hold_remaps_back(rig: Rig) -> None:
+    """A hostile guest may write anything into SLOT_PIN: any non-zero value pins, nothing else happens."""
+    from aperture.qmp_client.remap import random_moves
+
+    for slot in range(SMALL.nr_slots):
+        _pin(rig, slot, 0xDEADBEEF)
+    assert random_moves(rig.dev, random.Random(1), max_slots=3) == {}
+    assert rig.dev.retarget({0: 1, 3: 2}, skip_pinned=True) == {}
+    assert rig.one(abi.OP_MAP, slot=0, page=1)[0] == STATUS["OK"]  # the guest's own MAP is its business
+
+
+def test_random_moves_leave_pinned_slots_alone(tmp_path: Path) -> None:
+    from aperture.qmp_client.remap import random_moves
+
+    rig = Rig(tmp_path)
+    rng = random.Random(3)
+    try:
+        rig.dev.retarget({2: 4})
+        _pin(rig, 2)
+        for _ in range(300):
+            moves = random_moves(rig.dev, rng, max_slots=3)
+            assert 2 not in moves and 4 not in moves.values()  # its page stays live only there
+            rig.dev.retarget(moves)
+        assert rig.dev.window.slots[2] == 4
+    finally:
+        rig.close()

@@ -33,7 +33,7 @@ def test_default_argv_shape() -> None:
     assert any("id=pmem0" in o and f"size={256 * 2**20}" in o and "share=on" in o for o in objects)
     assert "nvdimm,id=nvdimm0,memdev=pmem0" in _opt_values(argv, "-device")  # label-less: no label-size
     assert "panic=-1" in _opt_values(argv, "-append")[0]
-    assert _opt_values(argv, "-cpu") == ["max"]
+    assert _opt_values(argv, "-cpu") == ["max,family=23,model=1"]  # Zen: P2PDMA through the host bridge
 
 
 def test_default_topology_is_fsdax_plus_devdax_and_a_probe_bar() -> None:
