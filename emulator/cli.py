@@ -529,6 +529,22 @@ def bench_device_cmd(kernel: str | None, modules: Path | None, kconfig: Path | N
     print_bench(bench_device(config, resolve_kernel(kernel, modules, kconfig), ui.progress), as_json)
 
 
+@bench.command("driver")
+@vm_options
+@click.option("--json", "as_json", is_flag=True)
+def bench_driver_cmd(kernel: str | None, modules: Path | None, kconfig: Path | None, pmem: tuple[PmemConfig, ...],
+                     devices: tuple[DeviceConfig, ...] | None, nvme: int, memory: int, accel: str, boot_timeout: float,
+                     run_timeout: float, append: tuple[str, ...], quiet: bool, as_json: bool) -> None:
+    """The guest driver: migration and fault-back MB/s vs host memcpy, peer-map latency vs the MAP floor."""
+    from aperture.guest.kernel import resolve_kernel
+
+    from .bench import bench_driver
+
+    ui = ProgressOutput(quiet)
+    config = make_config(pmem, memory, accel, boot_timeout, run_timeout, append, devices, nvme)
+    print_bench(bench_driver(config, resolve_kernel(kernel, modules, kconfig), ui.progress), as_json)
+
+
 @bench.command("soak")
 @vm_options
 @click.option("--duration", callback=_duration, default="10m", show_default=True, metavar="DURATION",

@@ -168,8 +168,8 @@ class Env(StrEnum):
 
 
 #: Scenarios the helper runs (``aperture_scenario``; ``serve`` takes the ones marked for it).
-SCENARIOS = ("probe", "default", "idle", "remap", "bench-device", "bench-dax", "nvdimm", "dax", "aperture", "fuzz",
-             "hang")
+SCENARIOS = ("probe", "default", "idle", "remap", "bench-device", "bench-dax", "bench-driver", "nvdimm", "dax",
+             "aperture", "driver", "fuzz", "hang")
 
 
 class MsgType(StrEnum):

@@ -36,11 +36,13 @@ extern const struct check check_guest_modules, check_guest_shares, check_nvdimm_
     check_witness_hmm_tests, check_remap_consistency, check_aperture_fuzz;
 
 /* checks_driver.c: the guest kernel driver (fixture: the last device bound to it) */
+extern const struct fixture fixture_kdev;
 extern const struct check check_zone_device_window, check_hmm_migrate, check_hmm_fault_back, check_p2p_peer_map,
     check_p2p_peer_map_hidden, check_p2p_pinned_vs_remap, check_driver_unload;
 
 /* Benchmarks: bench_dax.c (fixture dax), bench_device.c (fixture devices). */
 void bench_dax(void);
 void bench_device(void);
+void bench_driver(void); /* checks_driver.c, fixture kdev */
 
 #endif

@@ -108,7 +108,7 @@ static void kdev_teardown(void)
     kd.d = NULL;
 }
 
-static const struct fixture fixture_kdev = {
+const struct fixture fixture_kdev = {
     .name = "kdev", .needs = &fixture_devices, .setup = kdev_setup, .teardown = kdev_teardown,
 };
 
@@ -630,6 +630,77 @@ static void check_unload(void)
     jb_printf(&jb, ",\"reloaded\":%s}", reloaded ? "true" : "false");
     report_check(APERTURE_CHECK_DRIVER_UNLOAD, pinned_rc != 0 && (pinned_err == EAGAIN || pinned_err == EBUSY) &&
                  rc == 0 && reloaded, jb.buf);
+}
+
+/* ---------------------------------------------------------------- bench-driver */
+static double median_of(double *v, int n)
+{
+    qsort(v, n, sizeof(double), cmp_double);
+    return n ? v[n / 2] : 0;
+}
+
+/* Migration and fault-back throughput, peer-map latency (evicting and hitting a mapped slot). */
+void bench_driver(void)
+{
+    enum { ROUNDS = 3, MAPS = 1000 };
+    static double mig[ROUNDS], back[ROUNDS], map_us[MAPS], hit_us[MAPS], unmap_us[MAPS];
+    const size_t stride = kd.d ? kd.d->slot : 0, spread = 16;
+    uint64_t migrated = 0;
+    char line[1024];
+    int fd;
+
+    if (!kd.d || (fd = open(kd.dev, O_RDWR | O_CLOEXEC)) < 0) {
+        report_log("bench-driver: %s", kd.d ? strerror(errno) : kd.why);
+        return;
+    }
+    for (int r = 0; r < ROUNDS; r++) {
+        uint8_t *buf = anon(MIGRATE_LEN);
+        double t0;
+
+        if (!buf)
+            break;
+        pattern_fill(buf, MIGRATE_LEN, (uint32_t)r + 1);
+        t0 = now_s();
+        if (migrate(fd, buf, MIGRATE_LEN, 0, NULL, &migrated) != 0 || migrated != MIGRATE_LEN / PAGE)
+            break;
+        mig[r] = MIGRATE_LEN / 1e6 / (now_s() - t0);
+        t0 = now_s();
+        if (!pattern_check(buf, FAULT_LEN, (uint32_t)r + 1)) /* the first 16 MiB fault back */
+            break;
+        back[r] = FAULT_LEN / 1e6 / (now_s() - t0);
+        munmap(buf, MIGRATE_LEN);
+    }
+    uint8_t *pages = anon(stride * spread);
+    int done = 0;
+    if (pages && migrate(fd, pages, stride * spread, 0, NULL, &migrated) == 0) {
+        for (; done < MAPS; done++) {
+            struct aperture_peer_map pm = {.addr = (uintptr_t)(pages + (done % spread) * stride)};
+            struct aperture_peer_map again = {.addr = pm.addr + PAGE};
+            double t0 = now_s(), t1, t2;
+
+            if (ioctl(fd, APERTURE_IOC_PEER_MAP, &pm) != 0)
+                break;
+            t1 = now_s();
+            if (ioctl(fd, APERTURE_IOC_PEER_MAP, &again) != 0) /* same device page: its slot is mapped */
+                break;
+            t2 = now_s();
+            ioctl(fd, APERTURE_IOC_PEER_UNMAP, &again.id);
+            ioctl(fd, APERTURE_IOC_PEER_UNMAP, &pm.id);
+            map_us[done] = (t1 - t0) * 1e6;
+            hit_us[done] = (t2 - t1) * 1e6;
+            unmap_us[done] = (now_s() - t2) * 1e6 / 2;
+        }
+    }
+    double map_p50 = median_of(map_us, done), map_p99 = done ? map_us[done * 99 / 100] : 0;
+    snprintf(line, sizeof(line),
+             "{\"type\":\"" APERTURE_MSG_FIGURES "\",\"values\":{\"migrate_64m_MBps\":%.1f,"
+             "\"fault_back_MBps\":%.2f,\"peer_map_evict_us_p50\":%.1f,\"peer_map_evict_us_p99\":%.1f,"
+             "\"peer_map_hit_us_p50\":%.1f,\"peer_unmap_us_p50\":%.1f,\"peer_map_rounds\":%d,"
+             "\"slot_size\":%llu}}",
+             median_of(mig, ROUNDS), median_of(back, ROUNDS), map_p50, map_p99, median_of(hit_us, done),
+             median_of(unmap_us, done), done, (unsigned long long)stride);
+    report_line(line);
+    close(fd);
 }
 
 #define DRIVER_CHECK(id, check_name, function, limit)                                                            \

@@ -47,6 +47,7 @@ static const struct scenario scenarios[] = {
     {.name = "remap", .checks = remap_checks},
     {.name = "bench-device", .fixture = &fixture_devices, .run = bench_device},
     {.name = "bench-dax", .fixture = &fixture_dax, .run = bench_dax},
+    {.name = "bench-driver", .fixture = &fixture_kdev, .run = bench_driver},
     {.name = "nvdimm", .checks = nvdimm_checks, .serve = 1},
     {.name = "dax", .checks = dax_checks, .serve = 1},
     {.name = "aperture", .checks = device_checks, .serve = 1},
