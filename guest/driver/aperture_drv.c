@@ -30,6 +30,7 @@
 #include <linux/highmem.h>
 #include <linux/hmm.h>
 #include <linux/io.h>
+#include <linux/kref.h>
 #include <linux/ktime.h>
 #include <linux/memremap.h>
 #include <linux/migrate.h>
@@ -40,6 +41,7 @@
 #include <linux/pagemap.h>
 #include <linux/pci.h>
 #include <linux/pci-p2pdma.h>
+#include <linux/rwsem.h>
 #include <linux/sched/mm.h>
 #include <linux/slab.h>
 #include <linux/uaccess.h>
@@ -120,6 +122,9 @@ struct apdrv {
 
 	struct miscdevice misc;
 	char name[16];
+	struct kref ref;		/* the device, and each open file */
+	struct rw_semaphore gone_lock;	/* file operations against unbind */
+	bool gone;			/* unbound: files still open get -ENODEV */
 	struct aperture_stats stats;	/* under slot_lock, or ring_lock for the DMA counters */
 	atomic64_t faults;
 };
@@ -843,7 +848,22 @@ out:
 
 static struct apdrv *apdrv_of_file(struct file *file)
 {
-	return container_of(file->private_data, struct apdrv, misc);
+	return file->private_data;
+}
+
+static void apdrv_free(struct kref *ref)
+{
+	kfree(container_of(ref, struct apdrv, ref));
+}
+
+/* Called by misc_open with misc_mtx held: the device cannot be unregistered under us. */
+static int apdrv_open(struct inode *inode, struct file *file)
+{
+	struct apdrv *ad = container_of(file->private_data, struct apdrv, misc);
+
+	kref_get(&ad->ref);
+	file->private_data = ad;
+	return 0;
 }
 
 static int apdrv_release(struct inode *inode, struct file *file)
@@ -851,12 +871,15 @@ static int apdrv_release(struct inode *inode, struct file *file)
 	struct apdrv *ad = apdrv_of_file(file);
 	int i;
 
-	for (i = 0; i < APDRV_MAX_PEERS; i++)
+	down_read(&ad->gone_lock);
+	for (i = 0; !ad->gone && i < APDRV_MAX_PEERS; i++)
 		if (ad->peers[i].id && ad->peers[i].owner == file)
 			if (apdrv_peer_unmap(ad, file, ad->peers[i].id))
 				dev_warn(&ad->pdev->dev,
 					 "slot %u stays pinned: its P2P page is still held\n",
 					 ad->peers[i].slot);
+	up_read(&ad->gone_lock);
+	kref_put(&ad->ref, apdrv_free);
 	return 0;
 }
 
@@ -868,14 +891,20 @@ static int apdrv_mmap(struct file *file, struct vm_area_struct *vma)
 
 	if (!(vma->vm_flags & VM_SHARED) || vma->vm_end - vma->vm_start != PAGE_SIZE)
 		return -EINVAL;
+	down_read(&ad->gone_lock);
+	if (ad->gone) {
+		up_read(&ad->gone_lock);
+		return -ENODEV;
+	}
 	mutex_lock(&ad->slot_lock);
 	peer = apdrv_peer_find(ad, file, vma->vm_pgoff);
 	ret = peer ? vm_insert_page(vma, vma->vm_start, peer->p2p) : -ENOENT;
 	mutex_unlock(&ad->slot_lock);
+	up_read(&ad->gone_lock);
 	return ret;
 }
 
-static long apdrv_ioctl(struct file *file, unsigned int cmd, unsigned long arg)
+static long apdrv_ioctl_locked(struct file *file, unsigned int cmd, unsigned long arg)
 {
 	struct apdrv *ad = apdrv_of_file(file);
 	void __user *uarg = (void __user *)arg;
@@ -938,8 +967,21 @@ static long apdrv_ioctl(struct file *file, unsigned int cmd, unsigned long arg)
 	}
 }
 
+static long apdrv_ioctl(struct file *file, unsigned int cmd, unsigned long arg)
+{
+	struct apdrv *ad = apdrv_of_file(file);
+	long ret = -ENODEV;
+
+	down_read(&ad->gone_lock);
+	if (!ad->gone)
+		ret = apdrv_ioctl_locked(file, cmd, arg);
+	up_read(&ad->gone_lock);
+	return ret;
+}
+
 static const struct file_operations apdrv_fops = {
 	.owner = THIS_MODULE,
+	.open = apdrv_open,
 	.release = apdrv_release,
 	.mmap = apdrv_mmap,
 	.unlocked_ioctl = apdrv_ioctl,
@@ -1103,6 +1145,8 @@ static int apdrv_probe(struct pci_dev *pdev, const struct pci_device_id *id)
 	mutex_init(&ad->list_lock);
 	mutex_init(&ad->slot_lock);
 	mutex_init(&ad->notifier_lock);
+	kref_init(&ad->ref);
+	init_rwsem(&ad->gone_lock);
 	spin_lock_init(&ad->alloc_lock);
 	atomic64_set(&ad->faults, 0);
 	ret = pci_enable_device_mem(pdev);
@@ -1156,23 +1200,37 @@ err_teardown:
 err_disable:
 	pci_disable_device(pdev);
 err_free:
-	kfree(ad);
+	kref_put(&ad->ref, apdrv_free);
 	return ret;
 }
 
 /*
- * Unbind: the character device goes first (open files keep the module, so rmmod
- * waits for them; a sysfs unbind with files open leaves their calls failing),
- * then every device page comes back to system memory.
+ * Unbind: no new opens; files still open keep the structure (kref) and get
+ * -ENODEV from now on (rmmod cannot get here with files open: they hold the
+ * module); peer mappings end, then every device page comes back to system
+ * memory.
  */
 static void apdrv_remove(struct pci_dev *pdev)
 {
 	struct apdrv *ad = pci_get_drvdata(pdev);
+	struct apdrv_peer *peer;
+	int i;
 
 	misc_deregister(&ad->misc);
+	down_write(&ad->gone_lock);
+	ad->gone = true;
+	for (i = 0; i < APDRV_MAX_PEERS; i++) {
+		peer = &ad->peers[i];
+		if (!peer->id)
+			continue;
+		if (apdrv_peer_unmap(ad, peer->owner, peer->id))
+			dev_warn(&pdev->dev, "unbind: a peer still holds the P2P page of slot %u\n",
+				 peer->slot);
+	}
+	up_write(&ad->gone_lock);
 	apdrv_teardown(ad);
 	pci_disable_device(pdev);
-	kfree(ad);
+	kref_put(&ad->ref, apdrv_free);
 }
 
 /* Nothing matches by ID: a device is bound only through driver_override ("aperture"). */

@@ -598,17 +598,43 @@ static int delete_module(void)
     return (int)syscall(SYS_delete_module, DRIVER_MODULE, O_NONBLOCK);
 }
 
+/* Unbind through sysfs while a file is open and a page is migrated: the page comes back, the file's calls get
+ * ENODEV, nothing breaks; then bind again. Returns the file's errno after the unbind (0: it still worked). */
+static int unbind_with_file_open(int *page_ok)
+{
+    struct aperture_stats st;
+    uint32_t seed = seed_for(8);
+    uint64_t migrated = 0;
+    int fd = open(kd.dev, O_RDWR | O_CLOEXEC), err = 0;
+    uint8_t *buf = anon(PAGE);
+
+    *page_ok = 0;
+    if (fd < 0 || !buf)
+        return -1;
+    pattern_fill(buf, PAGE, seed);
+    if (migrate(fd, buf, PAGE, 0, NULL, &migrated) != 0 || migrated != 1 ||
+        write_text(DRIVER_DIR "/unbind", kd.d->ctl_bdf) != 0) {
+        close(fd);
+        return -1;
+    }
+    err = stats(fd, &st) == 0 ? 0 : errno;
+    *page_ok = pattern_check(buf, PAGE, seed); /* migrated back at unbind: plain memory now */
+    close(fd);
+    return bind_device(kd.d) == 0 ? err : -1;
+}
+
 static void check_unload(void)
 {
     struct peer p = {0};
     struct jbuf jb;
     uint64_t migrated = 0;
-    int fd, pinned_rc = 0, pinned_err = 0, rc, err, reloaded;
+    int fd, pinned_rc = 0, pinned_err = 0, rc, err, reloaded, page_ok, open_err;
     uint8_t *buf;
 
     if (absent(APERTURE_CHECK_DRIVER_UNLOAD))
         return;
     jb_init(&jb);
+    open_err = unbind_with_file_open(&page_ok);
     fd = open(kd.dev, O_RDWR | O_CLOEXEC);
     buf = anon(PAGE);
     if (fd < 0 || !buf || migrate(fd, buf, PAGE, 0, NULL, &migrated) != 0 || peer_map(fd, buf, &p) != 0) {
@@ -622,14 +648,16 @@ static void check_unload(void)
     close(fd);
     rc = delete_module();
     err = rc ? errno : 0;
-    jb_printf(&jb, "{\"pinned\":{\"slot\":%u,\"rmmod\":\"%s\"},\"unpinned\":{\"rmmod\":\"%s\",\"driver_gone\":%s}",
-              p.pm.slot, pinned_rc ? errno_name(pinned_err) : "ok", rc ? errno_name(err) : "ok",
+    jb_printf(&jb, "{\"unbind_with_file_open\":{\"file_after\":\"%s\",\"page_back_intact\":%s},"
+              "\"pinned\":{\"slot\":%u,\"rmmod\":\"%s\"},\"unpinned\":{\"rmmod\":\"%s\",\"driver_gone\":%s}",
+              open_err < 0 ? "setup failed" : errno_name(open_err), page_ok ? "true" : "false", p.pm.slot,
+              pinned_rc ? errno_name(pinned_err) : "ok", rc ? errno_name(err) : "ok",
               path_exists(DRIVER_DIR) ? "false" : "true");
     /* Load it again and rebind, so what runs after (the serve loop, teardown) finds the state it had. */
     reloaded = rc == 0 && run_cmd("insmod /lib/modules/" DRIVER_MODULE ".ko") == 0 && bind_device(kd.d) == 0;
     jb_printf(&jb, ",\"reloaded\":%s}", reloaded ? "true" : "false");
-    report_check(APERTURE_CHECK_DRIVER_UNLOAD, pinned_rc != 0 && (pinned_err == EAGAIN || pinned_err == EBUSY) &&
-                 rc == 0 && reloaded, jb.buf);
+    report_check(APERTURE_CHECK_DRIVER_UNLOAD, open_err == ENODEV && page_ok && pinned_rc != 0 &&
+                 (pinned_err == EAGAIN || pinned_err == EBUSY) && rc == 0 && reloaded, jb.buf);
 }
 
 /* ---------------------------------------------------------------- bench-driver */

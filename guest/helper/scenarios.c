@@ -14,9 +14,11 @@
     &check_p2p_pmem_to_device, &check_p2p_device_to_pmem, &check_p2p_ram_to_device, &check_p2p_device_to_device, \
     &check_aperture_bad_descriptors
 
-/* The guest driver's checks: after the helper's own device checks (the fixture takes the last device from it). */
-#define DRIVER_CHECKS &check_zone_device_window, &check_hmm_migrate, &check_hmm_fault_back, &check_p2p_peer_map, \
-    &check_p2p_peer_map_hidden, &check_p2p_pinned_vs_remap, &check_driver_unload
+/* The guest driver's checks: after the helper's own device checks (the fixture takes the last device from it).
+ * driver.unload first: it unbinds, unloads and reloads the driver, whose allocator then starts afresh, so the
+ * pages it wrote are reused by the checks after it instead of overwriting the device bytes they claim. */
+#define DRIVER_CHECKS &check_driver_unload, &check_zone_device_window, &check_hmm_migrate, &check_hmm_fault_back, \
+    &check_p2p_peer_map, &check_p2p_peer_map_hidden, &check_p2p_pinned_vs_remap
 
 static const struct check *const default_checks[] = {
     &check_guest_modules, &check_guest_shares, &check_nvdimm_present, DAX_CHECKS, DEVICE_CHECKS, &check_zone_device_p2pmem,

@@ -86,6 +86,7 @@ def test_rmmod_is_refused_while_pinned_and_works_when_not(default_run) -> None:
     d = checks_by_name(default_run[1])["driver.unload"]["detail"]
     assert d["pinned"]["rmmod"] in ("EAGAIN", "EBUSY")
     assert d["unpinned"]["rmmod"] == "ok" and d["unpinned"]["driver_gone"] and d["reloaded"]
+    assert d["unbind_with_file_open"] == {"file_after": "ENODEV", "page_back_intact": True}
 
 
 def test_the_driver_builds_with_w1_and_a_warning_fails_the_build(tmp_path: Path, built_kernel) -> None:
