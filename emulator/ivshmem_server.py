@@ -1,9 +1,10 @@
 """The server side of QEMU's ivshmem protocol (docs/specs/ivshmem-spec.rst), nothing device-specific.
 
 On connect a client gets: protocol version 0, its id, -1 with the shared-memory fd, then for each peer one
-message per vector carrying that peer's eventfd, then its own id once per vector with its own eventfds. We
-are peer 0: the guest rings us with Doorbell = (0 << 16) | vector, which QEMU turns into a write to our
-eventfd for that vector.
+message per vector carrying that peer's eventfd, then its own id once per vector with its own eventfds. QEMU
+is peer 0 (an ivshmem device with master=on, which is what makes it migratable, must be the first peer) and
+we are peer ``server_peer`` (1): the guest rings us with Doorbell = (1 << 16) | vector, which QEMU turns into
+a write to our eventfd for that vector.
 """
 
 from __future__ import annotations
@@ -14,12 +15,14 @@ import struct
 from pathlib import Path
 
 PROTOCOL_VERSION = 0
-SERVER_PEER_ID = 0
-CLIENT_ID = 1
+CLIENT_ID = 0
 
 
 class IvshmemServer:
-    def __init__(self, path: Path, shm_fd: int, vectors: int = 1) -> None:
+    def __init__(self, path: Path, shm_fd: int, vectors: int = 1, server_peer: int = 1) -> None:
+        if server_peer == CLIENT_ID:
+            raise ValueError("the server's peer id must differ from the client's")
+        self.server_peer = server_peer
         self.path = path
         self.shm_fd = shm_fd
         self.vectors = vectors
@@ -54,7 +57,7 @@ class IvshmemServer:
             self._send(conn, CLIENT_ID)
             self._send(conn, -1, self.shm_fd)
             for fd in self.doorbells:
-                self._send(conn, SERVER_PEER_ID, fd)
+                self._send(conn, self.server_peer, fd)
             self._client_fds = [os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK) for _ in range(self.vectors)]
             for fd in self._client_fds:
                 self._send(conn, CLIENT_ID, fd)

@@ -108,6 +108,7 @@ class ControlMemory:
         self.set("RING_ENTRIES", abi.RING_ENTRIES)
         self.set("NR_HIDDEN", len(config.hidden))
         self.set("WINDOW_PCI_SLOT", window_pci_slot)
+        self.set("DOORBELL_PEER", abi.DOORBELL_PEER_ID)
         for i, (start, end) in enumerate(config.hidden):
             self._u64[abi.reg("HIDDEN") // 8 + 2 * i] = start
             self._u64[abi.reg("HIDDEN") // 8 + 2 * i + 1] = end

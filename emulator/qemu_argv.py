@@ -12,6 +12,7 @@ from aperture.guest.units import GiB
 from aperture.qmp_client.qemu import (
     NVME_DRIVE_ID,
     NVME_ID,
+    NVME_PORT_ID,
     PROBE_BAR_BACKEND_ID,
     PROBE_BAR_ID,
     RAM_BACKEND_ID,
@@ -32,6 +33,8 @@ from .runpaths import DeviceFiles, RunPaths
 
 PCI_SLOT_BASE = 0x10
 PROBE_BAR_SLOT = 0x0F
+NVME_PORT_SLOT = 0x0E
+NVME_PORT_CHASSIS = 16  # window hotplug ports use chassis 1..MAX_DEVICES
 
 
 #: The TCG CPU: every feature TCG has, reporting an AMD Zen family (0x17). Linux's P2PDMA lets a peer (the NVMe
@@ -40,9 +43,16 @@ PROBE_BAR_SLOT = 0x0F
 TCG_CPU = "max,family=23,model=1"
 
 
+def nvme_device_args() -> str:
+    """The NVMe controller's -device value (also what a restore hot-plugs with device_add)."""
+    return f"nvme,id={NVME_ID},serial=aperture0,drive={NVME_DRIVE_ID},cmb_size_mb={NVME_CMB_MB},bus={NVME_PORT_ID}"
+
+
 def build_argv(qemu: str, config: VmConfig, kernel: KernelSpec, initrd: Path, paths: RunPaths, accel: str,
-               cmdline: str, user_qmp: bool = False, command_channel: bool = False) -> list[str]:
-    """The full QEMU command line for one VM (pure: unit-tested without QEMU)."""
+               cmdline: str, user_qmp: bool = False, command_channel: bool = False,
+               plug_nvme: bool = True) -> list[str]:
+    """The full QEMU command line for one VM (pure: unit-tested without QEMU). ``plug_nvme=False``: the NVMe's
+    root port and drive only (a snapshot's topology; the controller is hot-plugged after a restore)."""
     mem = config.memory
     pmem_total = sum(-(-p.file_size // GiB) * GiB for p in config.pmem)
     argv = [
@@ -67,7 +77,8 @@ def build_argv(qemu: str, config: VmConfig, kernel: KernelSpec, initrd: Path, pa
         "-no-reboot",
         "-object", f"memory-backend-file,id={PROBE_BAR_BACKEND_ID},size={PROBE_BAR_SIZE},"
                    f"mem-path={opt_value(paths.probe_bar)},share=on",
-        "-device", f"ivshmem-plain,id={PROBE_BAR_ID},memdev={PROBE_BAR_BACKEND_ID},addr={PROBE_BAR_SLOT:#x}",
+        "-device", f"ivshmem-plain,id={PROBE_BAR_ID},memdev={PROBE_BAR_BACKEND_ID},master=on,"
+                   f"addr={PROBE_BAR_SLOT:#x}",
     ]
     for i, (dev, files) in enumerate(zip(config.devices, paths.device_files(len(config.devices)), strict=True)):
         argv += device_qemu_args(i, dev, files, config.window_hotplug)
@@ -81,7 +92,10 @@ def build_argv(qemu: str, config: VmConfig, kernel: KernelSpec, initrd: Path, pa
                  "-device", f"virtserialport,bus=vser0.0,chardev=shell,name={SHELL_PORT}"]
     if config.nvme:
         argv += ["-drive", f"file={opt_value(paths.nvme)},if=none,id={NVME_DRIVE_ID},format=raw",
-                 "-device", f"nvme,id={NVME_ID},serial=aperture0,drive={NVME_DRIVE_ID},cmb_size_mb={NVME_CMB_MB}"]
+                 "-device", f"pcie-root-port,id={NVME_PORT_ID},chassis={NVME_PORT_CHASSIS},slot={NVME_PORT_CHASSIS},"
+                            f"addr={NVME_PORT_SLOT:#x}"]
+        if plug_nvme:
+            argv += ["-device", nvme_device_args()]
     for i, share in enumerate(config.shares):
         argv += ["-fsdev", f"local,id={share_id(i)},path={opt_value(share.host)},security_model=none"
                  + (",readonly=on" if share.readonly else ""),
@@ -117,19 +131,21 @@ def device_qemu_args(i: int, config: DeviceConfig, files: DeviceFiles, hotplug: 
     """
     args = [
         "-chardev", f"socket,id={ctl_chardev_id(i)},path={opt_value(files.socket)}",
-        "-device", f"ivshmem-doorbell,id={ctl_id(i)},chardev={ctl_chardev_id(i)},vectors=1,"
+        # master=on everywhere: peer mode blocks migration (snapshots); a master is peer 0, the model peer 1
+        "-device", f"ivshmem-doorbell,id={ctl_id(i)},chardev={ctl_chardev_id(i)},vectors=1,master=on,"
                    f"addr={PCI_SLOT_BASE + 2 * i:#x}",
     ]
     if not hotplug:
         return args + [
             "-object", f"memory-backend-file,id={win_backend_id(i)},size={config.window},"
                        f"mem-path={opt_value(files.window)},share=on",
-            "-device", f"ivshmem-plain,id={win_id(i)},memdev={win_backend_id(i)},addr={PCI_SLOT_BASE + 2 * i + 1:#x}",
+            "-device", f"ivshmem-plain,id={win_id(i)},memdev={win_backend_id(i)},master=on,"
+                       f"addr={PCI_SLOT_BASE + 2 * i + 1:#x}",
         ]
     return args + [
         "-device", f"pcie-root-port,id={port_id(i)},chassis={i + 1},slot={i + 1},pref64-reserve=64M,"
                    f"addr={PCI_SLOT_BASE + 2 * i + 1:#x}",
         "-object", f"memory-backend-file,id={win_backend_id(i)},size={config.window},"
                    f"mem-path={opt_value(files.devmem)},offset=0,share=on",
-        "-device", f"ivshmem-plain,id={win_id(i)},memdev={win_backend_id(i)},bus={port_id(i)}",
+        "-device", f"ivshmem-plain,id={win_id(i)},memdev={win_backend_id(i)},master=on,bus={port_id(i)}",
     ]

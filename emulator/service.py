@@ -16,6 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from aperture.guest import abi
 from aperture.qmp_client.qemu import ctl_id, pmem_index, win_id
 
 from .addrmap import AddressMap, DmaFault, Region, contiguous
@@ -73,7 +74,7 @@ class DeviceService:
             if self.hotplug:
                 dev.window.set_direct(0)
             self.devices.append(dev)
-            self.servers.append(IvshmemServer(files.socket, dev.ctl_fd))
+            self.servers.append(IvshmemServer(files.socket, dev.ctl_fd, server_peer=abi.DOORBELL_PEER_ID))
         self._stop_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         self._thread = threading.Thread(target=self._loop, name="aperture-emulator", daemon=True)
         self._thread.start()

@@ -18,7 +18,10 @@ MAGIC = 0x54525041  # "APRT"
 #: Version of the results channel the helper speaks (its `hello` says it); the host refuses another one.
 HELPER_ABI = 2  # 2: checks run by a harness (harness details), "written" once per check
 ABI_MAJOR = 1
-ABI_MINOR = 2  # 1.2: SLOT_PIN (a guest driver pins slots a peer is using); 1.1: DMA_LIST bytes capped, rounds
+ABI_MINOR = 3  # 1.3: DOORBELL_PEER (ring the device model at peer 1); 1.2: SLOT_PIN; 1.1: DMA_LIST bytes capped
+#: The device model's ivshmem peer id (1.3): QEMU's doorbell device runs with master=on so that a VM can be
+#: snapshotted, and a master must be peer 0; the guest rings DOORBELL_PEER (Doorbell = peer << 16 | vector).
+DOORBELL_PEER_ID = 1
 
 CTL_SIZE = 64 * 1024  # control memory (BAR2 of the ivshmem-doorbell device); a power of two
 MAX_SLOTS = 64
@@ -60,6 +63,7 @@ REGS: dict[str, tuple[int, str]] = {
     "SQ_TAIL": (0x054, "u32"),  # host: consumer index
     "CQ_HEAD": (0x058, "u32"),  # host: producer index
     "CQ_TAIL": (0x05C, "u32"),  # guest: consumer index
+    "DOORBELL_PEER": (0x060, "u32"),  # host: the ivshmem peer id the guest rings (1.3)
     "HIDDEN": (0x080, "u64"),  # NR_HIDDEN pairs of (start, end) device offsets, MAX_HIDDEN at most
     "SLOT_TABLE": (0x100, "u64"),  # NR_SLOTS entries: device page + 1, or 0 when the slot is empty
     "SLOT_PIN": (0x300, "u32"),  # guest: MAX_SLOTS entries, non-zero while a peer may DMA to the slot (1.2)
@@ -282,6 +286,7 @@ def c_header() -> str:
         f"#define APERTURE_STATUS_READY 0x{STATUS_READY:x}u",
         f"#define APERTURE_STATUS_RING_ERROR 0x{STATUS_RING_ERROR:x}u",
         f"#define APERTURE_MAX_DEVICES {MAX_DEVICES}",
+        f"#define APERTURE_DOORBELL_PEER_ID {DOORBELL_PEER_ID}",
         "",
         f'#define APERTURE_RESULTS_PORT "{RESULTS_PORT}"',
         f'#define APERTURE_COMMAND_PORT "{COMMAND_PORT}"',

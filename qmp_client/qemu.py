@@ -72,6 +72,10 @@ def plain_arg(value: str | Path) -> str:
 
 NVME_ID = "nvme0"
 NVME_DRIVE_ID = "nvme0drive"
+#: The pcie-root-port the NVMe controller sits behind: QEMU's NVMe cannot be migrated, so a snapshot is taken
+#: with the port empty and the controller is hot-plugged into it after a restore (and cold-plugged there on a
+#: cold boot, so both see one topology).
+NVME_PORT_ID = "nvme0port"
 PROBE_BAR_ID = "probe-bar"
 PROBE_BAR_BACKEND_ID = "probebar"
 RAM_BACKEND_ID = "ram0"

@@ -230,7 +230,7 @@ class RemapController:
                                          match={"device": win_id(i)}), timeout=20)
         self.stats.deleted_ms.append((time.perf_counter() - t0) * 1e3)
         self.qmp.call(session.object_del(old_id))
-        self.qmp.call(session.device_add("ivshmem-plain", win_id(i), memdev=new_id, bus=port_id(i)))
+        self.qmp.call(session.device_add("ivshmem-plain", win_id(i), memdev=new_id, bus=port_id(i), master="on"))
         self._memdev[i] = new_id
         with device.lock:
             device.window.set_direct(offset)

@@ -87,6 +87,7 @@ struct apdrv {
 	u32 nr_slots;
 	u32 nr_hidden;
 	u64 hidden[APERTURE_MAX_HIDDEN][2];
+	u32 doorbell;		/* DOORBELL_PEER << 16 | vector 0 */
 
 	/* the submission and completion rings */
 	struct mutex ring_lock;
@@ -184,7 +185,7 @@ static int apdrv_submit(struct apdrv *ad, struct aperture_desc *desc, u64 *resul
 	ad->sq_head++;
 	wmb();	/* the descriptor before the index that publishes it */
 	writel(ad->sq_head, ad->ctl + APERTURE_REG_SQ_HEAD);
-	writel(0, ad->regs + APDRV_DOORBELL);
+	writel(ad->doorbell, ad->regs + APDRV_DOORBELL);
 	for (;;) {
 		head = readl(ad->ctl + APERTURE_REG_CQ_HEAD);
 		rmb();	/* the completion after the index that published it */
@@ -997,8 +998,8 @@ static int apdrv_read_config(struct apdrv *ad)
 	if (readl(ad->ctl + APERTURE_REG_MAGIC) != APERTURE_MAGIC)
 		return -ENODEV;
 	version = readl(ad->ctl + APERTURE_REG_ABI_VERSION);
-	if (version >> 16 != APERTURE_ABI_MAJOR || (version & 0xffff) < 2) {
-		pci_err(ad->pdev, "device ABI %u.%u: this driver needs %u.2 or later\n",
+	if (version >> 16 != APERTURE_ABI_MAJOR || (version & 0xffff) < 3) {
+		pci_err(ad->pdev, "device ABI %u.%u: this driver needs %u.3 or later\n",
 			version >> 16, version & 0xffff, APERTURE_ABI_MAJOR);
 		return -ENODEV;
 	}
@@ -1008,6 +1009,7 @@ static int apdrv_read_config(struct apdrv *ad)
 	ad->slot_size = readq(ad->ctl + APERTURE_REG_SLOT_SIZE);
 	ad->nr_slots = readl(ad->ctl + APERTURE_REG_NR_SLOTS);
 	ad->nr_hidden = readl(ad->ctl + APERTURE_REG_NR_HIDDEN);
+	ad->doorbell = readl(ad->ctl + APERTURE_REG_DOORBELL_PEER) << 16;
 	if (!ad->devmem || ad->devmem % PAGE_SIZE || !ad->slot_size || ad->slot_size % PAGE_SIZE ||
 	    !ad->nr_slots || ad->nr_slots > APERTURE_MAX_SLOTS ||
 	    ad->nr_hidden > APERTURE_MAX_HIDDEN ||

@@ -414,7 +414,7 @@ static void check_bad_descriptors(void)
     {
         uint32_t errors_before = apdev_r32(d, APERTURE_REG_ERRORS), garbage = d->sq_head + 100000;
         apdev_w32(d, APERTURE_REG_SQ_HEAD, garbage);
-        d->regs[3] = 0;
+        apdev_doorbell(d);
         double deadline = now_s() + 5;
         while ((apdev_r32(d, APERTURE_REG_ERRORS) == errors_before || apdev_r32(d, APERTURE_REG_SQ_TAIL) != garbage) &&
                now_s() < deadline)

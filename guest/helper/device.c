@@ -123,7 +123,8 @@ int apdev_discover(void)
         if (!ctl)
             continue;
         if (*(volatile uint32_t *)ctl != APERTURE_MAGIC ||
-            (*(volatile uint32_t *)(ctl + APERTURE_REG_ABI_VERSION) >> 16) != APERTURE_ABI_MAJOR) {
+            (*(volatile uint32_t *)(ctl + APERTURE_REG_ABI_VERSION) >> 16) != APERTURE_ABI_MAJOR ||
+            (*(volatile uint32_t *)(ctl + APERTURE_REG_ABI_VERSION) & 0xffff) < 3) { /* 1.3: DOORBELL_PEER */
             munmap((void *)ctl, APERTURE_CTL_SIZE);
             continue;
         }
@@ -137,6 +138,7 @@ int apdev_discover(void)
         d->slot = apdev_r64(d, APERTURE_REG_SLOT_SIZE);
         d->nr_slots = apdev_r32(d, APERTURE_REG_NR_SLOTS);
         d->nr_pages = (uint32_t)(d->devmem / d->slot);
+        d->doorbell = apdev_r32(d, APERTURE_REG_DOORBELL_PEER) << 16; /* vector 0 of the emulator's peer id */
         d->sq_head = apdev_r32(d, APERTURE_REG_SQ_HEAD);
         d->cq_tail = apdev_r32(d, APERTURE_REG_CQ_TAIL);
         if (apdev_r32(d, APERTURE_REG_NR_HIDDEN) > 0) {
@@ -172,7 +174,7 @@ int apdev_submit(struct apdev *d, struct aperture_desc *descs, int n, struct ape
     d->sq_head += (uint32_t)n;
     apdev_w32(d, APERTURE_REG_SQ_HEAD, d->sq_head);
     __sync_synchronize();
-    d->regs[3] = 0; /* Doorbell: peer 0 (the emulator), vector 0 */
+    d->regs[3] = d->doorbell; /* Doorbell: the emulator's peer id << 16, vector 0 */
     double deadline = now_s() + 5.0;
     for (int got = 0; got < n;) {
         if (apdev_r32(d, APERTURE_REG_CQ_HEAD) == d->cq_tail) {
@@ -324,7 +326,7 @@ unsigned long long apdev_stale_completions(void) { return stale_completions; }
 void apdev_doorbell(struct apdev *d)
 {
     __sync_synchronize();
-    d->regs[3] = 0; /* Doorbell: peer 0 (the emulator), vector 0 */
+    d->regs[3] = d->doorbell; /* Doorbell: the emulator's peer id << 16, vector 0 */
 }
 
 void apdev_resync(struct apdev *d)

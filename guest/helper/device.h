@@ -21,6 +21,7 @@ struct apdev {
     unsigned long long ctl_phys, win_phys, win_size;
     uint64_t devmem, slot;
     uint32_t nr_slots, nr_pages, sq_head, cq_tail;
+    uint32_t doorbell; /* what to write to the Doorbell register: DOORBELL_PEER << 16 | vector 0 */
     uint64_t hidden_start, hidden_end;
     int driver_owned; /* bound to the guest driver: the helper leaves its rings alone */
 };

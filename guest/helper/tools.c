@@ -51,7 +51,7 @@ static int flood(struct apdev *d, uint32_t n, unsigned seconds)
     d->sq_head += n;
     apdev_w32(d, APERTURE_REG_SQ_HEAD, d->sq_head);
     __sync_synchronize();
-    d->regs[3] = 0;
+    apdev_doorbell(d);
     printf("queued %u DMA_LIST descriptors, %llu MiB of copying\n", n,
            (unsigned long long)n * APERTURE_MAX_LIST_BYTES >> 20);
     fflush(stdout);

@@ -13,10 +13,11 @@ from aperture.guest.kernelspec import KernelSpec
 from aperture.qmp_client.session import MemoryDevice
 
 
-def _argv(config: VmConfig, accel: str = "tcg") -> list[str]:
+def _argv(config: VmConfig, accel: str = "tcg", plug_nvme: bool = True) -> list[str]:
     paths = RunPaths(Path("/r"), "t1", Path("/dev/shm"), Path("/tmp/aperture-0/t1"))
     kernel = KernelSpec(Path("/k/vmlinuz"), Path("/k/mods"), "6.1")
-    return build_argv("qemu", config, kernel, Path("/i.cpio"), paths, accel, kernel_cmdline(config, "default"))
+    return build_argv("qemu", config, kernel, Path("/i.cpio"), paths, accel, kernel_cmdline(config, "default"),
+                      plug_nvme=plug_nvme)
 
 
 def _opt_values(argv: list[str], opt: str) -> list[str]:
@@ -39,10 +40,10 @@ def test_default_argv_shape() -> None:
 def test_default_topology_is_fsdax_plus_devdax_and_a_probe_bar() -> None:
     argv = _argv(VmConfig())
     assert "aperture_pmem_modes=fsdax,devdax" in _opt_values(argv, "-append")[0]
-    assert "ivshmem-plain,id=probe-bar,memdev=probebar,addr=0xf" in _opt_values(argv, "-device")
+    assert "ivshmem-plain,id=probe-bar,memdev=probebar,master=on,addr=0xf" in _opt_values(argv, "-device")
     devices = _opt_values(argv, "-device")
-    assert "ivshmem-doorbell,id=aperture0-ctl,chardev=apctl0,vectors=1,addr=0x10" in devices
-    assert "ivshmem-plain,id=aperture1-win,memdev=apwin1,addr=0x13" in devices
+    assert "ivshmem-doorbell,id=aperture0-ctl,chardev=apctl0,vectors=1,master=on,addr=0x10" in devices
+    assert "ivshmem-plain,id=aperture1-win,memdev=apwin1,master=on,addr=0x13" in devices
     assert "socket,id=apctl1,path=/tmp/aperture-0/t1/aperture1.sock" in _opt_values(argv, "-chardev")
     assert "aperture_devices=2" in _opt_values(argv, "-append")[0]
     assert any("id=probebar" in o and "size=2097152" in o for o in _opt_values(argv, "-object"))
@@ -132,7 +133,11 @@ def test_old_auto_named_run_dirs_are_pruned(tmp_path: Path, monkeypatch: pytest.
 def test_default_topology_has_an_nvme_with_a_cmb() -> None:
     argv = _argv(VmConfig())
     nvme = [d for d in _opt_values(argv, "-device") if d.startswith("nvme,")]
-    assert nvme == ["nvme,id=nvme0,serial=aperture0,drive=nvme0drive,cmb_size_mb=16"]
+    assert nvme == ["nvme,id=nvme0,serial=aperture0,drive=nvme0drive,cmb_size_mb=16,bus=nvme0port"]
+    assert "pcie-root-port,id=nvme0port,chassis=16,slot=16,addr=0xe" in _opt_values(argv, "-device")
+    without = _argv(VmConfig(), plug_nvme=False)  # a snapshot's topology: the port is there, empty
+    assert "pcie-root-port,id=nvme0port,chassis=16,slot=16,addr=0xe" in _opt_values(without, "-device")
+    assert not [d for d in _opt_values(without, "-device") if d.startswith("nvme,")]
     assert any("file=/r/nvme0.img" in d and "format=raw" in d for d in _opt_values(argv, "-drive"))
     assert not [d for d in _opt_values(_argv(VmConfig(nvme=0)), "-device") if d.startswith("nvme,")]
 
