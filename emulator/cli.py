@@ -203,6 +203,8 @@ guest_bin_option = click.option(
 @click.option("--fuzz", is_flag=True, help="Run the hostile-guest fuzzer (random registers, ring indices, "
               "descriptors, doorbells, results-channel garbage) for --duration instead of the default checks; "
               "with --remap-every the host remaps meanwhile (aperture.fuzz).")
+@click.option("--cold", is_flag=True, help="Boot the guest instead of restoring the warm-start snapshot of this "
+              "VM (and make none). Without it a matching snapshot is restored, made first if there is none.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object (the documented contract).")
 @click.option("--junit-xml", type=click.Path(path_type=Path, dir_okay=False), help="Also write the checks as "
               "JUnit XML (one testcase per check) for CI systems.")
@@ -213,8 +215,8 @@ def run(kernel: str | None, modules: Path | None, kconfig: Path | None, pmem: tu
         shares: tuple[ShareConfig, ...], share_cwd: bool, with_checks: bool, give_shell: bool,
         command: tuple[str, ...],
         reboot: bool, force: bool, guest_bins: tuple[Path, ...], remap_every: float | None, remap_mode: str,
-        duration: float, fuzz: bool, as_json: bool, junit_xml: Path | None, verbose: bool) -> None:
-    """Boot the default VM scenario, run the guest checks, print the results.
+        duration: float, fuzz: bool, cold: bool, as_json: bool, junit_xml: Path | None, verbose: bool) -> None:
+    """Start the default VM, run the guest checks, print the results.
 
     Exit 0 when every check passed, 1 when one failed.
 
@@ -254,10 +256,10 @@ def run(kernel: str | None, modules: Path | None, kconfig: Path | None, pmem: tu
 
         inputs = prepare(config, resolve_kernel(kernel, modules, kconfig), ui.progress)
         name = new_run_name()
-        sys.exit(run_shell(config, inputs, run_dir or default_run_dir(name), ui.progress, name=name))
+        sys.exit(run_shell(config, inputs, run_dir or default_run_dir(name), ui.progress, name=name, cold=cold))
     if command:
         _run_command(config, resolve_kernel(kernel, modules, kconfig), run_dir, ui, command, cwd, with_checks,
-                     as_json, verbose)
+                     as_json, verbose, cold)
     remap = None
     if remap_every is not None:
         if not config.devices:
@@ -287,7 +289,8 @@ def run(kernel: str | None, modules: Path | None, kconfig: Path | None, pmem: tu
         require_hotplug(inputs.qemu)
     name = new_run_name()
     result = run_vm(config, inputs, run_dir or default_run_dir(name), ui.progress, name=name, reboot=reboot,
-                    console_sink=ui.console if verbose else None, remap=remap, fuzz=duration if fuzz else None)
+                    console_sink=ui.console if verbose else None, remap=remap, fuzz=duration if fuzz else None,
+                    cold=cold)
     if junit_xml is not None:
         from .results import junit_xml as to_junit
 
@@ -300,7 +303,7 @@ def run(kernel: str | None, modules: Path | None, kconfig: Path | None, pmem: tu
 
 
 def _run_command(config: VmConfig, spec: Any, run_dir: Path | None, ui: ProgressOutput, command: tuple[str, ...],
-                 cwd: str | None, with_checks: bool, as_json: bool, verbose: bool) -> None:
+                 cwd: str | None, with_checks: bool, as_json: bool, verbose: bool, cold: bool) -> None:
     """`aperture run -- CMD`: the command's output as it comes (to stderr under --json), its status as ours."""
     from .oneshot import command_line, run_command
     from .run import default_run_dir, prepare
@@ -318,7 +321,7 @@ def _run_command(config: VmConfig, spec: Any, run_dir: Path | None, ui: Progress
 
     result = run_command(config, inputs, run_dir or default_run_dir(name), ui.progress, command, cwd=cwd,
                          with_checks=with_checks, on_output=write, console_sink=ui.console if verbose else None,
-                         name=name)
+                         name=name, cold=cold)
     if as_json:
         emit_json(result.to_json())
     else:

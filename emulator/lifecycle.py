@@ -18,7 +18,7 @@ from aperture.guest.kernelspec import KernelSpec
 from .config import VmConfig, config_to_dict
 from .processes import parent_pid
 from .registry import VmRecord, check_name, read_record, reap_orphan, remove_record
-from .run import BootInputs
+from .warm import BootInputs
 
 Progress = Callable[[str], None]
 

@@ -28,6 +28,7 @@ from aperture.guest.kernelspec import KernelSpec
 from aperture.guest.units import MiB, format_size
 from aperture.qmp_client.qemu import find_qemu
 from aperture.qmp_client.session import SyncQmpSession
+from aperture.qmp_client.snapshot import load_state
 
 from .channels import ConsoleLog, ResultsChannel
 from .config import PROBE_BAR_SIZE, VmConfig
@@ -46,7 +47,8 @@ class Vm:
     def __init__(self, config: VmConfig, kernel: KernelSpec, initrd: Path, *, accel: str, run_dir: Path,
                  scenario: str = "default", name: str | None = None, qemu: str | None = None,
                  console_sink: Callable[[str], None] | None = None, guest_env: dict[str, str] | None = None,
-                 user_qmp: bool = False, shell: bool = False) -> None:
+                 user_qmp: bool = False, shell: bool = False, plug_nvme: bool = True,
+                 incoming: Path | None = None) -> None:
         self.config = config
         self.kernel = kernel
         self.initrd = initrd
@@ -59,7 +61,12 @@ class Vm:
         self.user_qmp = user_qmp
         self.argv = build_argv(self.qemu, config, kernel, initrd, self.paths, accel,
                                kernel_cmdline(config, scenario, guest_env), user_qmp,
-                               command_channel=self.command_channel)
+                               command_channel=self.command_channel, plug_nvme=plug_nvme)
+        #: A saved state to start from instead of booting (warm start): QEMU waits for it, paused.
+        self.incoming = incoming
+        if incoming is not None:
+            self.argv += ["-S", "-incoming", "defer"]
+        self.restore_s: float | None = None  # QEMU start → restored and running
         self.results = ResultsChannel(self.paths.results)
         self.console = ConsoleLog(self.paths.console)
         self._cmd_sock: socket.socket | None = None
@@ -176,6 +183,15 @@ class Vm:
             self.qmp.connect(str(self.paths.qmp_socket), timeout=15.0, alive=self.alive)
         except GuestError:
             self._raise_exited("QEMU failed to start")
+        if self.incoming is not None:
+            try:
+                load_state(self.qmp, self.incoming)
+                self.qmp.cont()
+            except GuestError as exc:
+                if not self.alive():
+                    self._raise_exited(f"restoring {self.incoming.parent.name} failed")
+                raise GuestError(f"restoring {self.incoming.parent.name} failed: {exc}") from None
+            self.restore_s = time.monotonic() - self.started_at
         if self.command_channel:
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
             self._register(sock.close)

@@ -15,9 +15,9 @@ from aperture.guest.driver_build import DRIVER_MODULE
 from aperture.guest.errors import ConfigError, GuestError
 
 from .config import VmConfig
-from .machine import Vm
 from .results import Check, HostVerifier, driver_claims, emulator_thread_check
-from .run import BootInputs, Progress, _verifier, check_helper_abi
+from .run import Progress, _verifier, check_helper_abi
+from .warm import BootInputs, ready_vm
 
 #: Setup checks the idle scenario reports only when something went wrong; a failed share is fatal to the command.
 FATAL_SETUP_CHECKS = (CheckName.GUEST_SHARES,)
@@ -40,6 +40,8 @@ class CommandResult:
     run_dir: str
     checks: list[Check] = field(default_factory=list)
     messages: list[str] = field(default_factory=list)
+    start: str = "cold"  # "restore": from a warm-start snapshot
+    restore_s: float | None = None
 
     @property
     def ok(self) -> bool:
@@ -67,43 +69,35 @@ def command_line(argv: tuple[str, ...]) -> str:
     return line
 
 
-def _wait_ready(vm: Vm, on_message: Callable[[dict[str, Any]], None] | None = None) -> None:
-    """Until the idle guest is ready: the helper's ABI checked, a share that failed to mount fatal, every other
-    message before ready handed to ``on_message``."""
+def _setup_messages(notes: list[str] | None = None) -> Callable[[dict[str, Any]], None]:
+    """What a cold-booted idle guest says before it is ready: the helper's ABI checked, a share that failed to
+    mount fatal, its log lines kept in ``notes``."""
 
     def take(msg: dict[str, Any]) -> None:
         if msg.get("type") == MsgType.HELLO:
             check_helper_abi(msg)
         elif msg.get("type") == MsgType.CHECK and msg.get("name") in FATAL_SETUP_CHECKS and not msg.get("ok"):
             raise GuestError(f"the guest could not mount --share directories: {msg.get('detail')}")
-        if on_message is not None:
-            on_message(msg)
+        elif msg.get("type") == MsgType.LOG and notes is not None:  # (setup's checks come again in --checks)
+            notes.append(str(msg.get("message"))[:500])
 
-    vm.wait_idle(on_message=take)
+    return take
 
 
 def run_command(config: VmConfig, inputs: BootInputs, run_dir: Path, progress: Progress, argv: tuple[str, ...],
                 *, cwd: str | None, with_checks: bool, on_output: Callable[[str, bytes], None],
-                console_sink: Callable[[str], None] | None = None, name: str | None = None) -> CommandResult:
+                console_sink: Callable[[str], None] | None = None, name: str | None = None,
+                cold: bool = False) -> CommandResult:
     line = command_line(argv)
     notes: list[str] = []
     pending: list[Check] = []
     written: list[dict[str, Any]] = []
-    with Vm(config, inputs.kernel, inputs.image.path, accel=inputs.accel.accel, run_dir=run_dir, scenario="idle",
-            qemu=inputs.qemu, console_sink=console_sink, name=name) as vm:
-        progress(f"booting {vm.name} ({inputs.accel.accel}) in {vm.paths.run_dir}")
-        verifier: HostVerifier | None = None
-
-        def setup(msg: dict[str, Any]) -> None:
-            nonlocal verifier
-            if msg.get("type") == MsgType.HELLO:
-                # BARs are assigned by then
-                verifier = _verifier(vm, config, inputs.kernel, DRIVER_MODULE in inputs.image.modules)
-            elif msg.get("type") == MsgType.LOG:  # (setup's checks come again in --checks' default scenario)
-                notes.append(str(msg.get("message"))[:500])
-
-        _wait_ready(vm, setup)
-        progress(f"guest ready {vm.boot_s or 0:.2f} s after QEMU start")
+    with ready_vm(config, inputs, run_dir, progress, cold=cold, name=name, console_sink=console_sink,
+                  on_setup=_setup_messages(notes)) as (vm, info):
+        verifier: HostVerifier = _verifier(vm, config, inputs.kernel, DRIVER_MODULE in inputs.image.modules)
+        if info.note:
+            notes.append(f"warm start: {info.note}")
+        progress(f"guest ready {info.ready_s or 0:.2f} s after QEMU start ({info.start})")
         if with_checks:
             progress("running the built-in checks")
             done, seen = vm.command({"scenario": "default"}, timeout=config.run_timeout)
@@ -123,25 +117,25 @@ def run_command(config: VmConfig, inputs: BootInputs, run_dir: Path, progress: P
         t0 = time.monotonic()
         rc, _ = vm.exec(line, timeout=config.run_timeout, cwd=cwd, on_output=relay)
         duration = time.monotonic() - t0
-        boot_s = vm.boot_s
+        boot_s = info.ready_s
         thread_errors = (vm.service.loop_error_count, list(vm.service.loop_errors)) if vm.service else (0, [])
-    checks = [verifier.verify(c, written) for c in pending] if verifier else pending
+    checks = [verifier.verify(c, written) for c in pending]
     if thread_errors[0]:
         checks.append(emulator_thread_check(*thread_errors, run_dir))
     return CommandResult(list(argv), rc, round(duration, 3), sizes, cwd, inputs.accel.accel, inputs.kernel.release,
-                         round(boot_s, 3) if boot_s is not None else None, str(run_dir.resolve()), checks, notes)
+                         round(boot_s, 3) if boot_s is not None else None, str(run_dir.resolve()), checks, notes,
+                         info.start, info.restore_s)
 
 
 def run_shell(config: VmConfig, inputs: BootInputs, run_dir: Path, progress: Progress, *,
-              console_sink: Callable[[str], None] | None = None, name: str | None = None) -> int:
+              console_sink: Callable[[str], None] | None = None, name: str | None = None, cold: bool = False) -> int:
     """``aperture run --shell``: boot, give the terminal a shell in the guest, stop the VM when it exits.
     Returns the shell's exit status (0 when the user detached: the VM stops all the same)."""
     from .terminal import attach
 
-    with Vm(config, inputs.kernel, inputs.image.path, accel=inputs.accel.accel, run_dir=run_dir, scenario="idle",
-            qemu=inputs.qemu, console_sink=console_sink, name=name, shell=True) as vm:
-        progress(f"booting {vm.name} ({inputs.accel.accel}) in {vm.paths.run_dir}")
-        _wait_ready(vm)
+    with ready_vm(config, inputs, run_dir, progress, cold=cold, name=name, console_sink=console_sink, shell=True,
+                  on_setup=_setup_messages()) as (vm, info):
+        progress(f"guest ready {info.ready_s or 0:.2f} s after QEMU start ({info.start})")
         assert vm.shell_sock is not None
         progress("guest shell: exit (or Ctrl-] to detach) stops the VM")
         status = attach(vm.shell_sock)

@@ -35,6 +35,9 @@ PCI_SLOT_BASE = 0x10
 PROBE_BAR_SLOT = 0x0F
 NVME_PORT_SLOT = 0x0E
 NVME_PORT_CHASSIS = 16  # window hotplug ports use chassis 1..MAX_DEVICES
+#: Prefetchable window the firmware reserves behind the NVMe's port: room for the CMB BAR of a controller
+#: hot-plugged after a restore (an empty port otherwise gets no window, and the CMB no address).
+NVME_PORT_PREF64 = "32M"
 
 
 #: The TCG CPU: every feature TCG has, reporting an AMD Zen family (0x17). Linux's P2PDMA lets a peer (the NVMe
@@ -93,7 +96,7 @@ def build_argv(qemu: str, config: VmConfig, kernel: KernelSpec, initrd: Path, pa
     if config.nvme:
         argv += ["-drive", f"file={opt_value(paths.nvme)},if=none,id={NVME_DRIVE_ID},format=raw",
                  "-device", f"pcie-root-port,id={NVME_PORT_ID},chassis={NVME_PORT_CHASSIS},slot={NVME_PORT_CHASSIS},"
-                            f"addr={NVME_PORT_SLOT:#x}"]
+                            f"pref64-reserve={NVME_PORT_PREF64},addr={NVME_PORT_SLOT:#x}"]
         if plug_nvme:
             argv += ["-device", nvme_device_args()]
     for i, share in enumerate(config.shares):

@@ -55,6 +55,10 @@ class RunResult:
     boots: int = 1
     run_name: str = ""
     devices: list[dict[str, Any]] = field(default_factory=list)
+    start: str = "cold"  # "restore": from a warm-start snapshot (emulator/snapshots.py)
+    restore_s: float | None = None  # QEMU start → state loaded and running
+    snapshot: str | None = None  # the snapshot's key
+    snapshot_made_s: float | None = None  # this run made the snapshot first
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)

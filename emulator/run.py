@@ -6,8 +6,8 @@ import dataclasses
 import os
 import secrets
 import shutil
+import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -16,13 +16,13 @@ from aperture.guest.abi import CheckName, Env, MsgType, Phase
 from aperture.guest.cache import cache_root, mtime_or_zero
 from aperture.guest.driver_build import DRIVER_MODULE
 from aperture.guest.errors import ConfigError, GuestError, SetupError
-from aperture.guest.image import GuestImage, build_image
+from aperture.guest.image import build_image
 from aperture.guest.kernel import kernel_config
 from aperture.guest.kernelspec import KernelSpec
 from aperture.qmp_client.qemu import NVME_ID, PROBE_BAR_ID, find_qemu, qemu_version
 from aperture.qmp_client.remap import RemapController
 
-from .accel import AccelChoice, choose_accel
+from .accel import choose_accel
 from .config import RemapPlan, VmConfig
 from .machine import Vm
 from .processes import pid_alive
@@ -39,6 +39,8 @@ from .results import (
     verify_fuzz,
 )
 from .runpaths import AUTO_NAME, reap_dead_runs
+from .snapshots import not_snapshottable
+from .warm import BootInputs, ready_vm
 
 Progress = Callable[[str], None]
 
@@ -88,17 +90,6 @@ def prune_runs(base: Path, keep: int) -> list[Path]:
     return removed
 
 
-@dataclass(frozen=True)
-class BootInputs:
-    """What a run needs before a VM starts; shared by run, bench and tests."""
-
-    kernel: KernelSpec
-    image: GuestImage
-    qemu: str
-    qemu_version: str
-    accel: AccelChoice
-
-
 def prepare(config: VmConfig, kernel: KernelSpec, progress: Progress) -> BootInputs:
     reaped = reap_dead_runs(Path(os.environ.get("APERTURE_SHM", "/dev/shm")))
     if reaped:
@@ -139,18 +130,107 @@ def _verifier(vm: Vm, config: VmConfig, kernel: KernelSpec, driver: bool) -> Hos
     )
 
 
+class _Collector:
+    """What one boot (or one scenario run over the command port) reports: the helper's messages, taken one at a
+    time, bounded whatever the guest sends; remap phases start and stop the host's remap controller."""
+
+    def __init__(self, vm: Vm, config: VmConfig, inputs: BootInputs, progress: Progress,
+                 remap: RemapPlan | None) -> None:
+        self.vm, self.config, self.inputs, self.progress, self.remap = vm, config, inputs, progress, remap
+        self.pending: list[Check] = []
+        self.notes: list[str] = []
+        self.figures: dict[str, float] = {}
+        self.written: list[dict[str, Any]] = []
+        self.stamps: list[Any] = []
+        self.garbage = 0  # unparseable lines on the results channel: the first few become notes, all are counted
+        self.controller: RemapController | None = None
+        self.remap_stats: Any = None
+        self.verifier: HostVerifier | None = None
+
+    def make_verifier(self) -> None:
+        """BARs are assigned by the guest's firmware: read the address map once the guest is up."""
+        self.verifier = _verifier(self.vm, self.config, self.inputs.kernel, DRIVER_MODULE in self.inputs.image.modules)
+
+    def handle(self, msg: dict[str, Any]) -> None:
+        vm, progress = self.vm, self.progress
+        kind = msg.get("type")
+        if kind == MsgType.HELLO:
+            check_helper_abi(msg)
+            self.make_verifier()
+            progress(f"guest up: helper started {vm.boot_s:.2f} s after QEMU start "
+                     f"(guest uptime {msg.get('uptime_s')} s)")
+            if msg.get("kernel_release") != self.inputs.kernel.release:
+                self.notes.append(f"guest reports kernel {msg.get('kernel_release')}")
+        elif kind == MsgType.CHECK:
+            check = Check.from_message(msg)
+            if check is None:
+                self.garbage += 1
+                if self.garbage <= MAX_GARBAGE_NOTES:
+                    self.notes.append(f"malformed check message ignored: {str(msg)[:160]}")
+            else:
+                absent = isinstance(check.detail, dict) and check.detail.get("result") == "absent"
+                progress(f"  guest: {'ok  ' if check.ok else 'n/a ' if absent else 'FAIL'} {check.name}")
+                self.pending.append(check)
+                self.written.extend(driver_claims(check)[: max(MAX_RECORDS - len(self.written), 0)])
+        elif kind == MsgType.FIGURES and isinstance(msg.get("values"), dict):
+            self.figures.update({str(k): float(v) for k, v in msg["values"].items() if isinstance(v, (int, float))})
+        elif (kind == MsgType.PHASE and msg.get("name") == Phase.REMAP_START and vm.service
+              and not self.controller and vm.qmp is not None):
+            # The remap workload runs under the user's plan; a check that asks for remaps itself (the
+            # driver's p2p.pinned_vs_remap) names its period.
+            plan = self.remap or RemapPlan(every=phase_period(msg), duration=1.0, mode="pause")
+            mode = os.environ.get("APERTURE_REMAP_MODE") or plan.mode  # "unsafe": negative control
+            self.controller = RemapController(vm.qmp, vm.service.devices, plan.every, mode)
+            self.controller.on_replug = vm.service.invalidate_map
+            self.controller.start()
+            progress(f"guest workload running; remapping every {plan.every * 1e3:g} ms ({plan.mode} mode)")
+        elif kind == MsgType.PHASE and msg.get("name") == Phase.REMAP_END and self.controller:
+            self.remap_stats = self.controller.stop()
+            progress(f"{self.remap_stats.remaps} remaps done")
+        elif kind == MsgType.STAMPS and isinstance(msg.get("stamps"), list):
+            self.stamps.extend(msg["stamps"][: max(MAX_RECORDS - len(self.stamps), 0)])
+        elif kind == MsgType.WRITTEN and isinstance(msg.get("regions"), list):
+            self.written.extend(r for r in msg["regions"][: max(MAX_RECORDS - len(self.written), 0)]
+                                if isinstance(r, dict))
+        elif kind == MsgType.LOG and len(self.notes) < MAX_NOTES:
+            self.notes.append(str(msg.get("message"))[:500])
+        elif kind == MsgType.GARBAGE:
+            self.garbage += 1
+            if self.garbage <= MAX_GARBAGE_NOTES:
+                self.notes.append(f"unparseable result line: {msg.get('raw')}")
+
+    def close_notes(self) -> None:
+        if self.garbage > MAX_GARBAGE_NOTES:
+            self.notes.append(f"{self.garbage - MAX_GARBAGE_NOTES} more unparseable or malformed result lines "
+                              f"({self.garbage} in all)")
+        if self.controller and self.remap_stats is None:
+            self.remap_stats = self.controller.stop()
+
+    def verified(self, scenario: str, untouchable: UntouchableFiles | None) -> list[Check]:
+        """Verify after the VM is gone: the guest has flushed, QEMU has exited, window slots are written back."""
+        checks = [self.verifier.verify(c, self.written) for c in self.pending] if self.verifier else self.pending
+        remap, remap_stats = self.remap, self.remap_stats
+        if scenario == "fuzz":
+            checks = [verify_fuzz(c, untouchable, remap_stats) if c.name == CheckName.APERTURE_FUZZ else c
+                      for c in checks]
+        elif remap is None:
+            checks = [pinned_vs_remap(c, remap_stats) if c.name == CheckName.P2P_PINNED_VS_REMAP else c
+                      for c in checks]
+        if remap is not None:
+            checks = [remap_consistency(c, remap_stats) if c.name == CheckName.REMAP_CONSISTENCY else c
+                      for c in checks]
+            if remap.mode == "hotplug":
+                checks.append(remap_hotplug(next((c for c in checks if c.name == CheckName.REMAP_CONSISTENCY),
+                                                 None), remap_stats))
+            if self.verifier:
+                checks.append(self.verifier.verify_stamps(self.stamps, self.config.devices))
+        return checks
+
+
 def boot_once(config: VmConfig, inputs: BootInputs, run_dir: Path, progress: Progress, *, scenario: str = "default",
               console_sink: Callable[[str], None] | None = None, name: str | None = None,
               guest_env: dict[str, str] | None = None, remap: RemapPlan | None = None) -> RunResult:
     """Boot once, collect the helper's checks and figures, verify them on the host."""
-    checks: list[Check] = []
-    notes: list[str] = []
-    figures: dict[str, float] = {}
-    written: list[dict[str, Any]] = []
-    stamps: list[Any] = []
-    garbage = 0  # unparseable lines on the results channel: the first few become notes, all are counted
-    controller: RemapController | None = None
-    remap_stats = None
     untouchable = (UntouchableFiles.take(run_dir, [inputs.image.path, inputs.kernel.image]) if scenario == "fuzz"
                    else None)
     with Vm(config, inputs.kernel, inputs.image.path, accel=inputs.accel.accel, run_dir=run_dir, scenario=scenario,
@@ -158,75 +238,16 @@ def boot_once(config: VmConfig, inputs: BootInputs, run_dir: Path, progress: Pro
         assert vm.qmp is not None
         progress(f"booting {vm.name} (QEMU {inputs.qemu_version}, {inputs.accel.accel}) in {vm.paths.run_dir}")
         qemu_ver = vm.qmp.version()
-        verifier: HostVerifier | None = None
-        pending: list[Check] = []
+        collect = _Collector(vm, config, inputs, progress, remap)
         for msg in vm.messages():
-            kind = msg.get("type")
-            if kind == MsgType.HELLO:
-                check_helper_abi(msg)
-                # BARs are assigned by the guest's firmware: read the address map once the guest is up.
-                verifier = _verifier(vm, config, inputs.kernel, DRIVER_MODULE in inputs.image.modules)
-                progress(f"guest up: helper started {vm.boot_s:.2f} s after QEMU start "
-                         f"(guest uptime {msg.get('uptime_s')} s)")
-                if msg.get("kernel_release") != inputs.kernel.release:
-                    notes.append(f"guest reports kernel {msg.get('kernel_release')}")
-            elif kind == MsgType.CHECK:
-                check = Check.from_message(msg)
-                if check is None:
-                    garbage += 1
-                    if garbage <= MAX_GARBAGE_NOTES:
-                        notes.append(f"malformed check message ignored: {str(msg)[:160]}")
-                else:
-                    absent = isinstance(check.detail, dict) and check.detail.get("result") == "absent"
-                    progress(f"  guest: {'ok  ' if check.ok else 'n/a ' if absent else 'FAIL'} {check.name}")
-                    pending.append(check)
-                    written.extend(driver_claims(check)[: max(MAX_RECORDS - len(written), 0)])
-            elif kind == MsgType.FIGURES and isinstance(msg.get("values"), dict):
-                figures.update({str(k): float(v) for k, v in msg["values"].items() if isinstance(v, (int, float))})
-            elif (kind == MsgType.PHASE and msg.get("name") == Phase.REMAP_START and vm.service
-                  and not controller):
-                # The remap workload runs under the user's plan; a check that asks for remaps itself (the
-                # driver's p2p.pinned_vs_remap) names its period.
-                plan = remap or RemapPlan(every=phase_period(msg), duration=1.0, mode="pause")
-                mode = os.environ.get("APERTURE_REMAP_MODE") or plan.mode  # "unsafe": negative control
-                controller = RemapController(vm.qmp, vm.service.devices, plan.every, mode)
-                controller.on_replug = vm.service.invalidate_map
-                controller.start()
-                progress(f"guest workload running; remapping every {plan.every * 1e3:g} ms ({plan.mode} mode)")
-            elif kind == MsgType.PHASE and msg.get("name") == Phase.REMAP_END and controller:
-                remap_stats = controller.stop()
-                progress(f"{remap_stats.remaps} remaps done")
-            elif kind == MsgType.STAMPS and isinstance(msg.get("stamps"), list):
-                stamps.extend(msg["stamps"][: max(MAX_RECORDS - len(stamps), 0)])
-            elif kind == MsgType.WRITTEN and isinstance(msg.get("regions"), list):
-                written.extend(r for r in msg["regions"][: max(MAX_RECORDS - len(written), 0)] if isinstance(r, dict))
-            elif kind == MsgType.LOG and len(notes) < MAX_NOTES:
-                notes.append(str(msg.get("message"))[:500])
-            elif kind == MsgType.GARBAGE:
-                garbage += 1
-                if garbage <= MAX_GARBAGE_NOTES:
-                    notes.append(f"unparseable result line: {msg.get('raw')}")
-        if garbage > MAX_GARBAGE_NOTES:
-            notes.append(f"{garbage - MAX_GARBAGE_NOTES} more unparseable or malformed result lines ({garbage} in all)")
+            collect.handle(msg)
+        collect.close_notes()
         poweroff_s = vm.wait_poweroff()
         progress(f"guest powered off {poweroff_s:.2f} s after QEMU start")
         device_stats = vm.service.stats() if vm.service else []
         thread_errors = (vm.service.loop_error_count, list(vm.service.loop_errors)) if vm.service else (0, [])
-    # Verify after the VM is gone: the guest has flushed, QEMU has exited, window slots are written back.
-    if controller and remap_stats is None:
-        remap_stats = controller.stop()
-    checks = [verifier.verify(c, written) for c in pending] if verifier else pending
-    if scenario == "fuzz":
-        checks = [verify_fuzz(c, untouchable, remap_stats) if c.name == CheckName.APERTURE_FUZZ else c for c in checks]
-    elif remap is None:
-        checks = [pinned_vs_remap(c, remap_stats) if c.name == CheckName.P2P_PINNED_VS_REMAP else c for c in checks]
-    if remap is not None:
-        checks = [remap_consistency(c, remap_stats) if c.name == CheckName.REMAP_CONSISTENCY else c for c in checks]
-        if remap.mode == "hotplug":
-            checks.append(remap_hotplug(next((c for c in checks if c.name == CheckName.REMAP_CONSISTENCY), None),
-                                        remap_stats))
-        if verifier:
-            checks.append(verifier.verify_stamps(stamps, config.devices))
+    collect.close_notes()
+    checks = collect.verified(scenario, untouchable)
     if thread_errors[0]:
         checks.append(emulator_thread_check(*thread_errors, run_dir))
     if not checks and scenario == "default":
@@ -241,18 +262,54 @@ def boot_once(config: VmConfig, inputs: BootInputs, run_dir: Path, progress: Pro
         poweroff_s=round(poweroff_s, 3),
         run_dir=str(vm.paths.run_dir),
         checks=checks,
-        messages=notes,
-        figures=figures,
+        messages=collect.notes,
+        figures=collect.figures,
         run_name=vm.name,
         devices=device_stats,
     )
 
 
+def run_restored(config: VmConfig, inputs: BootInputs, run_dir: Path, progress: Progress, *,
+                 console_sink: Callable[[str], None] | None = None, name: str | None = None,
+                 guest_env: dict[str, str] | None = None, cold: bool = False) -> RunResult:
+    """The default scenario in a VM started by ``ready_vm`` (restored from a snapshot, or booted cold to idle when
+    it cannot be), run over the command port; verified as a boot's checks are."""
+    with ready_vm(config, inputs, run_dir, progress, cold=cold, name=name, console_sink=console_sink,
+                  guest_env=guest_env) as (vm, info):
+        assert vm.qmp is not None
+        qemu_ver = vm.qmp.version()
+        collect = _Collector(vm, config, inputs, progress, None)
+        collect.make_verifier()  # after the NVMe is plugged in: its BARs are in the map
+        progress(f"running the checks in {vm.name} ({info.start}) in {vm.paths.run_dir}")
+        done, _ = vm.command({"scenario": "default"}, timeout=config.run_timeout, on_message=collect.handle)
+        if done.get("rc"):
+            raise GuestError(f"the guest could not run the checks: {done.get('output')}")
+        vm.exec("sync", timeout=30)  # the NVDIMM file system's metadata, before QEMU goes
+        collect.close_notes()
+        device_stats = vm.service.stats() if vm.service else []
+        thread_errors = (vm.service.loop_error_count, list(vm.service.loop_errors)) if vm.service else (0, [])
+    poweroff_s = round(time.monotonic() - vm.started_at, 3)  # QEMU start → QEMU gone
+    checks = collect.verified("default", None)
+    if thread_errors[0]:
+        checks.append(emulator_thread_check(*thread_errors, run_dir))
+    if not checks:
+        raise GuestError("the guest helper reported no checks")
+    notes = ([f"warm start: {info.note}"] if info.note else []) + collect.notes
+    return RunResult(
+        ok=all(c.ok for c in checks), accel=inputs.accel.accel, accel_reason=inputs.accel.reason,
+        qemu_version=qemu_ver, kernel_release=inputs.kernel.release,
+        boot_s=info.ready_s, poweroff_s=poweroff_s, run_dir=str(vm.paths.run_dir), checks=checks, messages=notes,
+        figures=collect.figures, run_name=vm.name, devices=device_stats, start=info.start,
+        restore_s=round(info.restore_s, 3) if info.restore_s is not None else None, snapshot=info.snapshot,
+        snapshot_made_s=round(info.snapshot_made_s, 3) if info.snapshot_made_s is not None else None)
+
+
 def run_vm(config: VmConfig, inputs: BootInputs, run_dir: Path, progress: Progress, *, reboot: bool = False,
            console_sink: Callable[[str], None] | None = None, name: str | None = None,
-           remap: RemapPlan | None = None, fuzz: float | None = None) -> RunResult:
-    """The default scenario; with ``reboot``, boot twice in the same run dir and check persistence;
-    with ``remap``, the window workload under host-driven remaps instead."""
+           remap: RemapPlan | None = None, fuzz: float | None = None, cold: bool = False) -> RunResult:
+    """The default scenario, in a VM restored from a snapshot unless ``cold`` (or it cannot be); with
+    ``reboot``, two real boots in the same run dir and persistence checked; with ``remap``, the window workload
+    under host-driven remaps instead (remap, fuzz and reboot runs boot cold)."""
     token = secrets.token_hex(4)
     if fuzz is not None:
         return boot_once(config, inputs, run_dir, progress, scenario="fuzz", console_sink=console_sink, name=name,
@@ -265,10 +322,18 @@ def run_vm(config: VmConfig, inputs: BootInputs, run_dir: Path, progress: Progre
                          guest_env={Env.STAMP: token, Env.DURATION: f"{remap.duration:g}",
                                     Env.REMAP_MODE: remap.mode},
                          remap=remap)
+    if not reboot:
+        # Restored from a snapshot when one matches (made now if there is none), else booted cold.
+        if cold or not_snapshottable(config, run_dir) is not None:
+            result = boot_once(config, inputs, run_dir, progress, console_sink=console_sink, name=name,
+                               guest_env={Env.STAMP: token})
+            why = "--cold" if cold else not_snapshottable(config, run_dir)
+            result.messages.insert(0, f"warm start: booted cold: {why}")
+            return result
+        return run_restored(config, inputs, run_dir, progress, console_sink=console_sink, name=name,
+                            guest_env={Env.STAMP: token})
     first = boot_once(config, inputs, run_dir, progress, console_sink=console_sink, name=name,
                       guest_env={Env.STAMP: token})
-    if not reboot:
-        return first
     progress("rebooting to verify persistence")
     second = boot_once(config, inputs, run_dir, progress, console_sink=console_sink, name=name,
                        guest_env={Env.STAMP: secrets.token_hex(4), Env.EXPECT: token})

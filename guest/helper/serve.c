@@ -3,6 +3,8 @@
  *                                          "data":"..."} as the command writes (≤ 2 KiB each), then
  *                                          {"type":"cmd-done","id":N,"rc":RC,"output_bytes":N,"truncated":false}
  *   {"id": N, "scenario": NAME} → the scenario's checks (scenarios.c: those marked serve), then cmd-done
+ *   {"id": N, "env": "k=v k=v"}  → setenv each (what differs per run reaches a restored guest this way)
+ *   {"id": N, "clock": SECONDS, "clock_ns": NS} → the guest's clock set (right after a restore)
  * This is how the pytest plugin runs things in an already booted guest.
  */
 #define _GNU_SOURCE
@@ -16,6 +18,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/wait.h>
+#include <time.h>
 #include <unistd.h>
 
 /* Extract the string value of "key" from a flat JSON object (handles \" \\ \n \t escapes). */
@@ -148,6 +151,39 @@ static void run_scenario(long id, const char *name)
     report_line(line);
 }
 
+static void done(long id, int rc, const char *why)
+{
+    char line[256];
+
+    snprintf(line, sizeof(line), "{\"type\":\"" APERTURE_MSG_CMD_DONE "\",\"id\":%ld,\"rc\":%d,\"output\":\"%s\"}", id,
+             rc, why);
+    report_line(line);
+}
+
+/* "k=v k=v": only aperture_* variables (the helper's own configuration), nothing of the process's own. */
+static void set_env(long id, char *list)
+{
+    int bad = 0;
+
+    for (char *tok = strtok(list, " "); tok; tok = strtok(NULL, " ")) {
+        char *eq = strchr(tok, '=');
+        if (!eq || strncmp(tok, "aperture_", 9)) {
+            bad++;
+            continue;
+        }
+        *eq = 0;
+        setenv(tok, eq + 1, 1);
+    }
+    done(id, bad ? 2 : 0, bad ? "only aperture_*=value pairs" : "");
+}
+
+static void set_clock(long id, long seconds, long ns)
+{
+    struct timespec ts = {.tv_sec = seconds, .tv_nsec = ns >= 0 && ns < 1000000000 ? ns : 0};
+
+    done(id, seconds > 0 && clock_settime(CLOCK_REALTIME, &ts) == 0 ? 0 : 1, "");
+}
+
 void scenario_serve(void)
 {
     int fd = open_port(APERTURE_COMMAND_PORT, O_RDONLY);
@@ -175,6 +211,10 @@ void scenario_serve(void)
                 run_exec(id, arg, json_string(buf, "cwd", dir, sizeof(dir)) == 0 ? dir : NULL, limit);
             else if (json_string(buf, "scenario", arg, sizeof(arg)) == 0)
                 run_scenario(id, arg);
+            else if (json_string(buf, "env", arg, sizeof(arg)) == 0)
+                set_env(id, arg);
+            else if (json_int(buf, "clock") > 0)
+                set_clock(id, json_int(buf, "clock"), json_int(buf, "clock_ns"));
             else
                 report_log("serve: unparseable command");
             len -= (size_t)(nl + 1 - buf);

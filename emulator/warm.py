@@ -1,0 +1,156 @@
+"""Start a VM ready for commands (scenario ``idle``: the helper serving, DAX configured, devices probed):
+restored from a snapshot when one matches — made the first time a VM of that shape is needed — else booted
+cold. What differs per run reaches a restored guest over the command port (its clock, its stamp token); the
+NVMe controller, which cannot be migrated, is hot-plugged after the restore."""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from aperture.guest.abi import Env
+from aperture.guest.errors import GuestError
+from aperture.guest.image import GuestImage
+from aperture.guest.kernelspec import KernelSpec
+from aperture.qmp_client.qemu import NVME_ID, NVME_PORT_ID
+from aperture.qmp_client.snapshot import save_state
+
+from .accel import AccelChoice
+from .config import NVME_CMB_MB, VmConfig
+from .machine import Vm
+from .snapshots import SNAPSHOT_TOKEN, Snapshot, find_snapshot, not_snapshottable, snapshot_key, write_snapshot
+
+Progress = Callable[[str], None]
+
+#: How long a hot-plugged NVMe controller may take to show its namespace in the guest.
+NVME_PLUG_TIMEOUT_S = 20.0
+
+
+@dataclass(frozen=True)
+class BootInputs:
+    """What a run needs before a VM starts; shared by run, bench and tests."""
+
+    kernel: KernelSpec
+    image: GuestImage
+    qemu: str
+    qemu_version: str
+    accel: AccelChoice
+
+
+@dataclass
+class StartInfo:
+    """How a VM started: ``cold`` (booted) or ``restore`` (from ``snapshot``), and why not restored."""
+
+    start: str = "cold"
+    restore_s: float | None = None  # QEMU start → state loaded and running
+    ready_s: float | None = None  # QEMU start → answering commands (restore: clock, env and NVMe done)
+    snapshot: str | None = None
+    snapshot_made_s: float | None = None  # this run made the snapshot first (a cold boot and a save)
+    note: str | None = None  # why it started cold, when it could have been restored
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def ensure_snapshot(config: VmConfig, inputs: BootInputs, progress: Progress,
+                    root: Path | None = None) -> tuple[Snapshot | None, str | None, float | None]:
+    """The snapshot for this VM, made now if there is none (a cold boot to idle and a save). Returns (snapshot,
+    why there is none to use, seconds spent making it)."""
+    key = snapshot_key(config, inputs.kernel, inputs.image.digest, inputs.qemu, inputs.qemu_version,
+                       inputs.accel.accel)
+    snap, why = find_snapshot(key, root)
+    if snap is not None or why is not None:
+        return snap, why, None
+    progress(f"warm start: no snapshot of this VM yet: booting once to make {key.key}")
+    t0 = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="aperture-snapshot-") as tmp, \
+            Vm(config, inputs.kernel, inputs.image.path, accel=inputs.accel.accel, run_dir=Path(tmp),
+               scenario="idle", qemu=inputs.qemu, plug_nvme=False, guest_env={Env.STAMP: SNAPSHOT_TOKEN}) as vm:
+        vm.wait_idle(config.boot_timeout + config.run_timeout)
+        boot_s = time.monotonic() - t0
+        if vm.service is not None:
+            for stats in vm.service.stats():
+                slots = stats.get("slots")
+                if stats.get("completed") or (isinstance(slots, list) and any(p is not None for p in slots)):
+                    raise GuestError(f"device {stats.get('index')} was used before the ready state: no snapshot")
+        assert vm.qmp is not None
+        qmp = vm.qmp
+        snap = write_snapshot(key, lambda path: save_state(qmp, path), root,
+                              extra={"boot_to_ready_s": round(boot_s, 3)})
+    made = time.monotonic() - t0
+    progress(f"warm start: snapshot {key.key} made in {made:.2f} s ({snap.meta['state_size'] >> 20} MiB sparse)")
+    return snap, None, made
+
+
+def after_restore(vm: Vm, config: VmConfig, guest_env: dict[str, str] | None) -> None:
+    """A restored guest's clock is the snapshot's: set it; give it this run's variables; plug the NVMe in."""
+    now = time.time_ns()
+    vm.command({"clock": now // 1_000_000_000, "clock_ns": now % 1_000_000_000}, timeout=10)
+    env = {k: v for k, v in (guest_env or {}).items() if k.startswith("aperture_")}
+    if env:
+        done, _ = vm.command({"env": " ".join(f"{k}={v}" for k, v in env.items())}, timeout=10)
+        if done.get("rc"):
+            raise GuestError(f"the restored guest refused its environment: {done.get('output')}")
+    if config.nvme:
+        assert vm.qmp is not None
+        vm.qmp.call(vm.qmp.session.device_add("nvme", NVME_ID, serial="aperture0", drive="nvme0drive",
+                                              cmb_size_mb=NVME_CMB_MB, bus=NVME_PORT_ID))
+        steps = int(NVME_PLUG_TIMEOUT_S / 0.01)
+        rc, _ = vm.exec(f"for i in $(seq {steps}); do [ -e /dev/nvme0n1 ] && exit 0; sleep 0.01; done; exit 1",
+                        timeout=NVME_PLUG_TIMEOUT_S + 5)
+        if rc != 0:
+            raise GuestError("the NVMe controller plugged in after the restore never showed its namespace")
+
+
+@contextlib.contextmanager
+def ready_vm(config: VmConfig, inputs: BootInputs, run_dir: Path, progress: Progress, *, cold: bool = False,
+             name: str | None = None, user_qmp: bool = False, shell: bool = False,
+             console_sink: Callable[[str], None] | None = None, guest_env: dict[str, str] | None = None,
+             on_setup: Callable[[dict[str, Any]], None] | None = None) -> Iterator[tuple[Vm, StartInfo]]:
+    """A VM in scenario ``idle``, restored when it can be (``cold``: booted, and no snapshot is made). A cold
+    boot hands the helper's messages before ready (hello, the setup checks) to ``on_setup``."""
+    info = StartInfo()
+    snap = None
+    if not cold:
+        info.note = not_snapshottable(config, run_dir)
+        if info.note is None:
+            try:
+                snap, info.note, info.snapshot_made_s = ensure_snapshot(config, inputs, progress)
+            except GuestError as exc:
+                info.note = f"no snapshot could be made: {exc}"
+    with contextlib.ExitStack() as stack:
+        vm: Vm | None = None
+        if snap is not None:
+            try:
+                vm = stack.enter_context(Vm(
+                    config, inputs.kernel, inputs.image.path, accel=inputs.accel.accel, run_dir=run_dir,
+                    scenario="idle", name=name, qemu=inputs.qemu, console_sink=console_sink, user_qmp=user_qmp,
+                    shell=shell, plug_nvme=False, incoming=snap.state))
+                after_restore(vm, config, guest_env)
+                info.start, info.snapshot, info.restore_s = "restore", snap.key, vm.restore_s
+                info.ready_s = round(time.monotonic() - vm.started_at, 3)
+                progress(f"restored {snap.key} in {vm.restore_s or 0:.2f} s; ready {info.ready_s:.2f} s after QEMU "
+                         "start")
+            except GuestError as exc:
+                stack.close()  # this VM goes entirely; the run boots cold in a fresh one
+                vm = None
+                info.note = f"restoring snapshot {snap.key} failed ({exc}): booted cold"
+                shutil.rmtree(snap.directory, ignore_errors=True)  # the next run makes a new one
+                for stale in run_dir.glob("pmem*.img"):
+                    stale.unlink()  # QEMU may have written part of the snapshot's NVDIMM contents
+        if vm is None:
+            if info.note:
+                progress(f"warm start: {info.note}")
+            vm = stack.enter_context(Vm(
+                config, inputs.kernel, inputs.image.path, accel=inputs.accel.accel, run_dir=run_dir,
+                scenario="idle", name=name, qemu=inputs.qemu, console_sink=console_sink, user_qmp=user_qmp,
+                shell=shell, guest_env=guest_env))
+            vm.wait_idle(config.boot_timeout + config.run_timeout, on_message=on_setup)
+            info.ready_s = round(time.monotonic() - vm.started_at, 3)
+        yield vm, info
