@@ -594,11 +594,15 @@ def bench_remap_cmd(kernel: str | None, modules: Path | None, kconfig: Path | No
               "between up/down cycles.")
 @guest_bin_option
 @share_option
+@click.option("--cold", is_flag=True, help="Boot the guest instead of restoring this VM's warm-start snapshot.")
 def up(name: str, kernel: str | None, modules: Path | None, kconfig: Path | None, pmem: tuple[PmemConfig, ...],
        devices: tuple[DeviceConfig, ...] | None, nvme: int, memory: int, accel: str, boot_timeout: float,
        run_timeout: float, append: tuple[str, ...], quiet: bool, run_dir: Path | None,
-       guest_bins: tuple[Path, ...], shares: tuple[ShareConfig, ...]) -> None:
-    """Start a VM (QEMU + device model) in the background and return once the guest is ready."""
+       guest_bins: tuple[Path, ...], shares: tuple[ShareConfig, ...], cold: bool) -> None:
+    """Start a VM (QEMU + device model) in the background and return once the guest is ready.
+
+    The VM is restored from its warm-start snapshot (made the first time) unless --cold, --share, or its run
+    dir already holds NVDIMM contents (a restore would replace them)."""
     from aperture.guest.kernel import resolve_kernel
 
     from .lifecycle import up as start
@@ -610,7 +614,7 @@ def up(name: str, kernel: str | None, modules: Path | None, kconfig: Path | None
     config = dataclasses.replace(make_config(pmem, memory, accel, boot_timeout, run_timeout, append, devices, nvme,
                                              shares), guest_bins=guest_bins)
     inputs = prepare(config, resolve_kernel(kernel, modules, kconfig), ui.progress)
-    rec = start(name, config, inputs, run_dir or default_run_dir(name), ui.progress)
+    rec = start(name, config, inputs, run_dir or default_run_dir(name), ui.progress, cold=cold)
     click.echo(f"{name} is up: daemon pid {rec.pid}, QEMU pid {rec.qemu_pid}, {rec.accel}, run dir {rec.run_dir}")
     click.echo(f"  aperture qmp {name}    aperture console {name}    aperture down {name}")
 

@@ -7,6 +7,7 @@ Usage (internal): ``python -m emulator.daemon SPEC.json``.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -24,10 +25,11 @@ from aperture.guest.kernelspec import KernelSpec
 from aperture.qmp_client.remap import RemapController, pause_retarget
 
 from .addrmap import DmaFault
-from .config import config_from_dict
+from .config import VmConfig, config_from_dict
 from .machine import Vm
 from .registry import VmRecord, read_record, reap_orphan, remove_record, write_record
 from .runpaths import default_sock_dir
+from .warm import after_restore
 
 
 class Daemon:
@@ -169,13 +171,34 @@ class Daemon:
                 pass
 
     # ------------------------------------------------------------------ lifecycle
+    def _start(self, stack: contextlib.ExitStack, spec: dict[str, Any], config: VmConfig, kernel: KernelSpec,
+               name: str) -> Vm:
+        """The VM, restored from the snapshot `aperture up` found or made (spec["snapshot"]); booted cold when
+        there is none or the restore fails (said on the daemon's log)."""
+        common = dict(accel=spec["accel"], run_dir=Path(spec["run_dir"]), scenario="idle", name=name,
+                      qemu=spec["qemu"], user_qmp=True)
+        snapshot = spec.get("snapshot")
+        if snapshot:
+            try:
+                with contextlib.ExitStack() as attempt:
+                    vm = attempt.enter_context(Vm(config, kernel, Path(spec["initrd"]), plug_nvme=False,
+                                                  incoming=Path(snapshot), **common))
+                    after_restore(vm, config, None)
+                    stack.push(attempt.pop_all())
+                    return vm
+            except GuestError as exc:
+                print(f"{name}: restoring {Path(snapshot).parent.name} failed ({exc}): booting cold", flush=True)
+                for stale in Path(spec["run_dir"]).glob("pmem*.img"):
+                    stale.unlink()
+        return stack.enter_context(Vm(config, kernel, Path(spec["initrd"]), **common))
+
     def run(self) -> int:
         spec = self.spec
         config = config_from_dict(spec["config"])
         kernel = KernelSpec.from_dict(spec["kernel"])
         name = spec["name"]
-        with Vm(config, kernel, Path(spec["initrd"]), accel=spec["accel"], run_dir=Path(spec["run_dir"]),
-                scenario="idle", name=name, qemu=spec["qemu"], user_qmp=True) as vm:
+        with contextlib.ExitStack() as stack:
+            vm = self._start(stack, spec, config, kernel, name)
             self.vm = vm
             assert vm.process is not None
             self.record = VmRecord(name=name, pid=os.getpid(), qemu_pid=vm.process.pid, accel=spec["accel"],
@@ -186,14 +209,18 @@ class Daemon:
             ctl = threading.Thread(target=self.serve_control, args=(vm.paths.control_socket,), daemon=True)
             ctl.start()
             try:
-                for msg in vm.messages(run_timeout=float("inf"), should_stop=self.stop.is_set):
-                    if msg.get("type") == MsgType.PHASE and msg.get("name") == Phase.IDLE:
-                        break
+                if vm.incoming is None:
+                    for msg in vm.messages(run_timeout=float("inf"), should_stop=self.stop.is_set):
+                        if msg.get("type") == MsgType.PHASE and msg.get("name") == Phase.IDLE:
+                            break
+                    else:
+                        return 0  # stopped (or the guest finished) before it became ready
+                    print(f"{name}: guest ready after {vm.boot_s:.2f} s", flush=True)
                 else:
-                    return 0  # stopped (or the guest finished) before it became ready
+                    print(f"{name}: guest restored in {vm.restore_s or 0:.2f} s, ready after "
+                          f"{time.monotonic() - vm.started_at:.2f} s", flush=True)
                 self.record.state = "ready"
                 write_record(self.record)
-                print(f"{name}: guest ready after {vm.boot_s:.2f} s", flush=True)
                 while not self.stop.is_set():  # from here on: poll (panic, death) between guest commands
                     if self.guest_lock.acquire(timeout=0.1):
                         try:

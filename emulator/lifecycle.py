@@ -18,22 +18,35 @@ from aperture.guest.kernelspec import KernelSpec
 from .config import VmConfig, config_to_dict
 from .processes import parent_pid
 from .registry import VmRecord, check_name, read_record, reap_orphan, remove_record
-from .warm import BootInputs
+from .snapshots import not_snapshottable
+from .warm import BootInputs, ensure_snapshot
 
 Progress = Callable[[str], None]
 
 
-def up(name: str, config: VmConfig, inputs: BootInputs, run_dir: Path, progress: Progress) -> VmRecord:
-    """Start the daemon and wait until the guest says it is ready (or the daemon dies)."""
+def up(name: str, config: VmConfig, inputs: BootInputs, run_dir: Path, progress: Progress,
+       cold: bool = False) -> VmRecord:
+    """Start the daemon and wait until the guest says it is ready (or the daemon dies). The VM is restored from
+    its warm-start snapshot (found or made here, in the foreground) unless ``cold`` or it cannot be."""
     check_name(name)
     existing = read_record(name)
     if existing is not None and existing.alive():
         raise ConfigError(f"a VM named {name!r} is already up (pid {existing.pid}); 'aperture down {name}' first")
     run_dir.mkdir(parents=True, exist_ok=True)
     kernel: KernelSpec = inputs.kernel
+    snapshot = None
+    why = "--cold" if cold else not_snapshottable(config, run_dir)
+    if why is None:
+        try:
+            snap, why, _ = ensure_snapshot(config, inputs, progress)
+            snapshot = str(snap.state) if snap else None
+        except GuestError as exc:
+            why = f"no snapshot could be made: {exc}"
+    if why:
+        progress(f"warm start: booting cold: {why}")
     spec = {"name": name, "config": config_to_dict(config), "initrd": str(inputs.image.path), "qemu": inputs.qemu,
             "accel": inputs.accel.accel, "run_dir": str(run_dir.resolve()),
-            "kernel": kernel.to_dict()}
+            "kernel": kernel.to_dict(), "snapshot": snapshot}
     spec_path = run_dir / "daemon-spec.json"
     spec_path.write_text(json.dumps(spec, indent=2))
     log_path = run_dir / "daemon.log"
@@ -42,7 +55,8 @@ def up(name: str, config: VmConfig, inputs: BootInputs, run_dir: Path, progress:
         proc = subprocess.Popen([sys.executable, "-m", "aperture.emulator.daemon", "--supervise", str(spec_path)],
                                 stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                                 start_new_session=True, cwd=str(Path(__file__).resolve().parent.parent))
-    progress(f"daemon pid {proc.pid} booting {name} ({inputs.accel.accel}) in {run_dir}")
+    progress(f"daemon pid {proc.pid} {'restoring' if snapshot else 'booting'} {name} ({inputs.accel.accel}) in "
+             f"{run_dir}")
     deadline = time.monotonic() + config.boot_timeout + 30
     try:
         while True:

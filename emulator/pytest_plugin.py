@@ -27,6 +27,7 @@ from aperture.guest.units import parse_size
 from .config import DEFAULT_DEVICES, DEFAULT_PMEM, DeviceConfig, PmemConfig, ShareConfig, VmConfig
 from .machine import Vm
 from .results import Check
+from .warm import ready_vm
 
 
 @dataclass(frozen=True)
@@ -38,9 +39,11 @@ class ExecResult:
 class ApertureVM:
     """A booted guest (helper serving commands), its QMP session and its host-side device models."""
 
-    def __init__(self, vm: Vm) -> None:
+    def __init__(self, vm: Vm, start: str = "cold") -> None:
         self.vm = vm
         self.checks: list[Check] = []
+        #: "restore" (from the warm-start snapshot) or "cold"
+        self.start = start
 
     @property
     def name(self) -> str:
@@ -94,6 +97,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--aperture-kernel", default=None, help="guest kernel: built (default), debian, or a path")
     group.addoption("--aperture-modules", default=None, help="modules directory for --aperture-kernel")
     group.addoption("--aperture-accel", default="auto", choices=["auto", "kvm", "tcg"])
+    group.addoption("--aperture-cold", action="store_true", default=False,
+                    help="boot every VM instead of restoring its warm-start snapshot")
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -146,11 +151,11 @@ def aperture_vm(request: pytest.FixtureRequest, tmp_path: Path, _aperture_boot_i
         _aperture_boot_inputs[key] = prepare(config, resolve_kernel(kernel_path, modules), lambda s: None)
     inputs = _aperture_boot_inputs[key]
     name = f"pytest-{uuid.uuid4().hex[:10]}"
-    with Vm(config, inputs.kernel, inputs.image.path, accel=inputs.accel.accel, run_dir=tmp_path / "aperture",
-            scenario="idle", name=name, qemu=inputs.qemu) as vm:
-        handle = ApertureVM(vm)
+    # Restored from the VM's warm-start snapshot (made by the first test that needs it) unless --aperture-cold.
+    with ready_vm(config, inputs, tmp_path / "aperture", lambda s: None, cold=opts.aperture_cold,
+                  name=name) as (vm, info):
+        handle = ApertureVM(vm, info.start)
         request.node._aperture_vm = handle
-        vm.wait_idle(config.boot_timeout)
         yield handle
 
 
