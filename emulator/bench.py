@@ -11,12 +11,14 @@ from pathlib import Path
 from typing import Any
 
 from aperture.guest.abi import CheckName, Env
-from aperture.guest.errors import ApertureError
+from aperture.guest.errors import ApertureError, GuestError
 from aperture.guest.kernelspec import KernelSpec
 
 from .config import VmConfig
 from .machine import Vm
 from .run import prepare
+from .snapshots import not_snapshottable
+from .warm import ensure_snapshot, ready_vm
 
 Progress = Callable[[str], None]
 
@@ -39,7 +41,9 @@ def _boot(config: VmConfig, kernel: KernelSpec, initrd: Path, qemu: str, accel: 
 
 def bench_boot(config: VmConfig, kernel: KernelSpec, n: int, progress: Progress) -> dict[str, Any]:
     """Cold boots of the chosen kernel and, in the same run and interleaved, of what it is compared with: the
-    built kernel against its own bzImage and Debian's kernel; another kernel against its PVH vmlinux."""
+    built kernel against its own bzImage and Debian's kernel; another kernel against its PVH vmlinux. Also
+    QEMU start → ready (helper serving commands, DAX configured, NVMe plugged) restored from the warm-start
+    snapshot and booted cold, interleaved."""
     inputs = prepare(config, kernel, progress)
     notes: list[str] = []
     # (figure prefix, kernel, image, label)
@@ -67,16 +71,40 @@ def bench_boot(config: VmConfig, kernel: KernelSpec, n: int, progress: Progress)
             notes.append(f"PVH vmlinux not measured: {why}")
     helper: dict[str, list[float]] = {prefix: [] for prefix, *_ in variants}
     off: dict[str, list[float]] = {prefix: [] for prefix, *_ in variants}
+    # Warm start against a cold boot to the same ready state (helper idle, DAX configured, NVMe there).
+    snap_why = not_snapshottable(config)
+    made_s = None
+    if snap_why is None:
+        snap, snap_why, made_s = ensure_snapshot(config, inputs, progress)
+    ready: dict[str, list[float]] = {"restore": [], "cold": []} if snap_why is None else {}
+    running: list[float] = []  # restore: QEMU start → state loaded and running (before clock, env, NVMe)
     for i in range(n):  # interleaved: host noise hits every variant alike
         for prefix, spec, initrd, label in variants:
             h, o = _boot(config, spec, initrd, inputs.qemu, inputs.accel.accel)
             helper[prefix].append(h)
             off[prefix].append(o)
             progress(f"{label} boot {i + 1}/{n}: helper {h:.2f} s, poweroff {o:.2f} s")
+        for how in ready:
+            with tempfile.TemporaryDirectory(prefix="aperture-bench-") as tmp, \
+                    ready_vm(config, inputs, Path(tmp), lambda _: None, cold=how == "cold") as (_, info):
+                if info.start != ("cold" if how == "cold" else "restore"):
+                    raise GuestError(f"warm start did not restore: {info.note}")
+                ready[how].append(info.ready_s or 0.0)
+                if info.restore_s is not None:
+                    running.append(info.restore_s)
+            progress(f"{how} to ready {i + 1}/{n}: {ready[how][-1]:.2f} s")
     figures: dict[str, float] = {}
     for prefix, *_ in variants:
         figures.update(_stats(f"{prefix}boot_to_helper_s", helper[prefix]))
         figures.update(_stats(f"{prefix}boot_to_poweroff_s", off[prefix]))
+    for how, values in ready.items():
+        figures.update(_stats(f"{how}_to_ready_s", values))
+    if running:
+        figures.update(_stats("restore_to_running_s", running))
+    if made_s is not None:
+        figures["snapshot_made_s"] = round(made_s, 3)
+    if snap_why:
+        notes.append(f"warm start not measured: {snap_why}")
 
     def p50(prefix: str) -> float:
         return statistics.median(helper[prefix])
@@ -88,6 +116,8 @@ def bench_boot(config: VmConfig, kernel: KernelSpec, n: int, progress: Progress)
         ratios["pvh_vs_bzimage_boot_to_helper"] = round(p50("") / p50("bzimage_"), 3)
     if "pvh_" in helper:
         ratios["pvh_vs_bzimage_boot_to_helper"] = round(p50("pvh_") / p50(""), 3)
+    if ready:
+        ratios["restore_vs_cold"] = round(statistics.median(ready["restore"]) / statistics.median(ready["cold"]), 3)
     return {"bench": "boot", "accel": inputs.accel.accel, "qemu_version": inputs.qemu_version,
             "kernel_release": kernel.release, "kernel": kernel.kind, "boots": n, "figures": figures,
             "ratios": ratios, "notes": notes}

@@ -13,6 +13,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -436,6 +437,43 @@ def image_info(kernel: str | None, modules: Path | None, kconfig: Path | None, a
     click.echo(f"{img.path}  digest {img.digest}  kernel {img.kernel_release}")
     for e in entries:
         click.echo(f"  {oct(e.mode):>9}  {len(e.data):>9}  {e.name}")
+
+
+@cli.group()
+def snapshot() -> None:
+    """Warm-start snapshots: a VM saved at its ready state, restored by run, up and the pytest fixture."""
+
+
+@snapshot.command("ls")
+@click.option("--json", "as_json", is_flag=True)
+def snapshot_ls(as_json: bool) -> None:
+    """List the snapshots in the cache (newest use first), whether each is usable, and their size on disk."""
+    from aperture.guest.units import format_size
+
+    from .snapshots import list_snapshots, snapshots_dir
+
+    snaps = list_snapshots()
+    if as_json:
+        emit_json({"dir": str(snapshots_dir()), "snapshots": snaps})
+        return
+    if not snaps:
+        click.echo(f"no snapshots in {snapshots_dir()} (the first run of a VM makes one)")
+        return
+    click.echo(f"{'KEY':<22} {'OK':<4} {'ON DISK':>8}  {'KERNEL':<10} {'QEMU':<8} {'ACCEL':<5} MADE")
+    for sn in snaps:
+        made = time.strftime("%Y-%m-%d %H:%M", time.localtime(sn["created"])) if sn["created"] else "?"
+        click.echo(f"{sn['key']:<22} {'yes' if sn['ok'] else 'no':<4} {format_size(sn['allocated_bytes']):>8}  "
+                   f"{sn['kernel_release'] or '?':<10} {sn['qemu_version'] or '?':<8} {sn['accel'] or '?':<5} {made}"
+                   + (f"  ({sn['why']})" if sn["why"] else ""))
+
+
+@snapshot.command("rm")
+@click.option("--all", "all_", is_flag=True, required=True, help="Remove every snapshot (the next run makes one).")
+def snapshot_rm(all_: bool) -> None:
+    """Remove snapshots from the cache."""
+    from .snapshots import remove_snapshots
+
+    click.echo(f"removed {remove_snapshots()} snapshot(s)")
 
 
 @cli.command()

@@ -67,6 +67,12 @@ def diagnose(probe: bool = False, progress: Callable[[str], None] | None = None)
     report["accelerator"] = accel
 
     report.update(kernels_report())
+    from .snapshots import list_snapshots, snapshots_dir
+
+    snaps = list_snapshots()
+    report["snapshots"] = {"dir": str(snapshots_dir()), "count": len(snaps),
+                           "usable": sum(1 for sn in snaps if sn["ok"]),
+                           "allocated_bytes": sum(sn["allocated_bytes"] for sn in snaps)}
     return report
 
 

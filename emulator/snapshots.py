@@ -47,6 +47,9 @@ Progress = Callable[[str], None]
 
 
 def snapshots_dir(root: Path | None = None) -> Path:
+    """``<cache>/snapshots``, or ``$APERTURE_SNAPSHOTS`` (e.g. a CI cache directory of its own)."""
+    if root is None and os.environ.get("APERTURE_SNAPSHOTS"):
+        return Path(os.environ["APERTURE_SNAPSHOTS"]).expanduser().resolve()
     return (root or cache_root()) / "snapshots"
 
 

@@ -115,7 +115,7 @@ def ready_vm(config: VmConfig, inputs: BootInputs, run_dir: Path, progress: Prog
              on_setup: Callable[[dict[str, Any]], None] | None = None) -> Iterator[tuple[Vm, StartInfo]]:
     """A VM in scenario ``idle``, restored when it can be (``cold``: booted, and no snapshot is made). A cold
     boot hands the helper's messages before ready (hello, the setup checks) to ``on_setup``."""
-    info = StartInfo()
+    info = StartInfo(note="--cold: booted, no snapshot used" if cold else None)
     snap = None
     if not cold:
         info.note = not_snapshottable(config, run_dir)

@@ -12,8 +12,9 @@ from tests.conftest import run_aperture
 
 CONTRACT = {
     "boot": (["-n", "1"], {"boot_to_helper_s_p50", "boot_to_poweroff_s_p50", "debian_boot_to_helper_s_p50",
-                           "bzimage_boot_to_helper_s_p50"},
-             {"built_vs_debian_boot_to_helper", "pvh_vs_bzimage_boot_to_helper"}),
+                           "bzimage_boot_to_helper_s_p50", "restore_to_ready_s_p50", "cold_to_ready_s_p50",
+                           "restore_to_running_s_p50"},
+             {"built_vs_debian_boot_to_helper", "pvh_vs_bzimage_boot_to_helper", "restore_vs_cold"}),
     "dax": ([], {"memcpy_ram_MBps", "memcpy_devdax_MBps", "memcpy_fsdax_MBps"}, {"devdax_vs_ram", "fsdax_vs_ram"}),
     "device": ([], {"map_rtt_us_p50", "map_rtt_us_p99", "dma_2m_MBps", "host_memcpy_2m_MBps"},
                {"map_rtt_vs_floor", "dma_2m_vs_memcpy"}),
