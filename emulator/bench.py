@@ -248,14 +248,14 @@ def bench_device(config: VmConfig, kernel: KernelSpec, progress: Progress) -> di
 def bench_driver(config: VmConfig, kernel: KernelSpec, progress: Progress) -> dict[str, Any]:
     """The guest driver: migration and fault-back throughput against the host's memcpy, peer-map latency against
     the MAP floor (an eventfd wake-up plus the two slot copies a MAP does), all measured in the same run."""
-    from aperture.guest.driver_build import driver_unavailable
+    from aperture.guest.driver_build import driver_missing
     from aperture.guest.errors import ConfigError, GuestError, SetupError
 
     from .run import boot_once
 
     if not config.devices:
         raise ConfigError("bench driver needs at least one aperture device")
-    why = driver_unavailable(kernel)
+    why = driver_missing(kernel)
     if why is not None:
         raise SetupError(f"bench driver: {why}")
     inputs = prepare(config, kernel, progress)

@@ -19,7 +19,7 @@ from aperture.guest.kernelspec import KernelSpec
 
 from .cache import cache_root, mtime_or_zero, private_tmp, read_manifest
 from .cpio import CpioWriter
-from .driver_build import DRIVER_MODULE, build_driver, driver_unavailable
+from .driver_build import DRIVER_MODULE, build_driver, driver_missing
 from .elf import binary_closure, check_static_x86_64
 from .kernel import kernel_config
 from .kmod import ModuleIndex
@@ -235,7 +235,7 @@ def build_image(kernel: KernelSpec, *, force: bool = False, cache: Path | None =
     at_boot = [m.name for m in closure if m.name not in plan.on_demand]
     # The guest driver, for the kernel it can be built against; /init loads it last (it binds no device until
     # a device's driver_override names it).
-    driver = build_driver(kernel, root) if driver_unavailable(kernel) is None else None
+    driver = build_driver(kernel, root) if driver_missing(kernel, root) is None else None
     if driver is not None:
         at_boot.append(DRIVER_MODULE)
     helper = build_helper(root)

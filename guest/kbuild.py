@@ -233,6 +233,7 @@ class KernelBuilder:
                 self.progress(f"kernel: cached build {built.release} ({key}: {SOURCE_PACKAGE} {version}, "
                               f"fragment {frag}, {compiler})")
                 self._record(built)
+                self._driver(built)
                 return built
         started = time.monotonic()
         self.progress(f"kernel: building {SOURCE_PACKAGE} {version} with fragment {frag} "
@@ -249,7 +250,22 @@ class KernelBuilder:
         self._record(built)
         self._prune(keep=KEEP_BUILDS)
         self.progress(f"kernel: built {built.release} in {built.build_s:.0f} s → {out}")
+        self._driver(built)
         return built
+
+    def _driver(self, built: BuiltKernel) -> None:
+        """The guest driver (guest/driver/) against this build's tree, while the tree is there (a cache that
+        keeps the kernel but not the tree keeps the driver built here too)."""
+        from .driver_build import build_driver, driver_missing
+        from .kernelspec import KernelSpec
+
+        spec = KernelSpec(built.vmlinux, built.modules_dir, built.release, built.config, "built",
+                          build_dir=built.obj_dir)
+        why = driver_missing(spec, self.root)
+        if why is not None:
+            self.progress(f"kernel: no guest driver: {why}")
+            return
+        self.progress(f"kernel: guest driver {build_driver(spec, self.root)}")
 
     def _unpack(self, deb: DebFile, version: str) -> Path:
         base = self.root / "kbuild" / f"src-{version}"

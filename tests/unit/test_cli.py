@@ -52,7 +52,9 @@ def test_doctor_json() -> None:
     proc = run_aperture("doctor", "--json", timeout=60)
     assert proc.returncode == 0, proc.stderr
     report = json.loads(proc.stdout)
-    assert set(report) == {"qemu", "guest binaries", "cache", "accelerator", "kernel: built", "kernel: debian"}
+    assert set(report) == {"qemu", "guest binaries", "cache", "accelerator", "kernel: built", "kernel: debian",
+                           "snapshots"}
+    assert report["snapshots"]["count"] >= report["snapshots"]["usable"] >= 0
     assert report["guest binaries"]["mke2fs"].endswith("/mke2fs")
     assert report["qemu"]["version"].count(".") == 2
     built, debian = report["kernel: built"]["config flags"], report["kernel: debian"]["config flags"]

@@ -109,19 +109,26 @@ def test_a_guest_names_the_remap_period_within_bounds() -> None:
 
 
 def test_the_driver_is_built_only_against_the_tree_of_the_kernel_it_loads_into(tmp_path: Path) -> None:
-    from aperture.guest.driver_build import driver_unavailable
+    from aperture.guest.driver_build import driver_missing
     from aperture.guest.kernelspec import KernelSpec
 
     config = tmp_path / "config"
     config.write_text("CONFIG_MODULES=y\n")
     tree = tmp_path / "obj"
     tree.mkdir()
+    cache = tmp_path / "cache"
     user = KernelSpec(tmp_path / "vmlinux", None, "6.12.0", config, "user")
-    assert "aperture kernel build" in (driver_unavailable(user) or "")
+    assert "aperture kernel build" in (driver_missing(user, cache) or "")
     built = KernelSpec(tmp_path / "vmlinux", None, "6.12.0", config, "built", build_dir=tree)
-    assert "is gone" in (driver_unavailable(built) or "")
+    assert "is gone" in (driver_missing(built, cache) or "")
     (tree / ".config").write_text("CONFIG_MODULES=y\nCONFIG_OTHER=y\n")
-    assert "another configuration" in (driver_unavailable(built) or "")
+    assert "another configuration" in (driver_missing(built, cache) or "")
     (tree / ".config").write_text("CONFIG_MODULES=y\n")
-    assert driver_unavailable(built) is None
+    assert driver_missing(built, cache) is None
+    from aperture.guest.driver_build import driver_path
+
+    (tree / ".config").unlink()  # a CI cache without the tree: a cached driver is still used
+    driver_path(built, cache).parent.mkdir(parents=True)
+    driver_path(built, cache).write_bytes(b"\x7fELF")
+    assert driver_missing(built, cache) is None
     assert KernelSpec.from_dict(built.to_dict()) == built
