@@ -111,6 +111,11 @@ BYTES_DRIVER_CHECKS = frozenset({CheckName.ZONE_DEVICE_WINDOW, CheckName.HMM_MIG
 MAX_DEVICE_REGIONS = 40
 
 
+def _helper_claim(w: dict[str, Any]) -> bool:
+    """A ``written`` record of the helper's own checks (not a driver check's, not memory released to it)."""
+    return "check" not in w and w.get("released") is not True
+
+
 def driver_claims(check: Check) -> list[dict[str, Any]]:
     """A driver check's ``device_bytes`` as claims on device memory, tagged with the check's name (the run keeps
     them in order with the helper's ``written`` records: a later write supersedes an earlier one)."""
@@ -334,9 +339,9 @@ class HostVerifier:
 
     def _verify_written(self, check: Check, written: list[dict[str, Any]]) -> Check:
         """Device memory after the run holds every pattern the guest says it wrote (window, DMA, P2P)."""
-        verified, superseded, mismatches = self.verify_claims(written, lambda w: "check" not in w)
+        verified, superseded, mismatches = self.verify_claims(written, _helper_claim)
         detail = check.detail if isinstance(check.detail, dict) else {"guest": check.detail}
-        ok = any("check" not in w for w in written) and not mismatches
+        ok = any(_helper_claim(w) for w in written) and not mismatches
         return Check(check.name, check.ok and ok,
                      dict(detail, host_verified_regions=verified, host_superseded=superseded,
                           host_mismatches=mismatches))
@@ -354,6 +359,10 @@ class HostVerifier:
         for w in reversed(claims):
             dev, off, length, seed = (_guest_int(w.get(k)) for k in ("device", "offset", "len", "seed"))
             start = _guest_int(w.get("start", 0))
+            if w.get("released") is True:  # handed to the guest driver: may be overwritten, nothing to compare
+                if 0 <= dev < len(self.devmem_files) and off >= 0 and 0 < length <= 64 << 30:
+                    covered.append((dev, off, off + length))
+                continue
             mine = own(w)
             if not 0 <= dev < len(self.devmem_files) or off < 0 or not 0 < length <= 64 << 20 or seed < 0 \
                     or not 0 <= start <= 64 << 20:

@@ -216,7 +216,7 @@ class _Collector:
         elif remap is None:
             checks = [pinned_vs_remap(c, remap_stats) if c.name == CheckName.P2P_PINNED_VS_REMAP else c
                       for c in checks]
-        if remap is not None:
+        else:
             checks = [remap_consistency(c, remap_stats) if c.name == CheckName.REMAP_CONSISTENCY else c
                       for c in checks]
             if remap.mode == "hotplug":

@@ -27,12 +27,12 @@ from aperture.guest.errors import GuestError
 from aperture.guest.kernelspec import KernelSpec
 from aperture.guest.units import GiB
 
-from .config import VmConfig
+from .config import VmConfig, config_to_dict
 from .qemu_argv import build_argv, kernel_cmdline
 from .runpaths import RunPaths
 
 #: Bump when a snapshot's layout or what makes its key changes: older ones are then never used.
-SNAPSHOT_FORMAT = 1
+SNAPSHOT_FORMAT = 2  # 2: the key covers the device model's configuration
 #: The stamp token a snapshot's guest booted with; a restored guest gets its run's token over the command port.
 SNAPSHOT_TOKEN = "snapshot"
 STATE_FILE = "state.mig"
@@ -81,7 +81,11 @@ def snapshot_key(config: VmConfig, kernel: KernelSpec, image_digest: str, qemu: 
                       kernel_cmdline(config, "idle", {Env.STAMP: SNAPSHOT_TOKEN}), command_channel=True,
                       plug_nvme=False)
     st = kernel.image.stat()
-    inputs = {"format": SNAPSHOT_FORMAT, "image": image_digest, "kernel": str(kernel.image),
+    # The machine: the command line does not show everything the device model puts into the guest (device
+    # memory sizes, slot sizes and hidden ranges live in control memory, which the snapshot carries).
+    machine = {k: v for k, v in config_to_dict(config).items()
+               if k not in ("boot_timeout", "run_timeout", "shares", "accel")}
+    inputs = {"format": SNAPSHOT_FORMAT, "machine": machine, "image": image_digest, "kernel": str(kernel.image),
               "kernel_release": kernel.release, "kernel_size": st.st_size, "kernel_mtime_ns": st.st_mtime_ns,
               "qemu": qemu, "qemu_version": qemu_version, "accel": accel, "argv": argv[1:]}
     digest = hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:20]

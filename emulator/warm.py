@@ -120,10 +120,9 @@ def ready_vm(config: VmConfig, inputs: BootInputs, run_dir: Path, progress: Prog
     if not cold:
         info.note = not_snapshottable(config, run_dir)
         if info.note is None:
-            try:
-                snap, info.note, info.snapshot_made_s = ensure_snapshot(config, inputs, progress)
-            except GuestError as exc:
-                info.note = f"no snapshot could be made: {exc}"
+            # A guest or QEMU that cannot reach the ready state to be saved would not reach it booted either:
+            # that error is the run's (no second, cold attempt at the same failure).
+            snap, info.note, info.snapshot_made_s = ensure_snapshot(config, inputs, progress)
     with contextlib.ExitStack() as stack:
         vm: Vm | None = None
         if snap is not None:

@@ -53,6 +53,11 @@ def test_a_later_claim_supersedes_an_earlier_one_whoever_made_it(tmp_path: Path)
     assert migrate.ok and migrate.detail["host_verified_regions"] == 1
     stale = v.verify(Check(CheckName.APERTURE_WINDOW, True, {}), [dict(helper, offset=0x8000)])
     assert not stale.ok and stale.detail["host_mismatches"]
+    # Memory the helper handed to the driver (bound it) supersedes its earlier claims there, and is never
+    # compared itself.
+    released = {"device": 1, "offset": 0, "len": 1 << 20, "released": True}
+    handed = v.verify(Check(CheckName.APERTURE_WINDOW, True, {}), [dict(helper, offset=0x8000), released])
+    assert handed.ok and handed.detail["host_superseded"] == 1 and not handed.detail["host_mismatches"]
 
 
 def test_the_window_row_needs_its_address_inside_the_window_bar(tmp_path: Path) -> None:
@@ -132,3 +137,22 @@ def test_the_driver_is_built_only_against_the_tree_of_the_kernel_it_loads_into(t
     driver_path(built, cache).write_bytes(b"\x7fELF")
     assert driver_missing(built, cache) is None
     assert KernelSpec.from_dict(built.to_dict()) == built
+
+
+def test_the_snapshot_key_covers_what_the_command_line_does_not_show(tmp_path: Path) -> None:
+    """Device memory size and hidden ranges live in control memory, not on QEMU's command line: two VMs that
+    differ only there must never share a snapshot (a restore would bring the other's control memory)."""
+    from aperture.emulator.config import DeviceConfig, VmConfig
+    from aperture.emulator.snapshots import snapshot_key
+    from aperture.guest.kernelspec import KernelSpec
+
+    kernel_file = tmp_path / "vmlinux"
+    kernel_file.write_bytes(b"\x7fELF")
+    kernel = KernelSpec(kernel_file, None, "6.12", None, "built")
+    small = VmConfig(devices=(DeviceConfig(mem=16 << 20, window=16 << 20, slot=2 << 20, hidden=()),))
+    bigger = VmConfig(devices=(DeviceConfig(mem=32 << 20, window=16 << 20, slot=2 << 20, hidden=()),))
+    keys = {snapshot_key(c, kernel, "img", "qemu", "10.0.2", "tcg").key for c in (small, bigger)}
+    assert len(keys) == 2
+    again = snapshot_key(small, kernel, "img", "qemu", "10.0.2", "tcg")
+    assert again.key == snapshot_key(small, kernel, "img", "qemu", "10.0.2", "tcg").key
+    assert again.key != snapshot_key(small, kernel, "img", "qemu", "10.0.2", "kvm").key  # per accelerator
