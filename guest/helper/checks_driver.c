@@ -499,7 +499,7 @@ static void check_peer_map(void)
             dev_dma = "no second aperture device";
             dev_ok = 1;
         }
-        for (int i = 0; i <= PEER_PAGES; i++)
+        for (int i = 0; i < PEER_PAGES + (peer_dev && dev_ok); i++) /* the last: only if a device wrote it */
             device_bytes(&bytes, p[i].pm.dev_offset, PAGE, i < PEER_PAGES ? seed : seed_dev,
                          i < PEER_PAGES ? i * PAGE : 0, i == 0);
     }
