@@ -24,7 +24,15 @@ from aperture.qmp_client.snapshot import save_state
 from .accel import AccelChoice
 from .config import NVME_CMB_MB, VmConfig
 from .machine import Vm
-from .snapshots import SNAPSHOT_TOKEN, Snapshot, find_snapshot, not_snapshottable, snapshot_key, write_snapshot
+from .snapshots import (
+    SNAPSHOT_TOKEN,
+    Snapshot,
+    SnapshotKey,
+    find_snapshot,
+    not_snapshottable,
+    snapshot_key,
+    write_snapshot,
+)
 
 Progress = Callable[[str], None]
 
@@ -74,11 +82,7 @@ def ensure_snapshot(config: VmConfig, inputs: BootInputs, progress: Progress,
                scenario="idle", qemu=inputs.qemu, plug_nvme=False, guest_env={Env.STAMP: SNAPSHOT_TOKEN}) as vm:
         vm.wait_idle(config.boot_timeout + config.run_timeout)
         boot_s = time.monotonic() - t0
-        if vm.service is not None:
-            for stats in vm.service.stats():
-                slots = stats.get("slots")
-                if stats.get("completed") or (isinstance(slots, list) and any(p is not None for p in slots)):
-                    raise GuestError(f"device {stats.get('index')} was used before the ready state: no snapshot")
+        _check_pristine(vm)
         assert vm.qmp is not None
         qmp = vm.qmp
         snap = write_snapshot(key, lambda path: save_state(qmp, path), root,
@@ -88,24 +92,42 @@ def ensure_snapshot(config: VmConfig, inputs: BootInputs, progress: Progress,
     return snap, None, made
 
 
-def after_restore(vm: Vm, config: VmConfig, guest_env: dict[str, str] | None) -> None:
-    """A restored guest's clock is the snapshot's: set it; give it this run's variables; plug the NVMe in."""
-    now = time.time_ns()
-    vm.command({"clock": now // 1_000_000_000, "clock_ns": now % 1_000_000_000}, timeout=10)
+def _set_env(vm: Vm, guest_env: dict[str, str] | None) -> None:
     env = {k: v for k, v in (guest_env or {}).items() if k.startswith("aperture_")}
     if env:
         done, _ = vm.command({"env": " ".join(f"{k}={v}" for k, v in env.items())}, timeout=10)
         if done.get("rc"):
-            raise GuestError(f"the restored guest refused its environment: {done.get('output')}")
-    if config.nvme:
-        assert vm.qmp is not None
-        vm.qmp.call(vm.qmp.session.device_add("nvme", NVME_ID, serial="aperture0", drive="nvme0drive",
-                                              cmb_size_mb=NVME_CMB_MB, bus=NVME_PORT_ID))
-        steps = int(NVME_PLUG_TIMEOUT_S / 0.01)
-        rc, _ = vm.exec(f"for i in $(seq {steps}); do [ -e /dev/nvme0n1 ] && exit 0; sleep 0.01; done; exit 1",
-                        timeout=NVME_PLUG_TIMEOUT_S + 5)
-        if rc != 0:
-            raise GuestError("the NVMe controller plugged in after the restore never showed its namespace")
+            raise GuestError(f"the guest refused its environment: {done.get('output')}")
+
+
+def _plug_nvme(vm: Vm, config: VmConfig) -> None:
+    if not config.nvme:
+        return
+    assert vm.qmp is not None
+    vm.qmp.call(vm.qmp.session.device_add("nvme", NVME_ID, serial="aperture0", drive="nvme0drive",
+                                          cmb_size_mb=NVME_CMB_MB, bus=NVME_PORT_ID))
+    steps = int(NVME_PLUG_TIMEOUT_S / 0.01)
+    rc, _ = vm.exec(f"for i in $(seq {steps}); do [ -e /dev/nvme0n1 ] && exit 0; sleep 0.01; done; exit 1",
+                    timeout=NVME_PLUG_TIMEOUT_S + 5)
+    if rc != 0:
+        raise GuestError("the NVMe controller plugged in after the restore never showed its namespace")
+
+
+def after_restore(vm: Vm, config: VmConfig, guest_env: dict[str, str] | None) -> None:
+    """A restored guest's clock is the snapshot's: set it; give it this run's variables; plug the NVMe in."""
+    now = time.time_ns()
+    vm.command({"clock": now // 1_000_000_000, "clock_ns": now % 1_000_000_000}, timeout=10)
+    _set_env(vm, guest_env)
+    _plug_nvme(vm, config)
+
+
+def _check_pristine(vm: Vm) -> None:
+    """The devices must be untouched at the ready state: a restore starts their memory files empty."""
+    if vm.service is not None:
+        for stats in vm.service.stats():
+            slots = stats.get("slots")
+            if stats.get("completed") or (isinstance(slots, list) and any(p is not None for p in slots)):
+                raise GuestError(f"device {stats.get('index')} was used before the ready state: no snapshot")
 
 
 @contextlib.contextmanager
@@ -117,25 +139,26 @@ def ready_vm(config: VmConfig, inputs: BootInputs, run_dir: Path, progress: Prog
     boot hands the helper's messages before ready (hello, the setup checks) to ``on_setup``."""
     info = StartInfo(note="--cold: booted, no snapshot used" if cold else None)
     snap = None
+    key: SnapshotKey | None = None
     if not cold:
         info.note = not_snapshottable(config, run_dir)
         if info.note is None:
-            # A guest or QEMU that cannot reach the ready state to be saved would not reach it booted either:
-            # that error is the run's (no second, cold attempt at the same failure).
-            snap, info.note, info.snapshot_made_s = ensure_snapshot(config, inputs, progress)
+            key = snapshot_key(config, inputs.kernel, inputs.image.digest, inputs.qemu, inputs.qemu_version,
+                               inputs.accel.accel)
+            snap, info.note = find_snapshot(key)
+    common: dict[str, Any] = dict(accel=inputs.accel.accel, run_dir=run_dir, scenario="idle", name=name,
+                                  qemu=inputs.qemu, console_sink=console_sink, user_qmp=user_qmp, shell=shell)
     with contextlib.ExitStack() as stack:
         vm: Vm | None = None
         if snap is not None:
             try:
-                vm = stack.enter_context(Vm(
-                    config, inputs.kernel, inputs.image.path, accel=inputs.accel.accel, run_dir=run_dir,
-                    scenario="idle", name=name, qemu=inputs.qemu, console_sink=console_sink, user_qmp=user_qmp,
-                    shell=shell, plug_nvme=False, incoming=snap.state))
+                vm = stack.enter_context(Vm(config, inputs.kernel, inputs.image.path, plug_nvme=False,
+                                            incoming=snap.state, **common))
                 after_restore(vm, config, guest_env)
                 info.start, info.snapshot, info.restore_s = "restore", snap.key, vm.restore_s
                 info.ready_s = round(time.monotonic() - vm.started_at, 3)
-                progress(f"restored {snap.key} in {vm.restore_s or 0:.2f} s; ready {info.ready_s:.2f} s after QEMU "
-                         "start")
+                progress(f"restored {vm.name} from {snap.key} in {vm.restore_s or 0:.2f} s; ready "
+                         f"{info.ready_s:.2f} s after QEMU start")
             except GuestError as exc:
                 stack.close()  # this VM goes entirely; the run boots cold in a fresh one
                 vm = None
@@ -143,13 +166,35 @@ def ready_vm(config: VmConfig, inputs: BootInputs, run_dir: Path, progress: Prog
                 shutil.rmtree(snap.directory, ignore_errors=True)  # the next run makes a new one
                 for stale in run_dir.glob("pmem*.img"):
                     stale.unlink()  # QEMU may have written part of the snapshot's NVDIMM contents
+                key = None
+        if vm is None and key is not None and info.note is None:
+            # The first VM of this shape: boot it as a snapshot's VM is booted, save it at the ready state,
+            # and go on with it (the save costs a second or two; no second boot).
+            progress(f"warm start: no snapshot of this VM yet: making {key.key} from this boot")
+            vm = stack.enter_context(Vm(config, inputs.kernel, inputs.image.path, plug_nvme=False,
+                                        guest_env={Env.STAMP: SNAPSHOT_TOKEN}, **common))
+            vm.wait_idle(config.boot_timeout + config.run_timeout, on_message=on_setup)
+            t0 = time.monotonic()
+            try:
+                _check_pristine(vm)
+                assert vm.qmp is not None
+                qmp = vm.qmp
+                made = write_snapshot(key, lambda path: save_state(qmp, path),
+                                      extra={"boot_to_ready_s": round(t0 - vm.started_at, 3)})
+                info.snapshot, info.snapshot_made_s = made.key, round(time.monotonic() - t0, 3)
+                progress(f"warm start: snapshot {made.key} saved in {info.snapshot_made_s:.2f} s")
+            except GuestError as exc:
+                info.note = f"no snapshot could be made: {exc}"
+            finally:
+                if vm.qmp is not None and not vm.qmp.execute("query-status").get("running"):
+                    vm.qmp.cont()
+            _set_env(vm, guest_env)
+            _plug_nvme(vm, config)
+            info.ready_s = round(time.monotonic() - vm.started_at, 3)
         if vm is None:
             if info.note:
                 progress(f"warm start: {info.note}")
-            vm = stack.enter_context(Vm(
-                config, inputs.kernel, inputs.image.path, accel=inputs.accel.accel, run_dir=run_dir,
-                scenario="idle", name=name, qemu=inputs.qemu, console_sink=console_sink, user_qmp=user_qmp,
-                shell=shell, guest_env=guest_env))
+            vm = stack.enter_context(Vm(config, inputs.kernel, inputs.image.path, guest_env=guest_env, **common))
             vm.wait_idle(config.boot_timeout + config.run_timeout, on_message=on_setup)
             info.ready_s = round(time.monotonic() - vm.started_at, 3)
         yield vm, info
