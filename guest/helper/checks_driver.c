@@ -40,10 +40,10 @@
 #define NS_BACK (10 * MIB)
 #define NS_PINNED (11 * MIB)
 #define MIGRATE_MAX (64 * MIB)
-#define FAULT_MAX (16 * MIB)
+#define FAULT_MAX (8 * MIB)
 #define PEER_PAGES 4
 #define LATENCY_ROUNDS 200
-#define PINNED_S 2.0
+#define PINNED_S 1.0
 
 static struct {
     struct apdev *d;

@@ -79,7 +79,7 @@ def test_device_memory_persists_across_runs_of_one_run_dir(default_run) -> None:
                                          ("aperture,mem=16M,window=16M,slot=2M,hidden=14M-16M", "256M")])
 def test_small_device_topologies(tmp_path: Path, spec: str, memory: str) -> None:
     """Device sizes other than the default: every check that can run passes, the others say why not."""
-    proc = run_aperture("run", "--json", "-q", "--device", spec, "--device", spec, "--memory", memory,
+    proc = run_aperture("run", "--json", "-q", "--cold", "--device", spec, "--device", spec, "--memory", memory,
                         "--pmem", "64M:fsdax", "--pmem", "64M:devdax", "--run-dir", str(tmp_path / "run"), timeout=300)
     result = json.loads(proc.stdout)
     assert proc.returncode == 0, [c for c in result["checks"] if not c["ok"]]
@@ -88,7 +88,8 @@ def test_small_device_topologies(tmp_path: Path, spec: str, memory: str) -> None
 
 def test_guest_ram_above_4g_is_a_dma_target(tmp_path: Path) -> None:
     """3 GiB of guest RAM: the kernel hands the helper pages above 4 GiB, and the DMA engine reaches them."""
-    proc = run_aperture("run", "--json", "-q", "--memory", "3G", "--run-dir", str(tmp_path / "run"), timeout=300)
+    proc = run_aperture("run", "--json", "-q", "--cold", "--memory", "3G", "--run-dir", str(tmp_path / "run"),
+                        timeout=300)
     result = json.loads(proc.stdout)
     assert proc.returncode == 0, [c for c in result["checks"] if not c["ok"]]
     checks = _checks(result)
@@ -98,8 +99,9 @@ def test_guest_ram_above_4g_is_a_dma_target(tmp_path: Path) -> None:
 
 
 def test_single_small_device_topology(tmp_path: Path) -> None:
-    proc = run_aperture("run", "--json", "-q", "--device", "aperture,mem=64M,window=8M,slot=1M,hidden=60M-64M",
-                        "--run-dir", str(tmp_path / "run"), timeout=300)
+    proc = run_aperture("run", "--json", "-q", "--cold", "--device",
+                        "aperture,mem=64M,window=8M,slot=1M,hidden=60M-64M", "--run-dir", str(tmp_path / "run"),
+                        timeout=300)
     assert proc.returncode == 0, proc.stderr + proc.stdout[-2000:]
     result = json.loads(proc.stdout)
     checks = _checks(result)
