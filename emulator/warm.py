@@ -106,11 +106,13 @@ def _plug_nvme(vm: Vm, config: VmConfig) -> None:
     assert vm.qmp is not None
     vm.qmp.call(vm.qmp.session.device_add("nvme", NVME_ID, serial="aperture0", drive="nvme0drive",
                                           cmb_size_mb=NVME_CMB_MB, bus=NVME_PORT_ID))
+    # Its namespace when the kernel has an NVMe driver (built in, or loaded), else the PCI function itself.
     steps = int(NVME_PLUG_TIMEOUT_S / 0.01)
-    rc, _ = vm.exec(f"for i in $(seq {steps}); do [ -e /dev/nvme0n1 ] && exit 0; sleep 0.01; done; exit 1",
-                    timeout=NVME_PLUG_TIMEOUT_S + 5)
+    wait = (f"for i in $(seq {steps}); do if [ -d /sys/bus/pci/drivers/nvme ]; then [ -e /dev/nvme0n1 ] && "
+            "exit 0; elif grep -qx 0x010802 /sys/bus/pci/devices/*/class; then exit 0; fi; sleep 0.01; done; exit 1")
+    rc, _ = vm.exec(wait, timeout=NVME_PLUG_TIMEOUT_S + 5)
     if rc != 0:
-        raise GuestError("the NVMe controller plugged in after the restore never showed its namespace")
+        raise GuestError("the NVMe controller plugged in after the restore never showed up in the guest")
 
 
 def after_restore(vm: Vm, config: VmConfig, guest_env: dict[str, str] | None) -> None:
