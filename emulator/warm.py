@@ -80,7 +80,7 @@ def ensure_snapshot(config: VmConfig, inputs: BootInputs, progress: Progress,
     with tempfile.TemporaryDirectory(prefix="aperture-snapshot-") as tmp, \
             Vm(config, inputs.kernel, inputs.image.path, accel=inputs.accel.accel, run_dir=Path(tmp),
                scenario="idle", qemu=inputs.qemu, plug_nvme=False, guest_env={Env.STAMP: SNAPSHOT_TOKEN}) as vm:
-        vm.wait_idle(config.boot_timeout + config.run_timeout)
+        vm.wait_idle(min(config.run_timeout, config.boot_timeout))
         boot_s = time.monotonic() - t0
         _check_pristine(vm)
         assert vm.qmp is not None
@@ -175,7 +175,7 @@ def ready_vm(config: VmConfig, inputs: BootInputs, run_dir: Path, progress: Prog
             progress(f"warm start: no snapshot of this VM yet: making {key.key} from this boot")
             vm = stack.enter_context(Vm(config, inputs.kernel, inputs.image.path, plug_nvme=False,
                                         guest_env={Env.STAMP: SNAPSHOT_TOKEN}, **common))
-            vm.wait_idle(config.boot_timeout + config.run_timeout, on_message=on_setup)
+            vm.wait_idle(min(config.run_timeout, config.boot_timeout), on_message=on_setup)
             t0 = time.monotonic()
             try:
                 _check_pristine(vm)
@@ -197,6 +197,6 @@ def ready_vm(config: VmConfig, inputs: BootInputs, run_dir: Path, progress: Prog
             if info.note:
                 progress(f"warm start: {info.note}")
             vm = stack.enter_context(Vm(config, inputs.kernel, inputs.image.path, guest_env=guest_env, **common))
-            vm.wait_idle(config.boot_timeout + config.run_timeout, on_message=on_setup)
+            vm.wait_idle(min(config.run_timeout, config.boot_timeout), on_message=on_setup)
             info.ready_s = round(time.monotonic() - vm.started_at, 3)
         yield vm, info
