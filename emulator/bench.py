@@ -16,9 +16,10 @@ from aperture.guest.kernelspec import KernelSpec
 
 from .config import VmConfig
 from .machine import Vm
+from .results import RunResult
 from .run import prepare
 from .snapshots import not_snapshottable
-from .warm import ensure_snapshot, ready_vm
+from .warm import BootInputs, ensure_snapshot, ready_vm
 
 Progress = Callable[[str], None]
 
@@ -125,18 +126,10 @@ def bench_boot(config: VmConfig, kernel: KernelSpec, n: int, progress: Progress)
 
 def bench_dax(config: VmConfig, kernel: KernelSpec, progress: Progress) -> dict[str, Any]:
     """One boot of the ``bench-dax`` scenario: memcpy into RAM, devdax and fsdax, same boot."""
-    from aperture.guest.errors import GuestError
-
-    from .run import boot_once
-
     inputs = prepare(config, kernel, progress)
-    with tempfile.TemporaryDirectory(prefix="aperture-bench-") as tmp:
-        result = boot_once(config, inputs, Path(tmp), progress, scenario="bench-dax",
-                           guest_env={Env.STAMP: "bench"})
+    result = _guest_figures(config, inputs, progress, "bench-dax", "memcpy_ram_MBps")
     f = result.figures
-    ram = f.get("memcpy_ram_MBps", 0.0)
-    if ram <= 0:
-        raise GuestError("the guest reported no memcpy figures")
+    ram = f["memcpy_ram_MBps"]
     ratios = {}
     if f.get("memcpy_devdax_MBps"):
         ratios["devdax_vs_ram"] = round(f["memcpy_devdax_MBps"] / ram, 3)
@@ -208,11 +201,22 @@ def _slot_copy_us(slot: int, rounds: int = 50) -> float:
     return statistics.median(samples)
 
 
+def _guest_figures(config: VmConfig, inputs: BootInputs, progress: Progress, scenario: str,
+                   needed: str) -> RunResult:
+    """Boot a benchmark scenario once (cold: a benchmark's guest runs from boot) and return its RunResult; a
+    guest that reported no ``needed`` figure is an error that says what it logged."""
+    from .run import boot_once
+
+    with tempfile.TemporaryDirectory(prefix="aperture-bench-") as tmp:
+        result = boot_once(config, inputs, Path(tmp), progress, scenario=scenario, guest_env={Env.STAMP: "bench"})
+    if not result.figures.get(needed):
+        raise GuestError(f"the guest reported no {scenario} figures: " + "; ".join(result.messages[-3:]))
+    return result
+
+
 def bench_device(config: VmConfig, kernel: KernelSpec, progress: Progress) -> dict[str, Any]:
     """Guest-observed MAP round trips and DMA throughput, beside host floors measured in the same run."""
-    from aperture.guest.errors import GuestError
 
-    from .run import boot_once
 
     if not config.devices:
         from aperture.guest.errors import ConfigError
@@ -223,12 +227,8 @@ def bench_device(config: VmConfig, kernel: KernelSpec, progress: Progress) -> di
     wake_us = _eventfd_wakeup_us()
     copy_us = _slot_copy_us(config.devices[0].slot)
     memcpy_4k, memcpy_2m = _copy_MBps(4096), _copy_MBps(2 << 20)
-    with tempfile.TemporaryDirectory(prefix="aperture-bench-") as tmp:
-        result = boot_once(config, inputs, Path(tmp), progress, scenario="bench-device",
-                           guest_env={Env.STAMP: "bench"})
+    result = _guest_figures(config, inputs, progress, "bench-device", "map_rtt_us_p50")
     f = result.figures
-    if not f.get("map_rtt_us_p50"):
-        raise GuestError("the guest reported no device figures")
     floor = wake_us + copy_us
     figures = dict(f)
     figures.update({"host_eventfd_wakeup_us_p50": round(wake_us, 2), "host_two_slot_copy_us_p50": round(copy_us, 2),
@@ -249,9 +249,8 @@ def bench_driver(config: VmConfig, kernel: KernelSpec, progress: Progress) -> di
     """The guest driver: migration and fault-back throughput against the host's memcpy, peer-map latency against
     the MAP floor (an eventfd wake-up plus the two slot copies a MAP does), all measured in the same run."""
     from aperture.guest.driver_build import driver_missing
-    from aperture.guest.errors import ConfigError, GuestError, SetupError
+    from aperture.guest.errors import ConfigError, SetupError
 
-    from .run import boot_once
 
     if not config.devices:
         raise ConfigError("bench driver needs at least one aperture device")
@@ -262,12 +261,8 @@ def bench_driver(config: VmConfig, kernel: KernelSpec, progress: Progress) -> di
     progress("measuring host baselines (memcpy 4 KiB and 2 MiB, eventfd wake-up, slot copies)")
     memcpy_4k, memcpy_2m = _copy_MBps(4096), _copy_MBps(2 << 20)
     floor = _eventfd_wakeup_us() + _slot_copy_us(config.devices[-1].slot)
-    with tempfile.TemporaryDirectory(prefix="aperture-bench-") as tmp:
-        result = boot_once(config, inputs, Path(tmp), progress, scenario="bench-driver",
-                           guest_env={Env.STAMP: "bench"})
+    result = _guest_figures(config, inputs, progress, "bench-driver", "migrate_64m_MBps")
     f = result.figures
-    if not f.get("migrate_64m_MBps"):
-        raise GuestError("the guest reported no driver figures: " + "; ".join(result.messages[-3:]))
     figures = dict(f)
     figures.update({"host_memcpy_4k_MBps": round(memcpy_4k, 1), "host_memcpy_2m_MBps": round(memcpy_2m, 1),
                     "map_floor_us": round(floor, 2)})
@@ -277,7 +272,7 @@ def bench_driver(config: VmConfig, kernel: KernelSpec, progress: Progress) -> di
     return {"bench": "driver", "accel": inputs.accel.accel, "qemu_version": inputs.qemu_version,
             "kernel_release": kernel.release, "figures": figures, "ratios": ratios,
             "notes": ["migrate: 64 MiB of pattern-filled anonymous memory per round (3 rounds, median), 512 pages "
-                      "per DMA_LIST, guest clock around the ioctl; fault back: the CPU reads the first 16 MiB, one "
+                      "per DMA_LIST, guest clock around the ioctl; fault back: the CPU reads the first 8 MiB, one "
                       "device DMA per 4 KiB page",
                       "peer map: 1000 rounds over 16 device pages 2 MiB apart (more than the window's slots, so "
                       "each map evicts: MAP copies two slots on the host), then a second page of the same device "

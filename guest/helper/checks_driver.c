@@ -156,6 +156,15 @@ static int absent(const char *check)
     return 1;
 }
 
+/* A check whose own setup (open, memory, a first migration) failed: fail it with the errno. */
+static void setup_failed(const char *check)
+{
+    char detail[96];
+
+    snprintf(detail, sizeof(detail), "{\"error\":\"setup: %s\"}", errno_name(errno));
+    report_check(check, 0, detail);
+}
+
 static uint32_t seed_for(unsigned k)
 {
     const char *token = env_or(APERTURE_ENV_STAMP, "1");
@@ -318,8 +327,7 @@ static void check_migrate(void)
     buf = anon(MIGRATE_LEN);
     offsets = calloc(npages, sizeof(*offsets));
     if (fd < 0 || !buf || !offsets) {
-        jb_printf(&jb, "{\"error\":\"setup: %s\"}", errno_name(errno));
-        report_check(APERTURE_CHECK_HMM_MIGRATE, 0, jb.buf);
+        setup_failed(APERTURE_CHECK_HMM_MIGRATE);
         return;
     }
     pattern_fill(buf, MIGRATE_LEN, seed);
@@ -368,8 +376,7 @@ static void check_fault_back(void)
     fd = open(kd.dev, O_RDWR | O_CLOEXEC);
     buf = anon(FAULT_LEN);
     if (fd < 0 || !buf) {
-        jb_printf(&jb, "{\"error\":\"setup: %s\"}", errno_name(errno));
-        report_check(APERTURE_CHECK_HMM_FAULT_BACK, 0, jb.buf);
+        setup_failed(APERTURE_CHECK_HMM_FAULT_BACK);
         return;
     }
     pattern_fill(buf, FAULT_LEN, seed);
@@ -672,8 +679,7 @@ static void check_unload(void)
     fd = open(kd.dev, O_RDWR | O_CLOEXEC);
     buf = anon(PAGE);
     if (fd < 0 || !buf || migrate(fd, buf, PAGE, 0, NULL, &migrated) != 0 || peer_map(fd, buf, &p) != 0) {
-        jb_printf(&jb, "{\"error\":\"setup: %s\"}", errno_name(errno));
-        report_check(APERTURE_CHECK_DRIVER_UNLOAD, 0, jb.buf);
+        setup_failed(APERTURE_CHECK_DRIVER_UNLOAD);
         return;
     }
     pinned_rc = delete_module();
