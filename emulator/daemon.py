@@ -29,7 +29,7 @@ from .config import VmConfig, config_from_dict
 from .machine import Vm
 from .registry import VmRecord, read_record, reap_orphan, remove_record, write_record
 from .runpaths import default_sock_dir
-from .warm import after_restore
+from .warm import restore_vm
 
 
 class Daemon:
@@ -179,17 +179,10 @@ class Daemon:
                       qemu=spec["qemu"], user_qmp=True)
         snapshot = spec.get("snapshot")
         if snapshot:
-            try:
-                with contextlib.ExitStack() as attempt:
-                    vm = attempt.enter_context(Vm(config, kernel, Path(spec["initrd"]), plug_nvme=False,
-                                                  incoming=Path(snapshot), **common))
-                    after_restore(vm, config, None)
-                    stack.push(attempt.pop_all())
-                    return vm
-            except GuestError as exc:
-                print(f"{name}: restoring {Path(snapshot).parent.name} failed ({exc}): booting cold", flush=True)
-                for stale in Path(spec["run_dir"]).glob("pmem*.img"):
-                    stale.unlink()
+            vm, failed = restore_vm(stack, config, kernel, Path(spec["initrd"]), Path(snapshot), None, **common)
+            if vm is not None:
+                return vm
+            print(f"{name}: restoring {Path(snapshot).parent.name} failed ({failed}): booting cold", flush=True)
         return stack.enter_context(Vm(config, kernel, Path(spec["initrd"]), **common))
 
     def run(self) -> int:

@@ -324,10 +324,10 @@ def run_vm(config: VmConfig, inputs: BootInputs, run_dir: Path, progress: Progre
                          remap=remap)
     if not reboot:
         # Restored from a snapshot when one matches (made now if there is none), else booted cold.
-        if cold or not_snapshottable(config, run_dir) is not None:
+        why = "--cold" if cold else not_snapshottable(config, run_dir)
+        if why is not None:
             result = boot_once(config, inputs, run_dir, progress, console_sink=console_sink, name=name,
                                guest_env={Env.STAMP: token})
-            why = "--cold" if cold else not_snapshottable(config, run_dir)
             result.messages.insert(0, f"warm start: booted cold: {why}")
             return result
         return run_restored(config, inputs, run_dir, progress, console_sink=console_sink, name=name,

@@ -66,12 +66,43 @@ class StartInfo:
         return asdict(self)
 
 
+def key_for(config: VmConfig, inputs: BootInputs) -> SnapshotKey:
+    return snapshot_key(config, inputs.kernel, inputs.image.digest, inputs.qemu, inputs.qemu_version,
+                        inputs.accel.accel)
+
+
+def save_ready(vm: Vm, key: SnapshotKey, root: Path | None = None) -> Snapshot:
+    """Save ``vm``, booted as a snapshot's VM and now at its ready state, as the snapshot ``key``. The VM is left
+    stopped (``cont`` resumes it)."""
+    _check_pristine(vm)
+    assert vm.qmp is not None
+    qmp = vm.qmp
+    return write_snapshot(key, lambda path: save_state(qmp, path), root,
+                          extra={"boot_to_ready_s": round(time.monotonic() - vm.started_at, 3)})
+
+
+def restore_vm(stack: contextlib.ExitStack, config: VmConfig, kernel: KernelSpec, initrd: Path, state: Path,
+               guest_env: dict[str, str] | None, **vm_args: Any) -> tuple[Vm | None, str | None]:
+    """A VM restored from ``state`` and made ready (``after_restore``), its cleanup handed to ``stack``; or
+    (None, why) when that failed: the VM is gone entirely, and so are the NVDIMM files QEMU may have half
+    written (the caller boots cold)."""
+    try:
+        with contextlib.ExitStack() as attempt:
+            vm = attempt.enter_context(Vm(config, kernel, initrd, plug_nvme=False, incoming=state, **vm_args))
+            after_restore(vm, config, guest_env)
+            stack.push(attempt.pop_all())
+            return vm, None
+    except GuestError as exc:
+        for stale in Path(vm_args["run_dir"]).glob("pmem*.img"):
+            stale.unlink()
+        return None, str(exc)
+
+
 def ensure_snapshot(config: VmConfig, inputs: BootInputs, progress: Progress,
                     root: Path | None = None) -> tuple[Snapshot | None, str | None, float | None]:
     """The snapshot for this VM, made now if there is none (a cold boot to idle and a save). Returns (snapshot,
     why there is none to use, seconds spent making it)."""
-    key = snapshot_key(config, inputs.kernel, inputs.image.digest, inputs.qemu, inputs.qemu_version,
-                       inputs.accel.accel)
+    key = key_for(config, inputs)
     snap, why = find_snapshot(key, root)
     if snap is not None or why is not None:
         return snap, why, None
@@ -81,12 +112,7 @@ def ensure_snapshot(config: VmConfig, inputs: BootInputs, progress: Progress,
             Vm(config, inputs.kernel, inputs.image.path, accel=inputs.accel.accel, run_dir=Path(tmp),
                scenario="idle", qemu=inputs.qemu, plug_nvme=False, guest_env={Env.STAMP: SNAPSHOT_TOKEN}) as vm:
         vm.wait_idle(min(config.run_timeout, config.boot_timeout))
-        boot_s = time.monotonic() - t0
-        _check_pristine(vm)
-        assert vm.qmp is not None
-        qmp = vm.qmp
-        snap = write_snapshot(key, lambda path: save_state(qmp, path), root,
-                              extra={"boot_to_ready_s": round(boot_s, 3)})
+        snap = save_ready(vm, key, root)
     made = time.monotonic() - t0
     progress(f"warm start: snapshot {key.key} made in {made:.2f} s ({snap.meta['state_size'] >> 20} MiB sparse)")
     return snap, None, made
@@ -145,29 +171,22 @@ def ready_vm(config: VmConfig, inputs: BootInputs, run_dir: Path, progress: Prog
     if not cold:
         info.note = not_snapshottable(config, run_dir)
         if info.note is None:
-            key = snapshot_key(config, inputs.kernel, inputs.image.digest, inputs.qemu, inputs.qemu_version,
-                               inputs.accel.accel)
+            key = key_for(config, inputs)
             snap, info.note = find_snapshot(key)
     common: dict[str, Any] = dict(accel=inputs.accel.accel, run_dir=run_dir, scenario="idle", name=name,
                                   qemu=inputs.qemu, console_sink=console_sink, user_qmp=user_qmp, shell=shell)
     with contextlib.ExitStack() as stack:
         vm: Vm | None = None
         if snap is not None:
-            try:
-                vm = stack.enter_context(Vm(config, inputs.kernel, inputs.image.path, plug_nvme=False,
-                                            incoming=snap.state, **common))
-                after_restore(vm, config, guest_env)
+            vm, failed = restore_vm(stack, config, inputs.kernel, inputs.image.path, snap.state, guest_env, **common)
+            if vm is not None:
                 info.start, info.snapshot, info.restore_s = "restore", snap.key, vm.restore_s
                 info.ready_s = round(time.monotonic() - vm.started_at, 3)
                 progress(f"restored {vm.name} from {snap.key} in {vm.restore_s or 0:.2f} s; ready "
                          f"{info.ready_s:.2f} s after QEMU start")
-            except GuestError as exc:
-                stack.close()  # this VM goes entirely; the run boots cold in a fresh one
-                vm = None
-                info.note = f"restoring snapshot {snap.key} failed ({exc}): booted cold"
+            else:  # the run boots cold in a fresh VM
+                info.note = f"restoring snapshot {snap.key} failed ({failed}): booted cold"
                 shutil.rmtree(snap.directory, ignore_errors=True)  # the next run makes a new one
-                for stale in run_dir.glob("pmem*.img"):
-                    stale.unlink()  # QEMU may have written part of the snapshot's NVDIMM contents
                 key = None
         if vm is None and key is not None and info.note is None:
             # The first VM of this shape: boot it as a snapshot's VM is booted, save it at the ready state,
@@ -178,11 +197,7 @@ def ready_vm(config: VmConfig, inputs: BootInputs, run_dir: Path, progress: Prog
             vm.wait_idle(min(config.run_timeout, config.boot_timeout), on_message=on_setup)
             t0 = time.monotonic()
             try:
-                _check_pristine(vm)
-                assert vm.qmp is not None
-                qmp = vm.qmp
-                made = write_snapshot(key, lambda path: save_state(qmp, path),
-                                      extra={"boot_to_ready_s": round(t0 - vm.started_at, 3)})
+                made = save_ready(vm, key)
                 info.snapshot, info.snapshot_made_s = made.key, round(time.monotonic() - t0, 3)
                 progress(f"warm start: snapshot {made.key} saved in {info.snapshot_made_s:.2f} s")
             except GuestError as exc:
