@@ -154,6 +154,7 @@ def find_snapshot(key: SnapshotKey, root: Path | None = None) -> tuple[Snapshot 
     """(snapshot, None) to use; (None, None) when there is none yet; (None, why) when the one there is unusable
     (it is removed, so the next run makes a new one)."""
     directory = snapshots_dir(root) / key.key
+    drop_dead_saves(directory.parent)  # a run killed mid-save leaves its copy: the next run removes it
     snap, why = check_snapshot(directory, key)
     if why is not None:
         shutil.rmtree(directory, ignore_errors=True)
@@ -216,13 +217,8 @@ def list_snapshots(root: Path | None = None) -> list[dict[str, Any]]:
     return out
 
 
-def prune(root: Path | None = None, max_bytes: int = MAX_BYTES, keep: int = KEEP) -> list[str]:
-    """Keep the most recently used snapshots within ``max_bytes`` allocated and ``keep`` in number; remove the
-    rest, and private directories of runs that died while saving. Returns the keys removed."""
-    base = snapshots_dir(root)
-    if not base.is_dir():
-        return []
-    removed = []
+def drop_dead_saves(base: Path) -> None:
+    """Remove the private directories of runs killed while saving a snapshot (their pid is in the name)."""
     for stale in base.glob(".*.tmp"):
         try:
             pid = int(stale.name.split(".")[2])
@@ -230,6 +226,16 @@ def prune(root: Path | None = None, max_bytes: int = MAX_BYTES, keep: int = KEEP
             pid = -1
         if pid <= 0 or not Path(f"/proc/{pid}").exists():
             shutil.rmtree(stale, ignore_errors=True)
+
+
+def prune(root: Path | None = None, max_bytes: int = MAX_BYTES, keep: int = KEEP) -> list[str]:
+    """Keep the most recently used snapshots within ``max_bytes`` allocated and ``keep`` in number; remove the
+    rest, and private directories of runs that died while saving. Returns the keys removed."""
+    base = snapshots_dir(root)
+    if not base.is_dir():
+        return []
+    removed = []
+    drop_dead_saves(base)
     total = 0
     dirs = sorted((d for d in base.glob("*") if d.is_dir() and not d.name.startswith(".")), key=mtime_or_zero,
                   reverse=True)

@@ -156,3 +156,20 @@ def test_the_snapshot_key_covers_what_the_command_line_does_not_show(tmp_path: P
     again = snapshot_key(small, kernel, "img", "qemu", "10.0.2", "tcg")
     assert again.key == snapshot_key(small, kernel, "img", "qemu", "10.0.2", "tcg").key
     assert again.key != snapshot_key(small, kernel, "img", "qemu", "10.0.2", "kvm").key  # per accelerator
+
+
+def test_a_save_killed_midway_is_removed_by_the_next_lookup(tmp_path: Path) -> None:
+    """kill -9 while a snapshot is written leaves its private directory; the next run's lookup removes it (a
+    live saver's is kept)."""
+    import os
+
+    from aperture.emulator.snapshots import SnapshotKey, find_snapshot
+
+    base = tmp_path / "snapshots"
+    dead = base / ".abc.999999999.1.tmp"
+    live = base / f".abc.{os.getpid()}.2.tmp"
+    for d in (dead, live):
+        d.mkdir(parents=True)
+        (d / "state.mig").write_bytes(b"x")
+    assert find_snapshot(SnapshotKey("abc", {}), tmp_path) == (None, None)
+    assert not dead.exists() and live.exists()
