@@ -9,6 +9,7 @@ import json
 import os
 import platform
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,19 +30,36 @@ def _verdict_file(cache: Path) -> Path:
     return cache / "accel-verdicts.json"
 
 
-def probe_kvm(kernel: KernelSpec, initrd: Path, qemu: str, timeout: float = 30.0) -> tuple[bool, str]:
-    """Boot the helper's ``probe`` scenario under KVM; True only if the guest says hello and done."""
+#: A guest that has printed nothing on its console this long after QEMU started is not running under KVM (on a
+#: nested host QEMU 11 can spin instead of failing; a working KVM guest prints its first line in well under 1 s).
+FIRST_CONSOLE_S = 5.0
+
+
+def probe_kvm(kernel: KernelSpec, initrd: Path, qemu: str, timeout: float = 30.0,
+              first_console_s: float = FIRST_CONSOLE_S) -> tuple[bool, str]:
+    """Boot the helper's ``probe`` scenario under KVM; True only if the guest says hello and done. The kernel
+    logs at ``loglevel=7`` so that a silent console after ``first_console_s`` is a "no" in seconds."""
     from .machine import Vm
 
-    config = VmConfig(pmem=(PmemConfig(),), accel="kvm", boot_timeout=timeout, run_timeout=timeout)
+    config = VmConfig(pmem=(PmemConfig(),), accel="kvm", boot_timeout=timeout, run_timeout=timeout,
+                      kernel_cmdline_extra=("loglevel=7",))
+    silent = False
+
+    def console_silent() -> bool:
+        nonlocal silent
+        silent = (not vm.console.seen_output() and time.monotonic() - vm.started_at > first_console_s)
+        return silent
+
     with tempfile.TemporaryDirectory(prefix="aperture-kvm-probe-") as tmp:
         try:
             with Vm(config, kernel, initrd, accel="kvm", run_dir=Path(tmp), scenario="probe", qemu=qemu) as vm:
-                for msg in vm.messages():
+                for msg in vm.messages(should_stop=console_silent):
                     if msg.get("type") == MsgType.DONE:
                         return True, "probe boot under KVM succeeded"
         except ApertureError as exc:
             return False, f"probe boot under KVM failed: {exc.one_line()[:160]}"
+    if silent:
+        return False, f"probe boot under KVM printed nothing on the console in {first_console_s:.0f} s"
     return False, "probe boot under KVM produced no result"
 
 

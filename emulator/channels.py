@@ -118,6 +118,10 @@ class ConsoleLog:
         self.text = (self.text + new)[-CONSOLE_KEPT:]
         return new
 
+    def seen_output(self) -> bool:
+        """Whether the guest has written anything to its console yet."""
+        return self._pos > 0
+
     def panic(self) -> str | None:
         found = PANIC_RE.search(self.text)
         return found.group(0).strip() if found else None

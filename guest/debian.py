@@ -97,48 +97,85 @@ def download(deb: DebFile, dest: Path, progress: Progress) -> None:
     tmp.replace(dest)
 
 
-def fetch_package(package: str, progress: Progress) -> Path:
-    """Download and unpack ``package``; returns the unpack directory. Idempotent."""
+def fetch_package(package: str, progress: Progress, parts: tuple[str, ...] = ()) -> Path:
+    """Download ``package`` (and ``parts``, packages unpacked into the same tree) and unpack it; returns the
+    unpack directory. Idempotent: a tree is complete only once every part is unpacked."""
     root = cache_root()
-    deb = resolve_uri(package)
-    unpack = root / "guest" / deb.filename.removesuffix(".deb")
+    debs = [resolve_uri(p) for p in (package, *parts)]
+    unpack = root / "guest" / debs[0].filename.removesuffix(".deb")
     if (unpack / ".complete").exists():
         progress(f"{package}: cached ({unpack})")
         return unpack
-    debs = root / "debs"
-    debs.mkdir(parents=True, exist_ok=True)
-    dest = debs / deb.filename
-    if not dest.exists() or dest.stat().st_size != deb.size:
-        progress(f"{package}: downloading {deb.size / 1e6:.0f} MB")
-        download(deb, dest, progress)
-    progress(f"{package}: unpacking into {unpack}")
+    (root / "debs").mkdir(parents=True, exist_ok=True)
     shutil.rmtree(unpack, ignore_errors=True)
     unpack.mkdir(parents=True)
-    _run(["dpkg-deb", "-x", str(dest), str(unpack)])
+    for deb in debs:
+        dest = root / "debs" / deb.filename
+        if not dest.exists() or dest.stat().st_size != deb.size:
+            progress(f"{deb.package}: downloading {deb.size / 1e6:.0f} MB")
+            download(deb, dest, progress)
+        progress(f"{deb.package}: unpacking into {unpack}")
+        _run(["dpkg-deb", "-x", str(dest), str(unpack)])
     (unpack / ".complete").touch()
     return unpack
+
+
+#: From Linux 6.19 on, Debian's ``linux-image-<rel>`` is a metapackage; the kernel is in ``linux-binary-<rel>``,
+#: the modules in ``linux-modules-<rel>``, the config and modules.builtin in ``linux-base-<rel>``.
+_SPLIT_PART_RE = re.compile(r"\b(linux-(?:binary|modules|base)-[0-9][^\s,(|]*)")
+
+
+def kernel_parts(package: str) -> tuple[str, ...]:
+    """The packages that hold a split kernel's files (empty for a kernel packaged whole, as up to 6.18)."""
+    out = _run(["apt-cache", "show", package])
+    depends = next((ln for ln in out.splitlines() if ln.startswith("Depends:")), "")
+    return tuple(dict.fromkeys(_SPLIT_PART_RE.findall(depends)))
+
+
+@dataclass(frozen=True)
+class UnpackedKernel:
+    """Where a Debian kernel's files are in an unpacked tree: ``/boot`` + ``/lib/modules`` (up to Debian 12),
+    merged /usr (``usr/lib/modules``, Debian 13), or everything under the modules directory (6.19 and later)."""
+
+    image: Path
+    release: str
+    modules_dir: Path
+    config: Path
+
+
+def locate_kernel(tree: Path) -> UnpackedKernel | None:
+    for moddir_root in (tree / "usr/lib/modules", tree / "lib/modules"):
+        for moddir in sorted(moddir_root.glob("*")) if moddir_root.is_dir() else []:
+            rel = moddir.name
+            image = next((p for p in (tree / "boot" / f"vmlinuz-{rel}", moddir / "vmlinuz") if p.is_file()), None)
+            if image is None:
+                continue
+            config = next((p for p in (tree / "boot" / f"config-{rel}", moddir / "config") if p.is_file()),
+                          tree / "boot" / f"config-{rel}")
+            return UnpackedKernel(image, rel, moddir, config)
+    return None
 
 
 def fetch_guest_packages(release: str | None = None, progress: Progress | None = None) -> dict[str, Any]:
     """Fetch the default kernel and busybox; record them in the cache manifest."""
     say = progress or (lambda s: print(s, file=sys.stderr))
     kpkg = kernel_package(release)
-    kdir = fetch_package(kpkg, say)
-    vmlinuz = sorted((kdir / "boot").glob("vmlinuz-*"))
-    if not vmlinuz:
-        raise SetupError(f"{kpkg} has no boot/vmlinuz-*")
-    krel = vmlinuz[0].name.removeprefix("vmlinuz-")
+    kdir = fetch_package(kpkg, say, kernel_parts(kpkg))
+    found = locate_kernel(kdir)
+    if found is None:
+        raise SetupError(f"{kpkg} unpacked into {kdir} holds no kernel image with its modules directory "
+                         "(looked for boot/vmlinuz-REL and usr/lib/modules/REL/vmlinuz)")
     bdir = fetch_package("busybox-static", say)
     busybox = next((p for p in (bdir / "bin/busybox", bdir / "usr/bin/busybox") if p.exists()), None)
     if busybox is None:
-        raise SetupError("busybox-static has no bin/busybox")
+        raise SetupError("busybox-static has no bin/busybox or usr/bin/busybox")
     manifest = read_manifest()
     manifest["kernel"] = {
         "package": kpkg,
-        "image": str(vmlinuz[0]),
-        "release": krel,
-        "modules_dir": str(kdir / "lib/modules" / krel),
-        "config": str(kdir / "boot" / f"config-{krel}"),
+        "image": str(found.image),
+        "release": found.release,
+        "modules_dir": str(found.modules_dir),
+        "config": str(found.config),
     }
     manifest["busybox"] = str(busybox)
     write_manifest(manifest)

@@ -98,10 +98,11 @@ def read_builtin(modules_dir: Path | None) -> frozenset[str]:
 
 
 def _modules_for(release: str, modules: Path) -> Path:
-    """Accept ``lib/modules/<rel>``, ``lib/modules`` or a root that contains ``lib/modules/<rel>``."""
+    """Accept ``lib/modules/<rel>``, ``lib/modules`` or a root that contains ``lib/modules/<rel>`` (or, merged
+    /usr, ``usr/lib/modules/<rel>``)."""
     if not modules.is_dir():
         raise ConfigError(f"--modules {modules}: not a directory")
-    for cand in (modules, modules / release, modules / "lib/modules" / release):
+    for cand in (modules, modules / release, modules / "lib/modules" / release, modules / "usr/lib/modules" / release):
         if (cand / "kernel").is_dir() or (cand / "modules.builtin").is_file() or any(cand.glob("*.ko*")):
             return cand
     raise ConfigError(f"no modules for kernel {release} under {modules}")
@@ -153,7 +154,8 @@ def resolve_kernel(kernel: Path | str | None = None, modules: Path | None = None
     elif manifest.get("release") == release:
         mods = Path(manifest["modules_dir"])
     else:
-        candidates = [path.parent / "lib/modules" / release, path.parent.parent / "lib/modules" / release]
+        candidates = [d / sub / release for d in (path.parent, path.parent.parent)
+                      for sub in ("lib/modules", "usr/lib/modules")]
         mods = next((c for c in candidates if c.is_dir()), None)
     if config is not None:
         config = config.expanduser()

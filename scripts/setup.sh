@@ -19,61 +19,89 @@ sudo=""
 if [ "$(id -u)" != 0 ]; then sudo="sudo"; fi
 
 # ---------------------------------------------------------------- host packages
+# apt's and dpkg's own output goes to a log; the terminal gets one line per step (and the log's tail on failure).
+mkdir -p "$cache"
+log="$cache/setup.log"
+: >"$log"
+apt_get() {
+    if ! $sudo env DEBIAN_FRONTEND=noninteractive apt-get -y -q "$@" >>"$log" 2>&1; then
+        tail -8 "$log" | sed 's/^/    /' >&2
+        say "apt-get $* failed (whole log: $log)"
+        return 1
+    fi
+}
+stamp="$cache/.apt-updated"
+apt_update() {
+    say "apt-get update"
+    apt_get update && touch "$stamp"
+}
+if [ ! -e "$stamp" ] || [ -n "$(find "$stamp" -mmin +1440 2>/dev/null)" ]; then apt_update || exit 1; fi
+
+# QEMU: aperture needs 10.0 or newer (memory-backend-file's `offset`, used by hotplug remaps; the rest is probed
+# at run time). Take the release's own QEMU when it is new enough (Debian 13: 10.0); only where it is too old
+# (Debian 12: 7.2) add the release's backports suite and take QEMU from there. Versions are read without
+# `| grep -q` on apt output: under pipefail, grep's early exit kills apt-cache with SIGPIPE and the test reads false.
 . /etc/os-release
+qemu_min=1:10.0
+candidate() {  # candidate version of package $1 from suite $2 ("" = the release's own suites)
+    apt-cache madison "$1" 2>/dev/null | awk -F'|' -v s="$2" -v own="${VERSION_CODENAME:-}" '
+        { gsub(/ /, "", $2); split($3, a, " "); suite=a[2]; sub(/\/.*/, "", suite) }
+        s != "" && suite == s && !v { v=$2 }
+        s == "" && (suite == own || suite == own "-updates" || suite == own "-security") && !v { v=$2 }
+        END { print v }'
+}
+stock_qemu=$(candidate qemu-system-x86 "")
 backports=""
-if [ "${ID:-}" = debian ] && [ -n "${VERSION_CODENAME:-}" ]; then
+if [ -n "$stock_qemu" ] && dpkg --compare-versions "$stock_qemu" ge "$qemu_min"; then
+    say "${PRETTY_NAME:-this release}: its own QEMU $stock_qemu is new enough (need $qemu_min+)"
+elif [ "${ID:-}" = debian ] && [ -n "${VERSION_CODENAME:-}" ]; then
     backports="${VERSION_CODENAME}-backports"
-    src=/etc/apt/sources.list.d/aperture-backports.sources
-    if ! grep -rqs "$backports" /etc/apt/sources.list /etc/apt/sources.list.d/; then
+    if ! grep -rqs "^[^#]*$backports" /etc/apt/sources.list /etc/apt/sources.list.d/; then
+        src=/etc/apt/sources.list.d/aperture-backports.sources
         # Use the mirror this machine's apt already uses for the main suite.
         mirror=$(awk -v suite="$VERSION_CODENAME" '
             /^URIs:/ {uri=$2} /^Suites:/ {for (i = 2; i <= NF; i++) if ($i == suite) found=uri}
             /^deb / && $3 == suite && !found {found=$2}
             END {print found}' $(ls /etc/apt/sources.list.d/*.sources /etc/apt/sources.list 2>/dev/null))
-        if [ -n "$mirror" ]; then
-            say "adding the $backports apt source ($src, mirror $mirror)"
-            printf 'Types: deb\nURIs: %s\nSuites: %s\nComponents: main\nSigned-By: /usr/share/keyrings/debian-archive-keyring.gpg\n' \
-                "$mirror" "$backports" | $sudo tee "$src" >/dev/null
-            rm -f "$cache/.apt-updated"
-        else
-            say "no apt source for $VERSION_CODENAME found; using the distribution's QEMU and kernel"
-        fi
+        mirror=${mirror:-http://deb.debian.org/debian}
+        say "${PRETTY_NAME:-this release}'s QEMU is ${stock_qemu:-missing} (need $qemu_min+): adding $backports ($src)"
+        printf 'Types: deb\nURIs: %s\nSuites: %s\nComponents: main\nSigned-By: /usr/share/keyrings/debian-archive-keyring.gpg\n' \
+            "$mirror" "$backports" | $sudo tee "$src" >/dev/null
+        apt_update || exit 1
     fi
 fi
 
-mkdir -p "$cache"
-stamp="$cache/.apt-updated"
-if [ ! -e "$stamp" ] || [ -n "$(find "$stamp" -mmin +1440 2>/dev/null)" ]; then
-    say "apt-get update"
-    $sudo apt-get update -qq
-    touch "$stamp"
-fi
-
-host_pkgs=(qemu-system-x86 gcc libc6-dev e2fsprogs ndctl cpio zstd)
+host_pkgs=(qemu-system-x86 gcc libc6-dev e2fsprogs ndctl cpio zstd python3 python3-venv)
 # Building the guest kernel (aperture kernel build): kbuild's own tools; ccache makes rebuilds take seconds.
 host_pkgs+=(make flex bison bc libelf-dev xz-utils ccache rsync)
-export DEBIAN_FRONTEND=noninteractive
-# Backports has QEMU 10.x (memory-backend-file.offset, needed by hotplug remaps); stock bookworm has 7.2.
-# Take it when it is newer than what is installed, including a stock QEMU installed earlier. (No `| grep -q`
-# on apt output: under pipefail, grep's early exit kills apt-cache with SIGPIPE and the test reads false.)
-bpo_qemu=""
-if [ -n "$backports" ]; then
-    bpo_qemu=$(apt-cache madison qemu-system-x86 2>/dev/null \
-        | awk -F'|' -v s="$backports/" 'index($3, s) && !v {gsub(/ /, "", $2); v=$2} END {print v}')
-    have_qemu=$(dpkg-query -W -f='${Version}' qemu-system-x86 2>/dev/null || true)
-    if [ -n "$bpo_qemu" ] && { [ -z "$have_qemu" ] || dpkg --compare-versions "$have_qemu" lt "$bpo_qemu"; }; then
-        say "installing qemu-system-x86 $bpo_qemu from $backports${have_qemu:+ (replacing $have_qemu)}"
-        $sudo apt-get install -y -qq -t "$backports" --no-install-recommends qemu-system-x86
-    fi
-fi
 missing=()
 for p in "${host_pkgs[@]}"; do
     status=$(dpkg-query -W -f='${Status}' "$p" 2>/dev/null || true)
     [ "$status" = "install ok installed" ] || missing+=("$p")
 done
-if [ ${#missing[@]} -gt 0 ]; then
-    say "installing host packages: ${missing[*]}"
-    $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}"
+want_qemu=""
+if [ -n "$backports" ]; then
+    bpo_qemu=$(candidate qemu-system-x86 "$backports")
+    have_qemu=$(dpkg-query -W -f='${Version}' qemu-system-x86 2>/dev/null || true)
+    if [ -z "$bpo_qemu" ]; then
+        say "no qemu-system-x86 in $backports; aperture needs QEMU $qemu_min+ (hotplug remaps will fail)"
+    elif [ -z "$have_qemu" ] || dpkg --compare-versions "$have_qemu" lt "$bpo_qemu"; then
+        want_qemu="qemu-system-x86/$backports"
+        missing=("${missing[@]/qemu-system-x86/}")
+        say "QEMU $bpo_qemu from $backports${have_qemu:+ (replacing $have_qemu)}"
+    fi
+fi
+read -r -a missing <<<"${missing[*]}"
+if [ -n "$want_qemu" ] || [ ${#missing[@]} -gt 0 ]; then
+    say "installing host packages: ${want_qemu:+$want_qemu }${missing[*]} (apt's output: $log)"
+    # One transaction, so apt resolves QEMU and the build tools together. If QEMU's libraries from backports
+    # leave a build dependency from the main suite unresolvable (libelf1t64 vs libelf-dev on Debian 13), take
+    # those packages from the same suite as QEMU rather than mixing.
+    if ! apt_get install --no-install-recommends $want_qemu "${missing[@]}"; then
+        [ -n "$want_qemu" ] || exit 1
+        say "retrying with every package from $backports"
+        apt_get install --no-install-recommends -t "$backports" qemu-system-x86 "${missing[@]}" || exit 1
+    fi
 else
     say "host packages present: ${host_pkgs[*]}"
 fi
@@ -94,6 +122,7 @@ else
 fi
 
 # ---------------------------------------------------------------- guest packages
+# The guest kernel from the same suite as QEMU: Debian 12 takes backports' 6.12, Debian 13 its own 6.12.
 APERTURE_CACHE="$cache" "$venv/bin/aperture" fetch ${backports:+--release "$backports"}
 # The default guest kernel: built once (about 5 minutes on 2 cores), then taken from the cache.
 APERTURE_CACHE="$cache" "$venv/bin/aperture" kernel build
