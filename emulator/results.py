@@ -10,7 +10,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from aperture.guest import abi
 from aperture.guest.abi import CheckName
@@ -23,11 +23,25 @@ from .config import ram_ranges
 CHECK_NAME = re.compile(r"[a-z_0-9]{1,32}\.[a-z_0-9]{1,48}")
 
 
+#: A check's status: ``skip`` is a check that could not apply here (its detail says why in ``skip_reason``);
+#: ``ok`` stays true for it, as a skip is not a failure, but it is not a pass either.
+CheckStatus = Literal["pass", "fail", "skip"]
+
+
 @dataclass
 class Check:
     name: str
     ok: bool
     detail: Any = None
+    status: CheckStatus = field(init=False)
+
+    def __post_init__(self) -> None:
+        skipped = isinstance(self.detail, dict) and bool(self.detail.get("skip_reason"))
+        self.status = "fail" if not self.ok else "skip" if skipped else "pass"
+
+    @property
+    def skip_reason(self) -> str:
+        return str(self.detail.get("skip_reason")) if self.status == "skip" and isinstance(self.detail, dict) else ""
 
     @classmethod
     def from_message(cls, msg: dict[str, Any]) -> Check | None:
@@ -561,9 +575,10 @@ def junit_xml(result: RunResult) -> str:
     import json as _json
     import xml.etree.ElementTree as ET
 
-    failures = sum(not c.ok for c in result.checks)
+    failures = sum(c.status == "fail" for c in result.checks)
+    skipped = sum(c.status == "skip" for c in result.checks)
     suite = ET.Element("testsuite", name="aperture", tests=str(len(result.checks)), failures=str(failures),
-                       errors="0", time=str(result.poweroff_s or 0))
+                       errors="0", skipped=str(skipped), time=str(result.poweroff_s or 0))
     props = ET.SubElement(suite, "properties")
     for key in ("accel", "qemu_version", "kernel_release", "boot_s", "run_dir"):
         ET.SubElement(props, "property", name=key, value=str(getattr(result, key)))
@@ -572,6 +587,28 @@ def junit_xml(result: RunResult) -> str:
         detail = _json.dumps(c.detail, indent=1, default=str)
         if not c.ok:
             ET.SubElement(case, "failure", message=f"{c.name} failed").text = detail
+        elif c.status == "skip":
+            ET.SubElement(case, "skipped", message=c.skip_reason)
         else:
             ET.SubElement(case, "system-out").text = detail
     return ET.tostring(suite, encoding="unicode", xml_declaration=True)
+
+
+def ktap(result: RunResult) -> str:
+    """The run as KTAP version 1, as the kernel's selftests print it (``ok N name``, ``not ok N name``,
+    ``ok N name # SKIP reason``, diagnostics as ``#`` lines) for KernelCI, LKFT and ``kunit.py parse``."""
+    import json as _json
+
+    lines = ["KTAP version 1", f"1..{len(result.checks)}"]
+    for n, c in enumerate(result.checks, 1):
+        for text in _json.dumps(c.detail, default=str).splitlines()[:1]:
+            lines.append(f"# {c.name}: {text[:400]}")
+        if c.status == "skip":
+            reason = " ".join(c.skip_reason.split()) or "does not apply"
+            lines.append(f"ok {n} {c.name} # SKIP {reason}")
+        else:
+            lines.append(f"{'ok' if c.ok else 'not ok'} {n} {c.name}")
+    counts = {s: sum(c.status == s for c in result.checks) for s in ("pass", "fail", "skip")}
+    lines.append(f"# Totals: pass:{counts['pass']} fail:{counts['fail']} xfail:0 xpass:0 "
+                 f"skip:{counts['skip']} error:0")
+    return "\n".join(lines) + "\n"

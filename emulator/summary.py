@@ -214,15 +214,18 @@ def print_probe_table(detail: Any) -> None:
 
 
 def print_summary(result: Any) -> None:
-    passed = sum(c.ok for c in result.checks)
+    passed = sum(c.status == "pass" for c in result.checks)
+    skipped = sum(c.status == "skip" for c in result.checks)
     verdict = click.style("PASS", fg="green", bold=True) if result.ok else click.style("FAIL", fg="red", bold=True)
-    click.echo(f"aperture run: {verdict} ({passed}/{len(result.checks)} checks) on {result.accel}, "
+    counts = f"{passed}/{len(result.checks)} checks" + (f", {skipped} skipped" if skipped else "")
+    click.echo(f"aperture run: {verdict} ({counts}) on {result.accel}, "
                f"QEMU {result.qemu_version}, kernel {result.kernel_release}")
     click.echo(f"  boot: helper reported {result.boot_s:.2f} s after QEMU start; "
                f"powered off at {result.poweroff_s:.2f} s")
     width = max(len(c.name) for c in result.checks)
     for c in result.checks:
-        mark = click.style("ok  ", fg="green") if c.ok else click.style("FAIL", fg="red")
+        mark = {"pass": click.style("ok  ", fg="green"), "skip": click.style("skip", fg="yellow"),
+                "fail": click.style("FAIL", fg="red")}[c.status]
         click.echo(f"  {mark} {c.name:<{width}}  {_summarize_detail(c.name, c.detail)}")
         if c.name == CheckName.ZONE_DEVICE_PROBE:
             print_probe_table(c.detail)

@@ -81,8 +81,14 @@ if [ ! -e "$root/.aperture-debootstrap-complete" ]; then
     touch "$root/.aperture-debootstrap-complete"
     say "debootstrap took $((SECONDS - t0)) s"
 fi
+# What this host knows about its network, not about packages: resolvers, extra CAs (a TLS-intercepting proxy),
+# pip's pointer at the system CA bundle, apt's tweaks (e.g. no Valid-Until checks).
 cp /etc/resolv.conf "$root/etc/resolv.conf" 2>/dev/null || true
-# The host's apt tweaks that are about this network, not about packages (e.g. no Valid-Until checks).
+if compgen -G "/usr/local/share/ca-certificates/*.crt" >/dev/null; then
+    cp /usr/local/share/ca-certificates/*.crt "$root/usr/local/share/ca-certificates/"
+    chroot "$root" update-ca-certificates >/dev/null 2>&1 || true
+fi
+[ -f /etc/pip.conf ] && cp /etc/pip.conf "$root/etc/pip.conf"
 for f in /etc/apt/apt.conf.d/*; do
     grep -qiE 'Acquire::(Check|http|https)' "$f" 2>/dev/null && cp "$f" "$root/etc/apt/apt.conf.d/"
 done
