@@ -209,6 +209,11 @@ guest_bin_option = click.option(
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object (the documented contract).")
 @click.option("--junit-xml", type=click.Path(path_type=Path, dir_okay=False), help="Also write the checks as "
               "JUnit XML (one testcase per check) for CI systems.")
+@click.option("--ktap", "ktap_path", type=click.Path(path_type=Path, dir_okay=False), help="Also write the checks "
+              "as KTAP version 1 (as the kernel's selftests print it; `kunit.py parse` reads it).")
+@click.option("--only", multiple=True, metavar="GLOB", help="Run only the checks whose names match (repeatable), "
+              "e.g. --only 'dax.*'; fixtures no selected check needs are not set up.")
+@click.option("--skip", multiple=True, metavar="GLOB", help="Do not run the checks whose names match (repeatable).")
 @click.option("-v", "--verbose", is_flag=True, help="Stream the guest console (full kernel log) to stderr.")
 def run(kernel: str | None, modules: Path | None, kconfig: Path | None, pmem: tuple[PmemConfig, ...],
         devices: tuple[DeviceConfig, ...] | None, nvme: int, memory: int, accel: str,
@@ -216,7 +221,8 @@ def run(kernel: str | None, modules: Path | None, kconfig: Path | None, pmem: tu
         shares: tuple[ShareConfig, ...], share_cwd: bool, with_checks: bool, give_shell: bool,
         command: tuple[str, ...],
         reboot: bool, force: bool, guest_bins: tuple[Path, ...], remap_every: float | None, remap_mode: str,
-        duration: float, fuzz: bool, cold: bool, as_json: bool, junit_xml: Path | None, verbose: bool) -> None:
+        duration: float, fuzz: bool, cold: bool, as_json: bool, junit_xml: Path | None, ktap_path: Path | None,
+        only: tuple[str, ...], skip: tuple[str, ...], verbose: bool) -> None:
     """Start the default VM, run the guest checks, print the results.
 
     Exit 0 when every check passed, 1 when one failed.
@@ -245,8 +251,12 @@ def run(kernel: str | None, modules: Path | None, kconfig: Path | None, pmem: tu
         shares = tuple(s for s in shares if s.guest != here.guest) + (here,)
     if with_checks and not command:
         raise ConfigError("--checks goes with a command: aperture run --checks -- CMD")
-    if command and (reboot or remap_every is not None or fuzz or junit_xml):
-        raise ConfigError("-- CMD cannot be combined with --reboot, --remap-every, --fuzz or --junit-xml")
+    if command and (reboot or remap_every is not None or fuzz or junit_xml or ktap_path or only or skip):
+        raise ConfigError("-- CMD cannot be combined with --reboot, --remap-every, --fuzz, --junit-xml, --ktap, "
+                          "--only or --skip")
+    from .selection import CheckSelection
+
+    selection = CheckSelection(only, skip)
     config = dataclasses.replace(make_config(pmem, memory, accel, boot_timeout, run_timeout, append, devices, nvme,
                                              shares), force=force, guest_bins=guest_bins)
     if give_shell:
@@ -291,11 +301,15 @@ def run(kernel: str | None, modules: Path | None, kconfig: Path | None, pmem: tu
     name = new_run_name()
     result = run_vm(config, inputs, run_dir or default_run_dir(name), ui.progress, name=name, reboot=reboot,
                     console_sink=ui.console if verbose else None, remap=remap, fuzz=duration if fuzz else None,
-                    cold=cold)
+                    cold=cold, selection=selection)
     if junit_xml is not None:
         from .results import junit_xml as to_junit
 
         junit_xml.write_text(to_junit(result))
+    if ktap_path is not None:
+        from .results import ktap
+
+        ktap_path.write_text(ktap(result.checks))
     if as_json:
         emit_json(result.to_json())
     else:

@@ -27,6 +27,7 @@ from aperture.guest.units import parse_size
 from .config import DEFAULT_DEVICES, DEFAULT_PMEM, DeviceConfig, PmemConfig, ShareConfig, VmConfig
 from .machine import Vm
 from .results import Check
+from .selection import CheckSelection
 from .warm import ready_vm
 
 
@@ -39,9 +40,11 @@ class ExecResult:
 class ApertureVM:
     """A booted guest (helper serving commands), its QMP session and its host-side device models."""
 
-    def __init__(self, vm: Vm, start: str = "cold") -> None:
+    def __init__(self, vm: Vm, start: str = "cold", selection: CheckSelection | None = None) -> None:
         self.vm = vm
         self.checks: list[Check] = []
+        #: The marker's only=/skip=: which checks run_scenario runs by default
+        self.selection = selection or CheckSelection()
         #: "restore" (from the warm-start snapshot) or "cold"
         self.start = start
 
@@ -67,8 +70,13 @@ class ApertureVM:
         """Run a shell command in the guest (busybox sh; ``aperture-helper`` tools are on PATH), in ``cwd``."""
         return ExecResult(*self.vm.exec(command, timeout, cwd=cwd))
 
-    def run_scenario(self, name: str = "aperture", timeout: float = 300.0) -> dict[str, Check]:
-        """Run a helper scenario (default, nvdimm, dax, aperture) in the live guest; its checks by name."""
+    def run_scenario(self, name: str = "aperture", timeout: float = 300.0, only: tuple[str, ...] | None = None,
+                     skip: tuple[str, ...] | None = None) -> dict[str, Check]:
+        """Run a helper scenario (default, nvdimm, dax, aperture) in the live guest; its checks by name. ``only``
+        and ``skip`` (globs; default: the marker's) select the checks, as ``aperture run --only/--skip`` do."""
+        selection = CheckSelection(self.selection.only if only is None else tuple(only),
+                                   self.selection.skip if skip is None else tuple(skip))
+        self.vm.command({"env": " ".join(f"{k}={v}" for k, v in selection.guest_env().items())}, 10)
         done, seen = self.vm.command({"scenario": name}, timeout)
         if done.get("rc") != 0:
             raise GuestError(f"scenario {name!r}: {done.get('output')}")
@@ -86,10 +94,23 @@ class ApertureVM:
 
     def results(self) -> dict[str, Any]:
         return {"name": self.name, "run_dir": str(self.run_dir), "ok": all(c.ok for c in self.checks),
-                "checks": [{"name": c.name, "ok": c.ok, "detail": c.detail} for c in self.checks]}
+                "checks": [{"name": c.name, "ok": c.ok, "status": c.status, "detail": c.detail}
+                           for c in self.checks]}
 
     def console_tail(self, lines: int = 40) -> str:
         return self.vm.console_tail(lines)
+
+
+#: Every check the session's VMs ran, for --aperture-ktap.
+_KTAP_CHECKS = pytest.StashKey[list[Check]]()
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    path = session.config.getoption("aperture_ktap", None)
+    if path:
+        from .results import ktap
+
+        Path(path).write_text(ktap(session.config.stash.get(_KTAP_CHECKS, [])))
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -99,6 +120,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--aperture-accel", default="auto", choices=["auto", "kvm", "tcg"])
     group.addoption("--aperture-cold", action="store_true", default=False,
                     help="boot every VM instead of restoring its warm-start snapshot")
+    group.addoption("--aperture-ktap", default=None, metavar="PATH",
+                    help="write every check the tests' VMs ran (run_scenario) to PATH as KTAP version 1")
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -106,11 +129,16 @@ def pytest_configure(config: pytest.Config) -> None:
         "markers", "aperture(pmem=['256M:devdax'], devices=2 | ['aperture,mem=64M'], memory='512M', "
         "boot_timeout=60, guest_bins=['/usr/bin/strace'], shares=['HOSTDIR[:GUESTDIR][:ro]']): topology of the VM "
         "the aperture_vm fixture boots, host binaries (with their libraries) to put into its /usr/local/bin, and "
-        "host directories it sees (9p)")
+        "host directories it sees (9p); only=['dax.*'], skip=[...]: the checks run_scenario runs")
+
+
+def _selection_from_marker(marker: pytest.Mark | None) -> CheckSelection:
+    kw = marker.kwargs if marker else {}
+    return CheckSelection(tuple(kw.get("only", ())), tuple(kw.get("skip", ())))
 
 
 def _config_from_marker(marker: pytest.Mark | None, accel: str) -> VmConfig:
-    kw = dict(marker.kwargs) if marker else {}
+    kw = {k: v for k, v in (marker.kwargs if marker else {}).items() if k not in ("only", "skip")}
     pmem = tuple(PmemConfig.parse(p) for p in kw.pop("pmem")) if "pmem" in kw else DEFAULT_PMEM
     devices_kw = kw.pop("devices", None)
     if devices_kw is None:
@@ -143,7 +171,9 @@ def aperture_vm(request: pytest.FixtureRequest, tmp_path: Path, _aperture_boot_i
     from .run import prepare
 
     opts = request.config.option
-    config = _config_from_marker(request.node.get_closest_marker("aperture"), opts.aperture_accel)
+    marker = request.node.get_closest_marker("aperture")
+    config = _config_from_marker(marker, opts.aperture_accel)
+    selection = _selection_from_marker(marker)
     kernel_path = opts.aperture_kernel or None  # built | debian | a path
     modules = Path(opts.aperture_modules) if opts.aperture_modules else None
     key = (kernel_path, modules, opts.aperture_accel, config.guest_bins)  # one image per set of extra binaries
@@ -154,9 +184,12 @@ def aperture_vm(request: pytest.FixtureRequest, tmp_path: Path, _aperture_boot_i
     # Restored from the VM's warm-start snapshot (made by the first test that needs it) unless --aperture-cold.
     with ready_vm(config, inputs, tmp_path / "aperture", lambda s: None, cold=opts.aperture_cold,
                   name=name) as (vm, info):
-        handle = ApertureVM(vm, info.start)
+        handle = ApertureVM(vm, info.start, selection)
         request.node._aperture_vm = handle
-        yield handle
+        try:
+            yield handle
+        finally:
+            request.config.stash.setdefault(_KTAP_CHECKS, []).extend(handle.checks)
 
 
 @pytest.hookimpl(hookwrapper=True)

@@ -594,13 +594,13 @@ def junit_xml(result: RunResult) -> str:
     return ET.tostring(suite, encoding="unicode", xml_declaration=True)
 
 
-def ktap(result: RunResult) -> str:
+def ktap(checks: list[Check]) -> str:
     """The run as KTAP version 1, as the kernel's selftests print it (``ok N name``, ``not ok N name``,
     ``ok N name # SKIP reason``, diagnostics as ``#`` lines) for KernelCI, LKFT and ``kunit.py parse``."""
     import json as _json
 
-    lines = ["KTAP version 1", f"1..{len(result.checks)}"]
-    for n, c in enumerate(result.checks, 1):
+    lines = ["KTAP version 1", f"1..{len(checks)}"]
+    for n, c in enumerate(checks, 1):
         for text in _json.dumps(c.detail, default=str).splitlines()[:1]:
             lines.append(f"# {c.name}: {text[:400]}")
         if c.status == "skip":
@@ -608,7 +608,7 @@ def ktap(result: RunResult) -> str:
             lines.append(f"ok {n} {c.name} # SKIP {reason}")
         else:
             lines.append(f"{'ok' if c.ok else 'not ok'} {n} {c.name}")
-    counts = {s: sum(c.status == s for c in result.checks) for s in ("pass", "fail", "skip")}
+    counts = {s: sum(c.status == s for c in checks) for s in ("pass", "fail", "skip")}
     lines.append(f"# Totals: pass:{counts['pass']} fail:{counts['fail']} xfail:0 xpass:0 "
                  f"skip:{counts['skip']} error:0")
     return "\n".join(lines) + "\n"

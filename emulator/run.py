@@ -39,6 +39,7 @@ from .results import (
     verify_fuzz,
 )
 from .runpaths import AUTO_NAME, reap_dead_runs
+from .selection import CheckSelection
 from .snapshots import not_snapshottable
 from .warm import BootInputs, ready_vm
 
@@ -227,6 +228,11 @@ class _Collector:
         return checks
 
 
+def _selects_some(guest_env: dict[str, str]) -> bool:
+    """Whether the run asked for a subset of the checks (then a scenario may well report none)."""
+    return bool(guest_env.get(Env.ONLY) or guest_env.get(Env.SKIP))
+
+
 def boot_once(config: VmConfig, inputs: BootInputs, run_dir: Path, progress: Progress, *, scenario: str = "default",
               console_sink: Callable[[str], None] | None = None, name: str | None = None,
               guest_env: dict[str, str] | None = None, remap: RemapPlan | None = None) -> RunResult:
@@ -250,7 +256,7 @@ def boot_once(config: VmConfig, inputs: BootInputs, run_dir: Path, progress: Pro
     checks = collect.verified(scenario, untouchable)
     if thread_errors[0]:
         checks.append(emulator_thread_check(*thread_errors, run_dir))
-    if not checks and scenario == "default":
+    if not checks and scenario == "default" and not _selects_some(guest_env or {}):
         raise GuestError("the guest helper reported no checks")
     return RunResult(
         ok=all(c.ok for c in checks),
@@ -292,7 +298,7 @@ def run_restored(config: VmConfig, inputs: BootInputs, run_dir: Path, progress: 
     checks = collect.verified("default", None)
     if thread_errors[0]:
         checks.append(emulator_thread_check(*thread_errors, run_dir))
-    if not checks:
+    if not checks and not _selects_some(guest_env or {}):
         raise GuestError("the guest helper reported no checks")
     notes = ([f"warm start: {info.note}"] if info.note else []) + collect.notes
     return RunResult(
@@ -306,20 +312,35 @@ def run_restored(config: VmConfig, inputs: BootInputs, run_dir: Path, progress: 
 
 def run_vm(config: VmConfig, inputs: BootInputs, run_dir: Path, progress: Progress, *, reboot: bool = False,
            console_sink: Callable[[str], None] | None = None, name: str | None = None,
-           remap: RemapPlan | None = None, fuzz: float | None = None, cold: bool = False) -> RunResult:
+           remap: RemapPlan | None = None, fuzz: float | None = None, cold: bool = False,
+           selection: CheckSelection | None = None) -> RunResult:
     """The default scenario, in a VM restored from a snapshot unless ``cold`` (or it cannot be); with
     ``reboot``, two real boots in the same run dir and persistence checked; with ``remap``, the window workload
-    under host-driven remaps instead (remap, fuzz and reboot runs boot cold)."""
+    under host-driven remaps instead (remap, fuzz and reboot runs boot cold). ``selection``: only those checks
+    run (the guest's harness skips the rest, and the host drops its own that are not selected)."""
+    selection = selection or CheckSelection()
+    result = _run_vm(config, inputs, run_dir, progress, reboot=reboot, console_sink=console_sink, name=name,
+                     remap=remap, fuzz=fuzz, cold=cold, selected_env=selection.guest_env())
+    if not selection.everything:
+        result.checks = [c for c in result.checks
+                         if selection.selects(c.name) or c.name == CheckName.HOST_EMULATOR_THREAD]
+        result.ok = all(c.ok for c in result.checks)
+    return result
+
+
+def _run_vm(config: VmConfig, inputs: BootInputs, run_dir: Path, progress: Progress, *, reboot: bool,
+            console_sink: Callable[[str], None] | None, name: str | None, remap: RemapPlan | None,
+            fuzz: float | None, cold: bool, selected_env: dict[str, str]) -> RunResult:
     token = secrets.token_hex(4)
     if fuzz is not None:
         return boot_once(config, inputs, run_dir, progress, scenario="fuzz", console_sink=console_sink, name=name,
-                         guest_env={Env.STAMP: token, Env.DURATION: f"{fuzz:g}",
+                         guest_env={**selected_env, Env.STAMP: token, Env.DURATION: f"{fuzz:g}",
                                     Env.REMAP: "1" if remap else "0"}, remap=remap)
     if remap is not None:
         if remap.mode == "hotplug":
             config = dataclasses.replace(config, window_hotplug=True)
         return boot_once(config, inputs, run_dir, progress, scenario="remap", console_sink=console_sink, name=name,
-                         guest_env={Env.STAMP: token, Env.DURATION: f"{remap.duration:g}",
+                         guest_env={**selected_env, Env.STAMP: token, Env.DURATION: f"{remap.duration:g}",
                                     Env.REMAP_MODE: remap.mode},
                          remap=remap)
     if not reboot:
@@ -327,16 +348,16 @@ def run_vm(config: VmConfig, inputs: BootInputs, run_dir: Path, progress: Progre
         why = "--cold" if cold else not_snapshottable(config, run_dir)
         if why is not None:
             result = boot_once(config, inputs, run_dir, progress, console_sink=console_sink, name=name,
-                               guest_env={Env.STAMP: token})
+                               guest_env={**selected_env, Env.STAMP: token})
             result.messages.insert(0, f"warm start: booted cold: {why}")
             return result
         return run_restored(config, inputs, run_dir, progress, console_sink=console_sink, name=name,
-                            guest_env={Env.STAMP: token})
+                            guest_env={**selected_env, Env.STAMP: token})
     first = boot_once(config, inputs, run_dir, progress, console_sink=console_sink, name=name,
-                      guest_env={Env.STAMP: token})
+                      guest_env={**selected_env, Env.STAMP: token})
     progress("rebooting to verify persistence")
     second = boot_once(config, inputs, run_dir, progress, console_sink=console_sink, name=name,
-                       guest_env={Env.STAMP: secrets.token_hex(4), Env.EXPECT: token})
+                       guest_env={**selected_env, Env.STAMP: secrets.token_hex(4), Env.EXPECT: token})
     return merge_boots([first, second])
 
 

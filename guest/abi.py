@@ -169,6 +169,8 @@ class Env(StrEnum):
     REMAP_MODE = "aperture_remap_mode"  # pause | hotplug
     SHARES = "aperture_shares"  # TAG:GUESTDIR:ro|rw,... — host directories /init mounts (9p)
     FAULT = "aperture_fault"  # CHECK:segv | CHECK:hang — the harness's own tests inject a crash or a hang
+    ONLY = "aperture_only"  # GLOB,GLOB — run only the checks whose names match one (--only)
+    SKIP = "aperture_skip"  # GLOB,GLOB — do not run the checks whose names match one (--skip)
 
 
 #: Scenarios the helper runs (``aperture_scenario``; ``serve`` takes the ones marked for it).

@@ -46,6 +46,8 @@
 #define APERTURE_ENV_REMAP_MODE "aperture_remap_mode"
 #define APERTURE_ENV_SHARES "aperture_shares"
 #define APERTURE_ENV_FAULT "aperture_fault"
+#define APERTURE_ENV_ONLY "aperture_only"
+#define APERTURE_ENV_SKIP "aperture_skip"
 #define APERTURE_MSG_HELLO "hello"
 #define APERTURE_MSG_PHASE "phase"
 #define APERTURE_MSG_CHECK "check"

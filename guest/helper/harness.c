@@ -3,6 +3,7 @@
 #include "harness.h"
 #include "report.h"
 
+#include <fnmatch.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -149,6 +150,31 @@ static int run_check(const struct check *c)
     return 0;
 }
 
+/* Whether `name` matches one of the comma-separated globs in `list` (the host bounds the list's length). */
+static int listed(const char *list, const char *name)
+{
+    char buf[1024], *save = NULL;
+
+    if (!list || !*list)
+        return 0;
+    snprintf(buf, sizeof(buf), "%s", list);
+    for (char *glob = strtok_r(buf, ",", &save); glob; glob = strtok_r(NULL, ",", &save))
+        if (fnmatch(glob, name, 0) == 0)
+            return 1;
+    return 0;
+}
+
+/* --only / --skip (aperture_only, aperture_skip): a check that is not selected does not run, and a fixture that
+ * no selected check needs is never set up. */
+static int selected(const struct check *c)
+{
+    const char *only = getenv(APERTURE_ENV_ONLY);
+
+    if (only && *only && !listed(only, c->name))
+        return 0;
+    return !listed(getenv(APERTURE_ENV_SKIP), c->name);
+}
+
 int harness_run(const struct scenario *s)
 {
     const struct fixture *done[MAX_FIXTURES];
@@ -164,6 +190,8 @@ int harness_run(const struct scenario *s)
         report_on_check(check_reported);
     }
     for (const struct check *const *c = s->checks; c && *c; c++) {
+        if (!selected(*c))
+            continue;
         if (set_up((*c)->fixture, done, &ndone, failed) != 0)
             continue;
         rc |= run_check(*c);
