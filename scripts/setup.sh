@@ -68,6 +68,8 @@ elif [ "${ID:-}" = debian ] && [ -n "${VERSION_CODENAME:-}" ]; then
         printf 'Types: deb\nURIs: %s\nSuites: %s\nComponents: main\nSigned-By: /usr/share/keyrings/debian-archive-keyring.gpg\n' \
             "$mirror" "$backports" | $sudo tee "$src" >/dev/null
         apt_update || exit 1
+    else
+        say "${PRETTY_NAME:-this release}'s QEMU is ${stock_qemu:-missing} (need $qemu_min+): taking it from $backports"
     fi
 fi
 

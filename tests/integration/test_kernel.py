@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -49,10 +51,35 @@ def test_hmm_selftest_witness(default_run) -> None:
         assert group["why"] and "not explained" not in group["why"], group
 
 
-def test_debian_kernel_still_passes_and_says_why_p2pmem_is_absent(tmp_path: Path, debian_kernel) -> None:
-    proc = run_aperture("run", "--json", "-q", "--kernel", "debian", "--run-dir", str(tmp_path / "r"), timeout=300)
+def _kunit_parse(ktap_file: Path, built_kernel) -> dict[str, str]:
+    """The kernel's own KTAP parser (tools/testing/kunit/kunit.py parse --json) on ``ktap_file``: status by name."""
+    kunit = (built_kernel.obj_dir / "source" / "tools/testing/kunit/kunit.py") if built_kernel.obj_dir else None
+    if kunit is None or not kunit.is_file():
+        pytest.skip("the built kernel's source tree (with tools/testing/kunit) is not in the cache")
+    out = ktap_file.with_suffix(".kunit.json").resolve()
+    proc = subprocess.run([sys.executable, str(kunit), "parse", f"--json={out}", str(ktap_file.resolve())],
+                          capture_output=True, text=True, timeout=60)
+    assert out.is_file(), proc.stdout + proc.stderr
+    parsed = json.loads(out.read_text())
+    return {case["name"]: case["status"] for case in parsed["test_cases"]}
+
+
+def test_debian_kernel_still_passes_and_says_why_p2pmem_is_absent(tmp_path: Path, debian_kernel,
+                                                                   built_kernel) -> None:
+    ktap_file = tmp_path / "k.tap"
+    proc = run_aperture("run", "--json", "-q", "--kernel", "debian", "--run-dir", str(tmp_path / "r"),
+                        "--ktap", str(ktap_file), timeout=300)
     assert proc.returncode == 0, proc.stderr + proc.stdout[-2000:]
     result = json.loads(proc.stdout)
+    # The driver's checks cannot run on Debian's kernel: a skip, not a pass, in the JSON and in KTAP alike, and
+    # the kernel's own KTAP parser agrees check by check.
+    statuses = {c["name"]: c["status"] for c in result["checks"]}
+    for name in ("zone_device.window", "hmm.migrate", "hmm.fault_back", "p2p.peer_map", "p2p.peer_map_hidden",
+                 "p2p.pinned_vs_remap", "driver.unload", "witness.hmm_tests"):
+        assert statuses[name] == "skip", (name, statuses)
+    assert statuses["dax.fsdax"] == "pass"
+    kunit = _kunit_parse(ktap_file, built_kernel)
+    assert kunit == {name: {"pass": "PASS", "skip": "SKIP", "fail": "FAIL"}[st] for name, st in statuses.items()}
     assert result["kernel_release"] == debian_kernel.release
     checks = checks_by_name(result)
     rows = {r["memory"]: r for r in checks["zone_device.probe"]["detail"]["rows"]}
@@ -107,3 +134,12 @@ def test_a_fragment_option_olddefconfig_drops_stops_the_build(tmp_path: Path, bu
     with pytest.raises(SetupError, match=r"olddefconfig dropped .*CONFIG_TEST_HMM=m \(now: not set\)") as err:
         builder._configure(Path(info["src_dir"]), tmp_path / "obj", options)
     assert "CONFIG_HMM_MIRROR=y" in err.value.message  # selected only by TEST_HMM: it goes too, and is named
+
+
+def test_only_runs_only_the_selected_checks(tmp_path: Path) -> None:
+    proc = run_aperture("run", "--json", "-q", "--only", "dax.*", "--skip", "dax.map_sync",
+                        "--run-dir", str(tmp_path / "r"), timeout=300)
+    assert proc.returncode == 0, proc.stderr + proc.stdout[-2000:]
+    names = [c["name"] for c in json.loads(proc.stdout)["checks"]]
+    assert names and all(n.startswith("dax.") for n in names), names
+    assert "dax.fsdax" in names and "dax.devdax" in names and "dax.map_sync" not in names

@@ -57,3 +57,12 @@ def test_status_ktap_and_junit_agree_on_pass_fail_skip() -> None:
     assert cases["hmm.migrate"].find("skipped") is not None
     assert cases["p2p.peer_map"].find("failure") is not None
     assert cases["dax.fsdax"].find("skipped") is None and cases["dax.fsdax"].find("failure") is None
+
+
+def test_cli_unknown_pattern_is_exit_2_in_one_line() -> None:
+    from tests.conftest import run_aperture
+
+    proc = run_aperture("run", "--only", "nosuch", timeout=60)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "'nosuch'" in lines[0] and "dax.fsdax" in lines[0], proc.stderr
