@@ -1,3 +1,3 @@
-from .cli import main
+from aperture.emulator.frontend.cli import main
 
 main()

@@ -12,10 +12,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from aperture.emulator.processes import pid_alive
 from aperture.guest.errors import ConfigError
 from aperture.guest.units import format_size
-
-from .processes import pid_alive
 
 
 @dataclass(frozen=True)

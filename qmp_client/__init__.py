@@ -1,1 +1,2 @@
-"""The QMP layer: sessions over qemu.qmp, typed helpers, (later) remaps and the interactive shell."""
+"""The QMP layer: sessions over qemu.qmp, everything known about QEMU itself, host-driven remaps, snapshots' QMP
+steps and the interactive QMP shell."""

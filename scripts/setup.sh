@@ -114,7 +114,7 @@ if [ ! -x "$venv/bin/python" ]; then
     say "creating virtualenv $venv"
     python3 -m venv "$venv"
 fi
-if ! "$venv/bin/python" -c 'import aperture.emulator.cli' 2>/dev/null \
+if ! "$venv/bin/python" -c 'import aperture.emulator.frontend.cli' 2>/dev/null \
    || [ "$repo/pyproject.toml" -nt "$venv/.aperture-installed" ]; then
     say "installing aperture and its test extras into $venv"
     "$venv/bin/pip" install -q --disable-pip-version-check -e "$repo[test]"

@@ -33,8 +33,8 @@ def test_an_exception_in_the_emulator_thread_fails_the_run_and_is_logged(
     """The device thread raises once (as a guest-provoked bug would): the run fails with a host check naming
     the exception, and run_dir/emulator.log has it with its traceback."""
     from aperture.emulator.config import VmConfig
-    from aperture.emulator.device import ApertureDevice
-    from aperture.emulator.run import boot_once, prepare
+    from aperture.emulator.model.device import ApertureDevice
+    from aperture.emulator.runs.run import boot_once, prepare
 
     real = ApertureDevice.process_ring
     raised: list[bool] = []

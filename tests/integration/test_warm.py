@@ -63,7 +63,7 @@ def test_two_restores_at_once_never_share_a_file(default_run, tmp_path: Path) ->
 
 def test_a_corrupt_snapshot_is_a_note_and_a_cold_boot(default_run, tmp_path: Path) -> None:
     """A copy of the real snapshot with bytes changed at its start: detected before use, removed, booted cold."""
-    from aperture.emulator.snapshots import snapshots_dir
+    from aperture.emulator.vm.snapshots import snapshots_dir
 
     key = default_run[1]["snapshot"]
     copy = tmp_path / "snaps"

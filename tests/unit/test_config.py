@@ -83,8 +83,8 @@ def test_shares_reach_qemu_quoted_and_the_guest_by_tag(tmp_path) -> None:
     from pathlib import Path
 
     from aperture.emulator.config import ShareConfig, VmConfig
-    from aperture.emulator.qemu_argv import build_argv, kernel_cmdline
     from aperture.emulator.runpaths import RunPaths
+    from aperture.emulator.vm.qemu_argv import build_argv, kernel_cmdline
     from aperture.guest.kernelspec import KernelSpec
 
     odd = tmp_path / "a,readonly=off"

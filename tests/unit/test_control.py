@@ -8,7 +8,7 @@ import threading
 from pathlib import Path
 
 import pytest
-from aperture.emulator.control import call
+from aperture.emulator.daemon.control import call
 from aperture.guest.errors import ControlRefused, DaemonGone, GuestError
 
 

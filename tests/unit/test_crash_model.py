@@ -17,10 +17,10 @@ import signal
 import time
 from pathlib import Path
 
-from aperture.emulator.addrmap import AddressMap, Region, contiguous
 from aperture.emulator.config import DeviceConfig
-from aperture.emulator.device import ApertureDevice
-from aperture.emulator.memory import FileBuffer
+from aperture.emulator.model.addrmap import AddressMap, Region, contiguous
+from aperture.emulator.model.device import ApertureDevice
+from aperture.emulator.model.memory import FileBuffer
 from aperture.guest import abi
 from aperture.guest.units import KiB, MiB
 

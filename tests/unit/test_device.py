@@ -11,10 +11,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from aperture.emulator.addrmap import AddressMap, DmaFault, Region, contiguous
 from aperture.emulator.config import DeviceConfig
-from aperture.emulator.device import ApertureDevice
-from aperture.emulator.memory import FileBuffer
+from aperture.emulator.model.addrmap import AddressMap, DmaFault, Region, contiguous
+from aperture.emulator.model.device import ApertureDevice
+from aperture.emulator.model.memory import FileBuffer
 from aperture.guest import abi
 from aperture.guest.units import KiB, MiB
 from hypothesis import HealthCheck, given, settings
@@ -438,8 +438,8 @@ def test_random_moves_never_double_map_on_a_crowded_device(tmp_path: Path) -> No
 
 def test_address_map_follows_guest_ram_above_4g(tmp_path: Path) -> None:
     """A 3 GiB guest: [1M, 2G) is the file's first 2 GiB, [4G, 5G) its last; the 32-bit hole is nothing."""
-    from aperture.emulator.memory import FileBuffer
-    from aperture.emulator.service import DeviceService
+    from aperture.emulator.model.memory import FileBuffer
+    from aperture.emulator.model.service import DeviceService
 
     ram = tmp_path / "ram"
     service = DeviceService((), [], ram=ram, memory=3 << 30, pmem=[], qmp=lambda: None)
@@ -463,8 +463,8 @@ def test_address_map_follows_guest_ram_above_4g(tmp_path: Path) -> None:
 
 def test_dma_rebuilds_a_stale_address_map_once_per_fault() -> None:
     """The guest moved a BAR after the map was built: an address the map cannot place gets one rebuild."""
-    from aperture.emulator.addrmap import AddressMap, DmaFault, Region, contiguous
-    from aperture.emulator.dma import DmaEngine
+    from aperture.emulator.model.addrmap import AddressMap, DmaFault, Region, contiguous
+    from aperture.emulator.model.dma import DmaEngine
 
     ram = memoryview(bytearray(0x10000))
     stale = AddressMap([Region(0, 0x8000, "ram", "ram", contiguous(ram[:0x8000]))])
@@ -492,9 +492,9 @@ def test_emulator_thread_errors_are_bounded_and_logged(tmp_path: Path, monkeypat
     logs them, and does not grow."""
     import logging
 
-    from aperture.emulator import service as service_mod
+    from aperture.emulator.model import service as service_mod
+    from aperture.emulator.model.service import DeviceService
     from aperture.emulator.runpaths import DeviceFiles
-    from aperture.emulator.service import DeviceService
 
     def boom(self: ApertureDevice) -> None:
         raise RuntimeError("guest-provoked failure")

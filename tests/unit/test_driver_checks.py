@@ -7,8 +7,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from aperture.emulator.results import Check, HostVerifier, host_memcpy_mb_s, pinned_vs_remap
-from aperture.emulator.run import phase_period
+from aperture.emulator.runs.results import Check, HostVerifier, host_memcpy_mb_s, pinned_vs_remap
+from aperture.emulator.runs.run import phase_period
 from aperture.guest import abi
 from aperture.guest.abi import CheckName
 from aperture.qmp_client.qemu import win_id
@@ -143,7 +143,7 @@ def test_the_snapshot_key_covers_what_the_command_line_does_not_show(tmp_path: P
     """Device memory size and hidden ranges live in control memory, not on QEMU's command line: two VMs that
     differ only there must never share a snapshot (a restore would bring the other's control memory)."""
     from aperture.emulator.config import DeviceConfig, VmConfig
-    from aperture.emulator.snapshots import snapshot_key
+    from aperture.emulator.vm.snapshots import snapshot_key
     from aperture.guest.kernelspec import KernelSpec
 
     kernel_file = tmp_path / "vmlinux"
@@ -163,7 +163,7 @@ def test_a_save_killed_midway_is_removed_by_the_next_lookup(tmp_path: Path) -> N
     live saver's is kept)."""
     import os
 
-    from aperture.emulator.snapshots import SnapshotKey, find_snapshot
+    from aperture.emulator.vm.snapshots import SnapshotKey, find_snapshot
 
     base = tmp_path / "snapshots"
     dead = base / ".abc.999999999.1.tmp"

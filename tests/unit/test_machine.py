@@ -5,9 +5,9 @@ from pathlib import Path
 
 import pytest
 from aperture.emulator.config import PmemConfig, VmConfig
-from aperture.emulator.qemu_argv import build_argv, kernel_cmdline
-from aperture.emulator.results import Check, HostVerifier, verify_nvdimm
 from aperture.emulator.runpaths import RunPaths
+from aperture.emulator.runs.results import Check, HostVerifier, verify_nvdimm
+from aperture.emulator.vm.qemu_argv import build_argv, kernel_cmdline
 from aperture.guest.errors import ConfigError
 from aperture.guest.kernelspec import KernelSpec
 from aperture.qmp_client.session import MemoryDevice
@@ -107,8 +107,8 @@ def test_old_auto_named_run_dirs_are_pruned(tmp_path: Path, monkeypatch: pytest.
     import os
     import subprocess
 
-    from aperture.emulator.run import AUTO_NAME, default_run_dir
     from aperture.emulator.runpaths import new_run_name
+    from aperture.emulator.runs.run import AUTO_NAME, default_run_dir
 
     child = subprocess.Popen(["true"])  # its pid names runs whose process has exited
     child.wait()
@@ -145,8 +145,8 @@ def test_default_topology_has_an_nvme_with_a_cmb() -> None:
 
 def test_results_channel_survives_hostile_lines(tmp_path: Path) -> None:
     """Deep nesting, an over-long line and non-objects become garbage notes; the channel goes on."""
-    from aperture.emulator.channels import RESULTS_LINE_MAX
-    from aperture.emulator.machine import Vm
+    from aperture.emulator.vm.channels import RESULTS_LINE_MAX
+    from aperture.emulator.vm.machine import Vm
 
     vm = Vm(VmConfig(devices=()), KernelSpec(Path("/k"), None, "6.1"), Path("/i"), accel="tcg", run_dir=tmp_path)
     vm.paths.run_dir.mkdir(parents=True, exist_ok=True)
@@ -199,8 +199,8 @@ def test_a_comma_in_a_path_never_reaches_qemu_unquoted() -> None:
 
 def test_exec_output_lost_on_the_channel_is_an_error_not_silence(tmp_path: Path) -> None:
     """A cmd-output chunk glued to an over-long garbage line is dropped with it: exec says so."""
-    from aperture.emulator.channels import RESULTS_LINE_MAX
-    from aperture.emulator.machine import Vm
+    from aperture.emulator.vm.channels import RESULTS_LINE_MAX
+    from aperture.emulator.vm.machine import Vm
     from aperture.guest.errors import GuestError
 
     vm = Vm(VmConfig(devices=()), KernelSpec(Path("/k"), None, "6.1"), Path("/i"), accel="tcg", run_dir=tmp_path)
@@ -222,7 +222,7 @@ def test_a_full_run_dir_is_refused_before_anything_starts(tmp_path: Path, monkey
     """48 MiB free where the VM's sparse files could grow by ~1 GiB: a SetupError (exit 3) naming the path."""
     import os
 
-    from aperture.emulator.machine import Vm
+    from aperture.emulator.vm.machine import Vm
     from aperture.guest.errors import SetupError
 
     real = os.statvfs
@@ -242,7 +242,7 @@ def test_a_full_run_dir_is_refused_before_anything_starts(tmp_path: Path, monkey
 
 
 def test_a_flood_on_the_results_channel_stops_the_vm(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from aperture.emulator import channels, machine
+    from aperture.emulator.vm import channels, machine
     from aperture.guest.errors import GuestError
 
     monkeypatch.setattr(channels, "RESULTS_TOTAL_MAX", 1 << 20)
@@ -265,7 +265,7 @@ def test_qmp_sessions_do_not_hoard_events() -> None:
 
 
 def test_a_helper_with_another_results_abi_is_refused() -> None:
-    from aperture.emulator.run import check_helper_abi
+    from aperture.emulator.runs.run import check_helper_abi
     from aperture.guest import abi
     from aperture.guest.errors import SetupError
 

@@ -37,7 +37,7 @@ def test_patterns_that_would_break_the_guest_lists_are_refused(pattern: str) -> 
 def test_status_ktap_and_junit_agree_on_pass_fail_skip() -> None:
     import xml.etree.ElementTree as ET
 
-    from aperture.emulator.results import Check, RunResult, junit_xml, ktap
+    from aperture.emulator.runs.results import Check, RunResult, junit_xml, ktap
 
     checks = [Check("dax.fsdax", True, {"mode": "fsdax"}),
               Check("hmm.migrate", True, {"skip_reason": "no aperture driver in the guest image"}),

@@ -9,9 +9,8 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from aperture.emulator.processes import pid_alive
 from aperture.guest.errors import ConfigError
-
-from .processes import pid_alive
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,40}$")
 
@@ -99,7 +98,7 @@ def reap_orphan(rec: VmRecord) -> None:
     import shutil
     import signal
 
-    from .runpaths import default_sock_dir
+    from aperture.emulator.runpaths import default_sock_dir
 
     try:
         cmdline = Path(f"/proc/{rec.qemu_pid}/cmdline").read_bytes().split(b"\0")

@@ -53,10 +53,9 @@ def diagnose(probe: bool = False, progress: Callable[[str], None] | None = None)
         verdicts = {}
     accel["kvm verdicts"] = {k: ("works" if v["ok"] else "unusable") for k, v in verdicts.items()} or "not probed"
     if probe and qemu and manifest.get("kernel"):
+        from aperture.emulator.vm.accel import choose_accel
         from aperture.guest.image import build_image
         from aperture.guest.kernel import resolve_kernel
-
-        from .accel import choose_accel
 
         spec = resolve_kernel()
         image = build_image(spec)
@@ -67,7 +66,7 @@ def diagnose(probe: bool = False, progress: Callable[[str], None] | None = None)
     report["accelerator"] = accel
 
     report.update(kernels_report())
-    from .snapshots import list_snapshots, snapshots_dir
+    from aperture.emulator.vm.snapshots import list_snapshots, snapshots_dir
 
     snaps = list_snapshots()
     report["snapshots"] = {"dir": str(snapshots_dir()), "count": len(snaps),

@@ -12,12 +12,11 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 
+from aperture.emulator.config import DeviceConfig
+from aperture.emulator.model.addrmap import AddressMap, DmaFault
+from aperture.emulator.model.dma import DmaEngine
+from aperture.emulator.model.memory import ControlMemory, FileBuffer, Window
 from aperture.guest import abi
-
-from .addrmap import AddressMap, DmaFault
-from .config import DeviceConfig
-from .dma import DmaEngine
-from .memory import ControlMemory, FileBuffer, Window
 
 ST = abi.STATUS_CODES
 

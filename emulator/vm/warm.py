@@ -14,17 +14,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from aperture.guest.abi import Env
-from aperture.guest.errors import GuestError
-from aperture.guest.image import GuestImage
-from aperture.guest.kernelspec import KernelSpec
-from aperture.qmp_client.qemu import NVME_ID, NVME_PORT_ID
-from aperture.qmp_client.snapshot import save_state
-
-from .accel import AccelChoice
-from .config import NVME_CMB_MB, VmConfig
-from .machine import Vm
-from .snapshots import (
+from aperture.emulator.config import NVME_CMB_MB, VmConfig
+from aperture.emulator.vm.accel import AccelChoice
+from aperture.emulator.vm.machine import Vm
+from aperture.emulator.vm.snapshots import (
     SNAPSHOT_TOKEN,
     Snapshot,
     SnapshotKey,
@@ -33,6 +26,12 @@ from .snapshots import (
     snapshot_key,
     write_snapshot,
 )
+from aperture.guest.abi import Env
+from aperture.guest.errors import GuestError
+from aperture.guest.image import GuestImage
+from aperture.guest.kernelspec import KernelSpec
+from aperture.qmp_client.qemu import NVME_ID, NVME_PORT_ID
+from aperture.qmp_client.snapshot import save_state
 
 Progress = Callable[[str], None]
 

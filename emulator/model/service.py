@@ -16,16 +16,15 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from aperture.emulator.config import DeviceConfig, PmemConfig, ram_ranges
+from aperture.emulator.model.addrmap import AddressMap, DmaFault, Region, contiguous
+from aperture.emulator.model.attach import PCI_SLOT_BASE, device_qemu_args
+from aperture.emulator.model.device import ApertureDevice
+from aperture.emulator.model.ivshmem_server import IvshmemServer
+from aperture.emulator.model.memory import FileBuffer
+from aperture.emulator.runpaths import DeviceFiles
 from aperture.guest import abi
 from aperture.qmp_client.qemu import ctl_id, pmem_index, win_id
-
-from .addrmap import AddressMap, DmaFault, Region, contiguous
-from .config import DeviceConfig, PmemConfig, ram_ranges
-from .device import ApertureDevice
-from .ivshmem_server import IvshmemServer
-from .memory import FileBuffer
-from .qemu_argv import PCI_SLOT_BASE, device_qemu_args
-from .runpaths import DeviceFiles
 
 log = logging.getLogger("aperture.emulator")
 

@@ -20,15 +20,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from aperture.emulator.config import DEFAULT_DEVICES, DEFAULT_PMEM, DeviceConfig, PmemConfig, ShareConfig, VmConfig
+from aperture.emulator.runs.results import Check
+from aperture.emulator.selection import CheckSelection
+from aperture.emulator.vm.machine import Vm
+from aperture.emulator.vm.warm import ready_vm
 from aperture.guest.abi import MsgType
 from aperture.guest.errors import GuestError
 from aperture.guest.units import parse_size
-
-from .config import DEFAULT_DEVICES, DEFAULT_PMEM, DeviceConfig, PmemConfig, ShareConfig, VmConfig
-from .machine import Vm
-from .results import Check
-from .selection import CheckSelection
-from .warm import ready_vm
 
 
 @dataclass(frozen=True)
@@ -108,7 +107,7 @@ _KTAP_CHECKS = pytest.StashKey[list[Check]]()
 def pytest_sessionfinish(session: pytest.Session) -> None:
     path = session.config.getoption("aperture_ktap", None)
     if path:
-        from .results import ktap
+        from aperture.emulator.runs.results import ktap
 
         Path(path).write_text(ktap(session.config.stash.get(_KTAP_CHECKS, [])))
 
@@ -166,9 +165,8 @@ def _aperture_boot_inputs(request: pytest.FixtureRequest) -> dict[Any, Any]:
 def aperture_vm(request: pytest.FixtureRequest, tmp_path: Path, _aperture_boot_inputs: dict[Any, Any]
                 ) -> Iterator[ApertureVM]:
     """A booted VM configured by the test's ``@pytest.mark.aperture(...)``; torn down after the test."""
+    from aperture.emulator.runs.run import prepare
     from aperture.guest.kernel import resolve_kernel
-
-    from .run import prepare
 
     opts = request.config.option
     marker = request.node.get_closest_marker("aperture")

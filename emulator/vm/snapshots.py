@@ -21,15 +21,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from aperture.emulator.config import VmConfig, config_to_dict
+from aperture.emulator.runpaths import RunPaths
+from aperture.emulator.vm.qemu_argv import build_argv, kernel_cmdline
 from aperture.guest.abi import Env
 from aperture.guest.cache import cache_root, mtime_or_zero
 from aperture.guest.errors import GuestError
 from aperture.guest.kernelspec import KernelSpec
 from aperture.guest.units import GiB
-
-from .config import VmConfig, config_to_dict
-from .qemu_argv import build_argv, kernel_cmdline
-from .runpaths import RunPaths
 
 #: Bump when a snapshot's layout or what makes its key changes: older ones are then never used.
 SNAPSHOT_FORMAT = 2  # 2: the key covers the device model's configuration

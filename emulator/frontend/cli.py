@@ -19,10 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import click
-from aperture.guest.errors import ApertureError, ConfigError, VmLaunchError
-from aperture.guest.units import parse_duration, parse_size
-
-from .config import (
+from aperture.emulator.config import (
     DEFAULT_DEVICES,
     DEFAULT_NVME_SIZE,
     DEFAULT_PMEM,
@@ -32,7 +29,9 @@ from .config import (
     ShareConfig,
     VmConfig,
 )
-from .summary import print_bench, print_summary
+from aperture.emulator.frontend.summary import print_bench, print_summary
+from aperture.guest.errors import ApertureError, ConfigError, VmLaunchError
+from aperture.guest.units import parse_duration, parse_size
 
 
 # ---------------------------------------------------------------------------- shared helpers
@@ -234,10 +233,9 @@ def run(kernel: str | None, modules: Path | None, kconfig: Path | None, pmem: tu
       aperture run --cwd -- sh -c './prog && ./check.sh'
       aperture run --share ~/tests:/tests:ro -- /tests/run.sh
     """
+    from aperture.emulator.runpaths import new_run_name
+    from aperture.emulator.runs.run import default_run_dir, prepare, run_vm
     from aperture.guest.kernel import resolve_kernel
-
-    from .run import default_run_dir, prepare, run_vm
-    from .runpaths import new_run_name
 
     ui = ProgressOutput(quiet, verbose)
     if verbose and not any(a.startswith("loglevel=") for a in append):
@@ -254,7 +252,7 @@ def run(kernel: str | None, modules: Path | None, kconfig: Path | None, pmem: tu
     if command and (reboot or remap_every is not None or fuzz or junit_xml or ktap_path or only or skip):
         raise ConfigError("-- CMD cannot be combined with --reboot, --remap-every, --fuzz, --junit-xml, --ktap, "
                           "--only or --skip")
-    from .selection import CheckSelection
+    from aperture.emulator.selection import CheckSelection
 
     selection = CheckSelection(only, skip)
     config = dataclasses.replace(make_config(pmem, memory, accel, boot_timeout, run_timeout, append, devices, nvme,
@@ -263,7 +261,7 @@ def run(kernel: str | None, modules: Path | None, kconfig: Path | None, pmem: tu
         if command or with_checks or reboot or remap_every is not None or fuzz or as_json:
             raise ConfigError("--shell takes VM options only (no command, --checks, --json, --reboot, --remap-every "
                               "or --fuzz)")
-        from .oneshot import run_shell
+        from aperture.emulator.runs.oneshot import run_shell
 
         inputs = prepare(config, resolve_kernel(kernel, modules, kconfig), ui.progress)
         name = new_run_name()
@@ -303,11 +301,11 @@ def run(kernel: str | None, modules: Path | None, kconfig: Path | None, pmem: tu
                     console_sink=ui.console if verbose else None, remap=remap, fuzz=duration if fuzz else None,
                     cold=cold, selection=selection)
     if junit_xml is not None:
-        from .results import junit_xml as to_junit
+        from aperture.emulator.runs.results import junit_xml as to_junit
 
         junit_xml.write_text(to_junit(result))
     if ktap_path is not None:
-        from .results import ktap
+        from aperture.emulator.runs.results import ktap
 
         ktap_path.write_text(ktap(result.checks))
     if as_json:
@@ -320,9 +318,9 @@ def run(kernel: str | None, modules: Path | None, kconfig: Path | None, pmem: tu
 def _run_command(config: VmConfig, spec: Any, run_dir: Path | None, ui: ProgressOutput, command: tuple[str, ...],
                  cwd: str | None, with_checks: bool, as_json: bool, verbose: bool, cold: bool) -> None:
     """`aperture run -- CMD`: the command's output as it comes (to stderr under --json), its status as ours."""
-    from .oneshot import command_line, run_command
-    from .run import default_run_dir, prepare
-    from .runpaths import new_run_name
+    from aperture.emulator.runpaths import new_run_name
+    from aperture.emulator.runs.oneshot import command_line, run_command
+    from aperture.emulator.runs.run import default_run_dir, prepare
 
     command_line(command)  # too long: refused before anything boots
     inputs = prepare(config, spec, ui.progress)
@@ -391,7 +389,7 @@ def kernel_build(force: bool, jobs: int | None, verbose: bool, as_json: bool) ->
 @click.option("--json", "as_json", is_flag=True)
 def kernel_info(as_json: bool) -> None:
     """What the cache holds: built kernels (the current one marked), and Debian's prebuilt kernel."""
-    from .doctor import kernels_report
+    from aperture.emulator.frontend.doctor import kernels_report
 
     report = kernels_report()
     if as_json:
@@ -462,9 +460,8 @@ def snapshot() -> None:
 @click.option("--json", "as_json", is_flag=True)
 def snapshot_ls(as_json: bool) -> None:
     """List the snapshots in the cache (newest use first), whether each is usable, and their size on disk."""
+    from aperture.emulator.vm.snapshots import list_snapshots, snapshots_dir
     from aperture.guest.units import format_size
-
-    from .snapshots import list_snapshots, snapshots_dir
 
     snaps = list_snapshots()
     if as_json:
@@ -485,7 +482,7 @@ def snapshot_ls(as_json: bool) -> None:
 @click.option("--all", "all_", is_flag=True, required=True, help="Remove every snapshot (the next run makes one).")
 def snapshot_rm(all_: bool) -> None:
     """Remove snapshots from the cache."""
-    from .snapshots import remove_snapshots
+    from aperture.emulator.vm.snapshots import remove_snapshots
 
     click.echo(f"removed {remove_snapshots()} snapshot(s)")
 
@@ -495,7 +492,7 @@ def snapshot_rm(all_: bool) -> None:
 @click.option("--json", "as_json", is_flag=True)
 def doctor(probe: bool, as_json: bool) -> None:
     """What this machine has: QEMU and its features, accelerator verdict, cache, kernel config."""
-    from .doctor import diagnose
+    from aperture.emulator.frontend.doctor import diagnose
 
     report = diagnose(probe=probe, progress=ProgressOutput().progress)
     if as_json:
@@ -518,9 +515,8 @@ def bench_boot(kernel: str | None, modules: Path | None, kconfig: Path | None, p
                accel: str, boot_timeout: float, run_timeout: float, append: tuple[str, ...], quiet: bool,
                boots: int, as_json: bool) -> None:
     """Cold boots: time to the helper's first message and to poweroff (bzImage, and PVH vmlinux if possible)."""
+    from aperture.emulator.frontend.bench import bench_boot as run_bench
     from aperture.guest.kernel import resolve_kernel
-
-    from .bench import bench_boot as run_bench
 
     ui = ProgressOutput(quiet)
     config = make_config(pmem, memory, accel, boot_timeout, run_timeout, append, devices, nvme)
@@ -536,9 +532,8 @@ def bench_dax_cmd(kernel: str | None, modules: Path | None, kconfig: Path | None
                   accel: str, boot_timeout: float, run_timeout: float, append: tuple[str, ...], quiet: bool,
                   as_json: bool) -> None:
     """Guest memcpy bandwidth into devdax and fsdax mappings, as ratios of memcpy into anonymous RAM."""
+    from aperture.emulator.frontend.bench import bench_dax
     from aperture.guest.kernel import resolve_kernel
-
-    from .bench import bench_dax
 
     ui = ProgressOutput(quiet)
     config = make_config(pmem, memory, accel, boot_timeout, run_timeout, append, devices, nvme)
@@ -558,9 +553,8 @@ def bench_share_cmd(kernel: str | None, modules: Path | None, kconfig: Path | No
                     files: int, as_json: bool) -> None:
     """--share (9p): a sequential read and find + stat over many small files, as ratios of the same on the
     guest's RAM-backed root."""
+    from aperture.emulator.frontend.bench import bench_share
     from aperture.guest.kernel import resolve_kernel
-
-    from .bench import bench_share
 
     ui = ProgressOutput(quiet)
     config = make_config(pmem, memory, accel, boot_timeout, run_timeout, append, devices, nvme)
@@ -575,9 +569,8 @@ def bench_device_cmd(kernel: str | None, modules: Path | None, kconfig: Path | N
                      devices: tuple[DeviceConfig, ...] | None, nvme: int, memory: int, accel: str, boot_timeout: float,
                      run_timeout: float, append: tuple[str, ...], quiet: bool, as_json: bool) -> None:
     """MAP round trip vs its host floor, DMA throughput vs host memcpy (4 KiB and 2 MiB), same run."""
+    from aperture.emulator.frontend.bench import bench_device
     from aperture.guest.kernel import resolve_kernel
-
-    from .bench import bench_device
 
     ui = ProgressOutput(quiet)
     config = make_config(pmem, memory, accel, boot_timeout, run_timeout, append, devices, nvme)
@@ -591,9 +584,8 @@ def bench_driver_cmd(kernel: str | None, modules: Path | None, kconfig: Path | N
                      devices: tuple[DeviceConfig, ...] | None, nvme: int, memory: int, accel: str, boot_timeout: float,
                      run_timeout: float, append: tuple[str, ...], quiet: bool, as_json: bool) -> None:
     """The guest driver: migration and fault-back MB/s vs host memcpy, peer-map latency vs the MAP floor."""
+    from aperture.emulator.frontend.bench import bench_driver
     from aperture.guest.kernel import resolve_kernel
-
-    from .bench import bench_driver
 
     ui = ProgressOutput(quiet)
     config = make_config(pmem, memory, accel, boot_timeout, run_timeout, append, devices, nvme)
@@ -610,9 +602,8 @@ def bench_soak_cmd(kernel: str | None, modules: Path | None, kconfig: Path | Non
                    run_timeout: float, append: tuple[str, ...], quiet: bool, duration: float, as_json: bool) -> None:
     """The hostile-guest fuzzer plus host remaps every 20 ms for DURATION; this process's memory must stay contiguous
     (ratio: last quarter vs first quarter of the same run). Exit 1 if the fuzz check failed."""
+    from aperture.emulator.frontend.bench import bench_soak
     from aperture.guest.kernel import resolve_kernel
-
-    from .bench import bench_soak
 
     ui = ProgressOutput(quiet)
     config = make_config(pmem, memory, accel, boot_timeout, run_timeout, append, devices, nvme)
@@ -629,9 +620,8 @@ def bench_remap_cmd(kernel: str | None, modules: Path | None, kconfig: Path | No
                     devices: tuple[DeviceConfig, ...] | None, nvme: int, memory: int, accel: str, boot_timeout: float,
                     run_timeout: float, append: tuple[str, ...], quiet: bool, rounds: int, as_json: bool) -> None:
     """Pause-mode remap latency vs bare QMP stop+cont, same VM, same run."""
+    from aperture.emulator.frontend.bench import bench_remap
     from aperture.guest.kernel import resolve_kernel
-
-    from .bench import bench_remap
 
     ui = ProgressOutput(quiet)
     config = make_config(pmem, memory, accel, boot_timeout, run_timeout, append, devices, nvme)
@@ -655,11 +645,10 @@ def up(name: str, kernel: str | None, modules: Path | None, kconfig: Path | None
 
     The VM is restored from its warm-start snapshot (made the first time) unless --cold, --share, or its run
     dir already holds NVDIMM contents (a restore would replace them)."""
+    from aperture.emulator.daemon.lifecycle import up as start
+    from aperture.emulator.daemon.registry import check_name
+    from aperture.emulator.runs.run import default_run_dir, prepare
     from aperture.guest.kernel import resolve_kernel
-
-    from .lifecycle import up as start
-    from .registry import check_name
-    from .run import default_run_dir, prepare
 
     ui = ProgressOutput(quiet)
     check_name(name)
@@ -675,7 +664,7 @@ def up(name: str, kernel: str | None, modules: Path | None, kconfig: Path | None
 @click.option("--json", "as_json", is_flag=True)
 def ls_cmd(as_json: bool) -> None:
     """List the VMs started with 'aperture up'."""
-    from .registry import list_records
+    from aperture.emulator.daemon.registry import list_records
 
     recs = list_records()
     if as_json:
@@ -694,8 +683,8 @@ def ls_cmd(as_json: bool) -> None:
 @click.option("--all", "all_", is_flag=True, help="Every VM that is up.")
 def down(names: tuple[str, ...], all_: bool) -> None:
     """Shut VMs down cleanly (QMP quit; killed after a timeout). Device memory stays in the run dir."""
-    from .lifecycle import down as stop
-    from .registry import list_records
+    from aperture.emulator.daemon.lifecycle import down as stop
+    from aperture.emulator.daemon.registry import list_records
 
     targets = [r.name for r in list_records()] if all_ else list(names)
     if not targets:
@@ -716,7 +705,7 @@ def down(names: tuple[str, ...], all_: bool) -> None:
 @click.option("-f", "--follow", is_flag=True, help="Keep printing until the VM stops (Ctrl-C to leave).")
 def console(name: str, follow: bool) -> None:
     """Show a running VM's serial console."""
-    from .lifecycle import follow_console
+    from aperture.emulator.daemon.lifecycle import follow_console
 
     rec = _record(name)
     def write(text: str) -> None:
@@ -731,10 +720,9 @@ def console(name: str, follow: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print each reply as one JSON line.")
 def qmp(name: str, as_json: bool) -> None:
     """A QMP shell on a running VM, with window/memmap/dma/remap commands. Reads a terminal or stdin."""
+    from aperture.emulator.daemon.control import call
+    from aperture.emulator.daemon.registry import state_dir
     from aperture.qmp_client.shell import QmpShell, ShellTarget
-
-    from .control import call
-    from .registry import state_dir
 
     rec = _record(name)
     target = ShellTarget(rec.name, rec.qemu_pid, rec.qmp_socket, functools.partial(call, rec.control_socket),
@@ -751,7 +739,7 @@ def shell_cmd(name: str) -> None:
     shell (the VM stays up). Exits with the shell's status."""
     import socket
 
-    from .terminal import attach
+    from aperture.emulator.runs.terminal import attach
 
     rec = _record(name)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
@@ -784,7 +772,7 @@ def exec_cmd(name: str, command: tuple[str, ...], timeout: float, as_json: bool)
       aperture exec NAME -- 'dmesg | tail'
       aperture exec NAME -- aperture-helper map 0 1 5
     """
-    from aperture.emulator.control import call
+    from aperture.emulator.daemon.control import call
 
     rec = _record(name)
     result = call(rec.control_socket, "exec", timeout=timeout + 10, command=" ".join(command), timeout_s=timeout)
@@ -798,7 +786,7 @@ def exec_cmd(name: str, command: tuple[str, ...], timeout: float, as_json: bool)
 
 
 def _record(name: str) -> Any:
-    from .registry import read_record
+    from aperture.emulator.daemon.registry import read_record
 
     rec = read_record(name)
     if rec is None or not rec.alive():

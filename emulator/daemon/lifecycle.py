@@ -11,15 +11,14 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from aperture.emulator.control import call
+from aperture.emulator.config import VmConfig, config_to_dict
+from aperture.emulator.daemon.control import call
+from aperture.emulator.daemon.registry import VmRecord, check_name, read_record, reap_orphan, remove_record
+from aperture.emulator.processes import parent_pid
+from aperture.emulator.vm.snapshots import not_snapshottable
+from aperture.emulator.vm.warm import BootInputs, ensure_snapshot
 from aperture.guest.errors import ConfigError, ControlRefused, DaemonGone, GuestError
 from aperture.guest.kernelspec import KernelSpec
-
-from .config import VmConfig, config_to_dict
-from .processes import parent_pid
-from .registry import VmRecord, check_name, read_record, reap_orphan, remove_record
-from .snapshots import not_snapshottable
-from .warm import BootInputs, ensure_snapshot
 
 Progress = Callable[[str], None]
 
@@ -52,9 +51,10 @@ def up(name: str, config: VmConfig, inputs: BootInputs, run_dir: Path, progress:
     log_path = run_dir / "daemon.log"
     with open(log_path, "wb") as log:
         # The supervisor runs the daemon as its child and cleans up the moment the daemon dies (kill -9).
-        proc = subprocess.Popen([sys.executable, "-m", "aperture.emulator.daemon", "--supervise", str(spec_path)],
+        proc = subprocess.Popen([sys.executable, "-m", "aperture.emulator.daemon.daemon", "--supervise",
+                                 str(spec_path)],
                                 stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                start_new_session=True, cwd=str(Path(__file__).resolve().parent.parent))
+                                start_new_session=True, cwd=str(Path(__file__).resolve().parents[2]))
     progress(f"daemon pid {proc.pid} {'restoring' if snapshot else 'booting'} {name} ({inputs.accel.accel}) in "
              f"{run_dir}")
     deadline = time.monotonic() + config.boot_timeout + 30

@@ -10,16 +10,15 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from aperture.emulator.config import VmConfig
+from aperture.emulator.runs.results import RunResult
+from aperture.emulator.runs.run import prepare
+from aperture.emulator.vm.machine import Vm
+from aperture.emulator.vm.snapshots import not_snapshottable
+from aperture.emulator.vm.warm import BootInputs, ensure_snapshot, ready_vm
 from aperture.guest.abi import CheckName, Env
 from aperture.guest.errors import ApertureError, GuestError
 from aperture.guest.kernelspec import KernelSpec
-
-from .config import VmConfig
-from .machine import Vm
-from .results import RunResult
-from .run import prepare
-from .snapshots import not_snapshottable
-from .warm import BootInputs, ensure_snapshot, ready_vm
 
 Progress = Callable[[str], None]
 
@@ -205,7 +204,7 @@ def _guest_figures(config: VmConfig, inputs: BootInputs, progress: Progress, sce
                    needed: str) -> RunResult:
     """Boot a benchmark scenario once (cold: a benchmark's guest runs from boot) and return its RunResult; a
     guest that reported no ``needed`` figure is an error that says what it logged."""
-    from .run import boot_once
+    from aperture.emulator.runs.run import boot_once
 
     with tempfile.TemporaryDirectory(prefix="aperture-bench-") as tmp:
         result = boot_once(config, inputs, Path(tmp), progress, scenario=scenario, guest_env={Env.STAMP: "bench"})
@@ -380,8 +379,8 @@ def bench_soak(config: VmConfig, kernel: KernelSpec, duration: float, progress: 
     run's first quarter."""
     import threading
 
-    from .config import RemapPlan
-    from .run import run_vm
+    from aperture.emulator.config import RemapPlan
+    from aperture.emulator.runs.run import run_vm
 
     inputs = prepare(config, kernel, progress)
     samples: list[tuple[float, float]] = []  # (seconds, RssAnon MiB)
@@ -449,10 +448,9 @@ def bench_share(config: VmConfig, kernel: KernelSpec, progress: Progress, mib: i
                 files: int = 10_000) -> dict[str, Any]:
     """--share (9p, QEMU's virtio-9p-pci): a sequential read of ``mib`` MiB and find + stat over ``files`` small
     files, against the same on the guest's RAM-backed root in the same boot."""
+    from aperture.emulator.config import ShareConfig
+    from aperture.emulator.runs.oneshot import run_command
     from aperture.guest.errors import GuestError
-
-    from .config import ShareConfig
-    from .oneshot import run_command
 
     with tempfile.TemporaryDirectory(prefix="aperture-bench-") as tmp:
         share = Path(tmp) / "share"

@@ -12,12 +12,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from aperture.emulator.config import ram_ranges
 from aperture.guest import abi
 from aperture.guest.abi import CheckName
 from aperture.qmp_client.qemu import pmem_index, win_id
 from aperture.qmp_client.session import MemoryDevice, PciDevice
-
-from .config import ram_ranges
 
 #: What a check's name looks like (docs/run-schema.json): anything else on the results channel is not a check.
 CHECK_NAME = re.compile(r"[a-z_0-9]{1,32}\.[a-z_0-9]{1,48}")

@@ -11,22 +11,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from aperture.guest import abi
-from aperture.guest.abi import CheckName, Env, MsgType, Phase
-from aperture.guest.cache import cache_root, mtime_or_zero
-from aperture.guest.driver_build import DRIVER_MODULE
-from aperture.guest.errors import ConfigError, GuestError, SetupError
-from aperture.guest.image import build_image
-from aperture.guest.kernel import kernel_config
-from aperture.guest.kernelspec import KernelSpec
-from aperture.qmp_client.qemu import NVME_ID, PROBE_BAR_ID, find_qemu, qemu_version
-from aperture.qmp_client.remap import RemapController
-
-from .accel import choose_accel
-from .config import RemapPlan, VmConfig
-from .machine import Vm
-from .processes import pid_alive
-from .results import (
+from aperture.emulator.config import RemapPlan, VmConfig
+from aperture.emulator.processes import pid_alive
+from aperture.emulator.runpaths import AUTO_NAME, reap_dead_runs
+from aperture.emulator.runs.results import (
     Check,
     HostVerifier,
     RunResult,
@@ -38,10 +26,21 @@ from .results import (
     remap_hotplug,
     verify_fuzz,
 )
-from .runpaths import AUTO_NAME, reap_dead_runs
-from .selection import CheckSelection
-from .snapshots import not_snapshottable
-from .warm import BootInputs, ready_vm
+from aperture.emulator.selection import CheckSelection
+from aperture.emulator.vm.accel import choose_accel
+from aperture.emulator.vm.machine import Vm
+from aperture.emulator.vm.snapshots import not_snapshottable
+from aperture.emulator.vm.warm import BootInputs, ready_vm
+from aperture.guest import abi
+from aperture.guest.abi import CheckName, Env, MsgType, Phase
+from aperture.guest.cache import cache_root, mtime_or_zero
+from aperture.guest.driver_build import DRIVER_MODULE
+from aperture.guest.errors import ConfigError, GuestError, SetupError
+from aperture.guest.image import build_image
+from aperture.guest.kernel import kernel_config
+from aperture.guest.kernelspec import KernelSpec
+from aperture.qmp_client.qemu import NVME_ID, PROBE_BAR_ID, find_qemu, qemu_version
+from aperture.qmp_client.remap import RemapController
 
 Progress = Callable[[str], None]
 

@@ -22,6 +22,12 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from aperture.emulator.config import PROBE_BAR_SIZE, VmConfig
+from aperture.emulator.model.service import DeviceService
+from aperture.emulator.processes import die_with_parent
+from aperture.emulator.runpaths import RunPaths, default_sock_dir, new_run_name, persistent_file
+from aperture.emulator.vm.channels import ConsoleLog, ResultsChannel
+from aperture.emulator.vm.qemu_argv import build_argv, kernel_cmdline
 from aperture.guest.abi import MsgType, Phase
 from aperture.guest.errors import GuestError, SetupError, VmLaunchError
 from aperture.guest.kernelspec import KernelSpec
@@ -29,13 +35,6 @@ from aperture.guest.units import MiB, format_size
 from aperture.qmp_client.qemu import find_qemu
 from aperture.qmp_client.session import SyncQmpSession
 from aperture.qmp_client.snapshot import load_state
-
-from .channels import ConsoleLog, ResultsChannel
-from .config import PROBE_BAR_SIZE, VmConfig
-from .processes import die_with_parent
-from .qemu_argv import build_argv, kernel_cmdline
-from .runpaths import RunPaths, default_sock_dir, new_run_name, persistent_file
-from .service import DeviceService
 
 #: How much of a streamed command's output the guest sends (its serve loop's upper limit); kept output: 1 MiB.
 STREAMED_OUTPUT_MAX = 32 << 20

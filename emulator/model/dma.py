@@ -4,9 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from aperture.emulator.model.addrmap import AddressMap, DmaFault
 from aperture.guest import abi
-
-from .addrmap import AddressMap, DmaFault
 
 #: Resolves a device-local range of *this* device (flag DMA_*_LOCAL) into live segments.
 LocalResolver = Callable[[int, int], list[memoryview]]

@@ -6,6 +6,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from aperture.emulator.config import (
+    NVDIMM_LABEL_SIZE,
+    NVME_CMB_MB,
+    PROBE_BAR_SIZE,
+    RAM_BELOW_4G,
+    VmConfig,
+)
+from aperture.emulator.model.attach import device_qemu_args
+from aperture.emulator.runpaths import RunPaths
 from aperture.guest.abi import COMMAND_PORT, RESULTS_PORT, SHELL_PORT, Env
 from aperture.guest.kernelspec import KernelSpec
 from aperture.guest.units import GiB
@@ -16,22 +25,13 @@ from aperture.qmp_client.qemu import (
     PROBE_BAR_BACKEND_ID,
     PROBE_BAR_ID,
     RAM_BACKEND_ID,
-    ctl_chardev_id,
-    ctl_id,
     nvdimm_id,
     opt_value,
     plain_arg,
     pmem_backend_id,
-    port_id,
     share_id,
-    win_backend_id,
-    win_id,
 )
 
-from .config import NVDIMM_LABEL_SIZE, NVME_CMB_MB, PROBE_BAR_SIZE, RAM_BELOW_4G, DeviceConfig, VmConfig
-from .runpaths import DeviceFiles, RunPaths
-
-PCI_SLOT_BASE = 0x10
 PROBE_BAR_SLOT = 0x0F
 NVME_PORT_SLOT = 0x0E
 NVME_PORT_CHASSIS = 16  # window hotplug ports use chassis 1..MAX_DEVICES
@@ -124,31 +124,3 @@ def kernel_cmdline(config: VmConfig, scenario: str, guest_env: dict[str, str] | 
     env.update(guest_env or {})
     parts = ["console=ttyS0", "panic=-1", "quiet"] + [f"{k}={v}" for k, v in env.items()]
     return " ".join(parts + list(config.kernel_cmdline_extra))
-
-
-def device_qemu_args(i: int, config: DeviceConfig, files: DeviceFiles, hotplug: bool = False) -> list[str]:
-    """QEMU arguments for device ``i``: a doorbell device served by us, and the window BAR.
-
-    With ``hotplug`` the window sits behind its own pcie-root-port (ACPI hotplug) and is backed directly by
-    the device-memory file at offset 0 (zero-copy; re-plugged at other offsets by hotplug remaps).
-    """
-    args = [
-        "-chardev", f"socket,id={ctl_chardev_id(i)},path={opt_value(files.socket)}",
-        # master=on everywhere: peer mode blocks migration (snapshots); a master is peer 0, the model peer 1
-        "-device", f"ivshmem-doorbell,id={ctl_id(i)},chardev={ctl_chardev_id(i)},vectors=1,master=on,"
-                   f"addr={PCI_SLOT_BASE + 2 * i:#x}",
-    ]
-    if not hotplug:
-        return args + [
-            "-object", f"memory-backend-file,id={win_backend_id(i)},size={config.window},"
-                       f"mem-path={opt_value(files.window)},share=on",
-            "-device", f"ivshmem-plain,id={win_id(i)},memdev={win_backend_id(i)},master=on,"
-                       f"addr={PCI_SLOT_BASE + 2 * i + 1:#x}",
-        ]
-    return args + [
-        "-device", f"pcie-root-port,id={port_id(i)},chassis={i + 1},slot={i + 1},pref64-reserve=64M,"
-                   f"addr={PCI_SLOT_BASE + 2 * i + 1:#x}",
-        "-object", f"memory-backend-file,id={win_backend_id(i)},size={config.window},"
-                   f"mem-path={opt_value(files.devmem)},offset=0,share=on",
-        "-device", f"ivshmem-plain,id={win_id(i)},memdev={win_backend_id(i)},master=on,bus={port_id(i)}",
-    ]

@@ -19,17 +19,16 @@ import time
 from pathlib import Path
 from typing import Any
 
+from aperture.emulator.config import VmConfig, config_from_dict
+from aperture.emulator.daemon.registry import VmRecord, read_record, reap_orphan, remove_record, write_record
+from aperture.emulator.model.addrmap import DmaFault
+from aperture.emulator.runpaths import default_sock_dir
+from aperture.emulator.vm.machine import Vm
+from aperture.emulator.vm.warm import restore_vm
 from aperture.guest.abi import MsgType, Phase
 from aperture.guest.errors import ApertureError, ConfigError, GuestError
 from aperture.guest.kernelspec import KernelSpec
 from aperture.qmp_client.remap import RemapController, pause_retarget
-
-from .addrmap import DmaFault
-from .config import VmConfig, config_from_dict
-from .machine import Vm
-from .registry import VmRecord, read_record, reap_orphan, remove_record, write_record
-from .runpaths import default_sock_dir
-from .warm import restore_vm
 
 
 class Daemon:

@@ -10,14 +10,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from aperture.emulator.config import VmConfig
+from aperture.emulator.runs.results import Check, HostVerifier, driver_claims, emulator_thread_check
+from aperture.emulator.runs.run import Progress, _verifier, check_helper_abi
+from aperture.emulator.vm.warm import BootInputs, ready_vm
 from aperture.guest.abi import CheckName, MsgType
 from aperture.guest.driver_build import DRIVER_MODULE
 from aperture.guest.errors import ConfigError, GuestError
-
-from .config import VmConfig
-from .results import Check, HostVerifier, driver_claims, emulator_thread_check
-from .run import Progress, _verifier, check_helper_abi
-from .warm import BootInputs, ready_vm
 
 #: Setup checks the idle scenario reports only when something went wrong; a failed share is fatal to the command.
 FATAL_SETUP_CHECKS = (CheckName.GUEST_SHARES,)
@@ -131,7 +130,7 @@ def run_shell(config: VmConfig, inputs: BootInputs, run_dir: Path, progress: Pro
               console_sink: Callable[[str], None] | None = None, name: str | None = None, cold: bool = False) -> int:
     """``aperture run --shell``: boot, give the terminal a shell in the guest, stop the VM when it exits.
     Returns the shell's exit status (0 when the user detached: the VM stops all the same)."""
-    from .terminal import attach
+    from aperture.emulator.runs.terminal import attach
 
     with ready_vm(config, inputs, run_dir, progress, cold=cold, name=name, console_sink=console_sink, shell=True,
                   on_setup=_setup_messages()) as (vm, info):

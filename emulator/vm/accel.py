@@ -13,11 +13,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from aperture.emulator.config import PmemConfig, VmConfig
 from aperture.guest.abi import MsgType
 from aperture.guest.errors import ApertureError, SetupError
 from aperture.guest.kernelspec import KernelSpec
-
-from .config import PmemConfig, VmConfig
 
 
 @dataclass(frozen=True)
@@ -39,7 +38,7 @@ def probe_kvm(kernel: KernelSpec, initrd: Path, qemu: str, timeout: float = 30.0
               first_console_s: float = FIRST_CONSOLE_S) -> tuple[bool, str]:
     """Boot the helper's ``probe`` scenario under KVM; True only if the guest says hello and done. The kernel
     logs at ``loglevel=7`` so that a silent console after ``first_console_s`` is a "no" in seconds."""
-    from .machine import Vm
+    from aperture.emulator.vm.machine import Vm
 
     config = VmConfig(pmem=(PmemConfig(),), accel="kvm", boot_timeout=timeout, run_timeout=timeout,
                       kernel_cmdline_extra=("loglevel=7",))

@@ -11,9 +11,8 @@ import os
 import sys
 from pathlib import Path
 
+from aperture.emulator.config import DeviceConfig
 from aperture.guest import abi
-
-from .config import DeviceConfig
 
 assert sys.byteorder == "little", "the device ABI is little-endian and the control memory uses native stores"
 
