@@ -89,7 +89,7 @@ def download(deb: DebFile, dest: Path, progress: Progress) -> None:
         progress(f"  direct download failed ({exc}); trying apt-get download")
         subprocess.run(["apt-get", "download", "-q", deb.package], cwd=dest.parent, check=False)
         if not dest.exists():
-            raise SetupError(f"could not download {deb.package}: {exc}") from None
+            raise SetupError(f"could not download {deb.package}: {exc}") from exc
         return
     if deb.sha256 and digest.hexdigest() != deb.sha256:
         tmp.unlink(missing_ok=True)

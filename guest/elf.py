@@ -17,12 +17,12 @@ def _open(path: Path) -> tuple[ELFFile, object]:
     try:
         f = open(path, "rb")
     except OSError as exc:
-        raise SetupError(f"cannot read {path}: {exc.strerror}") from None
+        raise SetupError(f"cannot read {path}: {exc.strerror}") from exc
     try:
         return ELFFile(f), f
-    except ELFError:
+    except ELFError as exc:
         f.close()
-        raise SetupError(f"{path} is not an ELF file") from None
+        raise SetupError(f"{path} is not an ELF file") from exc
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,6 @@
-"""One error tree for every layer (it lives in the lowest one); each class carries the exit code it means.
+"""One error tree for every layer (its root lives in the lowest one); each class carries the exit code it means.
+Errors that belong to one layer live in it and derive from these: ``QmpError``/``QemuGone`` in
+qmp_client/errors.py, ``ControlRefused`` in emulator/daemon/control.py.
 
 Exit codes mean one thing each (README's table is the truth): 1 a check failed (not an error class: the run's
 verdict), 2 bad usage or configuration, 3 the environment lacks something, 4 the guest or QEMU misbehaved,
@@ -55,23 +57,6 @@ class VmLaunchError(GuestError):
             f"command line: {' '.join(self.argv)}\n"
             f"--- output tail ---\n{self.output_tail}"
         )
-
-
-class QmpError(GuestError):
-    """A QMP command failed."""
-
-
-class QemuGone(QmpError):
-    """The QMP connection is lost or was never made: QEMU has exited (or was killed)."""
-
-
-class ControlRefused(ApertureError):
-    """The VM daemon refused a request; ``exit_code`` is the category the daemon gave it (2 bad request, 3
-    environment, 4 guest), so a refusal means the same across the control socket as it would in-process."""
-
-    def __init__(self, message: str, exit_code: int) -> None:
-        super().__init__(message)
-        self.exit_code = exit_code if exit_code in (2, 3, 4) else 70
 
 
 class DaemonGone(GuestError):

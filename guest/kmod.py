@@ -46,7 +46,7 @@ def parse_modinfo(elf_bytes: bytes, origin: str = "<module>") -> dict[str, list[
         elf = ELFFile(io.BytesIO(elf_bytes))
         section = elf.get_section_by_name(".modinfo")
     except ELFError as exc:
-        raise SetupError(f"{origin}: not a kernel module ({exc})") from None
+        raise SetupError(f"{origin}: not a kernel module ({exc})") from exc
     if section is None:
         raise SetupError(f"{origin}: no .modinfo section; not a kernel module")
     info: dict[str, list[str]] = {}

@@ -14,7 +14,7 @@ from collections.abc import Coroutine
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from aperture.guest.errors import QemuGone, QmpError
+from aperture.qmp_client.errors import QemuGone, QmpError
 from qemu.qmp import ConnectError, EventListener, ExecuteError, QMPClient
 from qemu.qmp.error import QMPError
 
@@ -96,9 +96,9 @@ class QmpSession:
                 return
             except (ConnectError, OSError) as exc:
                 if alive is not None and not alive():
-                    raise QemuGone("QEMU exited before its QMP socket accepted a connection") from None
+                    raise QemuGone("QEMU exited before its QMP socket accepted a connection") from exc
                 if time.monotonic() > deadline:
-                    raise QmpError(f"cannot connect to QMP at {socket_path}: {exc}") from None
+                    raise QmpError(f"cannot connect to QMP at {socket_path}: {exc}") from exc
                 await asyncio.sleep(0.02)
 
     async def execute(self, command: str, arguments: dict[str, Any] | None = None) -> Any:
@@ -107,9 +107,9 @@ class QmpSession:
         except ExecuteError as exc:
             err = getattr(exc.error, "error", None)
             desc = getattr(err, "desc", None) or str(exc)
-            raise QmpError(f"QMP {command} failed: {desc}") from None
+            raise QmpError(f"QMP {command} failed: {desc}", getattr(err, "class_", None)) from exc
         except (QMPError, EOFError, OSError) as exc:
-            raise QemuGone(f"QMP {command}: connection lost ({type(exc).__name__})") from None
+            raise QemuGone(f"QMP {command}: connection lost ({type(exc).__name__})") from exc
 
     async def version(self) -> str:
         v = (await self.execute("query-version"))["qemu"]
@@ -164,8 +164,8 @@ class QmpSession:
                 await trigger
             try:
                 event = await asyncio.wait_for(listener.get(), timeout)
-            except TimeoutError:
-                raise QmpError(f"no {name} event within {timeout:.1f} s") from None
+            except TimeoutError as exc:
+                raise QmpError(f"no {name} event within {timeout:.1f} s") from exc
         return dict(event)
 
     async def quit(self) -> None:
@@ -199,9 +199,9 @@ class SyncQmpSession:
         fut = asyncio.run_coroutine_threadsafe(coro, self._loop)
         try:
             return fut.result(timeout)
-        except TimeoutError:
+        except TimeoutError as exc:
             fut.cancel()
-            raise QmpError(f"QMP call timed out after {timeout:.0f} s") from None
+            raise QmpError(f"QMP call timed out after {timeout:.0f} s") from exc
 
     def connect(self, socket_path: str, timeout: float = 10.0, alive: Any = None) -> None:
         self._run(self.session.connect(socket_path, timeout, alive), timeout + 5)

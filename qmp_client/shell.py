@@ -17,8 +17,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, TextIO
 
-from aperture.guest.errors import ApertureError, DaemonGone, QemuGone
+from aperture.guest.errors import ApertureError, DaemonGone
 from aperture.guest.units import parse_duration
+from aperture.qmp_client.errors import QemuGone
 from qemu.qmp.qmp_shell import QMPShell, QMPShellError
 
 from .session import SyncQmpSession
@@ -59,11 +60,11 @@ class QmpSyntax(QMPShell):
         try:
             shlex.split(line)  # unbalanced quotes: refuse here (qmp-shell would send what it could parse)
         except ValueError as exc:
-            raise ShellError(f"malformed arguments: {exc}") from None
+            raise ShellError(f"malformed arguments: {exc}") from exc
         try:
             cmd = self._build_cmd(line)
         except (QMPShellError, ValueError, SyntaxError) as exc:
-            raise ShellError(f"malformed arguments: {exc}") from None
+            raise ShellError(f"malformed arguments: {exc}") from exc
         if cmd is None:
             return None
         return str(cmd["execute"]), dict(cmd.get("arguments") or {})
@@ -76,7 +77,7 @@ def parse_qmp(line: str, syntax: QmpSyntax | None = None) -> tuple[str, dict[str
         try:
             obj = json.loads(line)
         except json.JSONDecodeError as exc:
-            raise ShellError(f"malformed JSON: {exc.msg}") from None
+            raise ShellError(f"malformed JSON: {exc.msg}") from exc
         if not isinstance(obj, dict) or not isinstance(obj.get("execute"), str):
             raise ShellError('a JSON command needs {"execute": NAME, "arguments": {...}}')
         args = obj.get("arguments", {})

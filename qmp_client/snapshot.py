@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from aperture.guest.errors import QmpError
+from aperture.qmp_client.errors import QmpError
 
 from .session import SyncQmpSession
 

@@ -48,8 +48,8 @@ class Daemon:
         devices = self.vm.service.devices
         try:
             index = int(dev)
-        except (TypeError, ValueError):
-            raise ConfigError(f"device must be a number, got {dev!r}") from None
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"device must be a number, got {dev!r}") from exc
         if not 0 <= index < len(devices):
             raise ConfigError(f"no device {index} (this VM has {len(devices)})")
         return devices[index]
@@ -60,15 +60,15 @@ class Daemon:
         try:
             ms = pause_retarget(self.vm.qmp, device, moves)
         except DmaFault as fault:
-            raise ConfigError(fault.why) from None
+            raise ConfigError(fault.why) from fault
         return {"latency_ms": round(ms, 3), "slots": device.window.slots}
 
     @staticmethod
     def _parse_int(value: Any, what: str) -> int:
         try:
             return int(str(value), 0)
-        except ValueError:
-            raise ConfigError(f"{what} must be a number, got {value!r}") from None
+        except ValueError as exc:
+            raise ConfigError(f"{what} must be a number, got {value!r}") from exc
 
     def handle(self, cmd: str, args: dict[str, Any]) -> Any:
         assert self.vm is not None

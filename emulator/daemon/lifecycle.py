@@ -12,12 +12,12 @@ from collections.abc import Callable
 from pathlib import Path
 
 from aperture.emulator.config import VmConfig, config_to_dict
-from aperture.emulator.daemon.control import call
+from aperture.emulator.daemon.control import ControlRefused, call
 from aperture.emulator.daemon.registry import VmRecord, check_name, read_record, reap_orphan, remove_record
 from aperture.emulator.processes import parent_pid
 from aperture.emulator.vm.snapshots import not_snapshottable
 from aperture.emulator.vm.warm import BootInputs, ensure_snapshot
-from aperture.guest.errors import ConfigError, ControlRefused, DaemonGone, GuestError
+from aperture.guest.errors import ConfigError, DaemonGone, GuestError
 from aperture.guest.kernelspec import KernelSpec
 
 Progress = Callable[[str], None]

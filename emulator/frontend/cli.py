@@ -58,7 +58,7 @@ def _parse_option(parse: Callable[[Any], Any]) -> Callable[[click.Context, click
         try:
             return parse(value)
         except ConfigError as exc:
-            raise click.BadParameter(exc.message) from None
+            raise click.BadParameter(exc.message) from exc
 
     return callback
 
@@ -747,7 +747,7 @@ def shell_cmd(name: str) -> None:
         sock.connect(rec.shell_socket)
     except OSError as exc:
         raise ConfigError(f"{name} has no guest shell port ({exc.strerror}); was it started by this aperture?") \
-            from None
+            from exc
     with sock:
         status = attach(sock)
     if status is None:

@@ -26,8 +26,6 @@ from aperture.emulator.runpaths import DeviceFiles
 from aperture.guest import abi
 from aperture.qmp_client.qemu import ctl_id, pmem_index, win_id
 
-log = logging.getLogger("aperture.emulator")
-
 LOOP_ERRORS_KEPT = 10
 LOOP_ERRORS_LOGGED = 100
 #: Seconds between two address-map rebuilds caused by addresses the map could not place.
@@ -36,7 +34,10 @@ MAP_REFRESH_INTERVAL = 0.5
 
 class DeviceService:
     def __init__(self, configs: tuple[DeviceConfig, ...], files: list[DeviceFiles], *, ram: Path, memory: int,
-                 pmem: list[tuple[Path, PmemConfig]], qmp: Callable[[], Any], hotplug: bool = False) -> None:
+                 pmem: list[tuple[Path, PmemConfig]], qmp: Callable[[], Any], hotplug: bool = False,
+                 log: logging.Logger | None = None) -> None:
+        #: Where the emulator thread's errors go (the VM's emulator.log); a module logger when used alone.
+        self.log = log or logging.getLogger(__name__)
         self.hotplug = hotplug
         self.configs = configs
         self.files = files
@@ -145,7 +146,7 @@ class DeviceService:
         if len(self.loop_errors) < LOOP_ERRORS_KEPT:
             self.loop_errors.append(f"{type(exc).__name__}: {exc}")
         if self.loop_error_count <= LOOP_ERRORS_LOGGED:
-            log.error("emulator thread: %s event failed", kind, exc_info=exc)
+            self.log.error("emulator thread: %s event failed", kind, exc_info=exc)
 
     # ------------------------------------------------------------------ address map
     def invalidate_map(self) -> None:

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from aperture.emulator.config import ram_ranges
+from aperture.emulator.runs import summaries
 from aperture.guest import abi
 from aperture.guest.abi import CheckName
 from aperture.qmp_client.qemu import pmem_index, win_id
@@ -211,25 +212,18 @@ class HostVerifier:
             return f.read(length)
 
     def verify(self, check: Check, written: list[dict[str, Any]] | None = None) -> Check:
+        """A check as the host sees it: its entry in CHECKS says when it cannot apply here (a skip) and how the
+        host verifies it."""
         if isinstance(check.detail, dict) and "harness" in check.detail:
             return check  # the guest's harness failed it (crash, timeout): the check never got to report
-        if check.name == CheckName.APERTURE_WINDOW:
-            return self._verify_written(check, written or [])
-        if check.name == CheckName.NVDIMM_PRESENT:
-            return verify_nvdimm(check, self.devices)
-        if check.name in (CheckName.DAX_FSDAX, CheckName.DAX_DEVDAX):
-            return self._verify_stamp(check)
-        if check.name == CheckName.ZONE_DEVICE_PROBE:
-            return self._verify_probe(check)
-        if check.name == CheckName.ZONE_DEVICE_P2PMEM:
-            return self._verify_p2pmem_row(check)
-        if check.name == CheckName.P2P_NVME_CMB:
-            return self._verify_nvme_cmb(check)
-        if check.name == CheckName.WITNESS_HMM_TESTS:
-            return self._verify_hmm_tests(check)
-        if check.name in DRIVER_CHECKS:
-            return self._verify_driver(check, written or [])
-        return check
+        entry = CHECKS.get(check.name)
+        if entry is None:
+            return check
+        if entry.skips is not None:
+            skipped = self._absent_as_expected(check, *entry.skips(self, check.name))
+            if skipped is not None:
+                return skipped
+        return entry.verify(self, check, written or []) if entry.verify is not None else check
 
     def _on(self, option: str) -> bool:
         return self.kconfig.get(option, "n") in ("y", "m")
@@ -253,7 +247,7 @@ class HostVerifier:
                         return index
         return None
 
-    def _p2pmem_expected_absent(self) -> tuple[bool, str]:
+    def _p2pmem_expected_absent(self, name: str = "") -> tuple[bool, str]:
         if self.nvme_file is None:
             return True, "no NVMe controller in this VM (--nvme none)"
         if not self._on("CONFIG_PCI_P2PDMA"):
@@ -264,9 +258,6 @@ class HostVerifier:
 
     def _verify_p2pmem_row(self, check: Check) -> Check:
         """``zone_device.p2pmem``: O_DIRECT into p2pmem worked, at an address inside the NVMe's CMB BAR."""
-        skipped = self._absent_as_expected(check, *self._p2pmem_expected_absent())
-        if skipped is not None:
-            return skipped
         detail = check.detail if isinstance(check.detail, dict) else {}
         phys = _guest_int(detail.get("phys"))
         bar = self.nvme_bar_of(phys) if phys > 0 else None
@@ -275,9 +266,6 @@ class HostVerifier:
 
     def _verify_nvme_cmb(self, check: Check) -> Check:
         """``p2p.nvme_cmb``: the namespace's backing file holds the pattern the guest moved out of the CMB."""
-        skipped = self._absent_as_expected(check, *self._p2pmem_expected_absent())
-        if skipped is not None:
-            return skipped
         detail = check.detail if isinstance(check.detail, dict) else {}
         off, length, seed = (_guest_int(detail.get(k)) for k in ("offset", "len", "seed"))
         src_bar = self.nvme_bar_of(_guest_int(detail.get("src_phys")))
@@ -290,13 +278,15 @@ class HostVerifier:
                      dict(detail, host_verified=host_ok, host_file=str(self.nvme_file), host_offset=off,
                           src_in_nvme_bar=src_bar))
 
+    def _hmm_tests_expected_absent(self, name: str = "") -> tuple[bool, str]:
+        if not self.hmm_tests_in_image:
+            return True, "no hmm-tests for this kernel (only kernels built by `aperture kernel build` carry it)"
+        if not self._on("CONFIG_TEST_HMM"):
+            return True, "kernel without CONFIG_TEST_HMM"
+        return False, ""
+
     def _verify_hmm_tests(self, check: Check) -> Check:
         """``witness.hmm_tests``: 0 failed and at least 20 passed; every skipped group explained."""
-        if not self.hmm_tests_in_image:
-            return self._absent_as_expected(check, True, "no hmm-tests for this kernel (only kernels built by "
-                                            "`aperture kernel build` carry it)") or check
-        if not self._on("CONFIG_TEST_HMM"):
-            return self._absent_as_expected(check, True, "kernel without CONFIG_TEST_HMM") or check
         detail = check.detail if isinstance(check.detail, dict) else {}
         groups = [g for g in detail.get("skipped_groups", []) if isinstance(g, dict)]
         explained = [dict(g, why=explain_hmm_skip(str(g.get("reason", "")))) for g in groups]
@@ -324,9 +314,6 @@ class HostVerifier:
     def _verify_driver(self, check: Check, claims: list[dict[str, Any]]) -> Check:
         """The guest driver's checks: absent exactly when there is no driver (or no peer); otherwise the device
         bytes they report are in the device-memory file, and a window address is inside the window BAR."""
-        skipped = self._absent_as_expected(check, *self._driver_expected_absent(check.name))
-        if skipped is not None:
-            return skipped
         detail = check.detail if isinstance(check.detail, dict) else {"guest": check.detail}
         extra: dict[str, Any] = {}
         ok = check.ok
@@ -611,3 +598,108 @@ def ktap(checks: list[Check]) -> str:
     lines.append(f"# Totals: pass:{counts['pass']} fail:{counts['fail']} xfail:0 xpass:0 "
                  f"skip:{counts['skip']} error:0")
     return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------------------------------------- the check table
+SkipRule = Callable[[HostVerifier, str], tuple[bool, str]]
+Verify = Callable[[HostVerifier, Check, list[dict[str, Any]]], Check]
+Summary = Callable[[dict[str, Any]], str]
+
+
+@dataclass(frozen=True)
+class CheckEntry:
+    """What the host knows about one check: where it runs, when it cannot apply here (a skip, with the reason),
+    how the host verifies it after the VM is gone, and its one human line. A check with no entry is reported as
+    the guest said."""
+
+    runs_in: str  # the helper scenario (guest/helper/scenarios.c) that reports it, or "host"
+    summary: Summary | None = None
+    verify: Verify | None = None
+    skips: SkipRule | None = None
+    #: The detail's "error", when it has one, is the whole summary (device and driver checks)
+    error_is_summary: bool = False
+
+
+def _written(v: HostVerifier, c: Check, written: list[dict[str, Any]]) -> Check:
+    return v._verify_written(c, written)
+
+
+def _driver(v: HostVerifier, c: Check, written: list[dict[str, Any]]) -> Check:
+    return v._verify_driver(c, written)
+
+
+def _only(method: Callable[[HostVerifier, Check], Check]) -> Verify:
+    """A verifier that needs only the check (not the run's written records)."""
+    return lambda v, c, _written: method(v, c)
+
+
+def _device(summary: Summary) -> CheckEntry:
+    return CheckEntry("default", summary, error_is_summary=True)
+
+
+def _driver_check(summary: Summary) -> CheckEntry:
+    return CheckEntry("default", summary, _driver, HostVerifier._driver_expected_absent, error_is_summary=True)
+
+
+_p2pmem_absent: SkipRule = HostVerifier._p2pmem_expected_absent
+
+#: Every check, by name: the one table the host reads (docs/architecture.md, "add a check").
+CHECKS: dict[str, CheckEntry] = {
+    CheckName.GUEST_MODULES: CheckEntry("default"),
+    CheckName.GUEST_SHARES: CheckEntry("default"),
+    CheckName.NVDIMM_PRESENT: CheckEntry("default", summaries.nvdimm_present,
+                                         lambda v, c, _w: verify_nvdimm(c, v.devices)),
+    CheckName.DAX_PERSISTENCE: CheckEntry("default", summaries.dax_persistence),
+    CheckName.DAX_FSDAX: CheckEntry("default", summaries.dax_stamp, _only(HostVerifier._verify_stamp)),
+    CheckName.DAX_DEVDAX: CheckEntry("default", summaries.dax_stamp, _only(HostVerifier._verify_stamp)),
+    CheckName.DAX_MAP_SYNC: CheckEntry("default", summaries.dax_map_sync),
+    CheckName.ZONE_DEVICE_PROBE: CheckEntry("default", summaries.zone_device_probe, _only(HostVerifier._verify_probe)),
+    CheckName.APERTURE_PERSISTENCE: _device(summaries.aperture_persistence),
+    CheckName.APERTURE_WINDOW: CheckEntry("default", summaries.aperture_window, _written, error_is_summary=True),
+    CheckName.APERTURE_HIDDEN_REFUSED: _device(summaries.aperture_hidden_refused),
+    CheckName.P2P_PMEM_TO_DEVICE: _device(summaries.p2p_pmem_to_device),
+    CheckName.P2P_DEVICE_TO_PMEM: _device(summaries.p2p_device_to_pmem),
+    CheckName.P2P_RAM_TO_DEVICE: _device(summaries.p2p_ram_to_device),
+    CheckName.P2P_DEVICE_TO_DEVICE: _device(summaries.p2p_device_to_device),
+    CheckName.APERTURE_BAD_DESCRIPTORS: _device(summaries.aperture_bad_descriptors),
+    CheckName.ZONE_DEVICE_P2PMEM: CheckEntry("default", summaries.zone_device_p2pmem,
+                                             _only(HostVerifier._verify_p2pmem_row), _p2pmem_absent),
+    CheckName.P2P_NVME_CMB: CheckEntry("default", summaries.p2p_nvme_cmb, _only(HostVerifier._verify_nvme_cmb),
+                                       _p2pmem_absent),
+    CheckName.WITNESS_HMM_TESTS: CheckEntry("default", summaries.witness_hmm_tests,
+                                            _only(HostVerifier._verify_hmm_tests),
+                                            HostVerifier._hmm_tests_expected_absent),
+    CheckName.DRIVER_UNLOAD: _driver_check(summaries.driver_unload),
+    CheckName.ZONE_DEVICE_WINDOW: _driver_check(summaries.zone_device_window),
+    CheckName.HMM_MIGRATE: _driver_check(summaries.hmm_migrate),
+    CheckName.HMM_FAULT_BACK: _driver_check(summaries.hmm_fault_back),
+    CheckName.P2P_PEER_MAP: _driver_check(summaries.p2p_peer_map),
+    CheckName.P2P_PEER_MAP_HIDDEN: _driver_check(summaries.p2p_peer_map_hidden),
+    CheckName.P2P_PINNED_VS_REMAP: _driver_check(summaries.p2p_pinned_vs_remap),
+    CheckName.REMAP_CONSISTENCY: CheckEntry("remap", summaries.remap_consistency),
+    CheckName.APERTURE_FUZZ: CheckEntry("fuzz", summaries.aperture_fuzz, error_is_summary=True),
+    # the host's own
+    CheckName.REMAP_INTEGRITY: CheckEntry("host", summaries.remap_integrity),
+    CheckName.REMAP_HOTPLUG: CheckEntry("host", summaries.remap_hotplug),
+    CheckName.HOST_EMULATOR_THREAD: CheckEntry("host"),
+}
+
+
+def summary_line(name: str, detail: Any) -> str:
+    """One human line per check; the full detail is in --json."""
+    d = detail if isinstance(detail, dict) else {}
+    if d.get("harness"):  # the guest's harness failed the check on its behalf
+        return {"crashed": f"its process died of {d.get('signal')} before it reported",
+                "timeout": f"no result within its time limit of {d.get('timeout_s')} s (killed)",
+                "exited": f"its process exited with status {d.get('status')} before it reported",
+                }.get(str(d["harness"]), f"the harness failed it: {d['harness']}")
+    if d.get("skip_reason"):
+        return f"skipped: {d.get('skip_reason')}"
+    entry = CHECKS.get(name)
+    if entry is not None and d:
+        if entry.error_is_summary and d.get("error"):
+            return str(d["error"])
+        if entry.summary is not None:
+            return entry.summary(d)
+    text = json.dumps(detail, separators=(",", ":"))
+    return text if len(text) <= 90 else text[:87] + "..."

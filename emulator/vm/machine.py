@@ -79,6 +79,8 @@ class Vm:
         self.service: DeviceService | None = None
         self.started_at = 0.0
         self.first_message_at: float | None = None
+        #: The device model's log (emulator.log in the run dir), this VM's alone.
+        self.log = logging.Logger(f"aperture.vm.{self.name}")
         #: Everything launch creates is registered here before it is created; shutdown unwinds it, newest first.
         self._cleanup = contextlib.ExitStack()
 
@@ -150,24 +152,20 @@ class Vm:
         log = self._cleanup.enter_context(open(self.paths.qemu_log, "wb"))
         self.qmp = SyncQmpSession(self.name)
         self._register(self._close_qmp)
+        # This VM's own logger (not registered in logging's global tree, so nothing global changes and nothing
+        # stays behind): the device model's errors go to the run dir's emulator.log only — stderr carries
+        # progress and one-line errors.
         handler = logging.FileHandler(self.paths.run_dir / "emulator.log")
         handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
-        emulator_log = logging.getLogger("aperture.emulator")
-        emulator_log.addHandler(handler)
-        emulator_log.propagate = False  # to the run dir only: stderr carries progress and one-line errors
-
-        def close_log() -> None:
-            emulator_log.removeHandler(handler)
-            handler.close()
-
-        self._register(close_log)
+        self.log.addHandler(handler)
+        self._register(handler.close)
         if self.config.devices:
             # Listening before QEMU starts (else QEMU exits); stopped after QEMU (final write-back).
             self.service = DeviceService(
                 self.config.devices, self.paths.device_files(len(self.config.devices)), ram=self.paths.ram,
                 memory=self.config.memory,
                 pmem=[(self.paths.pmem(i), p) for i, p in enumerate(self.config.pmem)], qmp=lambda: self.qmp,
-                hotplug=self.config.window_hotplug)
+                hotplug=self.config.window_hotplug, log=self.log)
             self._register(self.service.stop)
             self.service.start()
         self._register(self._stop_process)
@@ -177,7 +175,7 @@ class Vm:
                                             stderr=subprocess.STDOUT, start_new_session=True,
                                             preexec_fn=die_with_parent(os.getpid()))
         except OSError as exc:
-            raise SetupError(f"cannot start {self.qemu}: {exc.strerror}") from None
+            raise SetupError(f"cannot start {self.qemu}: {exc.strerror}") from exc
         try:
             self.qmp.connect(str(self.paths.qmp_socket), timeout=15.0, alive=self.alive)
         except GuestError:
@@ -189,7 +187,7 @@ class Vm:
             except GuestError as exc:
                 if not self.alive():
                     self._raise_exited(f"restoring {self.incoming.parent.name} failed")
-                raise GuestError(f"restoring {self.incoming.parent.name} failed: {exc}") from None
+                raise GuestError(f"restoring {self.incoming.parent.name} failed: {exc}") from exc
             self.restore_s = time.monotonic() - self.started_at
         if self.command_channel:
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
@@ -247,7 +245,7 @@ class Vm:
         try:
             self._cleanup.close()
         except Exception as exc:  # noqa: BLE001 - cleanup must go on and must not mask the run's result
-            logging.getLogger("aperture.emulator").warning("cleanup of %s: %s: %s", self.name,
+            logging.getLogger(__name__).warning("cleanup of %s: %s: %s", self.name,
                                                            type(exc).__name__, exc)
 
     # ------------------------------------------------------------------ observation
@@ -337,7 +335,7 @@ class Vm:
         try:
             self._cmd_sock.sendall(json.dumps(dict(request, id=ident), ensure_ascii=False).encode() + b"\n")
         except OSError as exc:
-            raise GuestError(f"guest command channel closed: {exc}") from None
+            raise GuestError(f"guest command channel closed: {exc}") from exc
         deadline = time.monotonic() + timeout
         seen: list[dict[str, Any]] = []
         for msg in self.messages(run_timeout=float("inf"), should_stop=lambda: time.monotonic() > deadline):
@@ -393,8 +391,8 @@ class Vm:
             return 0.0
         try:
             self.process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            raise GuestError(f"guest did not power off within {timeout:.0f} s after the helper finished") from None
+        except subprocess.TimeoutExpired as exc:
+            raise GuestError(f"guest did not power off within {timeout:.0f} s after the helper finished") from exc
         return time.monotonic() - self.started_at
 
     @property

@@ -182,11 +182,11 @@ def write_snapshot(key: SnapshotKey, save: Callable[[Path], float], root: Path |
         final = base / key.key
         try:
             tmp.rename(final)
-        except OSError:
+        except OSError as exc:
             shutil.rmtree(tmp, ignore_errors=True)
             snap, why = check_snapshot(final, key)
             if snap is None:
-                raise GuestError(f"snapshot {key.key}: another run's copy is unusable: {why}") from None
+                raise GuestError(f"snapshot {key.key}: another run's copy is unusable: {why}") from exc
             return snap
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

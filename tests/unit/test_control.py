@@ -8,8 +8,8 @@ import threading
 from pathlib import Path
 
 import pytest
-from aperture.emulator.daemon.control import call
-from aperture.guest.errors import ControlRefused, DaemonGone, GuestError
+from aperture.emulator.daemon.control import ControlRefused, call
+from aperture.guest.errors import DaemonGone, GuestError
 
 
 def _serve_once(path: Path, reply: bytes | None) -> threading.Thread:

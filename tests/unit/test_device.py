@@ -502,8 +502,9 @@ def test_emulator_thread_errors_are_bounded_and_logged(tmp_path: Path, monkeypat
     monkeypatch.setattr(ApertureDevice, "process_ring", boom)
     files = [DeviceFiles(tmp_path / "devmem0.img", tmp_path / "win0", tmp_path / "ap0.sock")]
     svc = DeviceService([DeviceConfig(mem=32 * MiB, window=4 * MiB, slot=1 * MiB, hidden=())], files,
-                        ram=tmp_path / "ram", memory=16 * MiB, pmem=[], qmp=lambda: None)
-    caplog.set_level(logging.ERROR, logger="aperture.emulator")
+                        ram=tmp_path / "ram", memory=16 * MiB, pmem=[], qmp=lambda: None,
+                        log=(vm_log := logging.Logger("aperture.vm.test")))
+    vm_log.addHandler(caplog.handler)  # the VM's own logger: errors reach it, nothing global is touched
     svc.start()
     try:
         for _ in range(3 * service_mod.LOOP_ERRORS_KEPT):

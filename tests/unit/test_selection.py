@@ -66,3 +66,22 @@ def test_cli_unknown_pattern_is_exit_2_in_one_line() -> None:
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "'nosuch'" in lines[0] and "dax.fsdax" in lines[0], proc.stderr
+
+
+def test_every_check_name_has_a_row_in_the_check_table() -> None:
+    """The host's one table of checks (results.CHECKS): a check added to the ABI without its row fails here."""
+    from aperture.emulator.runs.results import CHECKS
+    from aperture.guest.abi import CheckName
+
+    assert set(CHECKS) == {c.value for c in CheckName}
+    assert {e.runs_in for e in CHECKS.values()} <= {"default", "remap", "fuzz", "host"}
+
+
+def test_summary_lines_come_from_the_table() -> None:
+    from aperture.emulator.runs.results import summary_line
+
+    assert summary_line("hmm.migrate", {"skip_reason": "no driver"}) == "skipped: no driver"
+    assert summary_line("p2p.peer_map", {"error": "open /dev/aperture0: ENOENT"}) == "open /dev/aperture0: ENOENT"
+    line = summary_line("dax.map_sync", {"mmap": "ok", "bytes": 2 << 20, "flush": "clwb"})
+    assert line == "MAP_SYNC mmap ok, 2M written, flushed with clwb, read back"
+    assert "its process died of SIGSEGV" in summary_line("dax.fsdax", {"harness": "crashed", "signal": "SIGSEGV"})
