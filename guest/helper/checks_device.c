@@ -474,14 +474,15 @@ static void check_persistence(void)
     report_check(APERTURE_CHECK_APERTURE_PERSISTENCE, ok, jb.buf);
 }
 
-#define DEVICE_CHECK(id, check_name, function) \
-    const struct check id = {.name = check_name, .fixture = &fixture_devices, .fn = function}
+#define DEVICE_CHECK(id, check_name, function, at)                                                        \
+    TEST(id, .name = check_name, .fixture = &fixture_devices, .fn = function, .tags = TAG_DEFAULT | TAG_APERTURE, \
+         .order = at)
 
-DEVICE_CHECK(check_aperture_persistence, APERTURE_CHECK_APERTURE_PERSISTENCE, check_persistence);
-DEVICE_CHECK(check_aperture_window, APERTURE_CHECK_APERTURE_WINDOW, check_window);
-DEVICE_CHECK(check_aperture_hidden_refused, APERTURE_CHECK_APERTURE_HIDDEN_REFUSED, check_hidden);
-DEVICE_CHECK(check_p2p_pmem_to_device, APERTURE_CHECK_P2P_PMEM_TO_DEVICE, check_pmem_to_device);
-DEVICE_CHECK(check_p2p_device_to_pmem, APERTURE_CHECK_P2P_DEVICE_TO_PMEM, check_device_to_pmem);
-DEVICE_CHECK(check_p2p_ram_to_device, APERTURE_CHECK_P2P_RAM_TO_DEVICE, check_ram_to_device);
-DEVICE_CHECK(check_p2p_device_to_device, APERTURE_CHECK_P2P_DEVICE_TO_DEVICE, check_device_to_device);
-DEVICE_CHECK(check_aperture_bad_descriptors, APERTURE_CHECK_APERTURE_BAD_DESCRIPTORS, check_bad_descriptors);
+DEVICE_CHECK(check_aperture_persistence, APERTURE_CHECK_APERTURE_PERSISTENCE, check_persistence, 200);
+DEVICE_CHECK(check_aperture_window, APERTURE_CHECK_APERTURE_WINDOW, check_window, 210);
+DEVICE_CHECK(check_aperture_hidden_refused, APERTURE_CHECK_APERTURE_HIDDEN_REFUSED, check_hidden, 220);
+DEVICE_CHECK(check_p2p_pmem_to_device, APERTURE_CHECK_P2P_PMEM_TO_DEVICE, check_pmem_to_device, 230);
+DEVICE_CHECK(check_p2p_device_to_pmem, APERTURE_CHECK_P2P_DEVICE_TO_PMEM, check_device_to_pmem, 240);
+DEVICE_CHECK(check_p2p_ram_to_device, APERTURE_CHECK_P2P_RAM_TO_DEVICE, check_ram_to_device, 250);
+DEVICE_CHECK(check_p2p_device_to_device, APERTURE_CHECK_P2P_DEVICE_TO_DEVICE, check_device_to_device, 260);
+DEVICE_CHECK(check_aperture_bad_descriptors, APERTURE_CHECK_APERTURE_BAD_DESCRIPTORS, check_bad_descriptors, 270);

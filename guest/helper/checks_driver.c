@@ -352,8 +352,11 @@ static void check_migrate(void)
         start = i;
     }
     jb_printf(&jb, "],\"runs\":%zu}", runs);
-    report_check(APERTURE_CHECK_HMM_MIGRATE, rc == 0 && migrated == npages && runs <= 40 &&
-                 s1.pages_to_device - s0.pages_to_device == npages, jb.buf);
+    EXPECT_EQ(rc, 0);
+    EXPECT_EQ(migrated, npages);
+    EXPECT_LE(runs, 40);
+    EXPECT_EQ(s1.pages_to_device - s0.pages_to_device, npages);
+    report_check(APERTURE_CHECK_HMM_MIGRATE, 1, jb.buf);
     close(fd);
 }
 
@@ -399,9 +402,12 @@ static void check_fault_back(void)
               FAULT_LEN / 1e6 / (secs > 0 ? secs : 1e-9), (unsigned long long)(s1.faults - s0.faults),
               (unsigned long long)(s1.pages_to_ram - s0.pages_to_ram),
               (unsigned long long)(s1.bytes_to_ram - s0.bytes_to_ram));
-    report_check(APERTURE_CHECK_HMM_FAULT_BACK, intact && writable && s1.faults - s0.faults >= npages &&
-                 s1.pages_to_ram - s0.pages_to_ram == npages && s1.bytes_to_ram - s0.bytes_to_ram == FAULT_LEN,
-                 jb.buf);
+    EXPECT_TRUE(intact);
+    EXPECT_TRUE(writable);
+    EXPECT_GE(s1.faults - s0.faults, npages);
+    EXPECT_EQ(s1.pages_to_ram - s0.pages_to_ram, npages);
+    EXPECT_EQ(s1.bytes_to_ram - s0.bytes_to_ram, FAULT_LEN);
+    report_check(APERTURE_CHECK_HMM_FAULT_BACK, 1, jb.buf);
     close(fd);
 }
 
@@ -773,13 +779,14 @@ void bench_driver(void)
     close(fd);
 }
 
-#define DRIVER_CHECK(id, check_name, function, limit)                                                            \
-    const struct check id = {.name = check_name, .fixture = &fixture_kdev, .fn = function, .timeout_s = limit}
+#define DRIVER_CHECK(id, check_name, function, limit, at)                                                     \
+    TEST(id, .name = check_name, .fixture = &fixture_kdev, .fn = function, .timeout_s = limit,                 \
+         .tags = TAG_DEFAULT | TAG_DRIVER, .order = at)
 
-DRIVER_CHECK(check_zone_device_window, APERTURE_CHECK_ZONE_DEVICE_WINDOW, check_window_row, 30);
-DRIVER_CHECK(check_hmm_migrate, APERTURE_CHECK_HMM_MIGRATE, check_migrate, 120);
-DRIVER_CHECK(check_hmm_fault_back, APERTURE_CHECK_HMM_FAULT_BACK, check_fault_back, 120);
-DRIVER_CHECK(check_p2p_peer_map, APERTURE_CHECK_P2P_PEER_MAP, check_peer_map, 120);
-DRIVER_CHECK(check_p2p_peer_map_hidden, APERTURE_CHECK_P2P_PEER_MAP_HIDDEN, check_peer_map_hidden, 30);
-DRIVER_CHECK(check_p2p_pinned_vs_remap, APERTURE_CHECK_P2P_PINNED_VS_REMAP, check_pinned_vs_remap, 60);
-DRIVER_CHECK(check_driver_unload, APERTURE_CHECK_DRIVER_UNLOAD, check_unload, 60);
+DRIVER_CHECK(check_driver_unload, APERTURE_CHECK_DRIVER_UNLOAD, check_unload, 60, 500);
+DRIVER_CHECK(check_zone_device_window, APERTURE_CHECK_ZONE_DEVICE_WINDOW, check_window_row, 30, 510);
+DRIVER_CHECK(check_hmm_migrate, APERTURE_CHECK_HMM_MIGRATE, check_migrate, 120, 520);
+DRIVER_CHECK(check_hmm_fault_back, APERTURE_CHECK_HMM_FAULT_BACK, check_fault_back, 120, 530);
+DRIVER_CHECK(check_p2p_peer_map, APERTURE_CHECK_P2P_PEER_MAP, check_peer_map, 120, 540);
+DRIVER_CHECK(check_p2p_peer_map_hidden, APERTURE_CHECK_P2P_PEER_MAP_HIDDEN, check_peer_map_hidden, 30, 550);
+DRIVER_CHECK(check_p2p_pinned_vs_remap, APERTURE_CHECK_P2P_PINNED_VS_REMAP, check_pinned_vs_remap, 60, 560);

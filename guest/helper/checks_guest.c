@@ -27,5 +27,7 @@ static void check_shares(void)
     report_failures("/run/shares.failed", APERTURE_CHECK_GUEST_SHARES);
 }
 
-const struct check check_guest_modules = {.name = APERTURE_CHECK_GUEST_MODULES, .fn = check_modules};
-const struct check check_guest_shares = {.name = APERTURE_CHECK_GUEST_SHARES, .fn = check_shares};
+TEST(check_guest_modules, .name = APERTURE_CHECK_GUEST_MODULES, .fn = check_modules, .order = 10,
+     .tags = TAG_DEFAULT | TAG_NVDIMM | TAG_REMAP | TAG_FUZZ);
+TEST(check_guest_shares, .name = APERTURE_CHECK_GUEST_SHARES, .fn = check_shares, .order = 20,
+     .tags = TAG_DEFAULT | TAG_NVDIMM);

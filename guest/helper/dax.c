@@ -718,11 +718,11 @@ static void check_probe_matrix(void)
     free(ram);
 }
 
-#define DAX_CHECK(id, check_name, function) \
-    const struct check id = {.name = check_name, .fixture = &fixture_dax, .fn = function}
+#define DAX_CHECK(id, check_name, function, at) \
+    TEST(id, .name = check_name, .fixture = &fixture_dax, .fn = function, .tags = TAG_DEFAULT | TAG_DAX, .order = at)
 
-DAX_CHECK(check_dax_persistence, APERTURE_CHECK_DAX_PERSISTENCE, check_persistence);
-DAX_CHECK(check_dax_fsdax, APERTURE_CHECK_DAX_FSDAX, check_fsdax);
-DAX_CHECK(check_dax_map_sync, APERTURE_CHECK_DAX_MAP_SYNC, check_map_sync);
-DAX_CHECK(check_dax_devdax, APERTURE_CHECK_DAX_DEVDAX, check_devdax);
-DAX_CHECK(check_zone_device_probe, APERTURE_CHECK_ZONE_DEVICE_PROBE, check_probe_matrix);
+DAX_CHECK(check_dax_persistence, APERTURE_CHECK_DAX_PERSISTENCE, check_persistence, 100);
+DAX_CHECK(check_dax_fsdax, APERTURE_CHECK_DAX_FSDAX, check_fsdax, 110);
+DAX_CHECK(check_dax_map_sync, APERTURE_CHECK_DAX_MAP_SYNC, check_map_sync, 120);
+DAX_CHECK(check_dax_devdax, APERTURE_CHECK_DAX_DEVDAX, check_devdax, 130);
+DAX_CHECK(check_zone_device_probe, APERTURE_CHECK_ZONE_DEVICE_PROBE, check_probe_matrix, 140);

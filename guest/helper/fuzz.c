@@ -298,6 +298,5 @@ static void check_fuzz(void)
     report_check(APERTURE_CHECK_APERTURE_FUZZ, alive && st.descriptors > 0, jb.buf);
 }
 
-const struct check check_aperture_fuzz = {
-    .name = APERTURE_CHECK_APERTURE_FUZZ, .fn = check_fuzz, .timeout_s = 120, .plus_duration = 1,
-};
+TEST(check_aperture_fuzz, .name = APERTURE_CHECK_APERTURE_FUZZ, .fn = check_fuzz, .timeout_s = 120, .plus_duration = 1,
+     .order = 700, .tags = TAG_FUZZ);

@@ -14,6 +14,7 @@
 #include <unistd.h>
 
 #define MAX_FIXTURES 8
+#define MAX_CHECKS 128
 
 /* Shared with the forked child: whether the running check has reported. */
 struct harness_state {
@@ -175,8 +176,44 @@ static int selected(const struct check *c)
     return !listed(getenv(APERTURE_ENV_SKIP), c->name);
 }
 
+/* Every check registered with TEST (the linker collects the section's rows between these two symbols). */
+extern const struct check *const __start_aperture_checks[];
+extern const struct check *const __stop_aperture_checks[];
+
+static int by_order(const void *a, const void *b)
+{
+    const struct check *x = *(const struct check *const *)a, *y = *(const struct check *const *)b;
+
+    if (x->order != y->order)
+        return x->order < y->order ? -1 : 1;
+    return strcmp(x->name, y->name);
+}
+
+/* The checks scenario `s` runs, selected (--only/--skip) and in order; returns how many. */
+static size_t scenario_checks(const struct scenario *s, const struct check **out)
+{
+    size_t n = 0;
+
+    for (const struct check *const *c = __start_aperture_checks; c < __stop_aperture_checks && n < MAX_CHECKS; c++)
+        if (((*c)->tags & s->tag) && selected(*c))
+            out[n++] = *c;
+    qsort(out, n, sizeof(out[0]), by_order);
+    return n;
+}
+
+void harness_list(const struct scenario *s)
+{
+    const struct check *rows[MAX_CHECKS];
+    size_t n = scenario_checks(s, rows);
+
+    for (size_t i = 0; i < n; i++)
+        printf("%s\n", rows[i]->name);
+}
+
 int harness_run(const struct scenario *s)
 {
+    const struct check *rows[MAX_CHECKS];
+    size_t nrows = scenario_checks(s, rows);
     const struct fixture *done[MAX_FIXTURES];
     int failed[MAX_FIXTURES], ndone = 0, rc = 0;
 
@@ -189,12 +226,12 @@ int harness_run(const struct scenario *s)
         state = m;
         report_on_check(check_reported);
     }
-    for (const struct check *const *c = s->checks; c && *c; c++) {
-        if (!selected(*c))
+    for (size_t i = 0; i < nrows; i++) {
+        const struct check *c = rows[i];
+
+        if (set_up(c->fixture, done, &ndone, failed) != 0)
             continue;
-        if (set_up((*c)->fixture, done, &ndone, failed) != 0)
-            continue;
-        rc |= run_check(*c);
+        rc |= run_check(c);
     }
     state->running[0] = 0;
     if ((s->run || s->serve_after) && set_up(s->fixture, done, &ndone, failed) == 0 && s->run)

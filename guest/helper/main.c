@@ -1,12 +1,22 @@
 /* aperture-helper: runs inside the guest as /init's payload and reports JSON lines to the host.
  * Usage: aperture-helper [SCENARIO]   (default: $aperture_scenario, else "default"; scenarios.c lists them)
+ *        aperture-helper list SCENARIO   the checks SCENARIO runs (after $aperture_only/$aperture_skip), in order
  * Tools (print to stdout, for `exec` in a live guest): see tools.c.
  */
 #include "harness.h"
 #include "report.h"
 
+#include <string.h>
+
 int main(int argc, char **argv)
 {
+    if (argc == 3 && !strcmp(argv[1], "list")) {
+        const struct scenario *listed = scenario_find(argv[2]);
+
+        if (listed)
+            harness_list(listed);
+        return listed ? 0 : 2;
+    }
     int tool = helper_tool(argc, argv);
     if (tool >= 0)
         return tool;

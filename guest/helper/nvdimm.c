@@ -70,4 +70,5 @@ static void check_present(void)
     report_check(APERTURE_CHECK_NVDIMM_PRESENT, n == expected && n > 0, jb.buf);
 }
 
-const struct check check_nvdimm_present = {.name = APERTURE_CHECK_NVDIMM_PRESENT, .fn = check_present};
+TEST(check_nvdimm_present, .name = APERTURE_CHECK_NVDIMM_PRESENT, .fn = check_present, .order = 30,
+     .tags = TAG_DEFAULT | TAG_NVDIMM | TAG_REMAP);

@@ -199,5 +199,6 @@ static void check_nvme_cmb(void)
         munmap(dst, len);
 }
 
-const struct check check_zone_device_p2pmem = {.name = APERTURE_CHECK_ZONE_DEVICE_P2PMEM, .fn = check_p2pmem_row};
-const struct check check_p2p_nvme_cmb = {.name = APERTURE_CHECK_P2P_NVME_CMB, .fn = check_nvme_cmb};
+TEST(check_zone_device_p2pmem, .name = APERTURE_CHECK_ZONE_DEVICE_P2PMEM, .fn = check_p2pmem_row, .order = 300,
+     .tags = TAG_DEFAULT);
+TEST(check_p2p_nvme_cmb, .name = APERTURE_CHECK_P2P_NVME_CMB, .fn = check_nvme_cmb, .order = 310, .tags = TAG_DEFAULT);

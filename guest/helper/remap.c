@@ -151,6 +151,5 @@ static void check_consistency(void)
     report_line(out.buf);
 }
 
-const struct check check_remap_consistency = {
-    .name = APERTURE_CHECK_REMAP_CONSISTENCY, .fn = check_consistency, .timeout_s = 120, .plus_duration = 1,
-};
+TEST(check_remap_consistency, .name = APERTURE_CHECK_REMAP_CONSISTENCY, .fn = check_consistency, .timeout_s = 120,
+     .plus_duration = 1, .order = 600, .tags = TAG_REMAP);

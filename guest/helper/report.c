@@ -1,4 +1,5 @@
 #include "report.h"
+#include "harness.h"
 #include "aperture_abi.h"
 
 #include <dirent.h>
@@ -138,16 +139,67 @@ void report_on_check(void (*hook)(const char *name))
     check_hook = hook;
 }
 
+/* The running check's expectations (harness.h EXPECT_*): how many failed, and the first one. Each check runs in
+ * a process of its own, and reporting it resets them. */
+static struct {
+    int failures;
+    char expr[200];
+    long long got, want;
+    int line;
+} expectations;
+
+void expect_cmp(const char *expr, long long got, long long want, int holds, int line)
+{
+    if (holds)
+        return;
+    if (expectations.failures++ == 0) {
+        snprintf(expectations.expr, sizeof(expectations.expr), "%s", expr);
+        expectations.got = got;
+        expectations.want = want;
+        expectations.line = line;
+    }
+}
+
+int expect_failures(void)
+{
+    return expectations.failures;
+}
+
 void report_check(const char *name, int ok, const char *detail_json)
 {
     struct jbuf jb;
+    const char *detail = detail_json ? detail_json : "null";
+
     jb_init(&jb);
     jb_printf(&jb, "{\"type\":\"" APERTURE_MSG_CHECK "\",\"name\":");
     jb_str(&jb, name);
-    jb_printf(&jb, ",\"ok\":%s,\"detail\":%s}", ok ? "true" : "false", detail_json ? detail_json : "null");
+    jb_printf(&jb, ",\"ok\":%s,\"detail\":", ok && !expectations.failures ? "true" : "false");
+    if (expectations.failures && detail[0] == '{') {
+        /* The first failed expectation goes first in the detail object. */
+        jb_printf(&jb, "{\"failed\":{\"expr\":");
+        jb_str(&jb, expectations.expr);
+        jb_printf(&jb, ",\"got\":%lld,\"want\":%lld,\"line\":%d,\"count\":%d}%s%s", expectations.got,
+                  expectations.want, expectations.line, expectations.failures, strcmp(detail, "{}") ? "," : "",
+                  detail + 1);
+    } else {
+        jb_printf(&jb, "%s", detail);
+    }
+    jb_printf(&jb, "}");
+    memset(&expectations, 0, sizeof(expectations));
     report_line(jb.buf);
     if (check_hook)
         check_hook(name);
+}
+
+void report_skip(const char *name, const char *reason)
+{
+    struct jbuf jb;
+
+    jb_init(&jb);
+    jb_printf(&jb, "{\"skip_reason\":");
+    jb_str(&jb, reason);
+    jb_printf(&jb, "}");
+    report_check(name, 1, jb.buf);
 }
 
 void report_log(const char *fmt, ...)

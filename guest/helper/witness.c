@@ -195,6 +195,5 @@ static void check_hmm_tests(void)
 }
 
 /* hmm-tests has its own time limit (HMM_TIMEOUT_S); the harness's is above it. */
-const struct check check_witness_hmm_tests = {
-    .name = APERTURE_CHECK_WITNESS_HMM_TESTS, .fn = check_hmm_tests, .timeout_s = 300,
-};
+TEST(check_witness_hmm_tests, .name = APERTURE_CHECK_WITNESS_HMM_TESTS, .fn = check_hmm_tests, .timeout_s = 300,
+     .order = 400, .tags = TAG_DEFAULT);
