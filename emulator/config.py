@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -181,15 +184,15 @@ class ShareConfig:
 
     def __post_init__(self) -> None:
         if not self.host.exists():
-            raise ConfigError(f"--share {self.host}: no such directory")
+            raise ConfigError(f"shared directory {self.host} does not exist")
         if not self.host.is_dir():
-            raise ConfigError(f"--share {self.host}: not a directory")
+            raise ConfigError(f"shared path {self.host} is not a directory")
         g = self.guest
         if not g.startswith("/") or any(c.isspace() or c in ',:"\\' for c in g) or "/../" in g + "/":
-            raise ConfigError(f"--share guest path {g!r} must be absolute, without spaces, commas, colons or '..'")
+            raise ConfigError(f"share guest path {g!r} must be absolute, without spaces, commas, colons or '..'")
         norm = "/" + "/".join(part for part in g.split("/") if part and part != ".")
         if norm in GUEST_RESERVED_DIRS or any(norm == d or norm.startswith(d + "/") for d in GUEST_SYSTEM_DIRS):
-            raise ConfigError(f"--share guest path {g!r} would cover a system directory of the guest; "
+            raise ConfigError(f"share guest path {g!r} would cover a system directory of the guest; "
                               "choose another (e.g. /mnt/share or /work)")
 
     @classmethod
@@ -200,7 +203,7 @@ class ShareConfig:
         if len(parts) > 1 and parts[-1] in ("ro", "rw"):
             mode = parts.pop()
         if not parts[0] or len(parts) > 2:
-            raise ConfigError(f"invalid --share {text!r}: expected HOSTDIR[:GUESTDIR][:ro]")
+            raise ConfigError(f"invalid share {text!r}: expected HOSTDIR[:GUESTDIR][:ro]")
         host = Path(parts[0]).expanduser().absolute()
         guest = parts[1] if len(parts) == 2 else str(host)
         return cls(host, "/" + "/".join(p for p in guest.split("/") if p) if guest.startswith("/") else guest,
@@ -243,16 +246,16 @@ class VmConfig:
                 raise ConfigError(f"kernel argument {arg!r} must be one word without quotes")
         for b in self.guest_bins:
             if not b.is_file():
-                raise ConfigError(f"--guest-bin {b}: no such file")
+                raise ConfigError(f"guest binary {b}: no such file")
         if self.nvme and not (16 * MiB <= self.nvme <= 16 * GiB and self.nvme % MiB == 0):
             raise ConfigError(f"nvme namespace {format_size(self.nvme)} must be whole MiB, 16M to 16G (or none)")
         if not 1 <= self.smp <= 8:
             raise ConfigError("smp must be between 1 and 8")
         if len(self.shares) > MAX_SHARES:
-            raise ConfigError(f"at most {MAX_SHARES} --share directories")
+            raise ConfigError(f"at most {MAX_SHARES} shared directories")
         guests = [s.guest for s in self.shares]
         if len(set(guests)) != len(guests):
-            raise ConfigError("two --share directories at the same guest path")
+            raise ConfigError("two shared directories at the same guest path")
 
 
 @dataclass(frozen=True)
@@ -267,33 +270,48 @@ class RemapPlan:
         if self.mode not in ("pause", "hotplug"):
             raise ConfigError(f"invalid remap mode {self.mode!r}: choose pause or hotplug")
         if not 0.001 <= self.every <= 60:
-            raise ConfigError("--remap-every must be between 1ms and 60s")
+            raise ConfigError("the remap period must be between 1ms and 60s")
         if not 0.5 <= self.duration <= 3600:
-            raise ConfigError("--duration must be between 0.5s and 1h")
+            raise ConfigError("the workload duration must be between 0.5s and 1h")
+
+
+def _jsonable(value: Any) -> Any:
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: _jsonable(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, tuple):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+def _from_jsonable(hint: Any, value: Any) -> Any:
+    """``value`` (from ``_jsonable``) back into the type ``hint`` names: dataclasses, tuples, paths, optionals."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if isinstance(hint, type) and dataclasses.is_dataclass(hint):
+        hints = typing.get_type_hints(hint)
+        known = {f.name for f in dataclasses.fields(hint) if f.init}
+        return hint(**{k: _from_jsonable(hints[k], v) for k, v in value.items() if k in known})
+    if origin is tuple:
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_from_jsonable(args[0], v) for v in value)
+        return tuple(_from_jsonable(a, v) for a, v in zip(args, value, strict=True))
+    if origin in (typing.Union, types.UnionType):
+        if value is None:
+            return None
+        return _from_jsonable(next(a for a in args if a is not type(None)), value)
+    if hint is Path:
+        return Path(value)
+    return value
 
 
 def config_to_dict(config: VmConfig) -> dict[str, Any]:
-    """JSON-able form (for the ``aperture up`` daemon); ``config_from_dict`` re-validates it."""
-    return {
-        "memory": config.memory, "accel": config.accel, "boot_timeout": config.boot_timeout,
-        "run_timeout": config.run_timeout, "kernel_cmdline_extra": list(config.kernel_cmdline_extra),
-        "smp": config.smp, "force": config.force, "window_hotplug": config.window_hotplug,
-        "guest_bins": [str(p) for p in config.guest_bins], "nvme": config.nvme,
-        "shares": [{"host": str(s.host), "guest": s.guest, "readonly": s.readonly} for s in config.shares],
-        "pmem": [{"size": p.size, "mode": p.mode} for p in config.pmem],
-        "devices": [{"mem": d.mem, "window": d.window, "slot": d.slot, "hidden": [list(h) for h in d.hidden]}
-                    for d in config.devices],
-    }
+    """JSON-able form (the ``aperture up`` daemon's spec, the snapshot key), generated from the fields;
+    ``config_from_dict`` re-validates it."""
+    out: dict[str, Any] = _jsonable(config)
+    return out
 
 
 def config_from_dict(data: dict[str, Any]) -> VmConfig:
-    return VmConfig(
-        memory=data["memory"], accel=data["accel"], boot_timeout=data["boot_timeout"],
-        run_timeout=data["run_timeout"], kernel_cmdline_extra=tuple(data["kernel_cmdline_extra"]), smp=data["smp"],
-        force=data["force"], window_hotplug=data.get("window_hotplug", False),
-        guest_bins=tuple(Path(p) for p in data["guest_bins"]), nvme=int(data.get("nvme", DEFAULT_NVME_SIZE)),
-        shares=tuple(ShareConfig(Path(s["host"]), s["guest"], bool(s["readonly"])) for s in data.get("shares", [])),
-        pmem=tuple(PmemConfig(p["size"], p["mode"]) for p in data["pmem"]),
-        devices=tuple(DeviceConfig(d["mem"], d["window"], d["slot"], tuple(tuple(h) for h in d["hidden"]))
-                      for d in data["devices"]),
-    )
+    config: VmConfig = _from_jsonable(VmConfig, data)
+    return config

@@ -86,7 +86,7 @@ def plan_modules(kernel: KernelSpec, kconfig: dict[str, str],
         if kconfig and value != "m":
             if f.required:
                 raise SetupError(f"kernel {kernel.release} lacks {f.option} ({f.why}): turn it on "
-                                 "(=y, or =m with --modules DIR)")
+                                 "(=y, or =m with its modules directory)")
             absent.append(f.module)
             continue
         # =m, or no config and not built in: the module must be there.
@@ -95,10 +95,9 @@ def plan_modules(kernel: KernelSpec, kconfig: dict[str, str],
                 absent.append(f.module)
                 continue
             if kconfig:
-                raise SetupError(f"kernel {kernel.release} has {f.option}=m ({f.why}): pass --modules DIR")
-            raise SetupError(f"no modules found for kernel {kernel.release}: pass --modules DIR (a kernel with "
-                             "everything built in needs its config: --config FILE, a .config beside it, or "
-                             "CONFIG_IKCONFIG)")
+                raise SetupError(f"kernel {kernel.release} has {f.option}=m ({f.why}): name its modules directory")
+            raise SetupError(f"no modules found for kernel {kernel.release}: name its modules directory (a kernel with "
+                             "everything built in needs its config: named, a .config beside it, or CONFIG_IKCONFIG)")
         if not f.required and f.module.replace("-", "_") not in index.paths:
             absent.append(f.module)
             continue

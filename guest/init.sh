@@ -3,7 +3,7 @@
 /bin/busybox --install -s /bin
 export PATH=/usr/local/bin:/bin:/sbin
 export LD_LIBRARY_PATH=/lib/x86_64-linux-gnu
-mkdir -p /proc /sys /dev /tmp /run /mnt
+mkdir -p /proc /sys /dev /tmp /run /mnt /root
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev

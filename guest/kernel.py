@@ -101,7 +101,7 @@ def _modules_for(release: str, modules: Path) -> Path:
     """Accept ``lib/modules/<rel>``, ``lib/modules`` or a root that contains ``lib/modules/<rel>`` (or, merged
     /usr, ``usr/lib/modules/<rel>``)."""
     if not modules.is_dir():
-        raise ConfigError(f"--modules {modules}: not a directory")
+        raise ConfigError(f"modules directory {modules}: not a directory")
     for cand in (modules, modules / release, modules / "lib/modules" / release, modules / "usr/lib/modules" / release):
         if (cand / "kernel").is_dir() or (cand / "modules.builtin").is_file() or any(cand.glob("*.ko*")):
             return cand
@@ -134,17 +134,17 @@ def resolve_kernel(kernel: Path | str | None = None, modules: Path | None = None
     """``None``/``"built"``: the built kernel; ``"debian"``: Debian's; otherwise a bzImage or PVH vmlinux."""
     if kernel is None or str(kernel) == "built":
         if modules is not None or config is not None:
-            raise ConfigError("--modules and --config go with --kernel PATH")
+            raise ConfigError("a modules directory and a config go with a kernel file (not 'built' or 'debian')")
         return built_kernel()
     if str(kernel) == "debian":
         if config is not None:
-            raise ConfigError("--config goes with --kernel PATH")
+            raise ConfigError("a config goes with a kernel file (not 'built' or 'debian')")
         return debian_kernel(modules)
     path = Path(kernel).expanduser()
     if path.is_dir():
-        raise ConfigError(f"--kernel {path} is a directory; name the bzImage or vmlinux file in it")
+        raise ConfigError(f"kernel {path} is a directory; name the bzImage or vmlinux file in it")
     if not path.is_file():
-        raise ConfigError(f"--kernel {path}: no such file")
+        raise ConfigError(f"kernel {path}: no such file")
     kernel_format(path)
     release = kernel_release(path)
     manifest = read_manifest().get("kernel") or {}
@@ -160,7 +160,7 @@ def resolve_kernel(kernel: Path | str | None = None, modules: Path | None = None
     if config is not None:
         config = config.expanduser()
         if not config.is_file():
-            raise ConfigError(f"--config {config}: no such file")
+            raise ConfigError(f"kernel config {config}: no such file")
         config_file: Path | None = config
     else:
         config_file = next((c for c in (path.parent / f"config-{release}", path.parent / ".config") if c.is_file()),

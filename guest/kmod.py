@@ -71,7 +71,7 @@ class ModuleIndex:
 
     def __init__(self, modules_dir: Path, release: str) -> None:
         if not modules_dir.is_dir():
-            raise SetupError(f"kernel modules directory {modules_dir} does not exist (use --modules DIR)")
+            raise SetupError(f"kernel modules directory {modules_dir} does not exist")
         self.modules_dir = modules_dir
         self.release = release
         self.paths: dict[str, Path] = {}

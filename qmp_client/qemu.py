@@ -43,7 +43,7 @@ def hotplug_supported(qemu: str) -> bool:
 
 def require_hotplug(qemu: str) -> None:
     if not hotplug_supported(qemu):
-        raise SetupError("--remap-mode hotplug needs a QEMU whose memory-backend-file has the 'offset' property "
+        raise SetupError("hotplug remaps need a QEMU whose memory-backend-file has the 'offset' property "
                          "(QEMU 10 from bookworm-backports has it; run scripts/setup.sh)")
 
 

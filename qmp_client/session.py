@@ -10,7 +10,7 @@ import asyncio
 import os
 import threading
 import time
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -183,9 +183,14 @@ class QmpSession:
 
 
 class SyncQmpSession:
-    """Runs a ``QmpSession`` on a private event loop thread so plain code (and tests) can call it."""
+    """Runs a ``QmpSession`` on a private event loop thread so plain code (and tests) can call it.
 
-    def __init__(self, name: str = "aperture") -> None:
+    ``when_lost``: the one place a lost connection is explained — given the ``QemuGone``, it returns the error to
+    raise instead (the VM says "QEMU died (signal 9)" once its process has exited), or None to keep it."""
+
+    def __init__(self, name: str = "aperture",
+                 when_lost: Callable[[QemuGone], Exception | None] | None = None) -> None:
+        self.when_lost = when_lost
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name=f"qmp-{name}", daemon=True)
         self._thread.start()
@@ -202,6 +207,11 @@ class SyncQmpSession:
         except TimeoutError as exc:
             fut.cancel()
             raise QmpError(f"QMP call timed out after {timeout:.0f} s") from exc
+        except QemuGone as exc:
+            explained = self.when_lost(exc) if self.when_lost is not None else None
+            if explained is not None:
+                raise explained from exc
+            raise
 
     def connect(self, socket_path: str, timeout: float = 10.0, alive: Any = None) -> None:
         self._run(self.session.connect(socket_path, timeout, alive), timeout + 5)

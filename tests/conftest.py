@@ -62,6 +62,21 @@ def runs_dir(tmp_path: Path) -> Path:
     return d
 
 
+def processes_mentioning(marker: str) -> list[str]:
+    """Command lines of live processes whose argv mentions ``marker`` (read from /proc: no procps needed)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            line = Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if marker in line:
+            found.append(line)
+    return found
+
+
 def qemu_processes(marker: str) -> list[str]:
     """Command lines of live QEMU processes whose argv mentions ``marker`` (read from /proc, untruncated)."""
     found = []

@@ -12,7 +12,7 @@ from typing import Any
 
 from aperture.emulator.config import VmConfig
 from aperture.emulator.runs.results import RunResult
-from aperture.emulator.runs.run import prepare
+from aperture.emulator.runs.run import prepare_inputs
 from aperture.emulator.vm.machine import Vm
 from aperture.emulator.vm.snapshots import not_snapshottable
 from aperture.emulator.vm.warm import BootInputs, ensure_snapshot, ready_vm
@@ -44,7 +44,7 @@ def bench_boot(config: VmConfig, kernel: KernelSpec, n: int, progress: Progress)
     built kernel against its own bzImage and Debian's kernel; another kernel against its PVH vmlinux. Also
     QEMU start → ready (helper serving commands, DAX configured, NVMe plugged) restored from the warm-start
     snapshot and booted cold, interleaved."""
-    inputs = prepare(config, kernel, progress)
+    inputs = prepare_inputs(config, kernel, progress)
     notes: list[str] = []
     # (figure prefix, kernel, image, label)
     variants: list[tuple[str, KernelSpec, Path, str]] = [("", kernel, inputs.image.path, kernel.kind)]
@@ -57,7 +57,7 @@ def bench_boot(config: VmConfig, kernel: KernelSpec, n: int, progress: Progress)
             from aperture.guest.kernel import debian_kernel
 
             debian = debian_kernel()
-            debian_prep = prepare(config, debian, progress)
+            debian_prep = prepare_inputs(config, debian, progress)
             variants.append(("debian_", debian, debian_prep.image.path, f"debian {debian.release}"))
         except ApertureError as exc:
             notes.append(f"Debian's kernel not measured: {exc.one_line()}")
@@ -125,7 +125,7 @@ def bench_boot(config: VmConfig, kernel: KernelSpec, n: int, progress: Progress)
 
 def bench_dax(config: VmConfig, kernel: KernelSpec, progress: Progress) -> dict[str, Any]:
     """One boot of the ``bench-dax`` scenario: memcpy into RAM, devdax and fsdax, same boot."""
-    inputs = prepare(config, kernel, progress)
+    inputs = prepare_inputs(config, kernel, progress)
     result = _guest_figures(config, inputs, progress, "bench-dax", "memcpy_ram_MBps")
     f = result.figures
     ram = f["memcpy_ram_MBps"]
@@ -221,7 +221,7 @@ def bench_device(config: VmConfig, kernel: KernelSpec, progress: Progress) -> di
         from aperture.guest.errors import ConfigError
 
         raise ConfigError("bench device needs at least one aperture device")
-    inputs = prepare(config, kernel, progress)
+    inputs = prepare_inputs(config, kernel, progress)
     progress("measuring host baselines (eventfd wake-up, slot copies, memcpy)")
     wake_us = _eventfd_wakeup_us()
     copy_us = _slot_copy_us(config.devices[0].slot)
@@ -256,7 +256,7 @@ def bench_driver(config: VmConfig, kernel: KernelSpec, progress: Progress) -> di
     why = driver_missing(kernel)
     if why is not None:
         raise SetupError(f"bench driver: {why}")
-    inputs = prepare(config, kernel, progress)
+    inputs = prepare_inputs(config, kernel, progress)
     progress("measuring host baselines (memcpy 4 KiB and 2 MiB, eventfd wake-up, slot copies)")
     memcpy_4k, memcpy_2m = _copy_MBps(4096), _copy_MBps(2 << 20)
     floor = _eventfd_wakeup_us() + _slot_copy_us(config.devices[-1].slot)
@@ -288,7 +288,7 @@ def bench_remap(config: VmConfig, kernel: KernelSpec, progress: Progress, rounds
 
     if not config.devices:
         raise ConfigError("bench remap needs at least one aperture device")
-    inputs = prepare(config, kernel, progress)
+    inputs = prepare_inputs(config, kernel, progress)
     figures: dict[str, float] = {}
     with tempfile.TemporaryDirectory(prefix="aperture-bench-") as tmp:
         with Vm(config, kernel, inputs.image.path, accel=inputs.accel.accel, run_dir=Path(tmp), scenario="idle",
@@ -382,7 +382,7 @@ def bench_soak(config: VmConfig, kernel: KernelSpec, duration: float, progress: 
     from aperture.emulator.config import RemapPlan
     from aperture.emulator.runs.run import run_vm
 
-    inputs = prepare(config, kernel, progress)
+    inputs = prepare_inputs(config, kernel, progress)
     samples: list[tuple[float, float]] = []  # (seconds, RssAnon MiB)
     shared: list[float] = []  # RssShmem + RssFile MiB, for the report
     stop = threading.Event()
@@ -467,7 +467,7 @@ def bench_share(config: VmConfig, kernel: KernelSpec, progress: Progress, mib: i
             (d / f"f{i}").write_text(f"{i}\n")
         config = dataclasses.replace(config, shares=(ShareConfig(share, "/share", readonly=True),),
                                      memory=max(config.memory, (mib + 512) << 20), run_timeout=900)
-        inputs = prepare(config, kernel, progress)
+        inputs = prepare_inputs(config, kernel, progress)
         out: list[bytes] = []
         script = SHARE_SCRIPT.replace("$MIB", str(mib)).replace("$FILES", str(files))
         result = run_command(config, inputs, Path(tmp) / "run", progress, ("sh", "-c", script), cwd=None,

@@ -19,19 +19,11 @@ from pathlib import Path
 from typing import Any
 
 import click
-from aperture.emulator.config import (
-    DEFAULT_DEVICES,
-    DEFAULT_NVME_SIZE,
-    DEFAULT_PMEM,
-    DeviceConfig,
-    PmemConfig,
-    RemapPlan,
-    ShareConfig,
-    VmConfig,
-)
+from aperture.emulator.config import ShareConfig
 from aperture.emulator.frontend.summary import print_bench, print_summary
+from aperture.emulator.spec import VM_OPTIONS, VmOption, VmOptionError, VmSpec
 from aperture.guest.errors import ApertureError, ConfigError, VmLaunchError
-from aperture.guest.units import parse_duration, parse_size
+from aperture.guest.units import parse_duration
 
 
 # ---------------------------------------------------------------------------- shared helpers
@@ -63,20 +55,7 @@ def _parse_option(parse: Callable[[Any], Any]) -> Callable[[click.Context, click
     return callback
 
 
-def _parse_devices(values: tuple[str, ...]) -> tuple[DeviceConfig, ...] | None:
-    if not values:
-        return None
-    if values == ("none",):
-        return ()
-    return tuple(DeviceConfig.parse(v) for v in values)
-
-
-_size = _parse_option(lambda v: None if v is None else parse_size(v))
 _duration = _parse_option(lambda v: None if v is None else parse_duration(v))
-_pmem = _parse_option(lambda values: tuple(PmemConfig.parse(v) for v in values))
-_devices = _parse_option(_parse_devices)
-_nvme = _parse_option(lambda v: 0 if v in (None, "none", "0") else parse_size(v))
-_shares = _parse_option(lambda values: tuple(ShareConfig.parse(v) for v in values))
 
 
 def _check_run_dir(value: Path | None) -> Path | None:
@@ -88,51 +67,30 @@ def _check_run_dir(value: Path | None) -> Path | None:
 _run_dir = _parse_option(_check_run_dir)
 
 
+def _click_option(option: VmOption) -> Callable[[Any], Any]:
+    """A VM option as a click option: no click default (an option not given takes the spec's), the default
+    shown in the help from the one table."""
+    shown = option.default if option.default not in (None, (), False) else None
+    kind: Any = click.Choice(option.choices) if option.choices else float if isinstance(option.default, float) else None
+    flag: dict[str, Any] = {"is_flag": True} if option.is_flag else {"metavar": option.metavar, "type": kind}
+    return click.option(option.flag, option.name, multiple=option.multiple, **flag,
+                        help=option.help + (f"  [default: {shown}]" if shown is not None else ""))
+
+
 def vm_options(f: Any) -> Any:
-    """Options shared by every command that boots a VM."""
-    opts = [
-        click.option("--kernel", metavar="built|debian|PATH", help="The guest kernel: 'built' (default: the "
-                     "kernel `aperture kernel build` made, P2PDMA/DEVICE_PRIVATE/HMM on), 'debian' (Debian's "
-                     "prebuilt kernel), or a bzImage / PVH ELF vmlinux of your own."),
-        click.option("--modules", type=click.Path(path_type=Path), help="Modules for --kernel PATH: "
-                     "lib/modules/<release> or a root containing it (not needed when everything is built in)."),
-        click.option("--config", "kconfig", type=click.Path(path_type=Path, dir_okay=False),
-                     help="The .config of --kernel PATH (default: config-<release> or .config beside it, else "
-                     "the kernel's own IKCONFIG)."),
-        click.option("--pmem", "pmem", multiple=True, callback=_pmem, metavar="SIZE[:MODE]",
-                     help="An NVDIMM of SIZE (multiple of 2M), MODE raw|fsdax|devdax. "
-                     "Repeatable. Default: 256M:fsdax and 256M:devdax."),
-        click.option("--device", "devices", multiple=True, callback=_devices,
-                     metavar="aperture[,mem=SIZE,window=SIZE,slot=SIZE,hidden=START-END]",
-                     help="An aperture device (repeatable; 'none' for no device). Default: two of "
-                     "mem=256M,window=16M,slot=2M,hidden=240M-256M."),
-        click.option("--nvme", default="64M", callback=_nvme, show_default=True, metavar="SIZE|none",
-                     help="An NVMe controller with a 16 MiB controller memory buffer (published as p2pmem by a "
-                     "kernel with PCI_P2PDMA) and a SIZE namespace; 'none' for no NVMe."),
-        click.option("--memory", default="512M", callback=_size, show_default=True, metavar="SIZE",
-                     help="Guest RAM, 128M to 16G (beyond 2G it continues at 4 GiB, as a DMA target too)."),
-        click.option("--accel", type=click.Choice(["auto", "kvm", "tcg"]), default="auto", show_default=True,
-                     help="auto: KVM only if a probe boot works, else TCG."),
-        click.option("--boot-timeout", type=click.FloatRange(min=1, max=3600), default=60.0, show_default=True,
-                     help="Seconds until the guest helper must report."),
-        click.option("--timeout", "run_timeout", type=click.FloatRange(min=1, max=86400), default=120.0,
-                     show_default=True, help="Seconds for the whole run."),
-        click.option("--append", "append", multiple=True, metavar="ARG",
-                     help="Extra kernel command-line argument (repeatable), e.g. loglevel=7."),
-        click.option("-q", "--quiet", is_flag=True, help="No progress on stderr."),
-    ]
-    for opt in reversed(opts):
-        f = opt(f)
-    return f
+    """Every VM option (spec.py VM_OPTIONS) and -q on a command that boots a VM; the command gets them as one
+    ``spec: VmSpec`` (and ``quiet``). A bad value is a one-line error naming the flag (exit 2)."""
 
+    @functools.wraps(f)
+    def command(*args: Any, **kwargs: Any) -> Any:
+        given = {o.name: kwargs.pop(o.name) for o in VM_OPTIONS}
+        # not given: None (a value), () (repeatable) or False (a flag); 0 is a value
+        given = {k: v for k, v in given.items() if v is not None and v != () and v is not False}
+        return f(*args, spec=VmSpec.from_options(given), **kwargs)
 
-def make_config(pmem: tuple[PmemConfig, ...], memory: int, accel: str, boot_timeout: float,
-                run_timeout: float, append: tuple[str, ...] = (),
-                devices: tuple[DeviceConfig, ...] | None = None, nvme: int = DEFAULT_NVME_SIZE,
-                shares: tuple[ShareConfig, ...] = ()) -> VmConfig:
-    return VmConfig(memory=memory, pmem=pmem or DEFAULT_PMEM, accel=accel,  # type: ignore[arg-type]
-                    boot_timeout=boot_timeout, run_timeout=run_timeout, kernel_cmdline_extra=append,
-                    devices=DEFAULT_DEVICES if devices is None else devices, nvme=nvme, shares=shares)
+    for option in reversed(VM_OPTIONS):
+        command = _click_option(option)(command)
+    return click.option("-q", "--quiet", is_flag=True, help="No progress on stderr.")(command)
 
 
 def print_report(report: dict[str, dict[str, Any]]) -> None:
@@ -166,21 +124,10 @@ def cli() -> None:
     """
 
 
-share_option = click.option(
-    "--share", "shares", multiple=True, callback=_shares, metavar="HOSTDIR[:GUESTDIR][:ro]",
-    help="Make a host directory visible in the guest (9p; repeatable). GUESTDIR defaults to the same path; :ro "
-    "refuses writes from the guest.")
-
-guest_bin_option = click.option(
-    "--guest-bin", "guest_bins", multiple=True, type=click.Path(path_type=Path, dir_okay=False),
-    help="Host binary to put into the guest's /usr/local/bin, with its shared libraries. Repeatable.")
-
-
 @cli.command()
 @vm_options
 @click.option("--run-dir", type=click.Path(path_type=Path), callback=_run_dir,
               help="Where backing files and logs go; reuse one to keep NVDIMM contents across runs.")
-@share_option
 @click.option("--cwd", "share_cwd", is_flag=True, help="With -- CMD: share the current directory read-write at "
               "the same path and run CMD there.")
 @click.option("--checks", "with_checks", is_flag=True, help="With -- CMD: run the built-in checks first.")
@@ -189,9 +136,6 @@ guest_bin_option = click.option(
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)
 @click.option("--reboot", is_flag=True, help="Boot twice in the same run dir; the second boot checks that the "
               "first boot's DAX data persisted (dax.persistence).")
-@click.option("--force", is_flag=True, help="Let the guest overwrite an NVDIMM whose info block is foreign, "
-              "corrupted or of another mode (destroys that NVDIMM's data).")
-@guest_bin_option
 @click.option("--remap-every", callback=_duration, metavar="DURATION",
               help="Run the window workload instead of the default checks, while the host remaps random slots "
               "every DURATION (e.g. 20ms).")
@@ -214,13 +158,9 @@ guest_bin_option = click.option(
               "e.g. --only 'dax.*'; fixtures no selected check needs are not set up.")
 @click.option("--skip", multiple=True, metavar="GLOB", help="Do not run the checks whose names match (repeatable).")
 @click.option("-v", "--verbose", is_flag=True, help="Stream the guest console (full kernel log) to stderr.")
-def run(kernel: str | None, modules: Path | None, kconfig: Path | None, pmem: tuple[PmemConfig, ...],
-        devices: tuple[DeviceConfig, ...] | None, nvme: int, memory: int, accel: str,
-        boot_timeout: float, run_timeout: float, append: tuple[str, ...], quiet: bool, run_dir: Path | None,
-        shares: tuple[ShareConfig, ...], share_cwd: bool, with_checks: bool, give_shell: bool,
-        command: tuple[str, ...],
-        reboot: bool, force: bool, guest_bins: tuple[Path, ...], remap_every: float | None, remap_mode: str,
-        duration: float, fuzz: bool, cold: bool, as_json: bool, junit_xml: Path | None, ktap_path: Path | None,
+def run(spec: VmSpec, quiet: bool, run_dir: Path | None, share_cwd: bool, with_checks: bool, give_shell: bool,
+        command: tuple[str, ...], reboot: bool, remap_every: float | None, remap_mode: str, duration: float,
+        fuzz: bool, cold: bool, as_json: bool, junit_xml: Path | None, ktap_path: Path | None,
         only: tuple[str, ...], skip: tuple[str, ...], verbose: bool) -> None:
     """Start the default VM, run the guest checks, print the results.
 
@@ -234,70 +174,47 @@ def run(kernel: str | None, modules: Path | None, kconfig: Path | None, pmem: tu
       aperture run --share ~/tests:/tests:ro -- /tests/run.sh
     """
     from aperture.emulator.runpaths import new_run_name
-    from aperture.emulator.runs.run import default_run_dir, prepare, run_vm
-    from aperture.guest.kernel import resolve_kernel
+    from aperture.emulator.runs.run import default_run_dir, plan_workload, prepare, run_vm
+    from aperture.emulator.selection import CheckSelection
 
     ui = ProgressOutput(quiet, verbose)
-    if verbose and not any(a.startswith("loglevel=") for a in append):
-        append = append + ("loglevel=7",)  # the whole kernel log on the streamed console (default: quiet)
+    if verbose and not any(a.startswith("loglevel=") for a in spec.config.kernel_cmdline_extra):
+        # the whole kernel log on the streamed console (default: quiet)
+        spec = spec.replace(kernel_cmdline_extra=spec.config.kernel_cmdline_extra + ("loglevel=7",))
     cwd = None
     if share_cwd:
         if not command and not give_shell:
             raise ConfigError("--cwd needs a command (aperture run --cwd -- CMD) or --shell")
         here = ShareConfig.parse(os.getcwd())
         cwd = here.guest
-        shares = tuple(s for s in shares if s.guest != here.guest) + (here,)
+        spec = spec.replace(shares=tuple(s for s in spec.config.shares if s.guest != here.guest) + (here,))
     if with_checks and not command:
         raise ConfigError("--checks goes with a command: aperture run --checks -- CMD")
     if command and (reboot or remap_every is not None or fuzz or junit_xml or ktap_path or only or skip):
         raise ConfigError("-- CMD cannot be combined with --reboot, --remap-every, --fuzz, --junit-xml, --ktap, "
                           "--only or --skip")
-    from aperture.emulator.selection import CheckSelection
-
     selection = CheckSelection(only, skip)
-    config = dataclasses.replace(make_config(pmem, memory, accel, boot_timeout, run_timeout, append, devices, nvme,
-                                             shares), force=force, guest_bins=guest_bins)
     if give_shell:
         if command or with_checks or reboot or remap_every is not None or fuzz or as_json:
             raise ConfigError("--shell takes VM options only (no command, --checks, --json, --reboot, --remap-every "
                               "or --fuzz)")
         from aperture.emulator.runs.oneshot import run_shell
 
-        inputs = prepare(config, resolve_kernel(kernel, modules, kconfig), ui.progress)
+        inputs = prepare(spec, ui.progress)
         name = new_run_name()
-        sys.exit(run_shell(config, inputs, run_dir or default_run_dir(name), ui.progress, name=name, cold=cold))
+        sys.exit(run_shell(spec.config, inputs, run_dir or default_run_dir(name), ui.progress, name=name,
+                           cold=cold))
     if command:
-        _run_command(config, resolve_kernel(kernel, modules, kconfig), run_dir, ui, command, cwd, with_checks,
-                     as_json, verbose, cold)
-    remap = None
-    if remap_every is not None:
-        if not config.devices:
-            raise ConfigError("--remap-every needs at least one aperture device")
-        if reboot:
-            raise ConfigError("--remap-every and --reboot cannot be combined")
-        remap = RemapPlan(every=remap_every, mode=remap_mode, duration=duration)
-        if remap_mode == "hotplug":
-            for d in config.devices:
-                if len(d.window_offsets()) < 2:
-                    raise ConfigError("--remap-mode hotplug needs device memory with room for the window at two "
-                                      "offsets outside the hidden ranges")
-        config = dataclasses.replace(config, run_timeout=max(config.run_timeout, duration + 90))
-    if fuzz:
-        if not config.devices:
-            raise ConfigError("--fuzz needs at least one aperture device")
-        if reboot:
-            raise ConfigError("--fuzz and --reboot cannot be combined")
-        if remap is not None and remap.mode != "pause":
-            raise ConfigError("--fuzz takes pause-mode remaps only (--remap-mode pause)")
-        config = dataclasses.replace(config, run_timeout=max(config.run_timeout, duration + 90))
-    spec = resolve_kernel(kernel, modules, kconfig)
-    inputs = prepare(config, spec, ui.progress)
+        _run_command(spec, run_dir, ui, command, cwd, with_checks, as_json, verbose, cold)
+    spec, remap = plan_workload(spec, remap_every=remap_every, remap_mode=remap_mode, duration=duration, fuzz=fuzz,
+                                reboot=reboot)
+    inputs = prepare(spec, ui.progress)
     if remap is not None and remap.mode == "hotplug":
         from aperture.qmp_client.qemu import require_hotplug
 
         require_hotplug(inputs.qemu)
     name = new_run_name()
-    result = run_vm(config, inputs, run_dir or default_run_dir(name), ui.progress, name=name, reboot=reboot,
+    result = run_vm(spec.config, inputs, run_dir or default_run_dir(name), ui.progress, name=name, reboot=reboot,
                     console_sink=ui.console if verbose else None, remap=remap, fuzz=duration if fuzz else None,
                     cold=cold, selection=selection)
     if junit_xml is not None:
@@ -315,15 +232,15 @@ def run(kernel: str | None, modules: Path | None, kconfig: Path | None, pmem: tu
     sys.exit(result.exit_code)
 
 
-def _run_command(config: VmConfig, spec: Any, run_dir: Path | None, ui: ProgressOutput, command: tuple[str, ...],
-                 cwd: str | None, with_checks: bool, as_json: bool, verbose: bool, cold: bool) -> None:
+def _run_command(spec: VmSpec, run_dir: Path | None, ui: ProgressOutput, command: tuple[str, ...], cwd: str | None,
+                 with_checks: bool, as_json: bool, verbose: bool, cold: bool) -> None:
     """`aperture run -- CMD`: the command's output as it comes (to stderr under --json), its status as ours."""
     from aperture.emulator.runpaths import new_run_name
     from aperture.emulator.runs.oneshot import command_line, run_command
     from aperture.emulator.runs.run import default_run_dir, prepare
 
     command_line(command)  # too long: refused before anything boots
-    inputs = prepare(config, spec, ui.progress)
+    inputs = prepare(spec, ui.progress)
     name = new_run_name()
     out, err = sys.stdout.buffer, sys.stderr.buffer
 
@@ -332,7 +249,7 @@ def _run_command(config: VmConfig, spec: Any, run_dir: Path | None, ui: Progress
         target.write(data)
         target.flush()
 
-    result = run_command(config, inputs, run_dir or default_run_dir(name), ui.progress, command, cwd=cwd,
+    result = run_command(spec.config, inputs, run_dir or default_run_dir(name), ui.progress, command, cwd=cwd,
                          with_checks=with_checks, on_output=write, console_sink=ui.console if verbose else None,
                          name=name, cold=cold)
     if as_json:
@@ -403,27 +320,31 @@ def image() -> None:
     """Build or inspect the guest initramfs (cached by a hash of its inputs)."""
 
 
-kernel_choice = [click.option("--kernel", metavar="built|debian|PATH", help="Default: the built kernel."),
-                 click.option("--modules", type=click.Path(path_type=Path)),
-                 click.option("--config", "kconfig", type=click.Path(path_type=Path, dir_okay=False))]
-
-
 def kernel_options(f: Any) -> Any:
-    for opt in reversed(kernel_choice):
-        f = opt(f)
-    return f
+    """The kernel-choice rows of VM_OPTIONS (--kernel, --modules, --config); the command gets a ``spec``."""
+    kernel_rows = [o for o in VM_OPTIONS if o.target == "kernel"]
+
+    @functools.wraps(f)
+    def command(*args: Any, **kwargs: Any) -> Any:
+        given = {o.name: kwargs.pop(o.name) for o in kernel_rows if kwargs.get(o.name) is not None}
+        for o in kernel_rows:
+            kwargs.pop(o.name, None)
+        return f(*args, spec=VmSpec.from_options(given), **kwargs)
+
+    for option in reversed(kernel_rows):
+        command = _click_option(option)(command)
+    return command
 
 
 @image.command("build")
 @kernel_options
 @click.option("--force", is_flag=True, help="Rebuild even if a cached image matches.")
 @click.option("--json", "as_json", is_flag=True)
-def image_build(kernel: str | None, modules: Path | None, kconfig: Path | None, force: bool, as_json: bool) -> None:
+def image_build(spec: VmSpec, force: bool, as_json: bool) -> None:
     """Build the guest image for a kernel."""
     from aperture.guest.image import build_image
-    from aperture.guest.kernel import resolve_kernel
 
-    img = build_image(resolve_kernel(kernel, modules, kconfig), force=force)
+    img = build_image(spec.resolve_kernel(), force=force)
     if as_json:
         emit_json(img.to_json())
     else:
@@ -434,13 +355,12 @@ def image_build(kernel: str | None, modules: Path | None, kconfig: Path | None, 
 @image.command("info")
 @kernel_options
 @click.option("--json", "as_json", is_flag=True)
-def image_info(kernel: str | None, modules: Path | None, kconfig: Path | None, as_json: bool) -> None:
+def image_info(spec: VmSpec, as_json: bool) -> None:
     """Show the image for a kernel and what it contains (builds it if needed)."""
     from aperture.guest.cpio import read_cpio
     from aperture.guest.image import build_image
-    from aperture.guest.kernel import resolve_kernel
 
-    img = build_image(resolve_kernel(kernel, modules, kconfig))
+    img = build_image(spec.resolve_kernel())
     entries = read_cpio(img.path.read_bytes())
     if as_json:
         emit_json(dict(img.to_json(), entries=[{"name": e.name, "mode": oct(e.mode), "size": len(e.data)}
@@ -510,34 +430,24 @@ def bench() -> None:
 @vm_options
 @click.option("-n", "--boots", type=click.IntRange(1, 50), default=5, show_default=True)
 @click.option("--json", "as_json", is_flag=True)
-def bench_boot(kernel: str | None, modules: Path | None, kconfig: Path | None, pmem: tuple[PmemConfig, ...],
-               devices: tuple[DeviceConfig, ...] | None, nvme: int, memory: int,
-               accel: str, boot_timeout: float, run_timeout: float, append: tuple[str, ...], quiet: bool,
-               boots: int, as_json: bool) -> None:
+def bench_boot(spec: VmSpec, quiet: bool, boots: int, as_json: bool) -> None:
     """Cold boots: time to the helper's first message and to poweroff (bzImage, and PVH vmlinux if possible)."""
     from aperture.emulator.frontend.bench import bench_boot as run_bench
-    from aperture.guest.kernel import resolve_kernel
-
     ui = ProgressOutput(quiet)
-    config = make_config(pmem, memory, accel, boot_timeout, run_timeout, append, devices, nvme)
-    report = run_bench(config, resolve_kernel(kernel, modules, kconfig), boots, ui.progress)
+    config = spec.config
+    report = run_bench(config, spec.resolve_kernel(), boots, ui.progress)
     print_bench(report, as_json)
 
 
 @bench.command("dax")
 @vm_options
 @click.option("--json", "as_json", is_flag=True)
-def bench_dax_cmd(kernel: str | None, modules: Path | None, kconfig: Path | None, pmem: tuple[PmemConfig, ...],
-                  devices: tuple[DeviceConfig, ...] | None, nvme: int, memory: int,
-                  accel: str, boot_timeout: float, run_timeout: float, append: tuple[str, ...], quiet: bool,
-                  as_json: bool) -> None:
+def bench_dax_cmd(spec: VmSpec, quiet: bool, as_json: bool) -> None:
     """Guest memcpy bandwidth into devdax and fsdax mappings, as ratios of memcpy into anonymous RAM."""
     from aperture.emulator.frontend.bench import bench_dax
-    from aperture.guest.kernel import resolve_kernel
-
     ui = ProgressOutput(quiet)
-    config = make_config(pmem, memory, accel, boot_timeout, run_timeout, append, devices, nvme)
-    report = bench_dax(config, resolve_kernel(kernel, modules, kconfig), ui.progress)
+    config = spec.config
+    report = bench_dax(config, spec.resolve_kernel(), ui.progress)
     print_bench(report, as_json)
 
 
@@ -547,49 +457,36 @@ def bench_dax_cmd(kernel: str | None, modules: Path | None, kconfig: Path | None
 @click.option("--files", type=click.IntRange(100, 100_000), default=10_000, show_default=True,
               help="Small files for find + stat.")
 @click.option("--json", "as_json", is_flag=True)
-def bench_share_cmd(kernel: str | None, modules: Path | None, kconfig: Path | None, pmem: tuple[PmemConfig, ...],
-                    devices: tuple[DeviceConfig, ...] | None, nvme: int, memory: int, accel: str,
-                    boot_timeout: float, run_timeout: float, append: tuple[str, ...], quiet: bool, mib: int,
-                    files: int, as_json: bool) -> None:
+def bench_share_cmd(spec: VmSpec, quiet: bool, mib: int, files: int, as_json: bool) -> None:
     """--share (9p): a sequential read and find + stat over many small files, as ratios of the same on the
     guest's RAM-backed root."""
     from aperture.emulator.frontend.bench import bench_share
-    from aperture.guest.kernel import resolve_kernel
-
     ui = ProgressOutput(quiet)
-    config = make_config(pmem, memory, accel, boot_timeout, run_timeout, append, devices, nvme)
-    report = bench_share(config, resolve_kernel(kernel, modules, kconfig), ui.progress, mib, files)
+    config = spec.config
+    report = bench_share(config, spec.resolve_kernel(), ui.progress, mib, files)
     print_bench(report, as_json)
 
 
 @bench.command("device")
 @vm_options
 @click.option("--json", "as_json", is_flag=True)
-def bench_device_cmd(kernel: str | None, modules: Path | None, kconfig: Path | None, pmem: tuple[PmemConfig, ...],
-                     devices: tuple[DeviceConfig, ...] | None, nvme: int, memory: int, accel: str, boot_timeout: float,
-                     run_timeout: float, append: tuple[str, ...], quiet: bool, as_json: bool) -> None:
+def bench_device_cmd(spec: VmSpec, quiet: bool, as_json: bool) -> None:
     """MAP round trip vs its host floor, DMA throughput vs host memcpy (4 KiB and 2 MiB), same run."""
     from aperture.emulator.frontend.bench import bench_device
-    from aperture.guest.kernel import resolve_kernel
-
     ui = ProgressOutput(quiet)
-    config = make_config(pmem, memory, accel, boot_timeout, run_timeout, append, devices, nvme)
-    print_bench(bench_device(config, resolve_kernel(kernel, modules, kconfig), ui.progress), as_json)
+    config = spec.config
+    print_bench(bench_device(config, spec.resolve_kernel(), ui.progress), as_json)
 
 
 @bench.command("driver")
 @vm_options
 @click.option("--json", "as_json", is_flag=True)
-def bench_driver_cmd(kernel: str | None, modules: Path | None, kconfig: Path | None, pmem: tuple[PmemConfig, ...],
-                     devices: tuple[DeviceConfig, ...] | None, nvme: int, memory: int, accel: str, boot_timeout: float,
-                     run_timeout: float, append: tuple[str, ...], quiet: bool, as_json: bool) -> None:
+def bench_driver_cmd(spec: VmSpec, quiet: bool, as_json: bool) -> None:
     """The guest driver: migration and fault-back MB/s vs host memcpy, peer-map latency vs the MAP floor."""
     from aperture.emulator.frontend.bench import bench_driver
-    from aperture.guest.kernel import resolve_kernel
-
     ui = ProgressOutput(quiet)
-    config = make_config(pmem, memory, accel, boot_timeout, run_timeout, append, devices, nvme)
-    print_bench(bench_driver(config, resolve_kernel(kernel, modules, kconfig), ui.progress), as_json)
+    config = spec.config
+    print_bench(bench_driver(config, spec.resolve_kernel(), ui.progress), as_json)
 
 
 @bench.command("soak")
@@ -597,17 +494,13 @@ def bench_driver_cmd(kernel: str | None, modules: Path | None, kconfig: Path | N
 @click.option("--duration", callback=_duration, default="10m", show_default=True, metavar="DURATION",
               help="How long the fuzzer and the remaps run.")
 @click.option("--json", "as_json", is_flag=True)
-def bench_soak_cmd(kernel: str | None, modules: Path | None, kconfig: Path | None, pmem: tuple[PmemConfig, ...],
-                   devices: tuple[DeviceConfig, ...] | None, nvme: int, memory: int, accel: str, boot_timeout: float,
-                   run_timeout: float, append: tuple[str, ...], quiet: bool, duration: float, as_json: bool) -> None:
+def bench_soak_cmd(spec: VmSpec, quiet: bool, duration: float, as_json: bool) -> None:
     """The hostile-guest fuzzer plus host remaps every 20 ms for DURATION; this process's memory must stay contiguous
     (ratio: last quarter vs first quarter of the same run). Exit 1 if the fuzz check failed."""
     from aperture.emulator.frontend.bench import bench_soak
-    from aperture.guest.kernel import resolve_kernel
-
     ui = ProgressOutput(quiet)
-    config = make_config(pmem, memory, accel, boot_timeout, run_timeout, append, devices, nvme)
-    report = bench_soak(config, resolve_kernel(kernel, modules, kconfig), duration, ui.progress)
+    config = spec.config
+    report = bench_soak(config, spec.resolve_kernel(), duration, ui.progress)
     print_bench(report, as_json)
     sys.exit(0 if report["ok"] else 1)
 
@@ -616,16 +509,12 @@ def bench_soak_cmd(kernel: str | None, modules: Path | None, kconfig: Path | Non
 @vm_options
 @click.option("-n", "--rounds", type=click.IntRange(10, 5000), default=200, show_default=True)
 @click.option("--json", "as_json", is_flag=True)
-def bench_remap_cmd(kernel: str | None, modules: Path | None, kconfig: Path | None, pmem: tuple[PmemConfig, ...],
-                    devices: tuple[DeviceConfig, ...] | None, nvme: int, memory: int, accel: str, boot_timeout: float,
-                    run_timeout: float, append: tuple[str, ...], quiet: bool, rounds: int, as_json: bool) -> None:
+def bench_remap_cmd(spec: VmSpec, quiet: bool, rounds: int, as_json: bool) -> None:
     """Pause-mode remap latency vs bare QMP stop+cont, same VM, same run."""
     from aperture.emulator.frontend.bench import bench_remap
-    from aperture.guest.kernel import resolve_kernel
-
     ui = ProgressOutput(quiet)
-    config = make_config(pmem, memory, accel, boot_timeout, run_timeout, append, devices, nvme)
-    print_bench(bench_remap(config, resolve_kernel(kernel, modules, kconfig), ui.progress, rounds), as_json)
+    config = spec.config
+    print_bench(bench_remap(config, spec.resolve_kernel(), ui.progress, rounds), as_json)
 
 
 @cli.command()
@@ -634,13 +523,8 @@ def bench_remap_cmd(kernel: str | None, modules: Path | None, kconfig: Path | No
 @click.option("--run-dir", type=click.Path(path_type=Path), callback=_run_dir,
               help="Default: a directory named after the VM, so device memory and NVDIMM contents carry over "
               "between up/down cycles.")
-@guest_bin_option
-@share_option
 @click.option("--cold", is_flag=True, help="Boot the guest instead of restoring this VM's warm-start snapshot.")
-def up(name: str, kernel: str | None, modules: Path | None, kconfig: Path | None, pmem: tuple[PmemConfig, ...],
-       devices: tuple[DeviceConfig, ...] | None, nvme: int, memory: int, accel: str, boot_timeout: float,
-       run_timeout: float, append: tuple[str, ...], quiet: bool, run_dir: Path | None,
-       guest_bins: tuple[Path, ...], shares: tuple[ShareConfig, ...], cold: bool) -> None:
+def up(name: str, spec: VmSpec, quiet: bool, run_dir: Path | None, cold: bool) -> None:
     """Start a VM (QEMU + device model) in the background and return once the guest is ready.
 
     The VM is restored from its warm-start snapshot (made the first time) unless --cold, --share, or its run
@@ -648,14 +532,11 @@ def up(name: str, kernel: str | None, modules: Path | None, kconfig: Path | None
     from aperture.emulator.daemon.lifecycle import up as start
     from aperture.emulator.daemon.registry import check_name
     from aperture.emulator.runs.run import default_run_dir, prepare
-    from aperture.guest.kernel import resolve_kernel
 
     ui = ProgressOutput(quiet)
     check_name(name)
-    config = dataclasses.replace(make_config(pmem, memory, accel, boot_timeout, run_timeout, append, devices, nvme,
-                                             shares), guest_bins=guest_bins)
-    inputs = prepare(config, resolve_kernel(kernel, modules, kconfig), ui.progress)
-    rec = start(name, config, inputs, run_dir or default_run_dir(name), ui.progress, cold=cold)
+    inputs = prepare(spec, ui.progress)
+    rec = start(name, spec.config, inputs, run_dir or default_run_dir(name), ui.progress, cold=cold)
     click.echo(f"{name} is up: daemon pid {rec.pid}, QEMU pid {rec.qemu_pid}, {rec.accel}, run dir {rec.run_dir}")
     click.echo(f"  aperture qmp {name}    aperture console {name}    aperture down {name}")
 
@@ -817,6 +698,9 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(130)
     except click.ClickException as exc:
         click.echo(f"aperture: error: {exc.format_message()}", err=True)
+        sys.exit(exc.exit_code)
+    except VmOptionError as exc:  # the library names no flag: the CLI says which one
+        click.echo(f"aperture: error: {exc.option.flag}: {exc.one_line()}", err=True)
         sys.exit(exc.exit_code)
     except ApertureError as exc:
         click.echo(f"aperture: error: {exc.one_line()}", err=True)

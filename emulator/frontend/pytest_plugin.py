@@ -20,14 +20,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from aperture.emulator.config import DEFAULT_DEVICES, DEFAULT_PMEM, DeviceConfig, PmemConfig, ShareConfig, VmConfig
 from aperture.emulator.runs.results import Check
 from aperture.emulator.selection import CheckSelection
+from aperture.emulator.spec import VM_OPTIONS, VmOptionError, VmSpec
 from aperture.emulator.vm.machine import Vm
 from aperture.emulator.vm.warm import ready_vm
 from aperture.guest.abi import MsgType
-from aperture.guest.errors import GuestError
-from aperture.guest.units import parse_size
+from aperture.guest.errors import ConfigError, GuestError
 
 
 @dataclass(frozen=True)
@@ -116,7 +115,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("aperture", "aperture VMs")
     group.addoption("--aperture-kernel", default=None, help="guest kernel: built (default), debian, or a path")
     group.addoption("--aperture-modules", default=None, help="modules directory for --aperture-kernel")
-    group.addoption("--aperture-accel", default="auto", choices=["auto", "kvm", "tcg"])
+    group.addoption("--aperture-accel", default=None, choices=["auto", "kvm", "tcg"])
     group.addoption("--aperture-cold", action="store_true", default=False,
                     help="boot every VM instead of restoring its warm-start snapshot")
     group.addoption("--aperture-ktap", default=None, metavar="PATH",
@@ -125,10 +124,11 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
-        "markers", "aperture(pmem=['256M:devdax'], devices=2 | ['aperture,mem=64M'], memory='512M', "
-        "boot_timeout=60, guest_bins=['/usr/bin/strace'], shares=['HOSTDIR[:GUESTDIR][:ro]']): topology of the VM "
-        "the aperture_vm fixture boots, host binaries (with their libraries) to put into its /usr/local/bin, and "
-        "host directories it sees (9p); only=['dax.*'], skip=[...]: the checks run_scenario runs")
+        "markers", "aperture(pmem=['256M:devdax'], devices=2 | ['aperture,mem=64M'], nvme='none', memory='512M', "
+        "boot_timeout=60, append=['loglevel=7'], guest_bins=['/usr/bin/strace'], shares=['HOSTDIR[:GUESTDIR][:ro]'], "
+        "kernel='debian', ...): the VM the aperture_vm fixture boots — every VM option of `aperture run`, by its "
+        f"name ({', '.join(o.name for o in VM_OPTIONS)}), with the same defaults; only=['dax.*'], skip=[...]: the "
+        "checks run_scenario runs")
 
 
 def _selection_from_marker(marker: pytest.Mark | None) -> CheckSelection:
@@ -136,24 +136,22 @@ def _selection_from_marker(marker: pytest.Mark | None) -> CheckSelection:
     return CheckSelection(tuple(kw.get("only", ())), tuple(kw.get("skip", ())))
 
 
-def _config_from_marker(marker: pytest.Mark | None, accel: str) -> VmConfig:
+#: A fixture's VM lives as long as its test: no run timeout unless the marker gives one (timeout=SECONDS).
+FIXTURE_RUN_TIMEOUT = 24 * 3600.0
+
+
+def _spec_from_marker(marker: pytest.Mark | None, opts: Any) -> VmSpec:
+    """The marker's keywords are the VM options of `aperture run` (spec.py VM_OPTIONS: same names, same parsing,
+    same defaults); --aperture-kernel/--aperture-modules/--aperture-accel fill in what the marker leaves out."""
     kw = {k: v for k, v in (marker.kwargs if marker else {}).items() if k not in ("only", "skip")}
-    pmem = tuple(PmemConfig.parse(p) for p in kw.pop("pmem")) if "pmem" in kw else DEFAULT_PMEM
-    devices_kw = kw.pop("devices", None)
-    if devices_kw is None:
-        devices = DEFAULT_DEVICES
-    elif isinstance(devices_kw, int):
-        devices = tuple(DeviceConfig() for _ in range(devices_kw))
-    else:
-        devices = tuple(DeviceConfig.parse(d) for d in devices_kw)
-    memory = parse_size(kw.pop("memory", "512M"))
-    boot_timeout = float(kw.pop("boot_timeout", 90))
-    guest_bins = tuple(Path(b) for b in kw.pop("guest_bins", ()))
-    shares = tuple(ShareConfig.parse(str(sh)) for sh in kw.pop("shares", ()))
-    if kw:
-        raise pytest.UsageError(f"unknown aperture marker arguments: {', '.join(kw)}")
-    return VmConfig(memory=memory, pmem=pmem, devices=devices, accel=accel,  # type: ignore[arg-type]
-                    boot_timeout=boot_timeout, run_timeout=24 * 3600, guest_bins=guest_bins, shares=shares)
+    defaults = {"kernel": opts.aperture_kernel, "modules": opts.aperture_modules, "accel": opts.aperture_accel,
+                "timeout": FIXTURE_RUN_TIMEOUT}
+    try:
+        return VmSpec.from_options({**{k: v for k, v in defaults.items() if v is not None}, **kw})
+    except VmOptionError as exc:
+        raise pytest.UsageError(f"aperture marker {exc.option.name}=: {exc.one_line()}") from exc
+    except ConfigError as exc:
+        raise pytest.UsageError(f"aperture marker: {exc.one_line()}") from exc
 
 
 @pytest.fixture(scope="session")
@@ -166,17 +164,16 @@ def aperture_vm(request: pytest.FixtureRequest, tmp_path: Path, _aperture_boot_i
                 ) -> Iterator[ApertureVM]:
     """A booted VM configured by the test's ``@pytest.mark.aperture(...)``; torn down after the test."""
     from aperture.emulator.runs.run import prepare
-    from aperture.guest.kernel import resolve_kernel
 
     opts = request.config.option
     marker = request.node.get_closest_marker("aperture")
-    config = _config_from_marker(marker, opts.aperture_accel)
+    spec = _spec_from_marker(marker, opts)
+    config = spec.config
     selection = _selection_from_marker(marker)
-    kernel_path = opts.aperture_kernel or None  # built | debian | a path
-    modules = Path(opts.aperture_modules) if opts.aperture_modules else None
-    key = (kernel_path, modules, opts.aperture_accel, config.guest_bins)  # one image per set of extra binaries
+    # one image per kernel choice, accelerator and set of extra binaries
+    key = (spec.kernel, spec.modules, spec.kernel_config, config.accel, config.guest_bins)
     if key not in _aperture_boot_inputs:
-        _aperture_boot_inputs[key] = prepare(config, resolve_kernel(kernel_path, modules), lambda s: None)
+        _aperture_boot_inputs[key] = prepare(spec, lambda s: None)
     inputs = _aperture_boot_inputs[key]
     name = f"pytest-{uuid.uuid4().hex[:10]}"
     # Restored from the VM's warm-start snapshot (made by the first test that needs it) unless --aperture-cold.

@@ -76,7 +76,7 @@ def _setup_messages(notes: list[str] | None = None) -> Callable[[dict[str, Any]]
         if msg.get("type") == MsgType.HELLO:
             check_helper_abi(msg)
         elif msg.get("type") == MsgType.CHECK and msg.get("name") in FATAL_SETUP_CHECKS and not msg.get("ok"):
-            raise GuestError(f"the guest could not mount --share directories: {msg.get('detail')}")
+            raise GuestError(f"the guest could not mount the shared directories: {msg.get('detail')}")
         elif msg.get("type") == MsgType.LOG and notes is not None:  # (setup's checks come again in --checks)
             notes.append(str(msg.get("message"))[:500])
 

@@ -27,6 +27,7 @@ from aperture.emulator.runs.results import (
     verify_fuzz,
 )
 from aperture.emulator.selection import CheckSelection
+from aperture.emulator.spec import VmSpec
 from aperture.emulator.vm.accel import choose_accel
 from aperture.emulator.vm.machine import Vm
 from aperture.emulator.vm.snapshots import not_snapshottable
@@ -90,7 +91,39 @@ def prune_runs(base: Path, keep: int) -> list[Path]:
     return removed
 
 
-def prepare(config: VmConfig, kernel: KernelSpec, progress: Progress) -> BootInputs:
+def prepare(spec: VmSpec, progress: Progress) -> BootInputs:
+    """Everything a VM of ``spec`` needs before QEMU starts: its kernel, image, QEMU and accelerator."""
+    return prepare_inputs(spec.config, spec.resolve_kernel(), progress)
+
+
+def plan_workload(spec: VmSpec, *, remap_every: float | None, remap_mode: str, duration: float, fuzz: bool,
+                  reboot: bool) -> tuple[VmSpec, RemapPlan | None]:
+    """The run rules for a workload instead of the default checks (host remaps, the fuzzer): what combines with
+    what, and the time the run then gets."""
+    config = spec.config
+    remap = None
+    if remap_every is not None:
+        if not config.devices:
+            raise ConfigError("host remaps need at least one aperture device")
+        if reboot:
+            raise ConfigError("host remaps and a reboot cannot be combined")
+        remap = RemapPlan(every=remap_every, mode=remap_mode, duration=duration)
+        if remap_mode == "hotplug" and any(len(d.window_offsets()) < 2 for d in config.devices):
+            raise ConfigError("hotplug remaps need device memory with room for the window at two offsets outside "
+                              "the hidden ranges")
+    if fuzz:
+        if not config.devices:
+            raise ConfigError("the fuzzer needs at least one aperture device")
+        if reboot:
+            raise ConfigError("the fuzzer and a reboot cannot be combined")
+        if remap is not None and remap.mode != "pause":
+            raise ConfigError("the fuzzer takes pause-mode remaps only")
+    if remap is not None or fuzz:
+        spec = spec.for_workload(duration)
+    return spec, remap
+
+
+def prepare_inputs(config: VmConfig, kernel: KernelSpec, progress: Progress) -> BootInputs:
     reaped = reap_dead_runs(Path(os.environ.get("APERTURE_SHM", "/dev/shm")))
     if reaped:
         progress(f"removed the shm files and sockets of {len(reaped)} run(s) whose process was killed")

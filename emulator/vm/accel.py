@@ -69,7 +69,7 @@ def choose_accel(requested: str, kernel: KernelSpec, initrd: Path, qemu: str, qe
     usable = os.access("/dev/kvm", os.R_OK | os.W_OK)
     if not usable:
         if requested == "kvm":
-            raise SetupError("--accel kvm: /dev/kvm is missing or not accessible")
+            raise SetupError("KVM was asked for, but /dev/kvm is missing or not accessible")
         return AccelChoice("tcg", "no usable /dev/kvm")
     key = f"{qemu_ver}|{platform.release()}|{kernel.release}"
     path = _verdict_file(cache)
@@ -87,5 +87,5 @@ def choose_accel(requested: str, kernel: KernelSpec, initrd: Path, qemu: str, qe
     if ok:
         return AccelChoice("kvm", reason)
     if requested == "kvm":
-        raise SetupError(f"--accel kvm: {reason}")
+        raise SetupError(f"KVM was asked for, but {reason}")
     return AccelChoice("tcg", f"KVM unusable: {reason}")

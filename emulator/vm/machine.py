@@ -150,7 +150,7 @@ class Vm:
         self.paths.qmp_socket.unlink(missing_ok=True)
         # Cleanup runs newest first: stop QEMU (via QMP if possible), then close QMP, then the log.
         log = self._cleanup.enter_context(open(self.paths.qemu_log, "wb"))
-        self.qmp = SyncQmpSession(self.name)
+        self.qmp = SyncQmpSession(self.name, when_lost=self._qemu_died)
         self._register(self._close_qmp)
         # This VM's own logger (not registered in logging's global tree, so nothing global changes and nothing
         # stays behind): the device model's errors go to the run dir's emulator.log only — stderr carries
@@ -258,6 +258,21 @@ class Vm:
         except FileNotFoundError:
             return ""
 
+    def _qemu_died(self, lost: Exception) -> Exception | None:
+        """A lost QMP connection, explained: once QEMU has exited, it is "QEMU died" with its exit code or signal
+        (whatever step was talking to it: boot, snapshot, restore, a check)."""
+        if self.process is None:
+            return None
+        try:
+            self.process.wait(2.0)
+        except subprocess.TimeoutExpired:
+            return None
+        try:
+            self._raise_exited("QEMU died")
+        except VmLaunchError as exc:
+            return exc
+        return None
+
     def _raise_exited(self, what: str) -> None:
         code = self.process.wait(10) if self.process else None
         tail = (self._qemu_output().strip() + "\n--- console ---\n" + self.console.tail()).strip()
@@ -265,7 +280,8 @@ class Vm:
         if code == -signal.SIGBUS:
             first = ("killed by SIGBUS: a memory backing file could not grow (is the run dir or the shm dir full? "
                      f"{self.paths.run_dir}, {self.paths.shm_dir})")
-        raise VmLaunchError(f"{what} (exit code {code}){': ' + first if first else ''}",
+        how = f"signal {-code}" if code is not None and code < 0 else f"exit code {code}"
+        raise VmLaunchError(f"{what} ({how}){': ' + first if first else ''}",
                             exit_code=code, argv=self.argv, output_tail=tail)
 
     def messages(self, boot_timeout: float | None = None, run_timeout: float | None = None,

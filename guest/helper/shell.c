@@ -63,6 +63,7 @@ static int start_session(struct session *s, const unsigned char *size, size_t le
         if (fd > 2)
             close(fd);
         setenv("TERM", "xterm", 0);
+        setenv("HOME", "/root", 1); /* not "/": busybox 1.37 would show the root directory as ~ */
         setenv("PS1", "[aperture \\w]# ", 1);
         execl("/bin/sh", "sh", "-i", (char *)NULL);
         _exit(127);

@@ -34,7 +34,7 @@ def test_an_exception_in_the_emulator_thread_fails_the_run_and_is_logged(
     the exception, and run_dir/emulator.log has it with its traceback."""
     from aperture.emulator.config import VmConfig
     from aperture.emulator.model.device import ApertureDevice
-    from aperture.emulator.runs.run import boot_once, prepare
+    from aperture.emulator.runs.run import boot_once, prepare_inputs
 
     real = ApertureDevice.process_ring
     raised: list[bool] = []
@@ -47,7 +47,7 @@ def test_an_exception_in_the_emulator_thread_fails_the_run_and_is_logged(
 
     monkeypatch.setattr(ApertureDevice, "process_ring", fails_once)
     config = VmConfig(nvme=0)
-    inputs = prepare(config, built_kernel, lambda _msg: None)
+    inputs = prepare_inputs(config, built_kernel, lambda _msg: None)
     result = boot_once(config, inputs, tmp_path / "run", lambda _msg: None, scenario="aperture")
     assert not result.ok
     thread = next(c for c in result.checks if c.name == "host.emulator_thread")

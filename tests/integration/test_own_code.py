@@ -95,7 +95,7 @@ def test_shares_read_write_and_read_only(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(("args", "text"), [
-    (["--share", "/no/such/dir"], "no such directory"),
+    (["--share", "/no/such/dir"], "--share: shared directory /no/such/dir does not exist"),
     (["--share", "/etc/hostname"], "not a directory"),
     (["--share", "/tmp:/proc/x"], "system directory"),
     (["--share", "/tmp:/bin"], "system directory"),

@@ -13,7 +13,7 @@ from tests.conftest import run_aperture
     (["run", "--kernel", "/does/not/exist"], 2, "/does/not/exist: no such file"),
     (["run", "--kernel", "/tmp"], 2, "is a directory"),
     (["run", "--nvme", "3M"], 2, "16M to 16G"),
-    (["run", "--kernel", "built", "--modules", "/tmp"], 2, "go with --kernel PATH"),
+    (["run", "--kernel", "built", "--modules", "/tmp"], 2, "--kernel: a modules directory and a config go with"),
     (["run", "--run-dir", "/etc/hostname"], 2, "exists and is not a directory"),
     (["run", "--device", "aperture,mem=256M,window=512M"], 2, "window 512M is larger than device memory 256M"),
     (["run", "--timeout", "-3"], 2, "--timeout"),

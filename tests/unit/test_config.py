@@ -72,7 +72,7 @@ def test_shares_parse_and_refuse(tmp_path) -> None:
     assert (s.host, s.guest, s.readonly) == (tmp_path, str(tmp_path), False)
     s = ShareConfig.parse(f"{tmp_path}:/mnt/data/:ro")
     assert (s.guest, s.readonly) == ("/mnt/data", True)
-    for bad, why in [(f"{tmp_path}/nope", "no such directory"), (f"{tmp_path}:/usr/local/x", "system directory"),
+    for bad, why in [(f"{tmp_path}/nope", "does not exist"), (f"{tmp_path}:/usr/local/x", "system directory"),
                      (f"{tmp_path}:/", "system directory"), (f"{tmp_path}:/mnt/a b", "without spaces"),
                      (f"{tmp_path}:relative", "absolute"), (f"{tmp_path}:/a:/b:ro", "expected HOSTDIR")]:
         with pytest.raises(ConfigError, match=why):

@@ -93,7 +93,7 @@ def test_modules_builtin_stands_in_for_a_config(tmp_path: Path) -> None:
 
 def test_a_module_listed_in_the_config_as_m_must_be_there(tmp_path: Path) -> None:
     kernel, kconfig = _kernel(tmp_path, ALL_BUILT_IN.replace("CONFIG_LIBNVDIMM=y", "CONFIG_LIBNVDIMM=m"))
-    with pytest.raises(SetupError, match="has CONFIG_LIBNVDIMM=m .*pass --modules DIR"):
+    with pytest.raises(SetupError, match="has CONFIG_LIBNVDIMM=m .*name its modules directory"):
         plan_modules(kernel, kconfig)
 
 
@@ -105,7 +105,7 @@ def test_a_missing_feature_names_the_option(tmp_path: Path) -> None:
 
 def test_no_config_and_no_modules_asks_for_modules(tmp_path: Path) -> None:
     kernel, kconfig = _kernel(tmp_path, None)
-    with pytest.raises(SetupError, match="no modules found for kernel 6.12.0: pass --modules DIR"):
+    with pytest.raises(SetupError, match="no modules found for kernel 6.12.0: name its modules directory"):
         plan_modules(kernel, kconfig)
 
 
@@ -131,5 +131,5 @@ def test_kernel_keywords_and_bad_paths(tmp_path: Path) -> None:
         resolve_kernel(tmp_path)
     with pytest.raises(ConfigError, match="no such file"):
         resolve_kernel(tmp_path / "nope")
-    with pytest.raises(ConfigError, match="--modules and --config go with --kernel PATH"):
+    with pytest.raises(ConfigError, match="a modules directory and a config go with a kernel file"):
         resolve_kernel("built", modules=tmp_path)
