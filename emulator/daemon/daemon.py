@@ -23,7 +23,7 @@ from aperture.emulator.config import VmConfig, config_from_dict
 from aperture.emulator.daemon.registry import VmRecord, read_record, reap_orphan, remove_record, write_record
 from aperture.emulator.model.addrmap import DmaFault
 from aperture.emulator.runpaths import default_sock_dir
-from aperture.emulator.vm.machine import Vm
+from aperture.emulator.vm.machine import Vm, VmBoot
 from aperture.emulator.vm.warm import restore_vm
 from aperture.guest.abi import MsgType, Phase
 from aperture.guest.errors import ApertureError, ConfigError, GuestError
@@ -174,15 +174,16 @@ class Daemon:
                name: str) -> Vm:
         """The VM, restored from the snapshot `aperture up` found or made (spec["snapshot"]); booted cold when
         there is none or the restore fails (said on the daemon's log)."""
-        common = dict(accel=spec["accel"], run_dir=Path(spec["run_dir"]), scenario="idle", name=name,
-                      qemu=spec["qemu"], user_qmp=True)
+        boot = VmBoot(kernel, Path(spec["initrd"]), spec["qemu"], spec["accel"])
+        run_dir = Path(spec["run_dir"])
         snapshot = spec.get("snapshot")
         if snapshot:
-            vm, failed = restore_vm(stack, config, kernel, Path(spec["initrd"]), Path(snapshot), None, **common)
+            vm, failed = restore_vm(stack, config, boot, Path(snapshot), None, run_dir=run_dir, name=name,
+                                    user_qmp=True)
             if vm is not None:
                 return vm
             print(f"{name}: restoring {Path(snapshot).parent.name} failed ({failed}): booting cold", flush=True)
-        return stack.enter_context(Vm(config, kernel, Path(spec["initrd"]), **common))
+        return stack.enter_context(Vm(config, boot, run_dir=run_dir, scenario="idle", name=name, user_qmp=True))
 
     def run(self) -> int:
         spec = self.spec

@@ -13,7 +13,7 @@ from typing import Any
 from aperture.emulator.config import VmConfig
 from aperture.emulator.runs.results import RunResult
 from aperture.emulator.runs.run import prepare_inputs
-from aperture.emulator.vm.machine import Vm
+from aperture.emulator.vm.machine import Vm, VmBoot
 from aperture.emulator.vm.snapshots import not_snapshottable
 from aperture.emulator.vm.warm import BootInputs, ensure_snapshot, ready_vm
 from aperture.guest.abi import CheckName, Env
@@ -31,7 +31,7 @@ def _stats(prefix: str, values: list[float]) -> dict[str, float]:
 def _boot(config: VmConfig, kernel: KernelSpec, initrd: Path, qemu: str, accel: str) -> tuple[float, float]:
     """One cold boot of the ``probe`` scenario: (seconds to the helper's first message, to poweroff)."""
     with tempfile.TemporaryDirectory(prefix="aperture-bench-") as tmp:
-        with Vm(config, kernel, initrd, accel=accel, run_dir=Path(tmp), scenario="probe", qemu=qemu) as vm:
+        with Vm(config, VmBoot(kernel, initrd, qemu, accel), run_dir=Path(tmp), scenario="probe") as vm:
             for _ in vm.messages():
                 pass
             off = vm.wait_poweroff()
@@ -291,8 +291,7 @@ def bench_remap(config: VmConfig, kernel: KernelSpec, progress: Progress, rounds
     inputs = prepare_inputs(config, kernel, progress)
     figures: dict[str, float] = {}
     with tempfile.TemporaryDirectory(prefix="aperture-bench-") as tmp:
-        with Vm(config, kernel, inputs.image.path, accel=inputs.accel.accel, run_dir=Path(tmp), scenario="idle",
-                qemu=inputs.qemu) as vm:
+        with Vm(config, inputs.boot(), run_dir=Path(tmp), scenario="idle") as vm:
             assert vm.qmp is not None and vm.service is not None
             vm.wait_idle()
             progress(f"guest idle; {rounds} rounds of: bare stop+cont, a bare retarget, a pause-mode remap")
@@ -331,8 +330,7 @@ def bench_remap(config: VmConfig, kernel: KernelSpec, progress: Progress, rounds
     if hotplug_supported(inputs.qemu):
         hp_config = dataclasses.replace(config, window_hotplug=True)
         with tempfile.TemporaryDirectory(prefix="aperture-bench-") as tmp:
-            with Vm(hp_config, kernel, inputs.image.path, accel=inputs.accel.accel, run_dir=Path(tmp), scenario="idle",
-                    qemu=inputs.qemu) as vm:
+            with Vm(hp_config, inputs.boot(), run_dir=Path(tmp), scenario="idle") as vm:
                 assert vm.qmp is not None and vm.service is not None
                 vm.wait_idle()
                 progress("20 hotplug-mode remaps (re-plug the window at another device-memory offset)")

@@ -271,8 +271,8 @@ def boot_once(config: VmConfig, inputs: BootInputs, run_dir: Path, progress: Pro
     """Boot once, collect the helper's checks and figures, verify them on the host."""
     untouchable = (UntouchableFiles.take(run_dir, [inputs.image.path, inputs.kernel.image]) if scenario == "fuzz"
                    else None)
-    with Vm(config, inputs.kernel, inputs.image.path, accel=inputs.accel.accel, run_dir=run_dir, scenario=scenario,
-            qemu=inputs.qemu, console_sink=console_sink, name=name, guest_env=guest_env) as vm:
+    with Vm(config, inputs.boot(), run_dir=run_dir, scenario=scenario, console_sink=console_sink, name=name,
+            guest_env=guest_env) as vm:
         assert vm.qmp is not None
         progress(f"booting {vm.name} (QEMU {inputs.qemu_version}, {inputs.accel.accel}) in {vm.paths.run_dir}")
         qemu_ver = vm.qmp.version()

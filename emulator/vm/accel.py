@@ -38,7 +38,7 @@ def probe_kvm(kernel: KernelSpec, initrd: Path, qemu: str, timeout: float = 30.0
               first_console_s: float = FIRST_CONSOLE_S) -> tuple[bool, str]:
     """Boot the helper's ``probe`` scenario under KVM; True only if the guest says hello and done. The kernel
     logs at ``loglevel=7`` so that a silent console after ``first_console_s`` is a "no" in seconds."""
-    from aperture.emulator.vm.machine import Vm
+    from aperture.emulator.vm.machine import Vm, VmBoot
 
     config = VmConfig(pmem=(PmemConfig(),), accel="kvm", boot_timeout=timeout, run_timeout=timeout,
                       kernel_cmdline_extra=("loglevel=7",))
@@ -51,7 +51,7 @@ def probe_kvm(kernel: KernelSpec, initrd: Path, qemu: str, timeout: float = 30.0
 
     with tempfile.TemporaryDirectory(prefix="aperture-kvm-probe-") as tmp:
         try:
-            with Vm(config, kernel, initrd, accel="kvm", run_dir=Path(tmp), scenario="probe", qemu=qemu) as vm:
+            with Vm(config, VmBoot(kernel, initrd, qemu, "kvm"), run_dir=Path(tmp), scenario="probe") as vm:
                 for msg in vm.messages(should_stop=console_silent):
                     if msg.get("type") == MsgType.DONE:
                         return True, "probe boot under KVM succeeded"

@@ -19,6 +19,7 @@ import socket
 import subprocess
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -40,18 +41,28 @@ from aperture.qmp_client.snapshot import load_state
 STREAMED_OUTPUT_MAX = 32 << 20
 
 
-class Vm:
-    """A VM: ``with Vm(...) as vm: for msg in vm.messages(): ...``."""
+@dataclass(frozen=True)
+class VmBoot:
+    """What a VM boots: its kernel, its initramfs, the QEMU binary (None: find it) and the accelerator."""
 
-    def __init__(self, config: VmConfig, kernel: KernelSpec, initrd: Path, *, accel: str, run_dir: Path,
-                 scenario: str = "default", name: str | None = None, qemu: str | None = None,
-                 console_sink: Callable[[str], None] | None = None, guest_env: dict[str, str] | None = None,
-                 user_qmp: bool = False, shell: bool = False, plug_nvme: bool = True,
-                 incoming: Path | None = None) -> None:
+    kernel: KernelSpec
+    initrd: Path
+    qemu: str | None = None
+    accel: str = "tcg"
+
+
+class Vm:
+    """A VM: ``with Vm(config, boot, run_dir=...) as vm: for msg in vm.messages(): ...``."""
+
+    def __init__(self, config: VmConfig, boot: VmBoot, *, run_dir: Path, scenario: str = "default",
+                 name: str | None = None, console_sink: Callable[[str], None] | None = None,
+                 guest_env: dict[str, str] | None = None, user_qmp: bool = False, shell: bool = False,
+                 plug_nvme: bool = True, incoming: Path | None = None) -> None:
         self.config = config
-        self.kernel = kernel
-        self.initrd = initrd
-        self.accel = accel
+        self.kernel = kernel = boot.kernel
+        self.initrd = initrd = boot.initrd
+        self.accel = accel = boot.accel
+        qemu = boot.qemu
         self.name = name or new_run_name()
         self.paths = RunPaths(run_dir.resolve(), self.name, Path(os.environ.get("APERTURE_SHM", "/dev/shm")),
                               default_sock_dir(self.name))

@@ -46,9 +46,15 @@ NVME_PORT_PREF64 = "32M"
 TCG_CPU = "max,family=23,model=1"
 
 
+#: The NVMe controller, described once: ``-device`` at boot (``nvme_device_args``) and QMP ``device_add`` after a
+#: restore (warm.py) are both made from it.
+NVME_DEVICE: dict[str, str | int] = {"driver": "nvme", "id": NVME_ID, "serial": "aperture0", "drive": NVME_DRIVE_ID,
+                                     "cmb_size_mb": NVME_CMB_MB, "bus": NVME_PORT_ID}
+
+
 def nvme_device_args() -> str:
-    """The NVMe controller's -device value (also what a restore hot-plugs with device_add)."""
-    return f"nvme,id={NVME_ID},serial=aperture0,drive={NVME_DRIVE_ID},cmb_size_mb={NVME_CMB_MB},bus={NVME_PORT_ID}"
+    """The NVMe controller's -device value."""
+    return ",".join([str(NVME_DEVICE["driver"])] + [f"{k}={v}" for k, v in NVME_DEVICE.items() if k != "driver"])
 
 
 def build_argv(qemu: str, config: VmConfig, kernel: KernelSpec, initrd: Path, paths: RunPaths, accel: str,

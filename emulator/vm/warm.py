@@ -14,9 +14,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from aperture.emulator.config import NVME_CMB_MB, VmConfig
+from aperture.emulator.config import VmConfig
 from aperture.emulator.vm.accel import AccelChoice
-from aperture.emulator.vm.machine import Vm
+from aperture.emulator.vm.machine import Vm, VmBoot
+from aperture.emulator.vm.qemu_argv import NVME_DEVICE
 from aperture.emulator.vm.snapshots import (
     SNAPSHOT_TOKEN,
     Snapshot,
@@ -30,7 +31,6 @@ from aperture.guest.abi import Env
 from aperture.guest.errors import GuestError
 from aperture.guest.image import GuestImage
 from aperture.guest.kernelspec import KernelSpec
-from aperture.qmp_client.qemu import NVME_ID, NVME_PORT_ID
 from aperture.qmp_client.snapshot import save_state
 
 Progress = Callable[[str], None]
@@ -48,6 +48,10 @@ class BootInputs:
     qemu: str
     qemu_version: str
     accel: AccelChoice
+
+    def boot(self) -> VmBoot:
+        """What a VM of these inputs boots."""
+        return VmBoot(self.kernel, self.image.path, self.qemu, self.accel.accel)
 
 
 @dataclass
@@ -80,19 +84,23 @@ def save_ready(vm: Vm, key: SnapshotKey, root: Path | None = None) -> Snapshot:
                           extra={"boot_to_ready_s": round(time.monotonic() - vm.started_at, 3)})
 
 
-def restore_vm(stack: contextlib.ExitStack, config: VmConfig, kernel: KernelSpec, initrd: Path, state: Path,
-               guest_env: dict[str, str] | None, **vm_args: Any) -> tuple[Vm | None, str | None]:
+def restore_vm(stack: contextlib.ExitStack, config: VmConfig, boot: VmBoot, state: Path,
+               guest_env: dict[str, str] | None, *, run_dir: Path, scenario: str = "idle", name: str | None = None,
+               console_sink: Callable[[str], None] | None = None, user_qmp: bool = False,
+               shell: bool = False) -> tuple[Vm | None, str | None]:
     """A VM restored from ``state`` and made ready (``after_restore``), its cleanup handed to ``stack``; or
     (None, why) when that failed: the VM is gone entirely, and so are the NVDIMM files QEMU may have half
     written (the caller boots cold)."""
     try:
         with contextlib.ExitStack() as attempt:
-            vm = attempt.enter_context(Vm(config, kernel, initrd, plug_nvme=False, incoming=state, **vm_args))
+            vm = attempt.enter_context(Vm(config, boot, run_dir=run_dir, scenario=scenario, name=name,
+                                          console_sink=console_sink, user_qmp=user_qmp, shell=shell,
+                                          plug_nvme=False, incoming=state))
             after_restore(vm, config, guest_env)
             stack.push(attempt.pop_all())
             return vm, None
     except GuestError as exc:
-        for stale in Path(vm_args["run_dir"]).glob("pmem*.img"):
+        for stale in run_dir.glob("pmem*.img"):
             stale.unlink()
         return None, str(exc)
 
@@ -108,8 +116,8 @@ def ensure_snapshot(config: VmConfig, inputs: BootInputs, progress: Progress,
     progress(f"warm start: no snapshot of this VM yet: booting once to make {key.key}")
     t0 = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="aperture-snapshot-") as tmp, \
-            Vm(config, inputs.kernel, inputs.image.path, accel=inputs.accel.accel, run_dir=Path(tmp),
-               scenario="idle", qemu=inputs.qemu, plug_nvme=False, guest_env={Env.STAMP: SNAPSHOT_TOKEN}) as vm:
+            Vm(config, inputs.boot(), run_dir=Path(tmp), scenario="idle", plug_nvme=False,
+               guest_env={Env.STAMP: SNAPSHOT_TOKEN}) as vm:
         vm.wait_idle(min(config.run_timeout, config.boot_timeout))
         snap = save_ready(vm, key, root)
     made = time.monotonic() - t0
@@ -129,8 +137,7 @@ def _plug_nvme(vm: Vm, config: VmConfig) -> None:
     if not config.nvme:
         return
     assert vm.qmp is not None
-    vm.qmp.call(vm.qmp.session.device_add("nvme", NVME_ID, serial="aperture0", drive="nvme0drive",
-                                          cmb_size_mb=NVME_CMB_MB, bus=NVME_PORT_ID))
+    vm.qmp.call(vm.qmp.session.execute("device_add", dict(NVME_DEVICE)))
     # Its namespace when the kernel has an NVMe driver (built in, or loaded), else the PCI function itself.
     steps = int(NVME_PLUG_TIMEOUT_S / 0.01)
     wait = (f"for i in $(seq {steps}); do if [ -d /sys/bus/pci/drivers/nvme ]; then [ -e /dev/nvme0n1 ] && "
@@ -172,12 +179,13 @@ def ready_vm(config: VmConfig, inputs: BootInputs, run_dir: Path, progress: Prog
         if info.note is None:
             key = key_for(config, inputs)
             snap, info.note = find_snapshot(key)
-    common: dict[str, Any] = dict(accel=inputs.accel.accel, run_dir=run_dir, scenario="idle", name=name,
-                                  qemu=inputs.qemu, console_sink=console_sink, user_qmp=user_qmp, shell=shell)
+    boot = inputs.boot()
+    common: dict[str, Any] = dict(run_dir=run_dir, scenario="idle", name=name, console_sink=console_sink,
+                                  user_qmp=user_qmp, shell=shell)
     with contextlib.ExitStack() as stack:
         vm: Vm | None = None
         if snap is not None:
-            vm, failed = restore_vm(stack, config, inputs.kernel, inputs.image.path, snap.state, guest_env, **common)
+            vm, failed = restore_vm(stack, config, boot, snap.state, guest_env, **common)
             if vm is not None:
                 info.start, info.snapshot, info.restore_s = "restore", snap.key, vm.restore_s
                 info.ready_s = round(time.monotonic() - vm.started_at, 3)
@@ -191,8 +199,8 @@ def ready_vm(config: VmConfig, inputs: BootInputs, run_dir: Path, progress: Prog
             # The first VM of this shape: boot it as a snapshot's VM is booted, save it at the ready state,
             # and go on with it (the save costs a second or two; no second boot).
             progress(f"warm start: no snapshot of this VM yet: making {key.key} from this boot")
-            vm = stack.enter_context(Vm(config, inputs.kernel, inputs.image.path, plug_nvme=False,
-                                        guest_env={Env.STAMP: SNAPSHOT_TOKEN}, **common))
+            vm = stack.enter_context(Vm(config, boot, plug_nvme=False, guest_env={Env.STAMP: SNAPSHOT_TOKEN},
+                                        **common))
             vm.wait_idle(min(config.run_timeout, config.boot_timeout), on_message=on_setup)
             t0 = time.monotonic()
             try:
@@ -210,7 +218,7 @@ def ready_vm(config: VmConfig, inputs: BootInputs, run_dir: Path, progress: Prog
         if vm is None:
             if info.note:
                 progress(f"warm start: {info.note}")
-            vm = stack.enter_context(Vm(config, inputs.kernel, inputs.image.path, guest_env=guest_env, **common))
+            vm = stack.enter_context(Vm(config, boot, guest_env=guest_env, **common))
             vm.wait_idle(min(config.run_timeout, config.boot_timeout), on_message=on_setup)
             info.ready_s = round(time.monotonic() - vm.started_at, 3)
         yield vm, info

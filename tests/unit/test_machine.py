@@ -146,9 +146,9 @@ def test_default_topology_has_an_nvme_with_a_cmb() -> None:
 def test_results_channel_survives_hostile_lines(tmp_path: Path) -> None:
     """Deep nesting, an over-long line and non-objects become garbage notes; the channel goes on."""
     from aperture.emulator.vm.channels import RESULTS_LINE_MAX
-    from aperture.emulator.vm.machine import Vm
+    from aperture.emulator.vm.machine import Vm, VmBoot
 
-    vm = Vm(VmConfig(devices=()), KernelSpec(Path("/k"), None, "6.1"), Path("/i"), accel="tcg", run_dir=tmp_path)
+    vm = Vm(VmConfig(devices=()), VmBoot(KernelSpec(Path("/k"), None, "6.1"), Path("/i")), run_dir=tmp_path)
     vm.paths.run_dir.mkdir(parents=True, exist_ok=True)
     with open(vm.paths.results, "wb") as f:
         f.write(b'{"type":"hello"}\n')
@@ -200,10 +200,10 @@ def test_a_comma_in_a_path_never_reaches_qemu_unquoted() -> None:
 def test_exec_output_lost_on_the_channel_is_an_error_not_silence(tmp_path: Path) -> None:
     """A cmd-output chunk glued to an over-long garbage line is dropped with it: exec says so."""
     from aperture.emulator.vm.channels import RESULTS_LINE_MAX
-    from aperture.emulator.vm.machine import Vm
+    from aperture.emulator.vm.machine import Vm, VmBoot
     from aperture.guest.errors import GuestError
 
-    vm = Vm(VmConfig(devices=()), KernelSpec(Path("/k"), None, "6.1"), Path("/i"), accel="tcg", run_dir=tmp_path)
+    vm = Vm(VmConfig(devices=()), VmBoot(KernelSpec(Path("/k"), None, "6.1"), Path("/i")), run_dir=tmp_path)
     vm.paths.run_dir.mkdir(parents=True, exist_ok=True)
 
     class Sink:
@@ -222,7 +222,7 @@ def test_a_full_run_dir_is_refused_before_anything_starts(tmp_path: Path, monkey
     """48 MiB free where the VM's sparse files could grow by ~1 GiB: a SetupError (exit 3) naming the path."""
     import os
 
-    from aperture.emulator.vm.machine import Vm
+    from aperture.emulator.vm.machine import Vm, VmBoot
     from aperture.guest.errors import SetupError
 
     real = os.statvfs
@@ -233,7 +233,7 @@ def test_a_full_run_dir_is_refused_before_anything_starts(tmp_path: Path, monkey
         f_bavail, f_frsize = 48 * 1024 * 1024 // 4096, 4096
 
     monkeypatch.setattr(os, "statvfs", lambda p: Small() if Path(p) == run_dir.resolve() else real(p))
-    vm = Vm(VmConfig(), KernelSpec(Path("/k"), None, "6.1"), Path("/i"), accel="tcg", run_dir=run_dir)
+    vm = Vm(VmConfig(), VmBoot(KernelSpec(Path("/k"), None, "6.1"), Path("/i")), run_dir=run_dir)
     with pytest.raises(SetupError, match=rf"{run_dir.resolve()} has 48M free, but this VM's files there can grow"):
         vm.check_space()
     assert sum(vm.backing_files().values()) > 1 << 30
@@ -246,7 +246,7 @@ def test_a_flood_on_the_results_channel_stops_the_vm(tmp_path: Path, monkeypatch
     from aperture.guest.errors import GuestError
 
     monkeypatch.setattr(channels, "RESULTS_TOTAL_MAX", 1 << 20)
-    vm = machine.Vm(VmConfig(devices=()), KernelSpec(Path("/k"), None, "6.1"), Path("/i"), accel="tcg",
+    vm = machine.Vm(VmConfig(devices=()), machine.VmBoot(KernelSpec(Path("/k"), None, "6.1"), Path("/i")),
                     run_dir=tmp_path)
     vm.paths.run_dir.mkdir(parents=True, exist_ok=True)
     with open(vm.paths.results, "wb") as f:
