@@ -75,6 +75,13 @@ def _float(what: str, low: float, high: float) -> Callable[[Any], float]:
     return parse
 
 
+def _int(what: str, value: Any) -> int:
+    try:
+        return int(value)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{what} must be a whole number, got {value!r}") from exc
+
+
 def _accel(value: Any) -> str:
     if value not in ("auto", "kvm", "tcg"):
         raise ConfigError(f"invalid accelerator {value!r}: choose auto, kvm or tcg")
@@ -135,6 +142,8 @@ VM_OPTIONS: tuple[VmOption, ...] = (
              "Guest RAM, 128M to 16G (beyond 2G it continues at 4 GiB, as a DMA target too).", metavar="SIZE"),
     VmOption("accel", "--accel", _accel, "auto", "auto: KVM only if a probe boot works, else TCG.",
              choices=("auto", "kvm", "tcg")),
+    VmOption("smp", "--smp", lambda v: _int("the vCPU count", v), 1, "Guest vCPUs, 1 to 8 (TCG runs one host "
+             "thread each).", metavar="N"),
     VmOption("boot_timeout", "--boot-timeout", _float("the boot timeout", 1, 3600), 60.0,
              "Seconds until the guest helper must report.", metavar="SECONDS"),
     VmOption("timeout", "--timeout", _float("the run timeout", 1, 86400), 120.0,

@@ -208,6 +208,7 @@ class CheckName(StrEnum):
 
     GUEST_MODULES = "guest.modules"
     GUEST_SHARES = "guest.shares"
+    GUEST_DMESG = "guest.dmesg"  # host: the guest kernel's own reports (WARNING, BUG, KASAN, lockdep, ...)
     NVDIMM_PRESENT = "nvdimm.present"
     DAX_FSDAX = "dax.fsdax"
     DAX_DEVDAX = "dax.devdax"

@@ -20,7 +20,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from aperture.emulator.runs.results import Check
+from aperture.emulator.runs.kernel_log import kernel_log_check
+from aperture.emulator.runs.results import Check, summary_line
 from aperture.emulator.selection import CheckSelection
 from aperture.emulator.spec import VM_OPTIONS, VmOptionError, VmSpec
 from aperture.emulator.vm.machine import Vm
@@ -185,6 +186,13 @@ def aperture_vm(request: pytest.FixtureRequest, tmp_path: Path, _aperture_boot_i
             yield handle
         finally:
             request.config.stash.setdefault(_KTAP_CHECKS, []).extend(handle.checks)
+    # After the VM is gone: the guest kernel's own reports (WARNING, BUG, KASAN, lockdep, ...) fail the test.
+    dmesg = kernel_log_check(vm.paths.console, inputs.kernel)
+    handle.checks.append(dmesg)
+    request.config.stash.setdefault(_KTAP_CHECKS, []).append(dmesg)
+    if not dmesg.ok:
+        pytest.fail(f"guest.dmesg: {summary_line(dmesg.name, dmesg.detail)} (console: {vm.paths.console})",
+                    pytrace=False)
 
 
 @pytest.hookimpl(hookwrapper=True)

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from aperture.emulator.config import VmConfig
+from aperture.emulator.runs.kernel_log import kernel_log_check
 from aperture.emulator.runs.results import Check, HostVerifier, driver_claims, emulator_thread_check
 from aperture.emulator.runs.run import Progress, _verifier, check_helper_abi
 from aperture.emulator.vm.warm import BootInputs, ready_vm
@@ -121,6 +122,8 @@ def run_command(config: VmConfig, inputs: BootInputs, run_dir: Path, progress: P
     checks = [verifier.verify(c, written) for c in pending]
     if thread_errors[0]:
         checks.append(emulator_thread_check(*thread_errors, run_dir))
+    # the kernel's own reports: one while the command ran makes a successful command's run exit 1
+    checks.append(kernel_log_check(vm.paths.console, inputs.kernel))
     return CommandResult(list(argv), rc, round(duration, 3), sizes, cwd, inputs.accel.accel, inputs.kernel.release,
                          round(boot_s, 3) if boot_s is not None else None, str(run_dir.resolve()), checks, notes,
                          info.start, info.restore_s)

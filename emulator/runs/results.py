@@ -682,6 +682,7 @@ CHECKS: dict[str, CheckEntry] = {
     CheckName.REMAP_INTEGRITY: CheckEntry("host", summaries.remap_integrity),
     CheckName.REMAP_HOTPLUG: CheckEntry("host", summaries.remap_hotplug),
     CheckName.HOST_EMULATOR_THREAD: CheckEntry("host"),
+    CheckName.GUEST_DMESG: CheckEntry("host", summaries.guest_dmesg),
 }
 
 

@@ -14,6 +14,7 @@ from typing import Any
 from aperture.emulator.config import RemapPlan, VmConfig
 from aperture.emulator.processes import pid_alive
 from aperture.emulator.runpaths import AUTO_NAME, reap_dead_runs
+from aperture.emulator.runs.kernel_log import kernel_log_check
 from aperture.emulator.runs.results import (
     Check,
     HostVerifier,
@@ -288,6 +289,7 @@ def boot_once(config: VmConfig, inputs: BootInputs, run_dir: Path, progress: Pro
     checks = collect.verified(scenario, untouchable)
     if thread_errors[0]:
         checks.append(emulator_thread_check(*thread_errors, run_dir))
+    checks.append(kernel_log_check(vm.paths.console, inputs.kernel))
     if not checks and scenario == "default" and not _selects_some(guest_env or {}):
         raise GuestError("the guest helper reported no checks")
     return RunResult(
@@ -330,6 +332,7 @@ def run_restored(config: VmConfig, inputs: BootInputs, run_dir: Path, progress: 
     checks = collect.verified("default", None)
     if thread_errors[0]:
         checks.append(emulator_thread_check(*thread_errors, run_dir))
+    checks.append(kernel_log_check(vm.paths.console, inputs.kernel))
     if not checks and not _selects_some(guest_env or {}):
         raise GuestError("the guest helper reported no checks")
     notes = ([f"warm start: {info.note}"] if info.note else []) + collect.notes

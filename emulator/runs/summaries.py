@@ -24,6 +24,17 @@ def _guest_hex(value: Any) -> str:
     return f"{value:#x}" if isinstance(value, int) else str(value)
 
 
+def guest_dmesg(d: dict[str, Any]) -> str:
+    reports = [r for r in d.get("reports") or [] if isinstance(r, dict)]
+    if not d.get("count"):
+        scanned = int(d.get("scanned_bytes", 0))
+        return f"no kernel reports ({format_size(scanned) if scanned >= 1024 else f'{scanned} bytes'} of console log)"
+    first = reports[0] if reports else {}
+    where = next(iter(first.get("decoded") or []), "").strip()
+    return (f"{d.get('count')} kernel report(s) ({', '.join(d.get('kinds') or [])}); first: {first.get('header')}"
+            + (f" — {where}" if where else ""))
+
+
 def nvdimm_present(d: dict[str, Any]) -> str:
     regions = d.get("regions") or []
     parts = [f"{r.get('name')} @ {int(r.get('addr', 0)):#x}, {format_size(int(r.get('size', 0)))}"

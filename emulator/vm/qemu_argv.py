@@ -128,5 +128,7 @@ def kernel_cmdline(config: VmConfig, scenario: str, guest_env: dict[str, str] | 
         env[Env.SHARES] = ",".join(f"{share_id(i)}:{s.guest}:{'ro' if s.readonly else 'rw'}"
                                    for i, s in enumerate(config.shares))
     env.update(guest_env or {})
-    parts = ["console=ttyS0", "panic=-1", "quiet"] + [f"{k}={v}" for k, v in env.items()]
+    # loglevel=5: KERN_WARNING and above reach the console, so guest.dmesg sees every WARNING, lockdep and KASAN
+    # report (a quiet boot prints two such lines)
+    parts = ["console=ttyS0", "panic=-1", "loglevel=5"] + [f"{k}={v}" for k, v in env.items()]
     return " ".join(parts + list(config.kernel_cmdline_extra))

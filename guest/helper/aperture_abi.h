@@ -64,6 +64,7 @@
 #define APERTURE_PHASE_REMAP_END "remap_end"
 #define APERTURE_CHECK_GUEST_MODULES "guest.modules"
 #define APERTURE_CHECK_GUEST_SHARES "guest.shares"
+#define APERTURE_CHECK_GUEST_DMESG "guest.dmesg"
 #define APERTURE_CHECK_NVDIMM_PRESENT "nvdimm.present"
 #define APERTURE_CHECK_DAX_FSDAX "dax.fsdax"
 #define APERTURE_CHECK_DAX_DEVDAX "dax.devdax"

@@ -1,0 +1,61 @@
+"""guest.dmesg on real runs: a clean default run passes it; a module of the user's own that WARNs at load makes a
+successful `run -- insmod` exit 1, with the report in the check's detail."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import checks_by_name, run_aperture
+
+WARN_MODULE = """// SPDX-License-Identifier: GPL-2.0
+#include <linux/bug.h>
+#include <linux/module.h>
+
+static int __init warnmod_init(void)
+{
+\tWARN(1, "aperture test: a warning on purpose\\n");
+\treturn 0;
+}
+
+static void __exit warnmod_exit(void)
+{
+}
+
+module_init(warnmod_init);
+module_exit(warnmod_exit);
+MODULE_DESCRIPTION("aperture test: WARN at load");
+MODULE_LICENSE("GPL");
+"""
+
+
+def test_default_run_has_a_clean_kernel_log(default_run) -> None:
+    check = checks_by_name(default_run[1])["guest.dmesg"]
+    assert check["status"] == "pass", check
+    assert check["detail"]["count"] == 0 and check["detail"]["scanned_bytes"] > 0
+
+
+def test_a_warning_from_the_users_module_fails_a_successful_command(tmp_path: Path, built_kernel) -> None:
+    if built_kernel.build_dir is None or not (built_kernel.build_dir / "Makefile").is_file():
+        pytest.skip("the built kernel's object tree is not in the cache")
+    src = tmp_path / "warnmod"
+    src.mkdir()
+    (src / "warnmod.c").write_text(WARN_MODULE)
+    (src / "Kbuild").write_text("obj-m := warnmod.o\n")
+    make = subprocess.run(["make", "-C", str(built_kernel.build_dir), f"M={src}", "modules"],
+                          capture_output=True, text=True, timeout=300)
+    assert make.returncode == 0, make.stdout[-2000:] + make.stderr[-2000:]
+    assert shutil.which("make")
+    proc = run_aperture("run", "-q", "--json", "--cwd", "--run-dir", str(tmp_path / "r"), "--", "insmod",
+                        "./warnmod.ko", cwd=src, timeout=300)
+    result = json.loads(proc.stdout)
+    assert result["command"]["rc"] == 0, proc.stderr  # insmod itself succeeded ...
+    assert proc.returncode == 1, proc.stderr  # ... but the kernel reported a warning: the run fails
+    dmesg = checks_by_name(result)["guest.dmesg"]
+    assert dmesg["status"] == "fail" and dmesg["detail"]["kinds"] == ["warning"], dmesg
+    report = dmesg["detail"]["reports"][0]
+    assert "warnmod" in "\n".join(report["lines"]) and report["header"].startswith("WARNING: CPU:")
