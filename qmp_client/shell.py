@@ -119,6 +119,9 @@ class QmpShell:
         except ApertureError:
             self.commands = []
         self.failures = 0
+        #: The exit status the shell ends with: 0, 2 (a line was malformed or refused), 4 (QEMU or the daemon went
+        #: away) — the worst seen, as the README's table means them.
+        self.exit_code = 0
         self.qemu_gone = False
         self.syntax = QmpSyntax()
 
@@ -129,8 +132,9 @@ class QmpShell:
         else:
             print(human(result) if human else json.dumps(result, indent=2), file=self.out, flush=True)
 
-    def _error(self, line: str, message: str) -> None:
+    def _error(self, line: str, message: str, exit_code: int = 2) -> None:
         self.failures += 1
+        self.exit_code = max(self.exit_code, exit_code)
         if self.as_json:
             print(json.dumps({"command": line, "ok": False, "error": message}), file=self.out, flush=True)
         else:
@@ -193,7 +197,7 @@ class QmpShell:
             self._reply(line, self.qmp.execute(cmd, args or None))
         except (QemuGone, DaemonGone) as exc:
             self.qemu_gone = True
-            self._error(line, f"{exc.one_line()}: QEMU is gone")
+            self._error(line, f"{exc.one_line()}: QEMU is gone", 4)
         except ApertureError as exc:
             self._error(line, exc.one_line())
         return True
@@ -218,9 +222,12 @@ class QmpShell:
                     break
                 if not self.run_line(line):
                     break
+            if self.syntax._transmode:  # input ended inside "transaction(": nothing of it was sent
+                self._error("transaction(", "input ended inside transaction( ... ): nothing of it was sent (close "
+                            "it with ')')")
         finally:
             self.qmp.close()
-        return 1 if self.failures else 0
+        return self.exit_code
 
 
 def _setup_readline(words: list[str], history: Path) -> None:

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -25,6 +26,12 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 def aperture_argv() -> list[str]:
     exe = Path(sys.executable).parent / "aperture"
     return [str(exe)] if exe.exists() else [sys.executable, "-m", "aperture.emulator"]
+
+
+def interruptible() -> None:
+    """preexec_fn for a child a test sends SIGINT to: Ctrl-C's default action, whatever this process inherited (a
+    background job of a non-interactive shell starts with SIGINT ignored, and so would the child)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def run_aperture(*args: str, timeout: float = 300, env: dict[str, str] | None = None,

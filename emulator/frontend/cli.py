@@ -22,7 +22,7 @@ import click
 from aperture.emulator.config import ShareConfig
 from aperture.emulator.frontend.summary import print_bench, print_summary
 from aperture.emulator.spec import VM_OPTIONS, VmOption, VmOptionError, VmSpec
-from aperture.guest.errors import ApertureError, ConfigError, VmLaunchError
+from aperture.guest.errors import ApertureError, ConfigError, GuestError, VmLaunchError
 from aperture.guest.units import parse_duration
 
 
@@ -662,8 +662,11 @@ def exec_cmd(name: str, command: tuple[str, ...], timeout: float, as_json: bool)
     else:
         sys.stdout.write(str(result.get("output", "")))
         sys.stdout.flush()
-    rc = int(result.get("rc", 1))
-    sys.exit(rc if 0 <= rc <= 255 else 1)
+    rc = result.get("rc")
+    if not isinstance(rc, int) or isinstance(rc, bool) or not 0 <= rc <= 255:
+        # a shell's status is 0-255: anything else is the guest's helper misbehaving (exit 4), said as such
+        raise GuestError(f"the guest reported an exit status of {str(rc)[:40]!r}, not 0-255")
+    sys.exit(rc)
 
 
 def _record(name: str) -> Any:

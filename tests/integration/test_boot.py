@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import aperture_argv, qemu_processes, run_aperture
+from tests.conftest import aperture_argv, interruptible, qemu_processes, run_aperture
 
 
 def test_json_contract(default_run) -> None:
@@ -131,7 +131,7 @@ def test_qemu_killed_mid_boot_is_exit_4(tmp_path: Path) -> None:
 def test_ctrl_c_cleans_up(tmp_path: Path) -> None:
     run_dir = tmp_path / "r"
     proc = subprocess.Popen(aperture_argv() + ["run", "--run-dir", str(run_dir)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True, preexec_fn=interruptible)
     deadline = time.monotonic() + 60
     while not qemu_processes(str(run_dir)) and time.monotonic() < deadline:
         time.sleep(0.1)

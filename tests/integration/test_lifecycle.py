@@ -105,6 +105,19 @@ def test_scripted_shell_json_and_remaps(live_vm) -> None:
     assert summary["mode"] == "pause" and summary["remaps"] >= 5 and summary["errors"] == []
 
 
+@pytest.mark.parametrize(("script", "text"), [
+    ("query-version\nno-such-command\n", "unknown command 'no-such-command'"),
+    ("device_add driver=\"unbalanced\n", "malformed arguments"),
+    ("transaction(\n", "nothing of it was sent"),
+])
+def test_scripted_shell_bad_lines_exit_2(live_vm, script: str, text: str) -> None:
+    """Bad usage in a QMP script exits 2 (the README's table), and an unclosed transaction( is said, not dropped."""
+    name, env, _ = live_vm
+    proc = run_aperture("qmp", name, "--json", env=env, timeout=120, input=script)
+    assert proc.returncode == 2, (proc.stdout, proc.stderr)
+    assert text in proc.stdout + proc.stderr
+
+
 def test_exec_runs_guest_commands_with_their_status_and_whole_output(live_vm) -> None:
     name, env, _ = live_vm
     proc = run_aperture("exec", name, "--", "echo", "hello", "from", "the", "guest", env=env, timeout=120)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import aperture_argv, run_aperture
+from tests.conftest import aperture_argv, interruptible, run_aperture
 
 PROG = r"""
 #include <signal.h>
@@ -172,7 +172,7 @@ def test_ctrl_c_stops_the_command_and_the_vm(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     proc = subprocess.Popen(aperture_argv() + ["run", "--run-dir", str(run_dir), "--", "sh", "-c",
                                                "echo started; sleep 100"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=interruptible)
     assert proc.stdout is not None
     assert "started" in proc.stdout.readline()
     proc.send_signal(signal.SIGINT)
