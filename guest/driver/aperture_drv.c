@@ -124,7 +124,7 @@ struct apdrv {
 	struct miscdevice misc;
 	char name[16];
 	struct kref ref;		/* the device, and each open file */
-	struct rw_semaphore gone_lock;	/* file operations against unbind */
+	struct rw_semaphore gone_lock;	/* ioctl and release against unbind */
 	bool gone;			/* unbound: files still open get -ENODEV */
 	struct aperture_stats stats;	/* under slot_lock, or ring_lock for the DMA counters */
 	atomic64_t faults;
@@ -892,16 +892,20 @@ static int apdrv_mmap(struct file *file, struct vm_area_struct *vma)
 
 	if (!(vma->vm_flags & VM_SHARED) || vma->vm_end - vma->vm_start != PAGE_SIZE)
 		return -EINVAL;
-	down_read(&ad->gone_lock);
-	if (ad->gone) {
-		up_read(&ad->gone_lock);
-		return -ENODEV;
-	}
+	/*
+	 * mmap runs under mmap_lock, and the ioctls take mmap_lock (a
+	 * migration, a fault on their arguments) under gone_lock: taking
+	 * gone_lock here would be the other order. slot_lock nests inside
+	 * mmap_lock everywhere, and unbind sets ->gone under it too.
+	 */
 	mutex_lock(&ad->slot_lock);
-	peer = apdrv_peer_find(ad, file, vma->vm_pgoff);
-	ret = peer ? vm_insert_page(vma, vma->vm_start, peer->p2p) : -ENOENT;
+	if (ad->gone) {
+		ret = -ENODEV;
+	} else {
+		peer = apdrv_peer_find(ad, file, vma->vm_pgoff);
+		ret = peer ? vm_insert_page(vma, vma->vm_start, peer->p2p) : -ENOENT;
+	}
 	mutex_unlock(&ad->slot_lock);
-	up_read(&ad->gone_lock);
 	return ret;
 }
 
@@ -1220,7 +1224,9 @@ static void apdrv_remove(struct pci_dev *pdev)
 
 	misc_deregister(&ad->misc);
 	down_write(&ad->gone_lock);
+	mutex_lock(&ad->slot_lock);	/* mmap reads ->gone under slot_lock only */
 	ad->gone = true;
+	mutex_unlock(&ad->slot_lock);
 	for (i = 0; i < APDRV_MAX_PEERS; i++) {
 		peer = &ad->peers[i];
 		if (!peer->id)
