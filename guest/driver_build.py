@@ -35,9 +35,10 @@ def driver_sources() -> list[Path]:
 
 
 def driver_unavailable(kernel: KernelSpec) -> str | None:
-    """Why this kernel gets no driver at all, or None (the built kernel does)."""
-    if kernel.kind != "built" or kernel.config_file is None:
-        return "the aperture driver is built only for the kernel `aperture kernel build` makes"
+    """Why this kernel gets no driver at all, or None (the built kernel and a kernel build tree do)."""
+    if kernel.kind not in ("built", "tree") or kernel.config_file is None:
+        return ("the aperture driver is built only against a kernel build tree: the kernel `aperture kernel "
+                "build` makes, or --kernel DIR (your own tree)")
     return None
 
 

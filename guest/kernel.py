@@ -142,7 +142,11 @@ def resolve_kernel(kernel: Path | str | None = None, modules: Path | None = None
         return debian_kernel(modules)
     path = Path(kernel).expanduser()
     if path.is_dir():
-        raise ConfigError(f"kernel {path} is a directory; name the bzImage or vmlinux file in it")
+        if modules is not None or config is not None:
+            raise ConfigError("a kernel build tree brings its own modules and .config")
+        from .tree import tree_kernel
+
+        return tree_kernel(path)
     if not path.is_file():
         raise ConfigError(f"kernel {path}: no such file")
     kernel_format(path)

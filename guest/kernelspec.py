@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-KernelKind = Literal["built", "debian", "user"]
+KernelKind = Literal["built", "debian", "user", "tree"]
 
 
 @dataclass(frozen=True)
@@ -39,6 +39,6 @@ class KernelSpec:
         kind = str(data.get("kind", "user"))
         builtin = data.get("builtin") or []
         return cls(Path(str(data["image"])), opt("modules_dir"), str(data["release"]), opt("config_file"),
-                   kind if kind in ("built", "debian", "user") else "user",  # type: ignore[arg-type]
+                   kind if kind in ("built", "debian", "user", "tree") else "user",  # type: ignore[arg-type]
                    frozenset(str(b) for b in builtin) if isinstance(builtin, list) else frozenset(),
                    opt("hmm_tests"), opt("build_dir"))

@@ -280,7 +280,8 @@ class HostVerifier:
 
     def _hmm_tests_expected_absent(self, name: str = "") -> tuple[bool, str]:
         if not self.hmm_tests_in_image:
-            return True, "no hmm-tests for this kernel (only kernels built by `aperture kernel build` carry it)"
+            return True, ("no hmm-tests for this kernel (built only from a kernel tree: `aperture kernel build`'s, "
+                          "or --kernel DIR)")
         if not self._on("CONFIG_TEST_HMM"):
             return True, "kernel without CONFIG_TEST_HMM"
         return False, ""
@@ -296,8 +297,8 @@ class HostVerifier:
 
     def _driver_expected_absent(self, name: str) -> tuple[bool, str]:
         if not self.driver_in_image:
-            return True, ("no aperture driver in the guest image: it is built only for the kernel `aperture kernel "
-                          "build` makes")
+            return True, ("no aperture driver in the guest image: it is built only against a kernel build tree "
+                          "(the kernel `aperture kernel build` makes, or --kernel DIR)")
         if not self.devmem_files:
             return True, "no aperture devices in this VM"
         if name in NVME_DRIVER_CHECKS and self.nvme_file is None:

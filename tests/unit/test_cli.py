@@ -11,7 +11,7 @@ from tests.conftest import run_aperture
     (["run", "--memory", "12Q"], 2, "invalid size"),
     (["run", "--accel", "xen"], 2, "--accel"),
     (["run", "--kernel", "/does/not/exist"], 2, "/does/not/exist: no such file"),
-    (["run", "--kernel", "/tmp"], 2, "is a directory"),
+    (["run", "--kernel", "/tmp"], 2, "is not a kernel build tree"),
     (["run", "--nvme", "3M"], 2, "16M to 16G"),
     (["run", "--kernel", "built", "--modules", "/tmp"], 2, "--kernel: a modules directory and a config go with"),
     (["run", "--run-dir", "/etc/hostname"], 2, "exists and is not a directory"),

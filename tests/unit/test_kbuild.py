@@ -127,7 +127,7 @@ def test_ikconfig_is_read_from_an_elf_kernel(tmp_path: Path) -> None:
 def test_kernel_keywords_and_bad_paths(tmp_path: Path) -> None:
     from aperture.guest.errors import ConfigError
 
-    with pytest.raises(ConfigError, match="is a directory"):
+    with pytest.raises(ConfigError, match="is not a kernel build tree"):
         resolve_kernel(tmp_path)
     with pytest.raises(ConfigError, match="no such file"):
         resolve_kernel(tmp_path / "nope")
