@@ -302,6 +302,51 @@ def kernel_build(force: bool, jobs: int | None, verbose: bool, as_json: bool) ->
         click.echo(f"kernel {built.release}: {built.vmlinux}")
 
 
+@kernel.command("fragment")
+def kernel_fragment() -> None:
+    """The kernel options aperture's checks need, with the reason for each, for your own tree:
+
+    \b
+      aperture kernel fragment > aperture.config
+      scripts/kconfig/merge_config.sh -O BUILD .config aperture.config   # in the kernel source
+      make O=BUILD olddefconfig && make O=BUILD -j$(nproc)
+      aperture run --kernel BUILD
+    """
+    from aperture.guest.kbuild import fragment_path, read_fragment
+
+    click.echo(f"# aperture's kernel options (from {fragment_path().name}); merge with scripts/kconfig/merge_config.sh")
+    for option in read_fragment():
+        click.echo(f"# {option.why}\n{option.name}={option.value}")
+
+
+@kernel.command("check")
+@click.argument("target", type=click.Path(path_type=Path, exists=True))
+@click.option("--json", "as_json", is_flag=True)
+def kernel_check(target: Path, as_json: bool) -> None:
+    """Which of the default run's checks a kernel can run: TARGET is a kernel build tree or a .config file.
+    Exit 0 when every check can run, 1 when some would skip (each says which options it lacks)."""
+    from aperture.emulator.runs.results import checks_a_config_runs
+    from aperture.guest.kbuild import parse_config
+
+    config = target / ".config" if target.is_dir() else target
+    if not config.is_file():
+        raise ConfigError(f"{target} is neither a kernel build tree (no .config) nor a config file")
+    missing = checks_a_config_runs(parse_config(config.read_text(errors="replace")))
+    lacking = sorted({opt for opts in missing.values() for opt in opts})
+    if as_json:
+        emit_json({"config": str(config), "checks": {name: {"runs": not opts, "lacks": opts}
+                                                      for name, opts in missing.items()},
+                   "lacks": lacking})
+    else:
+        for name, opts in missing.items():
+            mark = click.style("runs ", fg="green") if not opts else click.style("skips", fg="yellow")
+            click.echo(f"  {mark} {name:<26} {'lacks ' + ', '.join('CONFIG_' + o for o in opts) if opts else ''}")
+        if lacking:
+            click.echo(f"turn on: {' '.join('CONFIG_' + o for o in lacking)} (aperture kernel fragment lists "
+                       "every option aperture uses, with its reason)")
+    sys.exit(1 if lacking else 0)
+
+
 @kernel.command("info")
 @click.option("--json", "as_json", is_flag=True)
 def kernel_info(as_json: bool) -> None:

@@ -619,6 +619,8 @@ class CheckEntry:
     skips: SkipRule | None = None
     #: The detail's "error", when it has one, is the whole summary (device and driver checks)
     error_is_summary: bool = False
+    #: The kernel options (without CONFIG_) it needs to run rather than skip: `aperture kernel check` reads them
+    needs: tuple[str, ...] = ()
 
 
 def _written(v: HostVerifier, c: Check, written: list[dict[str, Any]]) -> Check:
@@ -634,12 +636,21 @@ def _only(method: Callable[[HostVerifier, Check], Check]) -> Verify:
     return lambda v, c, _written: method(v, c)
 
 
+#: What each family of checks needs from the kernel (options a tree must have; see `aperture kernel check`).
+NVDIMM_NEEDS = ("LIBNVDIMM", "ACPI_NFIT", "BLK_DEV_PMEM")
+FSDAX_NEEDS = NVDIMM_NEEDS + ("ZONE_DEVICE", "NVDIMM_PFN", "FS_DAX", "EXT4_FS")
+DEVDAX_NEEDS = NVDIMM_NEEDS + ("ZONE_DEVICE", "NVDIMM_DAX", "DEV_DAX", "DEV_DAX_PMEM")
+P2P_NEEDS = ("PCI_P2PDMA", "BLK_DEV_NVME")
+DRIVER_NEEDS = ("MODULES", "ZONE_DEVICE", "DEVICE_PRIVATE", "MIGRATION", "HMM_MIRROR", "PCI_P2PDMA", "MMU_NOTIFIER")
+
+
 def _device(summary: Summary) -> CheckEntry:
-    return CheckEntry("default", summary, error_is_summary=True)
+    return CheckEntry("default", summary, error_is_summary=True, needs=DEVDAX_NEEDS)
 
 
-def _driver_check(summary: Summary) -> CheckEntry:
-    return CheckEntry("default", summary, _driver, HostVerifier._driver_expected_absent, error_is_summary=True)
+def _driver_check(summary: Summary, nvme: bool = False) -> CheckEntry:
+    return CheckEntry("default", summary, _driver, HostVerifier._driver_expected_absent, error_is_summary=True,
+                      needs=DRIVER_NEEDS + (("BLK_DEV_NVME",) if nvme else ()))
 
 
 _p2pmem_absent: SkipRule = HostVerifier._p2pmem_expected_absent
@@ -649,12 +660,15 @@ CHECKS: dict[str, CheckEntry] = {
     CheckName.GUEST_MODULES: CheckEntry("default"),
     CheckName.GUEST_SHARES: CheckEntry("default"),
     CheckName.NVDIMM_PRESENT: CheckEntry("default", summaries.nvdimm_present,
-                                         lambda v, c, _w: verify_nvdimm(c, v.devices)),
-    CheckName.DAX_PERSISTENCE: CheckEntry("default", summaries.dax_persistence),
-    CheckName.DAX_FSDAX: CheckEntry("default", summaries.dax_stamp, _only(HostVerifier._verify_stamp)),
-    CheckName.DAX_DEVDAX: CheckEntry("default", summaries.dax_stamp, _only(HostVerifier._verify_stamp)),
-    CheckName.DAX_MAP_SYNC: CheckEntry("default", summaries.dax_map_sync),
-    CheckName.ZONE_DEVICE_PROBE: CheckEntry("default", summaries.zone_device_probe, _only(HostVerifier._verify_probe)),
+                                         lambda v, c, _w: verify_nvdimm(c, v.devices), needs=NVDIMM_NEEDS),
+    CheckName.DAX_PERSISTENCE: CheckEntry("default", summaries.dax_persistence, needs=FSDAX_NEEDS),
+    CheckName.DAX_FSDAX: CheckEntry("default", summaries.dax_stamp, _only(HostVerifier._verify_stamp),
+                                    needs=FSDAX_NEEDS),
+    CheckName.DAX_DEVDAX: CheckEntry("default", summaries.dax_stamp, _only(HostVerifier._verify_stamp),
+                                     needs=DEVDAX_NEEDS),
+    CheckName.DAX_MAP_SYNC: CheckEntry("default", summaries.dax_map_sync, needs=FSDAX_NEEDS),
+    CheckName.ZONE_DEVICE_PROBE: CheckEntry("default", summaries.zone_device_probe, _only(HostVerifier._verify_probe),
+                                            needs=FSDAX_NEEDS + DEVDAX_NEEDS),
     CheckName.APERTURE_PERSISTENCE: _device(summaries.aperture_persistence),
     CheckName.APERTURE_WINDOW: CheckEntry("default", summaries.aperture_window, _written, error_is_summary=True),
     CheckName.APERTURE_HIDDEN_REFUSED: _device(summaries.aperture_hidden_refused),
@@ -664,19 +678,21 @@ CHECKS: dict[str, CheckEntry] = {
     CheckName.P2P_DEVICE_TO_DEVICE: _device(summaries.p2p_device_to_device),
     CheckName.APERTURE_BAD_DESCRIPTORS: _device(summaries.aperture_bad_descriptors),
     CheckName.ZONE_DEVICE_P2PMEM: CheckEntry("default", summaries.zone_device_p2pmem,
-                                             _only(HostVerifier._verify_p2pmem_row), _p2pmem_absent),
+                                             _only(HostVerifier._verify_p2pmem_row), _p2pmem_absent,
+                                             needs=P2P_NEEDS),
     CheckName.P2P_NVME_CMB: CheckEntry("default", summaries.p2p_nvme_cmb, _only(HostVerifier._verify_nvme_cmb),
-                                       _p2pmem_absent),
+                                       _p2pmem_absent, needs=P2P_NEEDS),
     CheckName.WITNESS_HMM_TESTS: CheckEntry("default", summaries.witness_hmm_tests,
                                             _only(HostVerifier._verify_hmm_tests),
-                                            HostVerifier._hmm_tests_expected_absent),
+                                            HostVerifier._hmm_tests_expected_absent,
+                                            needs=("TEST_HMM", "DEVICE_PRIVATE", "HMM_MIRROR")),
     CheckName.DRIVER_UNLOAD: _driver_check(summaries.driver_unload),
-    CheckName.ZONE_DEVICE_WINDOW: _driver_check(summaries.zone_device_window),
+    CheckName.ZONE_DEVICE_WINDOW: _driver_check(summaries.zone_device_window, nvme=True),
     CheckName.HMM_MIGRATE: _driver_check(summaries.hmm_migrate),
     CheckName.HMM_FAULT_BACK: _driver_check(summaries.hmm_fault_back),
-    CheckName.P2P_PEER_MAP: _driver_check(summaries.p2p_peer_map),
+    CheckName.P2P_PEER_MAP: _driver_check(summaries.p2p_peer_map, nvme=True),
     CheckName.P2P_PEER_MAP_HIDDEN: _driver_check(summaries.p2p_peer_map_hidden),
-    CheckName.P2P_PINNED_VS_REMAP: _driver_check(summaries.p2p_pinned_vs_remap),
+    CheckName.P2P_PINNED_VS_REMAP: _driver_check(summaries.p2p_pinned_vs_remap, nvme=True),
     CheckName.REMAP_CONSISTENCY: CheckEntry("remap", summaries.remap_consistency),
     CheckName.APERTURE_FUZZ: CheckEntry("fuzz", summaries.aperture_fuzz, error_is_summary=True),
     # the host's own
@@ -685,6 +701,13 @@ CHECKS: dict[str, CheckEntry] = {
     CheckName.HOST_EMULATOR_THREAD: CheckEntry("host"),
     CheckName.GUEST_DMESG: CheckEntry("host", summaries.guest_dmesg),
 }
+
+
+def checks_a_config_runs(kconfig: dict[str, str]) -> dict[str, list[str]]:
+    """For each check the default run reports: the kernel options it needs that ``kconfig`` lacks (empty: it runs).
+    An option counts when it is y or m."""
+    return {name: [opt for opt in entry.needs if kconfig.get(f"CONFIG_{opt}", "n") not in ("y", "m")]
+            for name, entry in CHECKS.items() if entry.runs_in == "default"}
 
 
 def summary_line(name: str, detail: Any) -> str:

@@ -1,0 +1,33 @@
+"""`aperture kernel check` / `kernel fragment`: which checks a kernel config can run, and the options to merge."""
+
+import json
+from pathlib import Path
+
+from tests.conftest import run_aperture
+
+
+def test_debian_config_skips_the_driver_checks_and_says_why(debian_kernel) -> None:
+    proc = run_aperture("kernel", "check", "--json", str(debian_kernel.config_file), timeout=60)
+    assert proc.returncode == 1, proc.stderr
+    report = json.loads(proc.stdout)
+    assert report["checks"]["dax.fsdax"] == {"runs": True, "lacks": []}
+    assert report["checks"]["hmm.migrate"]["runs"] is False
+    assert "DEVICE_PRIVATE" in report["checks"]["hmm.migrate"]["lacks"]
+    assert "PCI_P2PDMA" in report["lacks"]
+
+
+def test_a_config_with_the_fragment_runs_everything(tmp_path: Path) -> None:
+    fragment = run_aperture("kernel", "fragment", timeout=60).stdout
+    options = [line for line in fragment.splitlines() if line.startswith("CONFIG_")]
+    assert "CONFIG_DEVICE_PRIVATE=y" in options and "CONFIG_PCI_P2PDMA=y" in options
+    assert all(not line.startswith("CONFIG_") or " " not in line for line in fragment.splitlines())  # merge_config
+    config = tmp_path / ".config"
+    config.write_text(fragment + "CONFIG_MMU_NOTIFIER=y\nCONFIG_MIGRATION=y\n")  # selected, never set by hand
+    proc = run_aperture("kernel", "check", str(tmp_path), timeout=60)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "skips" not in proc.stdout
+
+
+def test_not_a_kernel_is_one_line(tmp_path: Path) -> None:
+    proc = run_aperture("kernel", "check", str(tmp_path), timeout=60)
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
