@@ -124,7 +124,34 @@ def cli() -> None:
     """
 
 
+#: `git bisect run` reads exit codes: 0 good, 1-127 bad except 125 (cannot test), 128 and more abort the bisect.
+BISECT_SKIP = 125
+BISECT_ABORT = 128
+
+
+def bisect_codes(f: Any) -> Any:
+    """``--bisect``: exit codes for ``git bisect run`` — 0 every check passed, 1 a check failed, 125 the kernel
+    could not be set up, booted or run (any error of aperture's: a missing kernel, a build that failed, a panic,
+    a hang), 128 (abort) for an internal error."""
+
+    @functools.wraps(f)
+    def command(*args: Any, bisect: bool = False, **kwargs: Any) -> Any:
+        if not bisect:
+            return f(*args, **kwargs)
+        try:
+            return f(*args, **kwargs)
+        except ApertureError as exc:
+            code = BISECT_ABORT if exc.exit_code == 70 else BISECT_SKIP
+            click.echo(f"aperture: error: {exc.one_line()} (--bisect: exit {code}, "
+                       f"{'cannot test this commit' if code == BISECT_SKIP else 'abort'})", err=True)
+            sys.exit(code)
+
+    return click.option("--bisect", is_flag=True, help="Exit codes for `git bisect run`: 0 all checks passed, 1 a "
+                        "check failed, 125 the kernel could not be set up, booted or run (skip this commit).")(command)
+
+
 @cli.command()
+@bisect_codes
 @vm_options
 @click.option("--run-dir", type=click.Path(path_type=Path), callback=_run_dir,
               help="Where backing files and logs go; reuse one to keep NVDIMM contents across runs.")

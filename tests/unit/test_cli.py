@@ -61,3 +61,9 @@ def test_doctor_json() -> None:
     assert built["PCI_P2PDMA"] == built["DEVICE_PRIVATE"] == built["ZONE_DEVICE"] == "y"
     assert built["TEST_HMM"] == "m"
     assert debian["ZONE_DEVICE"] == "y" and debian["PCI_P2PDMA"] in ("n", "not set")
+
+
+def test_bisect_maps_a_kernel_that_cannot_be_tested_to_125() -> None:
+    proc = run_aperture("run", "--bisect", "--kernel", "/does/not/exist", timeout=60)
+    assert proc.returncode == 125, proc.stderr
+    assert "cannot test this commit" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
