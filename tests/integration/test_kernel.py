@@ -53,7 +53,7 @@ def test_hmm_selftest_witness(default_run) -> None:
 
 def _kunit_parse(ktap_file: Path, built_kernel) -> dict[str, str]:
     """The kernel's own KTAP parser (tools/testing/kunit/kunit.py parse --json) on ``ktap_file``: status by name."""
-    kunit = (built_kernel.obj_dir / "source" / "tools/testing/kunit/kunit.py") if built_kernel.obj_dir else None
+    kunit = (built_kernel.build_dir / "source" / "tools/testing/kunit/kunit.py") if built_kernel.build_dir else None
     if kunit is None or not kunit.is_file():
         pytest.skip("the built kernel's source tree (with tools/testing/kunit) is not in the cache")
     out = ktap_file.with_suffix(".kunit.json").resolve()

@@ -61,7 +61,7 @@ def test_unsafe_remaps_are_caught(tmp_path: Path) -> None:
 def test_remap_option_validation() -> None:
     for args, text in ((["--remap-every", "fast"], "invalid duration"),
                        (["--remap-every", "0ms"], "between 1ms"),
-                       (["--remap-every", "20ms", "--device", "none"], "needs at least one aperture device"),
+                       (["--remap-every", "20ms", "--device", "none"], "need at least one aperture device"),
                        (["--remap-every", "20ms", "--reboot"], "cannot be combined")):
         proc = run_aperture("run", *args, timeout=60)
         assert proc.returncode == 2, (args, proc.stderr)
