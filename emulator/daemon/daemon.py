@@ -20,7 +20,14 @@ from pathlib import Path
 from typing import Any
 
 from aperture.emulator.config import VmConfig, config_from_dict
-from aperture.emulator.daemon.registry import VmRecord, read_record, reap_orphan, remove_record, write_record
+from aperture.emulator.daemon.registry import (
+    VmRecord,
+    read_record,
+    reap_orphan,
+    remove_record,
+    remove_shm,
+    write_record,
+)
 from aperture.emulator.model.addrmap import DmaFault
 from aperture.emulator.runpaths import default_sock_dir
 from aperture.emulator.vm.machine import Vm, VmBoot
@@ -272,6 +279,10 @@ def supervise(argv: list[str]) -> int:
     if rec is not None and rec.pid == pid:
         reap_orphan(rec)
         remove_record(spec["name"])
+    # The shm files exist before any record does (a daemon killed while QEMU starts or restores): they are named
+    # after the VM, so they go too — unless a new daemon of that name is already up.
+    if rec is None or rec.pid == pid or not rec.alive():
+        remove_shm(spec["name"])
     shutil.rmtree(default_sock_dir(spec["name"]), ignore_errors=True)
     if os.WIFSIGNALED(status):
         print(f"aperture daemon: killed by signal {os.WTERMSIG(status)}; cleaned up after it", flush=True)

@@ -106,7 +106,13 @@ def reap_orphan(rec: VmRecord) -> None:
             os.kill(rec.qemu_pid, signal.SIGKILL)
     except (OSError, ProcessLookupError):
         pass
-    shm = Path(os.environ.get("APERTURE_SHM", "/dev/shm"))
-    for path in shm.glob(f"aperture-{rec.name}-*"):
-        path.unlink(missing_ok=True)
+    remove_shm(rec.name)
     shutil.rmtree(default_sock_dir(rec.name), ignore_errors=True)
+
+
+def remove_shm(name: str) -> None:
+    """The shm files of VM ``name`` (guest RAM, windows, the probe BAR): named after it from the moment they
+    exist, so whoever outlives the VM can remove them without a record."""
+    shm = Path(os.environ.get("APERTURE_SHM", "/dev/shm"))
+    for path in shm.glob(f"aperture-{name}-*"):
+        path.unlink(missing_ok=True)

@@ -167,3 +167,44 @@ def test_a_guest_that_moves_a_bar_keeps_dma_working(tmp_path: Path) -> None:
     with open(run_dir / "devmem1.img", "rb") as f:
         f.seek(5 * (2 << 20))
         assert f.read(8) == b"aperture"
+
+
+@pytest.mark.parametrize("start", ["--cold", "restore"])
+def test_killed_up_daemon_leaves_no_shm_files(tmp_path: Path, start: str) -> None:
+    """kill -9 of `aperture up`'s daemon (QEMU's parent) 0.1 s after QEMU appears — booting, or restoring with
+    `-incoming` — before any VM record exists: its supervisor removes the VM's shm files all the same."""
+    import uuid
+
+    env = dict(os.environ, APERTURE_STATE=str(tmp_path / "state"))
+    name = f"k{uuid.uuid4().hex[:6]}"
+    run_dir = tmp_path / "run"
+    proc = subprocess.Popen(aperture_argv() + ["up", name, "-q", "--run-dir", str(run_dir)]
+                            + (["--cold"] if start == "--cold" else []),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    try:
+        deadline = time.monotonic() + 120
+        qemu_pid = None
+        while qemu_pid is None and time.monotonic() < deadline and proc.poll() is None:
+            for entry in os.listdir("/proc"):
+                if entry.isdigit():
+                    try:
+                        argv = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
+                    except OSError:
+                        continue
+                    if argv and b"qemu-system" in argv[0] and str(run_dir).encode() in b" ".join(argv) \
+                            and (start == "--cold" or b"-incoming" in argv):
+                        qemu_pid = int(entry)
+            time.sleep(0.02)
+        assert qemu_pid is not None, "QEMU never started under the daemon"
+        time.sleep(0.1)
+        daemon = int(Path(f"/proc/{qemu_pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+        os.kill(daemon, signal.SIGKILL)
+        proc.wait(timeout=60)
+        shm = Path(os.environ.get("APERTURE_SHM", "/dev/shm"))
+        deadline = time.monotonic() + 5
+        while [p for p in shm.iterdir() if p.name.startswith(f"aperture-{name}-")] and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not [p.name for p in shm.iterdir() if p.name.startswith(f"aperture-{name}-")]
+        assert not qemu_processes(str(run_dir))
+    finally:
+        run_aperture("down", name, env={"APERTURE_STATE": str(tmp_path / "state")}, timeout=60)
