@@ -103,7 +103,10 @@ def _relay(sock: socket.socket, reader: FrameReader, pending: list[tuple[int, by
         if stdin_fd in readable:
             data = os.read(stdin_fd, MAX_PAYLOAD)
             if not data:
-                stdin_open = False  # end of input (a script): let the shell finish what it was given
+                # End of input (a script piped in): the terminal's end-of-file, as typing Ctrl-D would — the
+                # shell finishes what it was given and exits, and so do we (like `ssh host < script`).
+                stdin_open = False
+                sock.sendall(frame(abi.SHELL_DATA, b"\x04"))
                 continue
             if DETACH_KEY in data:
                 before = data.split(DETACH_KEY, 1)[0]

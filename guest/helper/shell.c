@@ -99,7 +99,11 @@ static size_t take_frames(int port, struct session *s, unsigned char *buf, size_
         if (len - off < 3 + n)
             break;
         unsigned char kind = buf[off], *payload = buf + off + 3;
-        if (kind == APERTURE_SHELL_OPEN && s->master < 0) {
+        if (kind == APERTURE_SHELL_OPEN) {
+            /* The host's end takes one client at a time: an OPEN means the previous client is gone (killed
+             * before its hangup reached us), so its session is hung up, as sshd does with a dead connection. */
+            if (s->master >= 0)
+                end_session(port, s, 1);
             if (start_session(s, payload, n) == 0)
                 send_frame(port, APERTURE_SHELL_READY, NULL, 0);
             else
@@ -137,7 +141,12 @@ static void relay(int port)
                 if (have == sizeof(in))
                     have = 0; /* a frame longer than the buffer is not ours: drop it */
             } else {
-                usleep(50000); /* no host connected: the port reads EOF */
+                /* No host connected (the port reads EOF): a client that went away without a hangup (killed)
+                 * leaves no session behind. */
+                if (s.master >= 0)
+                    end_session(port, &s, 1);
+                have = 0;
+                usleep(50000);
             }
         }
         if (s.master >= 0 && (fds[1].revents & (POLLIN | POLLHUP | POLLERR))) {

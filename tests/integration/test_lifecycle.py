@@ -261,3 +261,37 @@ def test_down_reaps_a_vm_whose_daemon_and_supervisor_were_killed(tmp_path: Path)
     assert not [p for p in os.listdir("/dev/shm") if name in p]
     assert not Path(rec["control_socket"]).parent.exists()
     assert json.loads(run_aperture("ls", "--json", env=env).stdout) == []
+
+
+def test_shell_reads_a_piped_script_and_returns(live_vm) -> None:
+    """`printf 'echo hi\\n' | aperture shell NAME` behaves like `ssh host < script`: end of input ends the session,
+    with the shell's status."""
+    name, env, _ = live_vm
+    proc = run_aperture("shell", name, env=env, timeout=60, input="echo hi-from-a-script\nexit 3\n")
+    assert "hi-from-a-script" in proc.stdout, proc.stdout + proc.stderr
+    assert proc.returncode == 3, proc.stderr
+    done = run_aperture("shell", name, env=env, timeout=60, input="echo second\n")  # EOF, no exit: status 0
+    assert "second" in done.stdout and done.returncode == 0, done.stdout + done.stderr
+
+
+def test_a_killed_shell_client_leaves_no_session_behind(live_vm) -> None:
+    """A client killed with its session open (kill -9, or SIGTERM) does not block the next one: the guest hangs
+    the old session up when the client goes away, as sshd does."""
+    import signal
+    import subprocess
+    import time
+
+    name, env, _ = live_vm
+    for sig in (signal.SIGKILL, signal.SIGTERM):
+        client = subprocess.Popen(aperture_argv() + ["shell", name], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, env=dict(os.environ, **env))
+        assert client.stdin is not None
+        client.stdin.write(b"echo attached; sleep 1000\n")
+        client.stdin.flush()
+        time.sleep(3)
+        client.send_signal(sig)
+        client.wait(timeout=30)
+        after = run_aperture("shell", name, env=env, timeout=60, input="echo next-client\n")
+        assert "next-client" in after.stdout and after.returncode == 0, (sig, after.stdout, after.stderr)
+        sleepers = run_aperture("exec", name, "--", "ps | grep -c '[s]leep 1000' || true", env=env, timeout=60)
+        assert sleepers.stdout.strip() == "0", f"the killed client's shell job is still running: {sleepers.stdout}"
