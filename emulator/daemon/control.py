@@ -24,12 +24,13 @@ def call(path: str, cmd: str, timeout: float = 30.0, **args: Any) -> Any:
             s.settimeout(timeout)
             s.connect(path)
             s.sendall(json.dumps({"cmd": cmd, "args": args}).encode() + b"\n")
-            buf = b""
-            while not buf.endswith(b"\n"):
-                chunk = s.recv(65536)
+            chunks: list[bytes] = []
+            while not chunks or not chunks[-1].endswith(b"\n"):
+                chunk = s.recv(1 << 20)
                 if not chunk:
                     break
-                buf += chunk
+                chunks.append(chunk)
+            buf = b"".join(chunks)
     except OSError as exc:
         raise DaemonGone(f"VM control socket unreachable ({exc.strerror or exc}); is the VM still up?") from exc
     if not buf:  # the daemon closed the connection without a word: it died (or was killed) meanwhile

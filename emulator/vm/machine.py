@@ -39,6 +39,36 @@ from aperture.qmp_client.snapshot import load_state
 
 #: How much of a streamed command's output the guest sends (its serve loop's upper limit); kept output: 1 MiB.
 STREAMED_OUTPUT_MAX = 32 << 20
+#: What the host keeps of a command's output it returns whole (exec): the first and the last this many bytes. A
+#: guest process can write any amount into its own command's output; the host never holds more than twice this.
+EXEC_KEPT_BYTES = 1 << 20
+
+
+class BoundedOutput:
+    """The first and last ``keep`` bytes of a stream, and how many in between were dropped."""
+
+    def __init__(self, keep: int) -> None:
+        self.keep = keep
+        self.head = bytearray()
+        self.tail = bytearray()
+        self.dropped = 0
+
+    def add(self, data: bytes) -> None:
+        room = self.keep - len(self.head)
+        if room > 0:
+            self.head += data[:room]
+            data = data[room:]
+        if not data:
+            return
+        self.tail += data
+        if len(self.tail) > self.keep:
+            cut = len(self.tail) - self.keep
+            self.dropped += cut
+            del self.tail[:cut]
+
+    def text(self) -> str:
+        marker = f"\n[aperture: {self.dropped} bytes of output dropped here]\n".encode() if self.dropped else b""
+        return (bytes(self.head) + marker + bytes(self.tail)).decode("utf-8", "replace")
 
 
 @dataclass(frozen=True)
@@ -380,7 +410,7 @@ class Vm:
         signal N killed it) and its output. With ``on_output``, each chunk goes there as the guest sends it
         (stream name, bytes) and the returned output is empty."""
         received = 0
-        chunks: list[bytes] = []
+        kept = BoundedOutput(EXEC_KEPT_BYTES)
 
         def take(msg: dict[str, Any]) -> None:
             nonlocal received
@@ -392,7 +422,7 @@ class Vm:
             if on_output is not None:
                 on_output(str(msg.get("stream", "stdout")), data)
             else:
-                chunks.append(data)
+                kept.add(data)
 
         request: dict[str, Any] = {"exec": command}
         if cwd:
@@ -401,13 +431,13 @@ class Vm:
             request["max_output"] = STREAMED_OUTPUT_MAX
         done, _ = self.command(request, timeout, on_message=take)
         sent = done.get("output_bytes")
-        if not done.get("truncated") and isinstance(sent, int) and received != sent:
+        if not done.get("truncated") and not kept.dropped and isinstance(sent, int) and received != sent:
             # Output is never silently incomplete: a chunk was lost (e.g. glued to garbage on the channel).
             raise GuestError(f"guest command output was lost on the results channel: {received} of {sent} bytes "
                              "arrived")
         if on_output is not None and done.get("truncated"):
             on_output("stderr", f"\n[aperture: output beyond {STREAMED_OUTPUT_MAX >> 20} MiB was dropped]\n".encode())
-        output = b"".join(chunks).decode("utf-8", "replace")
+        output = kept.text()
         if done.get("truncated"):
             output += f"\n[output truncated: {done.get('output_bytes')} bytes, the first 1 MiB shown]\n"
         return int(done.get("rc", -1)), output

@@ -282,3 +282,20 @@ def test_verbatim_qemu_arguments_refuse_what_cannot_survive() -> None:
     for kernel, initrd in ((Path("/k\nx"), Path("/i")), (Path("/k"), Path("/i\0x"))):
         with pytest.raises(ConfigError, match="cannot hold a newline or NUL"):
             build_argv("qemu", VmConfig(), KernelSpec(kernel, None, "6.1"), initrd, paths, "tcg", "quiet")
+
+
+def test_exec_output_keeps_its_first_and_last_mib_only() -> None:
+    """A guest can put any amount into its own command's output: the host keeps the first and the last
+    EXEC_KEPT_BYTES, and says how much it dropped between them."""
+    from aperture.emulator.vm.machine import BoundedOutput
+
+    out = BoundedOutput(1000)
+    for i in range(5000):  # 5000 chunks of 13 bytes: 65 000 bytes
+        out.add(f"line {i:07d}\n".encode())
+    assert len(out.head) == 1000 and len(out.tail) == 1000 and out.dropped == 65_000 - 2000
+    text = out.text()
+    assert text.startswith("line 0000000\n") and text.endswith("line 0004999\n")
+    assert f"[aperture: {65_000 - 2000} bytes of output dropped here]" in text
+    small = BoundedOutput(1000)
+    small.add(b"short")
+    assert small.text() == "short" and small.dropped == 0
