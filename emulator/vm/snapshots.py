@@ -11,12 +11,15 @@ migrated: snapshots are made without it and a restore hot-plugs it into its root
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import os
 import shutil
 import time
-from collections.abc import Callable
+import zlib
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,7 +34,7 @@ from aperture.guest.kernelspec import KernelSpec
 from aperture.guest.units import GiB
 
 #: Bump when a snapshot's layout or what makes its key changes: older ones are then never used.
-SNAPSHOT_FORMAT = 2  # 2: the key covers the device model's configuration
+SNAPSHOT_FORMAT = 3  # 3: the CRC of all data (state_data_crc32); 2: the key covers the device model configuration
 #: The stamp token a snapshot's guest booted with; a restored guest gets its run's token over the command port.
 SNAPSHOT_TOKEN = "snapshot"
 STATE_FILE = "state.mig"
@@ -102,6 +105,35 @@ def _ends_digest(path: Path) -> str:
     return h.hexdigest()
 
 
+def data_crc32(path: Path) -> int:
+    """CRC-32 of every data extent of the (sparse) state file, with each extent's offsets: any changed byte of
+    what a restore reads is caught — about 30 ms for the ~55 MB a default VM's state holds (a full sha256 took
+    ~180 ms; integrity against accidents, not an attacker, is the point)."""
+    crc = 0
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        size = os.fstat(fd).st_size
+        offset = 0
+        while offset < size:
+            try:
+                start = os.lseek(fd, offset, os.SEEK_DATA)
+            except OSError:  # ENXIO: no data after offset
+                break
+            end = os.lseek(fd, start, os.SEEK_HOLE)
+            crc = zlib.crc32(f"{start}:{end};".encode(), crc)
+            pos = start
+            while pos < end:
+                block = os.pread(fd, min(end - pos, 16 << 20), pos)
+                if not block:
+                    break
+                crc = zlib.crc32(block, crc)
+                pos += len(block)
+            offset = end
+    finally:
+        os.close(fd)
+    return crc
+
+
 def _meta_digest(meta: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps({k: v for k, v in meta.items() if k != "meta_sha256"},
                                      sort_keys=True).encode()).hexdigest()
@@ -123,7 +155,8 @@ class Snapshot:
 
 def check_snapshot(directory: Path, key: SnapshotKey | None = None) -> tuple[Snapshot | None, str | None]:
     """The snapshot in ``directory`` if it is whole and (given ``key``) made from the same inputs; else why not.
-    Checked before every use: format, key, meta checksum, the state file's size and the checksum of its ends."""
+    Checked before every use: format, key, meta checksum, the state file's size, the checksum of its ends and
+    the CRC of all its data."""
     try:
         meta = json.loads((directory / META_FILE).read_text())
     except FileNotFoundError:
@@ -144,7 +177,7 @@ def check_snapshot(directory: Path, key: SnapshotKey | None = None) -> tuple[Sna
     if size != meta.get("state_size"):
         return None, f"snapshot {directory.name}: {STATE_FILE} is {size} bytes, {meta.get('state_size')} expected " \
                      "(truncated?)"
-    if _ends_digest(state) != meta.get("state_ends_sha256"):
+    if _ends_digest(state) != meta.get("state_ends_sha256") or data_crc32(state) != meta.get("state_data_crc32"):
         return None, f"snapshot {directory.name}: {STATE_FILE} fails its checksum (corrupt)"
     return Snapshot(directory, meta), None
 
@@ -162,6 +195,29 @@ def find_snapshot(key: SnapshotKey, root: Path | None = None) -> tuple[Snapshot 
     return snap, why
 
 
+@contextlib.contextmanager
+def builder_lock(key: SnapshotKey, wait_s: float = 0.0, root: Path | None = None) -> Iterator[bool]:
+    """One builder per snapshot: yields True to the process that may make ``key`` (holding the lock), False when
+    another process is making it and did not finish within ``wait_s`` (then boot cold, or look again)."""
+    base = snapshots_dir(root)
+    base.mkdir(parents=True, exist_ok=True)
+    with open(base / f".{key.key}.lock", "a+") as lock:
+        deadline = time.monotonic() + wait_s
+        while True:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    yield False
+                    return
+                time.sleep(0.1)
+        try:
+            yield True
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
 def write_snapshot(key: SnapshotKey, save: Callable[[Path], float], root: Path | None = None,
                    extra: dict[str, Any] | None = None) -> Snapshot:
     """Save into a private directory, then rename it into place (two runs making the same snapshot at once: the
@@ -176,6 +232,7 @@ def write_snapshot(key: SnapshotKey, save: Callable[[Path], float], root: Path |
         meta: dict[str, Any] = {"format": SNAPSHOT_FORMAT, "key": key.key, "inputs": key.inputs,
                                 "created": time.time(), "save_s": round(save_s, 3),
                                 "state_size": state.stat().st_size, "state_ends_sha256": _ends_digest(state),
+                                "state_data_crc32": data_crc32(state),
                                 **(extra or {})}
         meta["meta_sha256"] = _meta_digest(meta)
         (tmp / META_FILE).write_text(json.dumps(meta, indent=1))

@@ -22,6 +22,7 @@ from aperture.emulator.vm.snapshots import (
     SNAPSHOT_TOKEN,
     Snapshot,
     SnapshotKey,
+    builder_lock,
     find_snapshot,
     not_snapshottable,
     snapshot_key,
@@ -113,14 +114,21 @@ def ensure_snapshot(config: VmConfig, inputs: BootInputs, progress: Progress,
     snap, why = find_snapshot(key, root)
     if snap is not None or why is not None:
         return snap, why, None
-    progress(f"warm start: no snapshot of this VM yet: booting once to make {key.key}")
-    t0 = time.monotonic()
-    with tempfile.TemporaryDirectory(prefix="aperture-snapshot-") as tmp, \
-            Vm(config, inputs.boot(), run_dir=Path(tmp), scenario="idle", plug_nvme=False,
-               guest_env={Env.STAMP: SNAPSHOT_TOKEN}) as vm:
-        vm.wait_idle(min(config.run_timeout, config.boot_timeout))
-        snap = save_ready(vm, key, root)
-    made = time.monotonic() - t0
+    # One builder per snapshot: a run that finds another making it waits for that one instead of making its own.
+    with builder_lock(key, wait_s=config.boot_timeout + 30, root=root) as mine:
+        snap, why = find_snapshot(key, root)
+        if snap is not None or why is not None:
+            return snap, why, None
+        if not mine:
+            return None, f"another run is still making snapshot {key.key}", None
+        progress(f"warm start: no snapshot of this VM yet: booting once to make {key.key}")
+        t0 = time.monotonic()
+        with tempfile.TemporaryDirectory(prefix="aperture-snapshot-") as tmp, \
+                Vm(config, inputs.boot(), run_dir=Path(tmp), scenario="idle", plug_nvme=False,
+                   guest_env={Env.STAMP: SNAPSHOT_TOKEN}) as vm:
+            vm.wait_idle(min(config.run_timeout, config.boot_timeout))
+            snap = save_ready(vm, key, root)
+        made = time.monotonic() - t0
     progress(f"warm start: snapshot {key.key} made in {made:.2f} s ({snap.meta['state_size'] >> 20} MiB sparse)")
     return snap, None, made
 
@@ -195,6 +203,12 @@ def ready_vm(config: VmConfig, inputs: BootInputs, run_dir: Path, progress: Prog
                 info.note = f"restoring snapshot {snap.key} failed ({failed}): booted cold"
                 shutil.rmtree(snap.directory, ignore_errors=True)  # the next run makes a new one
                 key = None
+        # One builder per snapshot, the lock held from the boot to the save: a run that finds another making it
+        # boots cold rather than making a second copy of the same snapshot.
+        builder = contextlib.ExitStack()
+        stack.push(builder)
+        if vm is None and key is not None and info.note is None and not builder.enter_context(builder_lock(key)):
+            info.note = f"another run is making snapshot {key.key}: booted cold"
         if vm is None and key is not None and info.note is None:
             # The first VM of this shape: boot it as a snapshot's VM is booted, save it at the ready state,
             # and go on with it (the save costs a second or two; no second boot).
@@ -210,6 +224,7 @@ def ready_vm(config: VmConfig, inputs: BootInputs, run_dir: Path, progress: Prog
             except GuestError as exc:
                 info.note = f"no snapshot could be made: {exc}"
             finally:
+                builder.close()  # saved (or failed): the next run restores it
                 if vm.qmp is not None and not vm.qmp.execute("query-status").get("running"):
                     vm.qmp.cont()
             _set_env(vm, guest_env)

@@ -9,6 +9,8 @@ import shutil
 import subprocess
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import aperture_argv, checks_by_name, run_aperture
 
 
@@ -61,16 +63,25 @@ def test_two_restores_at_once_never_share_a_file(default_run, tmp_path: Path) ->
         assert not (tmp_path / k / "devmem0.img").samefile(tmp_path / ("b" if k == "a" else "a") / "devmem0.img")
 
 
-def test_a_corrupt_snapshot_is_a_note_and_a_cold_boot(default_run, tmp_path: Path) -> None:
-    """A copy of the real snapshot with bytes changed at its start: detected before use, removed, booted cold."""
+@pytest.mark.parametrize("where", ["start", "middle"])
+def test_a_corrupt_snapshot_is_a_note_and_a_cold_boot(default_run, tmp_path: Path, where: str) -> None:
+    """A copy of the real snapshot with bytes changed — 16 at its start, or 1 MiB of random bytes in the middle of
+    its data: detected before use, removed, booted cold (a silently different guest is worse than a cold boot)."""
     from aperture.emulator.vm.snapshots import snapshots_dir
 
     key = default_run[1]["snapshot"]
     copy = tmp_path / "snaps"
     shutil.copytree(snapshots_dir() / key, copy / key)
-    with open(copy / key / "state.mig", "r+b") as f:
-        f.seek(100)
-        f.write(b"\xde\xad\xbe\xef" * 4)
+    state = copy / key / "state.mig"
+    with open(state, "r+b") as f:
+        if where == "start":
+            f.seek(100)
+            f.write(b"\xde\xad\xbe\xef" * 4)
+        else:
+            fd = f.fileno()
+            middle = os.lseek(fd, state.stat().st_size // 2, os.SEEK_DATA)  # the first data at or after it
+            f.seek(middle)
+            f.write(os.urandom(1 << 20))
     env = dict(os.environ, APERTURE_SNAPSHOTS=str(copy))
     proc = run_aperture("run", "--json", "--run-dir", str(tmp_path / "r"), "--", "true", timeout=120, env=env)
     assert proc.returncode == 0, proc.stderr

@@ -299,3 +299,34 @@ def test_exec_output_keeps_its_first_and_last_mib_only() -> None:
     small = BoundedOutput(1000)
     small.add(b"short")
     assert small.text() == "short" and small.dropped == 0
+
+
+def test_one_builder_per_snapshot(tmp_path: Path) -> None:
+    from aperture.emulator.vm.snapshots import SnapshotKey, builder_lock
+
+    key = SnapshotKey("k" * 20, {})
+    with builder_lock(key, root=tmp_path) as first:
+        assert first
+        with builder_lock(key, wait_s=0.3, root=tmp_path) as second:
+            assert not second  # another is making it: look again or boot cold
+    with builder_lock(key, root=tmp_path) as again:
+        assert again
+
+
+def test_the_data_crc_sees_a_change_anywhere_in_the_data(tmp_path: Path) -> None:
+    import os
+
+    from aperture.emulator.vm.snapshots import data_crc32
+
+    state = tmp_path / "state.mig"
+    with open(state, "wb") as f:  # sparse: data, a 64 MiB hole, data
+        f.write(os.urandom(1 << 20))
+        f.seek(65 << 20)
+        f.write(os.urandom(1 << 20))
+    before = data_crc32(state)
+    with open(state, "r+b") as f:
+        f.seek((65 << 20) + 12345)
+        old = f.read(1)[0]
+        f.seek((65 << 20) + 12345)
+        f.write(bytes([old ^ 0xFF]))  # one byte, surely changed
+    assert data_crc32(state) != before
