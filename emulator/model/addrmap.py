@@ -33,14 +33,32 @@ class Region:
     resolver: Resolver | None  # None: not a DMA target (registers, foreign BARs)
 
 
+def _shifted(resolver: Resolver, by: int) -> Resolver:
+    return lambda offset, length: resolver(offset + by, length)
+
+
+def _disjoint(regions: list[Region]) -> list[Region]:
+    """The regions as sorted, non-overlapping pieces. Where a guest has programmed one BAR on top of another (or of
+    RAM), only the overlapped range is a ``conflict`` the device refuses; everything else stays reachable."""
+    regions = [r for r in regions if r.start < r.end]
+    points = sorted({r.start for r in regions} | {r.end for r in regions})
+    pieces: list[Region] = []
+    for lo, hi in zip(points, points[1:], strict=False):
+        covering = [r for r in regions if r.start <= lo and hi <= r.end]
+        if len(covering) == 1:
+            r = covering[0]
+            resolver = r.resolver if r.resolver is None or lo == r.start else _shifted(r.resolver, lo - r.start)
+            pieces.append(Region(lo, hi, r.kind, r.name, resolver))
+        elif covering:
+            pieces.append(Region(lo, hi, "conflict", " over ".join(c.name for c in covering), None))
+    return pieces
+
+
 class AddressMap:
-    """Sorted, non-overlapping guest-physical regions."""
+    """Sorted, non-overlapping guest-physical regions (overlaps a guest made are carved out as conflicts)."""
 
     def __init__(self, regions: list[Region]) -> None:
-        self.regions = sorted(regions, key=lambda r: r.start)
-        for a, b in zip(self.regions, self.regions[1:], strict=False):
-            if a.end > b.start:
-                raise ValueError(f"regions overlap: {a.name} and {b.name}")
+        self.regions = _disjoint(regions)
 
     def find(self, gpa: int) -> Region | None:
         for r in self.regions:
