@@ -21,7 +21,8 @@ from aperture.emulator.runs.results import Check
 from aperture.guest.abi import CheckName
 from aperture.guest.kernelspec import KernelSpec
 
-#: The first line of each kind of kernel report (after the printk timestamp, if any).
+#: The first line of each kind of kernel report, matched at the start of the message (after the printk
+#: timestamp): "Speculative Return Stack Overflow: WARNING: ..." is advice, not a WARN splat.
 REPORT_KINDS: tuple[tuple[str, re.Pattern[str]], ...] = (
     ("kasan", re.compile(r"BUG: KASAN: ")),
     ("kfence", re.compile(r"BUG: KFENCE: ")),
@@ -30,13 +31,13 @@ REPORT_KINDS: tuple[tuple[str, re.Pattern[str]], ...] = (
                            r"inconsistent lock state|suspicious RCU usage|lock held when returning|"
                            r"possible irq lock inversion|bad unlock balance|held lock freed|"
                            r"Nested lock was not taken|.*lock.* detected)")),
-    ("list_corruption", re.compile(r"(list_add|list_del) corruption")),
+    ("list_corruption", re.compile(r"(\S+: )?(list_add|list_del|slab \S+ list_del) corruption")),
     ("kmemleak", re.compile(r"kmemleak: \d+ new suspected memory leaks")),
     ("hung_task", re.compile(r"INFO: task .* blocked for more than \d+ seconds")),
     ("rcu_stall", re.compile(r"rcu: INFO: .* detected stalls")),
     ("oops", re.compile(r"(Oops: |general protection fault|BUG: unable to handle)")),
     ("bug", re.compile(r"(kernel BUG at |BUG: )")),
-    ("warning", re.compile(r"WARNING: ")),
+    ("warning", re.compile(r"WARNING: (CPU: \d+ PID: \d+|at )")),
 )
 #: Where a report ends (else after MAX_REPORT_LINES lines or at the next report).
 _END_TRACE = re.compile(r"---\[ end trace")
@@ -62,7 +63,7 @@ class KernelReport:
 def _kind(line: str) -> str | None:
     body = _TIMESTAMP.sub("", line)
     for kind, pattern in REPORT_KINDS:
-        if pattern.search(body):
+        if pattern.match(body):
             return kind
     return None
 

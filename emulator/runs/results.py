@@ -50,6 +50,9 @@ class Check:
         name, ok = msg.get("name"), msg.get("ok")
         if not (isinstance(name, str) and CHECK_NAME.fullmatch(name) and isinstance(ok, bool)):
             return None
+        entry = CHECKS.get(name)
+        if entry is not None and entry.runs_in == "host":
+            return None  # the host's own checks (guest.dmesg, host.*) cannot be reported by the guest
         return cls(name, ok, msg.get("detail"))
 
 

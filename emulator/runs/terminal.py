@@ -11,6 +11,7 @@ import socket
 import struct
 import sys
 import termios
+import time
 import tty
 from collections.abc import Iterator
 
@@ -20,6 +21,9 @@ from aperture.guest.errors import GuestError
 #: Ctrl-] detaches (as telnet and virsh console do): the guest's shell is hung up, the VM stays.
 DETACH_KEY = b"\x1d"
 READY_TIMEOUT_S = 10.0
+#: After the end of piped input: Ctrl-D once the guest has been quiet this long, again every EOF_REPEAT_S.
+EOF_QUIET_S = 0.3
+EOF_REPEAT_S = 1.0
 MAX_PAYLOAD = 4096
 
 
@@ -90,23 +94,28 @@ def _relay(sock: socket.socket, reader: FrameReader, pending: list[tuple[int, by
         if status is not None:
             return status
     stdin_open = True
+    last_output = last_eof = 0.0
     while True:
         size = winsize()
         if size != last_size:
             sock.sendall(frame(abi.SHELL_WINSIZE, size))
             last_size = size
+        now = time.monotonic()
+        if not stdin_open and now - last_output >= EOF_QUIET_S and now - last_eof >= EOF_REPEAT_S:
+            # End of input (a script piped in): the terminal's end-of-file, as typing Ctrl-D would, once the
+            # guest is quiet (a Ctrl-D typed ahead of the shell's own start is lost) and again until it exits —
+            # the shell finishes what it was given and exits, and so do we (like `ssh host < script`).
+            sock.sendall(frame(abi.SHELL_DATA, b"\x04"))
+            last_eof = now
         watch = [sock] + ([stdin_fd] if stdin_open else [])
         try:
-            readable, _, _ = select.select(watch, [], [], 0.5)
+            readable, _, _ = select.select(watch, [], [], 0.1 if not stdin_open else 0.5)
         except InterruptedError:
             continue
         if stdin_fd in readable:
             data = os.read(stdin_fd, MAX_PAYLOAD)
             if not data:
-                # End of input (a script piped in): the terminal's end-of-file, as typing Ctrl-D would — the
-                # shell finishes what it was given and exits, and so do we (like `ssh host < script`).
                 stdin_open = False
-                sock.sendall(frame(abi.SHELL_DATA, b"\x04"))
                 continue
             if DETACH_KEY in data:
                 before = data.split(DETACH_KEY, 1)[0]
@@ -119,6 +128,7 @@ def _relay(sock: socket.socket, reader: FrameReader, pending: list[tuple[int, by
             data = sock.recv(65536)
             if not data:
                 raise GuestError("the guest shell's port closed (the VM has stopped)")
+            last_output = time.monotonic()
             for kind, payload in reader.feed(data):
                 status = _deliver(kind, payload, stdout_fd)
                 if status is not None:

@@ -91,3 +91,19 @@ def test_check_fails_on_a_report_and_passes_on_a_clean_log(tmp_path: Path) -> No
     bad = kernel_log_check(console, kernel)
     assert not bad.ok and bad.detail["kinds"] == ["lockdep"] and bad.detail["count"] == 1
     assert kernel_log_check(tmp_path / "missing.log", kernel).ok  # no console yet: nothing reported
+
+
+def test_advice_that_says_warning_is_not_a_report() -> None:
+    """Seen on Debian's kernel under TCG: a mitigation notice with "WARNING:" inside the line is no WARN splat."""
+    advice = ("[    0.277227] Speculative Return Stack Overflow: WARNING: See "
+              "https://kernel.org/doc/html/latest/admin-guide/hw-vuln/srso.html for mitigation options.\n")
+    assert find_reports(CLEAN + advice) == ([], 0)
+    assert find_reports(advice + WARN)[1] == 1
+
+
+def test_the_guest_cannot_report_the_hosts_own_checks() -> None:
+    from aperture.emulator.runs.results import Check
+
+    assert Check.from_message({"type": "check", "name": "guest.dmesg", "ok": True, "detail": {}}) is None
+    assert Check.from_message({"type": "check", "name": "host.emulator_thread", "ok": True}) is None
+    assert Check.from_message({"type": "check", "name": "dax.fsdax", "ok": True}) is not None
