@@ -227,6 +227,7 @@ class VmConfig:
     guest_bins: tuple[Path, ...] = ()
     nvme: int = DEFAULT_NVME_SIZE  # namespace size of the NVMe controller with a CMB; 0: no NVMe
     shares: tuple[ShareConfig, ...] = ()
+    user_modules: tuple[Path, ...] = ()  # the user's own .ko files, loaded after aperture's driver
 
     def __post_init__(self) -> None:
         if self.memory < 128 * MiB or self.memory % MiB:
@@ -247,6 +248,11 @@ class VmConfig:
         for b in self.guest_bins:
             if not b.is_file():
                 raise ConfigError(f"guest binary {b}: no such file")
+        for m in self.user_modules:
+            if not m.is_file() or m.suffix != ".ko":
+                raise ConfigError(f"kernel module {m}: not a .ko file")
+        if len({m.stem for m in self.user_modules}) != len(self.user_modules):
+            raise ConfigError("two kernel modules of the same name")
         if self.nvme and not (16 * MiB <= self.nvme <= 16 * GiB and self.nvme % MiB == 0):
             raise ConfigError(f"nvme namespace {format_size(self.nvme)} must be whole MiB, 16M to 16G (or none)")
         if not 1 <= self.smp <= 8:

@@ -158,6 +158,10 @@ VM_OPTIONS: tuple[VmOption, ...] = (
     VmOption("guest_bins", "--guest-bin", lambda v: tuple(Path(str(t)).expanduser() for t in _texts(v)), (),
              "Host binary to put into the guest's /usr/local/bin, with its shared libraries. Repeatable.",
              metavar="FILE", multiple=True),
+    VmOption("user_modules", "--module", lambda v: tuple(Path(str(t)).expanduser().resolve() for t in _texts(v)),
+             (), "A kernel module of your own (built against the guest kernel: `aperture kernel info` names the "
+             "tree) to put into the image and load after aperture's driver. Repeatable.", metavar="FILE.ko",
+             multiple=True),
     VmOption("force", "--force", _flag, False,
              "Let the guest overwrite an NVDIMM whose info block is foreign, corrupted or of another mode "
              "(destroys that NVDIMM's data).", is_flag=True),

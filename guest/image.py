@@ -218,7 +218,7 @@ def guest_files(bins: tuple[Path, ...]) -> dict[str, Path]:
 
 
 def build_image(kernel: KernelSpec, *, force: bool = False, cache: Path | None = None,
-                guest_bins: tuple[Path, ...] = ()) -> GuestImage:
+                guest_bins: tuple[Path, ...] = (), user_modules: tuple[Path, ...] = ()) -> GuestImage:
     root = cache or cache_root()
     bins = tuple(find_host_binary(n) for n in DEFAULT_GUEST_BINS) + optional_host_binaries() + tuple(guest_bins)
     extra = guest_files(bins)
@@ -237,6 +237,9 @@ def build_image(kernel: KernelSpec, *, force: bool = False, cache: Path | None =
     driver = build_driver(kernel, root) if driver_missing(kernel, root) is None else None
     if driver is not None:
         at_boot.append(DRIVER_MODULE)
+    # The user's own modules (--module): loaded last, in the order given, from lib/modules/user/.
+    user = [(f"user/{p.stem}", p) for p in user_modules]
+    at_boot += [name for name, _ in user]
     helper = build_helper(root)
     busybox = _busybox()
     init = _init_script()
@@ -253,9 +256,12 @@ def build_image(kernel: KernelSpec, *, force: bool = False, cache: Path | None =
         digest.update(f"{guest_path}:{host}:{st.st_size}:{st.st_mtime_ns}\n".encode())
     if driver is not None:
         digest.update(b"driver:" + hashlib.sha256(driver.read_bytes()).digest())
+    for name, path in user:
+        digest.update(name.encode() + b":" + hashlib.sha256(path.read_bytes()).digest())
     hexdigest = digest.hexdigest()[:20]
     out = root / "images" / f"initramfs-{hexdigest}.cpio"
-    names = tuple(m.name for m in closure) + ((DRIVER_MODULE,) if driver is not None else ())
+    names = tuple(m.name for m in closure) + ((DRIVER_MODULE,) if driver is not None else ()) + \
+        tuple(name for name, _ in user)
     if out.exists() and not force:
         return GuestImage(out, hexdigest, kernel.release, names, cached=True)
 
@@ -263,7 +269,8 @@ def build_image(kernel: KernelSpec, *, force: bool = False, cache: Path | None =
     tmp = private_tmp(out)
     with open(tmp, "wb") as f:
         w = CpioWriter(f)
-        for d in ("bin", "sbin", "dev", "etc", "etc/aperture", "lib", "lib/modules", "proc", "sys", "run",
+        for d in ("bin", "sbin", "dev", "etc", "etc/aperture", "lib", "lib/modules", "lib/modules/user", "proc",
+                  "sys", "run",
                   "tmp", "mnt", "usr", "usr/lib", "usr/lib/aperture"):
             w.dir(d)
         w.chardev("dev/console", 5, 1)
@@ -276,6 +283,8 @@ def build_image(kernel: KernelSpec, *, force: bool = False, cache: Path | None =
             w.file(f"lib/modules/{m.name}.ko", m.data)
         if driver is not None:
             w.file(f"lib/modules/{DRIVER_MODULE}.ko", driver.read_bytes())
+        for name, path in user:
+            w.file(f"lib/modules/{name}.ko", path.read_bytes())
         w.file("etc/aperture/modules", "".join(n + "\n" for n in at_boot).encode())
         for guest_path, host in sorted(extra.items()):
             w.file(guest_path, host.read_bytes(), 0o755)

@@ -102,6 +102,8 @@ def kernels_report() -> dict[str, dict[str, Any]]:
                       "vmlinux": str(current.vmlinux), "source": f"linux-source {current.source_version}",
                       "fragment": f"{fragment_path()} ({current.fragment_hash})", "compiler": current.compiler,
                       "build_s": current.build_s, "hmm-tests": str(current.hmm_tests or "not built"),
+                      "build modules against": (f"make -C {current.obj_dir} M=$PWD  (then aperture run --module "
+                                                "./x.ko)") if current.obj_dir else "its tree is not in the cache",
                       "config flags": _flags(current.config)})
     others = [b for b in cached_builds() if current is None or b.key != current.key]
     if others:

@@ -131,7 +131,7 @@ def prepare_inputs(config: VmConfig, kernel: KernelSpec, progress: Progress) -> 
     qemu = find_qemu()
     version = qemu_version(qemu)
     progress(f"guest image: building for kernel {kernel.release}")
-    image = build_image(kernel, guest_bins=config.guest_bins)
+    image = build_image(kernel, guest_bins=config.guest_bins, user_modules=config.user_modules)
     progress(f"guest image: {image.path.name} ({'cached' if image.cached else 'built'}, "
              f"{len(image.modules)} modules)")
     accel = choose_accel(config.accel, kernel, image.path, qemu, version, cache_root())

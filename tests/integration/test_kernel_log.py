@@ -59,3 +59,24 @@ def test_a_warning_from_the_users_module_fails_a_successful_command(tmp_path: Pa
     assert dmesg["status"] == "fail" and dmesg["detail"]["kinds"] == ["warning"], dmesg
     report = dmesg["detail"]["reports"][0]
     assert "warnmod" in "\n".join(report["lines"]) and report["header"].startswith("WARNING: CPU:")
+
+
+def test_module_of_the_users_own_is_loaded_at_boot_and_its_warning_fails_the_run(tmp_path: Path,
+                                                                                  built_kernel) -> None:
+    """`--module FILE.ko` puts the user's module into the image, /init loads it after aperture's driver; its
+    WARN at load is a guest.dmesg report, and the run exits 1."""
+    if built_kernel.build_dir is None or not (built_kernel.build_dir / "Makefile").is_file():
+        pytest.skip("the built kernel's object tree is not in the cache")
+    src = tmp_path / "warnmod"
+    src.mkdir()
+    (src / "warnmod.c").write_text(WARN_MODULE)
+    (src / "Kbuild").write_text("obj-m := warnmod.o\n")
+    make = subprocess.run(["make", "-C", str(built_kernel.build_dir), f"M={src}", "modules"],
+                          capture_output=True, text=True, timeout=300)
+    assert make.returncode == 0, make.stderr[-2000:]
+    proc = run_aperture("run", "-q", "--json", "--cold", "--module", str(src / "warnmod.ko"), "--only", "guest.*",
+                        "--run-dir", str(tmp_path / "r"), timeout=300)
+    assert proc.returncode == 1, proc.stderr
+    checks = checks_by_name(json.loads(proc.stdout))
+    assert checks["guest.modules"]["status"] == "pass", checks["guest.modules"]  # it loaded
+    assert checks["guest.dmesg"]["status"] == "fail" and "warnmod" in json.dumps(checks["guest.dmesg"]["detail"])
