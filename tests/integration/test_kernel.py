@@ -143,3 +143,19 @@ def test_only_runs_only_the_selected_checks(tmp_path: Path) -> None:
     names = [c["name"] for c in json.loads(proc.stdout)["checks"]]
     assert names and all(n.startswith("dax.") for n in names), names
     assert "dax.fsdax" in names and "dax.devdax" in names and "dax.map_sync" not in names
+
+
+def test_a_kernel_build_tree_runs_every_check_with_none_skipped(tmp_path: Path, built_kernel) -> None:
+    """--kernel DIR on an O= tree built from Debian's source with aperture's fragment (the built kernel's own
+    object tree is one): its image, config and modules, the driver and hmm-tests built against it — every check
+    runs, none skips."""
+    tree = built_kernel.build_dir
+    if tree is None or not (tree / "include/config/kernel.release").is_file():
+        pytest.skip("the built kernel's object tree is not in the cache")
+    proc = run_aperture("run", "--json", "-q", "--kernel", str(tree), "--run-dir", str(tmp_path / "r"), timeout=600)
+    assert proc.returncode == 0, proc.stderr + proc.stdout[-3000:]
+    result = json.loads(proc.stdout)
+    statuses = {c["name"]: c["status"] for c in result["checks"]}
+    assert set(statuses.values()) == {"pass"}, {k: v for k, v in statuses.items() if v != "pass"}
+    assert {"hmm.migrate", "witness.hmm_tests", "p2p.peer_map", "guest.dmesg"} <= set(statuses)
+    assert result["kernel_release"] == built_kernel.release
