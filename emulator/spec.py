@@ -120,9 +120,10 @@ class VmOption:
 VM_OPTIONS: tuple[VmOption, ...] = (
     VmOption("kernel", "--kernel", lambda v: None if v in (None, "") else str(v), None,
              "The guest kernel: 'built' (default: the kernel `aperture kernel build` made, P2PDMA/DEVICE_PRIVATE/HMM "
-             "on), 'debian' (Debian's prebuilt kernel), a bzImage / PVH ELF vmlinux of your own, or the directory "
-             "of a kernel build tree (in-tree or O=: its image, .config and modules; aperture's driver and hmm-tests "
-             "built against it).", metavar="built|debian|PATH|DIR", target="kernel"),
+             "on), 'built-debug' (its debug flavour: KASAN, lockdep, DEBUG_VM), 'debian' (Debian's prebuilt kernel), "
+             "a bzImage / PVH ELF vmlinux of your own, or the directory of a kernel build tree (in-tree or O=: its "
+             "image, .config and modules; aperture's driver and hmm-tests built against it).",
+             metavar="built|built-debug|debian|PATH|DIR", target="kernel"),
     VmOption("modules", "--modules", _optional_path, None,
              "Modules for --kernel PATH: lib/modules/<release> or a root containing it (not needed when everything "
              "is built in).", metavar="DIR", target="kernel"),

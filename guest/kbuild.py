@@ -36,7 +36,7 @@ KBUILD_FORMAT = 1
 #: Debian's source package of the kernel series the fragment is written for.
 SOURCE_PACKAGE = "linux-source-6.12"
 #: Builds kept in the cache (each ~40 MB; the source tree and object dir of the newest source are kept too).
-KEEP_BUILDS = 2
+KEEP_BUILDS = 3
 
 _OPTION_RE = re.compile(r"^(CONFIG_[A-Z0-9_]+)=(\S+)\s*(?:#\s*(.*))?$")
 
@@ -54,8 +54,24 @@ class FragmentOption:
         return f"{self.name}={self.value}"
 
 
-def fragment_path() -> Path:
-    return Path(str(resources.files("aperture.guest") / "kconfig" / "aperture.config"))
+#: Kernel flavours: the fragments each is built from, in order (a later line wins for the same option).
+FLAVORS: dict[str, tuple[str, ...]] = {"default": ("aperture.config",), "debug": ("aperture.config", "debug.config")}
+
+
+def fragment_path(name: str = "aperture.config") -> Path:
+    return Path(str(resources.files("aperture.guest") / "kconfig" / name))
+
+
+def flavor_options(flavor: str = "default") -> list[FragmentOption]:
+    """The options of a flavour: its fragments in order, a later line replacing an earlier one of that option."""
+    if flavor not in FLAVORS:
+        raise SetupError(f"unknown kernel flavour {flavor!r}: {', '.join(FLAVORS)}")
+    merged: dict[str, FragmentOption] = {}
+    for name in FLAVORS[flavor]:
+        for option in read_fragment(fragment_path(name)):
+            merged.pop(option.name, None)
+            merged[option.name] = option
+    return list(merged.values())
 
 
 def read_fragment(path: Path | None = None) -> list[FragmentOption]:
@@ -168,9 +184,9 @@ def cached_builds(root: Path | None = None) -> list[BuiltKernel]:
     return out
 
 
-def current_build(root: Path | None = None) -> BuiltKernel | None:
-    """The cached build made from today's fragment with today's compiler (any source version), if any."""
-    want_frag = fragment_hash(read_fragment())
+def current_build(root: Path | None = None, flavor: str = "default") -> BuiltKernel | None:
+    """The cached build of ``flavor`` made from today's fragments with today's compiler (any source version)."""
+    want_frag = fragment_hash(flavor_options(flavor))
     compiler = compiler_version()
     for built in cached_builds(root):
         if built.fragment_hash == want_frag and built.compiler == compiler:
@@ -201,9 +217,10 @@ class KernelBuilder:
 
     def __init__(self, progress: Progress, *, root: Path | None = None, verbose: bool = False,
                  jobs: int | None = None, output: Callable[[str], None] | None = None,
-                 fragment: Path | None = None) -> None:
+                 fragment: Path | None = None, flavor: str = "default") -> None:
         self.progress = progress
         self.fragment = fragment
+        self.flavor = flavor
         self.root = root or cache_root()
         self.verbose = verbose
         self.jobs = jobs or os.cpu_count() or 1
@@ -211,13 +228,13 @@ class KernelBuilder:
 
     # ---------------------------------------------------------------- the steps
     def build(self, force: bool = False) -> BuiltKernel:
-        options = read_fragment(self.fragment)
+        options = read_fragment(self.fragment) if self.fragment else flavor_options(self.flavor)
         frag = fragment_hash(options)
         compiler = compiler_version()
         try:
             deb = resolve_uri(SOURCE_PACKAGE)
         except SetupError as exc:
-            cached = current_build(self.root)
+            cached = current_build(self.root, self.flavor)
             if cached is not None and not force:
                 self.progress(f"kernel: {SOURCE_PACKAGE} not resolvable ({exc.message}); using the cached build "
                               f"{cached.release}")
@@ -241,7 +258,8 @@ class KernelBuilder:
                       f"{', ccache' if shutil.which('ccache') else ''} — about 10 minutes on 2 cores the first "
                       "time, a minute or less from ccache after that")
         src = self._unpack(deb, version)
-        obj = self.root / "kbuild" / f"obj-{version}"
+        # One object tree per flavour: switching flavours must not reconfigure (and rebuild) the other's tree.
+        obj = self.root / "kbuild" / (f"obj-{version}" if self.flavor == "default" else f"obj-{version}-{self.flavor}")
         obj.mkdir(parents=True, exist_ok=True)
         self._configure(src, obj, options)
         self._make(src, obj, ["bzImage", "vmlinux", "modules"], "compiling")

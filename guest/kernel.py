@@ -108,13 +108,19 @@ def _modules_for(release: str, modules: Path) -> Path:
     raise ConfigError(f"no modules for kernel {release} under {modules}")
 
 
-def built_kernel() -> KernelSpec:
-    """The kernel ``aperture kernel build`` made from today's fragment (booted through its PVH entry)."""
-    built = current_build()
+def built_kernel(flavor: str = "default") -> KernelSpec:
+    """The kernel ``aperture kernel build`` made from today's fragment: the default flavour through its PVH entry,
+    the debug flavour as a bzImage (a KASAN kernel entered through PVH powers off before its first console line:
+    the PVH entry runs C code before KASAN's early shadow is mapped)."""
+    built = current_build(flavor=flavor)
     if built is None:
+        if flavor != "default":
+            raise SetupError(f"no {flavor} kernel in the cache: run `aperture kernel build --flavor {flavor}` "
+                             "(about 15 minutes on 2 cores the first time)")
         raise SetupError("no built guest kernel for the current guest/kconfig/aperture.config in the cache: run "
                          "scripts/setup.sh (or `aperture kernel build`); `--kernel debian` boots Debian's kernel")
-    return KernelSpec(built.vmlinux, built.modules_dir, built.release, built.config, "built",
+    image = built.vmlinux if flavor == "default" else built.bzimage
+    return KernelSpec(image, built.modules_dir, built.release, built.config, "built",
                       read_builtin(built.modules_dir), built.hmm_tests, built.obj_dir)
 
 
@@ -132,10 +138,10 @@ def debian_kernel(modules: Path | None = None) -> KernelSpec:
 def resolve_kernel(kernel: Path | str | None = None, modules: Path | None = None,
                    config: Path | None = None) -> KernelSpec:
     """``None``/``"built"``: the built kernel; ``"debian"``: Debian's; otherwise a bzImage or PVH vmlinux."""
-    if kernel is None or str(kernel) == "built":
+    if kernel is None or str(kernel) in ("built", "built-debug"):
         if modules is not None or config is not None:
             raise ConfigError("a modules directory and a config go with a kernel file (not 'built' or 'debian')")
-        return built_kernel()
+        return built_kernel("debug" if str(kernel) == "built-debug" else "default")
     if str(kernel) == "debian":
         if config is not None:
             raise ConfigError("a config goes with a kernel file (not 'built' or 'debian')")

@@ -311,8 +311,11 @@ def kernel() -> None:
 @click.option("--force", is_flag=True, help="Rebuild even when the cache holds a build for this key.")
 @click.option("-j", "--jobs", type=click.IntRange(1, 256), help="Parallel make jobs (default: all cores).")
 @click.option("-v", "--verbose", is_flag=True, help="Stream make's own output.")
+@click.option("--flavor", type=click.Choice(["default", "debug"]), default="default", show_default=True,
+              help="debug: the fragment plus KASAN, lockdep, DEBUG_VM, DEBUG_ATOMIC_SLEEP, DEBUG_LIST and debug info "
+              "(guest/kconfig/debug.config); run it with --kernel built-debug.")
 @click.option("--json", "as_json", is_flag=True, help="Print what was built (or found) as JSON.")
-def kernel_build(force: bool, jobs: int | None, verbose: bool, as_json: bool) -> None:
+def kernel_build(force: bool, jobs: int | None, verbose: bool, flavor: str, as_json: bool) -> None:
     """Fetch the source into the cache, configure, build and cache the guest kernel (idempotent).
 
     Rebuilt only when the source version, the fragment or the compiler changes. A fragment option that
@@ -321,8 +324,8 @@ def kernel_build(force: bool, jobs: int | None, verbose: bool, as_json: bool) ->
     from aperture.guest.kbuild import KernelBuilder
 
     ui = ProgressOutput()
-    built = KernelBuilder(ui.progress, verbose=verbose, jobs=jobs, output=lambda line: click.echo(line, err=True)
-                          ).build(force=force)
+    built = KernelBuilder(ui.progress, verbose=verbose, jobs=jobs, output=lambda line: click.echo(line, err=True),
+                          flavor=flavor).build(force=force)
     if as_json:
         emit_json(built.to_json())
     else:
