@@ -228,6 +228,7 @@ class VmConfig:
     nvme: int = DEFAULT_NVME_SIZE  # namespace size of the NVMe controller with a CMB; 0: no NVMe
     shares: tuple[ShareConfig, ...] = ()
     user_modules: tuple[Path, ...] = ()  # the user's own .ko files, loaded after aperture's driver
+    gdb: str = "off"  # on: QEMU's gdbstub on a socket; wait: and the CPUs halted until gdb continues them
 
     def __post_init__(self) -> None:
         if self.memory < 128 * MiB or self.memory % MiB:
@@ -251,6 +252,8 @@ class VmConfig:
         for m in self.user_modules:
             if not m.is_file() or m.suffix != ".ko":
                 raise ConfigError(f"kernel module {m}: not a .ko file")
+        if self.gdb not in ("off", "on", "wait"):
+            raise ConfigError(f"invalid gdb mode {self.gdb!r}: choose off, on or wait")
         if len({m.stem for m in self.user_modules}) != len(self.user_modules):
             raise ConfigError("two kernel modules of the same name")
         if self.nvme and not (16 * MiB <= self.nvme <= 16 * GiB and self.nvme % MiB == 0):

@@ -55,6 +55,11 @@ class RunPaths:
         return self.sock_dir / "qmp-user.sock"
 
     @property
+    def gdb_socket(self) -> Path:
+        """QEMU's gdbstub (--gdb): `aperture gdb NAME` attaches gdb here."""
+        return self.sock_dir / "gdb.sock"
+
+    @property
     def control_socket(self) -> Path:
         return self.sock_dir / "control.sock"
 

@@ -110,6 +110,8 @@ class VmOption:
     target: Target = "config"
     field: str = ""
     choices: tuple[str, ...] = ()
+    #: The value of the flag given without one (``--gdb`` means ``--gdb on``), or None
+    flag_value: str | None = None
 
     @property
     def dest(self) -> str:
@@ -163,6 +165,10 @@ VM_OPTIONS: tuple[VmOption, ...] = (
              (), "A kernel module of your own (built against the guest kernel: `aperture kernel info` names the "
              "tree) to put into the image and load after aperture's driver. Repeatable.", metavar="FILE.ko",
              multiple=True),
+    VmOption("gdb", "--gdb", lambda v: "on" if v is True else str(v), "off",
+             "QEMU's gdbstub on a socket (`aperture gdb NAME` attaches); wait: the CPUs halt before the kernel's "
+             "first instruction until gdb continues them (no boot timeout then).", choices=("off", "on", "wait"),
+             metavar="[on|wait]", flag_value="on"),
     VmOption("force", "--force", _flag, False,
              "Let the guest overwrite an NVDIMM whose info block is foreign, corrupted or of another mode "
              "(destroys that NVDIMM's data).", is_flag=True),
@@ -202,6 +208,8 @@ class VmSpec:
                 parsed[option.target][option.dest] = option.parse(raw)
             except ConfigError as exc:
                 raise VmOptionError(option, exc) from exc
+        if parsed["config"].get("gdb") == "wait":  # the user steps through boot: no time limit on it
+            parsed["config"].update(boot_timeout=3600.0, run_timeout=max(parsed["config"]["run_timeout"], 86400.0))
         try:
             config = VmConfig(**parsed["config"])
         except ConfigError as exc:

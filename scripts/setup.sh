@@ -73,7 +73,7 @@ elif [ "${ID:-}" = debian ] && [ -n "${VERSION_CODENAME:-}" ]; then
     fi
 fi
 
-host_pkgs=(qemu-system-x86 gcc libc6-dev e2fsprogs ndctl cpio zstd python3 python3-venv)
+host_pkgs=(qemu-system-x86 gcc libc6-dev e2fsprogs ndctl cpio zstd python3 python3-venv gdb)
 # Building the guest kernel (aperture kernel build): kbuild's own tools; ccache makes rebuilds take seconds.
 host_pkgs+=(make flex bison bc libelf-dev xz-utils ccache rsync)
 missing=()

@@ -22,7 +22,7 @@ import click
 from aperture.emulator.config import ShareConfig
 from aperture.emulator.frontend.summary import print_bench, print_summary
 from aperture.emulator.spec import VM_OPTIONS, VmOption, VmOptionError, VmSpec
-from aperture.guest.errors import ApertureError, ConfigError, GuestError, VmLaunchError
+from aperture.guest.errors import ApertureError, ConfigError, GuestError, SetupError, VmLaunchError
 from aperture.guest.units import parse_duration
 
 
@@ -73,6 +73,8 @@ def _click_option(option: VmOption) -> Callable[[Any], Any]:
     shown = option.default if option.default not in (None, (), False) else None
     kind: Any = click.Choice(option.choices) if option.choices else float if isinstance(option.default, float) else None
     flag: dict[str, Any] = {"is_flag": True} if option.is_flag else {"metavar": option.metavar, "type": kind}
+    if option.flag_value is not None:
+        flag["flag_value"] = option.flag_value
     return click.option(option.flag, option.name, multiple=option.multiple, **flag,
                         help=option.help + (f"  [default: {shown}]" if shown is not None else ""))
 
@@ -685,6 +687,46 @@ def qmp(name: str, as_json: bool) -> None:
                          history=state_dir().parent / "qmp_history")
     shell = QmpShell(target, as_json=as_json)
     sys.exit(shell.loop(sys.stdin))
+
+
+@cli.command("gdb", context_settings={"ignore_unknown_options": True})
+@click.argument("name", default="default")
+@click.argument("gdb_args", nargs=-1, type=click.UNPROCESSED)
+def gdb_cmd(name: str, gdb_args: tuple[str, ...]) -> None:
+    """gdb attached to a VM started with --gdb (`aperture up NAME --gdb`), with the guest kernel's vmlinux and,
+    where the kernel has them (the debug flavour), the kernel's own gdb scripts: lx-dmesg, lx-lsmod, and
+    lx-symbols for aperture's driver and your modules. Arguments after -- go to gdb:
+
+    \b
+      aperture gdb dev -- -batch -ex lx-lsmod
+    """
+    import shutil as _shutil
+
+    from aperture.emulator.runpaths import default_sock_dir
+    from aperture.guest.kernelspec import KernelSpec
+
+    rec = _record(name)
+    sock = default_sock_dir(name) / "gdb.sock"
+    if not sock.exists():
+        raise ConfigError(f"{name} has no gdbstub: start it with `aperture up {name} --gdb`")
+    gdb = _shutil.which("gdb")
+    if gdb is None:
+        raise SetupError("gdb not found: run scripts/setup.sh (it installs gdb)")
+    spec = json.loads((Path(rec.run_dir) / "daemon-spec.json").read_text())
+    kernel = KernelSpec.from_dict(spec["kernel"])
+    tree = kernel.build_dir
+    vmlinux = kernel.image if kernel.image.name.startswith("vmlinux") else (tree / "vmlinux" if tree else None)
+    argv = [gdb, "-q"] + ([str(vmlinux)] if vmlinux and vmlinux.is_file() else [])
+    scripts = tree / "vmlinux-gdb.py" if tree else None
+    if scripts is not None and scripts.is_file():
+        argv += ["-ex", f"add-auto-load-safe-path {tree}", "-ex", f"source {scripts}"]
+    argv += ["-ex", f"target remote {sock}"]
+    if scripts is not None and scripts.is_file():
+        from aperture.guest.driver_build import driver_path
+
+        dirs = [str(driver_path(kernel).parent)] + ([str(kernel.modules_dir)] if kernel.modules_dir else [])
+        argv += ["-ex", "lx-symbols " + " ".join(dirs)]
+    os.execv(gdb, argv + list(gdb_args))
 
 
 @cli.command("shell")

@@ -67,6 +67,8 @@ def build_argv(qemu: str, config: VmConfig, kernel: KernelSpec, initrd: Path, pa
     argv = [
         qemu,
         "-name", opt_value(paths.name),
+        *(["-gdb", f"unix:{opt_value(paths.gdb_socket)},server=on,wait=off"] if config.gdb != "off" else []),
+        *(["-S"] if config.gdb == "wait" else []),
         "-machine", f"q35,nvdimm=on,memory-backend={RAM_BACKEND_ID},max-ram-below-4g={RAM_BELOW_4G}",
         "-accel", accel,
         "-cpu", "host" if accel == "kvm" else TCG_CPU,

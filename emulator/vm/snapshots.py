@@ -59,6 +59,8 @@ def not_snapshottable(config: VmConfig, run_dir: Path | None = None) -> str | No
     """Why a VM of this configuration starts cold, or None."""
     if config.shares:
         return "--share: 9p shares cannot be migrated"
+    if config.gdb != "off":
+        return "--gdb: the kernel is debugged from its first instruction"
     if config.window_hotplug:
         return "--remap-mode hotplug: the window topology is re-plugged"
     if run_dir is not None and any(run_dir.glob("pmem*.img")):

@@ -159,3 +159,35 @@ def test_a_kernel_build_tree_runs_every_check_with_none_skipped(tmp_path: Path, 
     assert set(statuses.values()) == {"pass"}, {k: v for k, v in statuses.items() if v != "pass"}
     assert {"hmm.migrate", "witness.hmm_tests", "p2p.peer_map", "guest.dmesg"} <= set(statuses)
     assert result["kernel_release"] == built_kernel.release
+
+
+@pytest.mark.parametrize("flavor", ["built", "built-debug"])
+def test_gdb_attaches_to_a_vm_started_with_gdb(tmp_path: Path, flavor: str) -> None:
+    """`aperture up NAME --gdb` + `aperture gdb NAME -- -batch ...`: gdb with the guest's vmlinux on QEMU's
+    gdbstub; on the debug flavour (debug info, the kernel's gdb scripts) lx-lsmod lists aperture's driver."""
+    import uuid
+
+    from aperture.guest.errors import SetupError
+    from aperture.guest.kernel import built_kernel
+
+    if flavor == "built-debug":
+        try:
+            built_kernel("debug")
+        except SetupError:
+            pytest.skip("no debug-flavour kernel in the cache (aperture kernel build --flavor debug)")
+    env = {"APERTURE_STATE": str(tmp_path / "state")}
+    name = f"g{uuid.uuid4().hex[:6]}"
+    up = run_aperture("up", name, "-q", "--gdb", "--kernel", flavor, "--run-dir", str(tmp_path / "run"), env=env,
+                      timeout=300)
+    try:
+        assert up.returncode == 0, up.stderr
+        script = ["-batch", "-ex", "info registers rip"] + (["-ex", "lx-lsmod"] if flavor == "built-debug" else [])
+        gdb = run_aperture("gdb", name, "--", *script, env=env, timeout=180)
+        assert gdb.returncode == 0, gdb.stdout + gdb.stderr
+        assert "rip" in gdb.stdout, gdb.stdout + gdb.stderr
+        if flavor == "built-debug":
+            assert "aperture_drv" in gdb.stdout, gdb.stdout + gdb.stderr
+        # the guest runs on after gdb detached
+        assert run_aperture("exec", name, "--", "echo alive", env=env, timeout=60).stdout == "alive\n"
+    finally:
+        run_aperture("down", name, env=env, timeout=60)
