@@ -178,7 +178,8 @@ def test_pvh_vmlinux_boots(tmp_path: Path, debian_kernel) -> None:
     result = json.loads(proc.stdout)
     assert result["kernel_release"] == debian_kernel.release
     checks = {c["name"]: c for c in result["checks"]}
-    assert set(checks) == {"nvdimm.present", "dax.devdax", "zone_device.p2pmem", "p2p.nvme_cmb", "witness.hmm_tests"}
+    assert set(checks) == {"nvdimm.present", "dax.devdax", "zone_device.p2pmem", "p2p.nvme_cmb", "witness.hmm_tests",
+                           "guest.dmesg"}
     for name in ("zone_device.p2pmem", "p2p.nvme_cmb", "witness.hmm_tests"):  # Debian's kernel cannot have them
         assert checks[name]["ok"] and checks[name]["detail"]["skip_reason"], checks[name]
     assert any("zone_device.probe not run" in m for m in result["messages"])  # needs an fsdax NVDIMM
