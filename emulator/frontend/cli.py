@@ -503,17 +503,24 @@ def bench() -> None:
     """Benchmarks. Each prints `figures` and `ratios` (ratios against a baseline measured in the same run)."""
 
 
+def _run_bench(spec: VmSpec, quiet: bool, as_json: bool,
+               measure: Callable[[Any, Any, Callable[[str], None]], dict[str, Any]]) -> dict[str, Any]:
+    """Every bench: measure on the spec's VM and kernel, print figures and same-run ratios (or JSON)."""
+    report = measure(spec.config, spec.resolve_kernel(), ProgressOutput(quiet).progress)
+    print_bench(report, as_json)
+    return report
+
+
 @bench.command("boot")
 @vm_options
 @click.option("-n", "--boots", type=click.IntRange(1, 50), default=5, show_default=True)
 @click.option("--json", "as_json", is_flag=True)
 def bench_boot(spec: VmSpec, quiet: bool, boots: int, as_json: bool) -> None:
     """Cold boots: time to the helper's first message and to poweroff (bzImage, and PVH vmlinux if possible)."""
-    from aperture.emulator.frontend.bench import bench_boot as run_bench
-    ui = ProgressOutput(quiet)
-    config = spec.config
-    report = run_bench(config, spec.resolve_kernel(), boots, ui.progress)
-    print_bench(report, as_json)
+    from aperture.emulator.frontend import bench as benches
+
+    _run_bench(spec, quiet, as_json,
+               lambda config, kernel, progress: benches.bench_boot(config, kernel, boots, progress))
 
 
 @bench.command("dax")
@@ -521,11 +528,9 @@ def bench_boot(spec: VmSpec, quiet: bool, boots: int, as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True)
 def bench_dax_cmd(spec: VmSpec, quiet: bool, as_json: bool) -> None:
     """Guest memcpy bandwidth into devdax and fsdax mappings, as ratios of memcpy into anonymous RAM."""
-    from aperture.emulator.frontend.bench import bench_dax
-    ui = ProgressOutput(quiet)
-    config = spec.config
-    report = bench_dax(config, spec.resolve_kernel(), ui.progress)
-    print_bench(report, as_json)
+    from aperture.emulator.frontend import bench as benches
+
+    _run_bench(spec, quiet, as_json, benches.bench_dax)
 
 
 @bench.command("share")
@@ -537,11 +542,10 @@ def bench_dax_cmd(spec: VmSpec, quiet: bool, as_json: bool) -> None:
 def bench_share_cmd(spec: VmSpec, quiet: bool, mib: int, files: int, as_json: bool) -> None:
     """--share (9p): a sequential read and find + stat over many small files, as ratios of the same on the
     guest's RAM-backed root."""
-    from aperture.emulator.frontend.bench import bench_share
-    ui = ProgressOutput(quiet)
-    config = spec.config
-    report = bench_share(config, spec.resolve_kernel(), ui.progress, mib, files)
-    print_bench(report, as_json)
+    from aperture.emulator.frontend import bench as benches
+
+    _run_bench(spec, quiet, as_json,
+               lambda config, kernel, progress: benches.bench_share(config, kernel, progress, mib, files))
 
 
 @bench.command("device")
@@ -549,10 +553,9 @@ def bench_share_cmd(spec: VmSpec, quiet: bool, mib: int, files: int, as_json: bo
 @click.option("--json", "as_json", is_flag=True)
 def bench_device_cmd(spec: VmSpec, quiet: bool, as_json: bool) -> None:
     """MAP round trip vs its host floor, DMA throughput vs host memcpy (4 KiB and 2 MiB), same run."""
-    from aperture.emulator.frontend.bench import bench_device
-    ui = ProgressOutput(quiet)
-    config = spec.config
-    print_bench(bench_device(config, spec.resolve_kernel(), ui.progress), as_json)
+    from aperture.emulator.frontend import bench as benches
+
+    _run_bench(spec, quiet, as_json, benches.bench_device)
 
 
 @bench.command("driver")
@@ -560,10 +563,9 @@ def bench_device_cmd(spec: VmSpec, quiet: bool, as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True)
 def bench_driver_cmd(spec: VmSpec, quiet: bool, as_json: bool) -> None:
     """The guest driver: migration and fault-back MB/s vs host memcpy, peer-map latency vs the MAP floor."""
-    from aperture.emulator.frontend.bench import bench_driver
-    ui = ProgressOutput(quiet)
-    config = spec.config
-    print_bench(bench_driver(config, spec.resolve_kernel(), ui.progress), as_json)
+    from aperture.emulator.frontend import bench as benches
+
+    _run_bench(spec, quiet, as_json, benches.bench_driver)
 
 
 @bench.command("soak")
@@ -574,11 +576,10 @@ def bench_driver_cmd(spec: VmSpec, quiet: bool, as_json: bool) -> None:
 def bench_soak_cmd(spec: VmSpec, quiet: bool, duration: float, as_json: bool) -> None:
     """The hostile-guest fuzzer plus host remaps every 20 ms for DURATION; this process's memory must stay contiguous
     (ratio: last quarter vs first quarter of the same run). Exit 1 if the fuzz check failed."""
-    from aperture.emulator.frontend.bench import bench_soak
-    ui = ProgressOutput(quiet)
-    config = spec.config
-    report = bench_soak(config, spec.resolve_kernel(), duration, ui.progress)
-    print_bench(report, as_json)
+    from aperture.emulator.frontend import bench as benches
+
+    report = _run_bench(spec, quiet, as_json,
+                        lambda config, kernel, progress: benches.bench_soak(config, kernel, duration, progress))
     sys.exit(0 if report["ok"] else 1)
 
 
@@ -588,10 +589,10 @@ def bench_soak_cmd(spec: VmSpec, quiet: bool, duration: float, as_json: bool) ->
 @click.option("--json", "as_json", is_flag=True)
 def bench_remap_cmd(spec: VmSpec, quiet: bool, rounds: int, as_json: bool) -> None:
     """Pause-mode remap latency vs bare QMP stop+cont, same VM, same run."""
-    from aperture.emulator.frontend.bench import bench_remap
-    ui = ProgressOutput(quiet)
-    config = spec.config
-    print_bench(bench_remap(config, spec.resolve_kernel(), ui.progress, rounds), as_json)
+    from aperture.emulator.frontend import bench as benches
+
+    _run_bench(spec, quiet, as_json,
+               lambda config, kernel, progress: benches.bench_remap(config, kernel, progress, rounds))
 
 
 @cli.command()

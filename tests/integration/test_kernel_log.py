@@ -4,7 +4,6 @@ successful `run -- insmod` exit 1, with the report in the check's detail."""
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 from pathlib import Path
 
@@ -39,7 +38,10 @@ def test_default_run_has_a_clean_kernel_log(default_run) -> None:
     assert check["detail"]["count"] == 0 and check["detail"]["scanned_bytes"] > 0
 
 
-def test_a_warning_from_the_users_module_fails_a_successful_command(tmp_path: Path, built_kernel) -> None:
+@pytest.fixture
+def warnmod(tmp_path: Path, built_kernel) -> Path:
+    """A module of the user's own, built as the README says (make -C the tree aperture kernel info names): it
+    WARNs at load."""
     if built_kernel.build_dir is None or not (built_kernel.build_dir / "Makefile").is_file():
         pytest.skip("the built kernel's object tree is not in the cache")
     src = tmp_path / "warnmod"
@@ -49,7 +51,11 @@ def test_a_warning_from_the_users_module_fails_a_successful_command(tmp_path: Pa
     make = subprocess.run(["make", "-C", str(built_kernel.build_dir), f"M={src}", "modules"],
                           capture_output=True, text=True, timeout=300)
     assert make.returncode == 0, make.stdout[-2000:] + make.stderr[-2000:]
-    assert shutil.which("make")
+    return src / "warnmod.ko"
+
+
+def test_a_warning_from_the_users_module_fails_a_successful_command(tmp_path: Path, warnmod: Path) -> None:
+    src = warnmod.parent
     proc = run_aperture("run", "-q", "--json", "--cwd", "--run-dir", str(tmp_path / "r"), "--", "insmod",
                         "./warnmod.ko", cwd=src, timeout=300)
     result = json.loads(proc.stdout)
@@ -62,19 +68,10 @@ def test_a_warning_from_the_users_module_fails_a_successful_command(tmp_path: Pa
 
 
 def test_module_of_the_users_own_is_loaded_at_boot_and_its_warning_fails_the_run(tmp_path: Path,
-                                                                                  built_kernel) -> None:
+                                                                                  warnmod: Path) -> None:
     """`--module FILE.ko` puts the user's module into the image, /init loads it after aperture's driver; its
     WARN at load is a guest.dmesg report, and the run exits 1."""
-    if built_kernel.build_dir is None or not (built_kernel.build_dir / "Makefile").is_file():
-        pytest.skip("the built kernel's object tree is not in the cache")
-    src = tmp_path / "warnmod"
-    src.mkdir()
-    (src / "warnmod.c").write_text(WARN_MODULE)
-    (src / "Kbuild").write_text("obj-m := warnmod.o\n")
-    make = subprocess.run(["make", "-C", str(built_kernel.build_dir), f"M={src}", "modules"],
-                          capture_output=True, text=True, timeout=300)
-    assert make.returncode == 0, make.stderr[-2000:]
-    proc = run_aperture("run", "-q", "--json", "--cold", "--module", str(src / "warnmod.ko"), "--only", "guest.*",
+    proc = run_aperture("run", "-q", "--json", "--cold", "--module", str(warnmod), "--only", "guest.*",
                         "--run-dir", str(tmp_path / "r"), timeout=300)
     assert proc.returncode == 1, proc.stderr
     checks = checks_by_name(json.loads(proc.stdout))
