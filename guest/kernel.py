@@ -110,8 +110,8 @@ def _modules_for(release: str, modules: Path) -> Path:
 
 def built_kernel(flavor: str = "default") -> KernelSpec:
     """The kernel ``aperture kernel build`` made from today's fragment: the default flavour through its PVH entry,
-    the debug flavour as a bzImage (a KASAN kernel entered through PVH powers off before its first console line:
-    the PVH entry runs C code before KASAN's early shadow is mapped)."""
+    the debug flavour as a bzImage (a KASAN kernel entered through PVH powered off before its first console line
+    on these machines; why is not yet found)."""
     built = current_build(flavor=flavor)
     if built is None:
         if flavor != "default":

@@ -357,6 +357,11 @@ class Vm:
                     raise GuestError(f"guest kernel panicked: {panic}")
                 if self.process is not None and self.process.returncode not in (0, None):
                     self._raise_exited("QEMU died")
+                if not self.console.seen_output():
+                    raise GuestError("the guest kernel printed nothing on its console before QEMU exited: it died "
+                                     "before its serial console came up (an entry point it cannot take — try its "
+                                     "bzImage instead of a PVH vmlinux —, a kernel without SERIAL_8250_CONSOLE, "
+                                     "or not an x86-64 kernel)")
                 raise GuestError(f"guest powered off before the helper finished (console: {self.paths.console})")
             if self.first_message_at is None and elapsed > boot_timeout:
                 raise GuestError(f"guest did not boot within {boot_timeout:.0f} s (console: {self.paths.console})")
