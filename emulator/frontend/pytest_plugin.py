@@ -187,7 +187,7 @@ def aperture_vm(request: pytest.FixtureRequest, tmp_path: Path, _aperture_boot_i
         finally:
             request.config.stash.setdefault(_KTAP_CHECKS, []).extend(handle.checks)
     # After the VM is gone: the guest kernel's own reports (WARNING, BUG, KASAN, lockdep, ...) fail the test.
-    dmesg = kernel_log_check(vm.paths.console, inputs.kernel)
+    dmesg = kernel_log_check(vm.paths.console, inputs.kernel, config.user_modules)
     handle.checks.append(dmesg)
     request.config.stash.setdefault(_KTAP_CHECKS, []).append(dmesg)
     if not dmesg.ok:

@@ -13,6 +13,8 @@ import os
 import re
 import shutil
 import subprocess
+import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -104,9 +106,26 @@ def read_console(path: Path) -> tuple[str, int]:
         return "", 0
 
 
-def decode(report: KernelReport, kernel: KernelSpec) -> list[str]:
+def _module_dir(kernel: KernelSpec, extra: Sequence[Path], into: Path) -> Path:
+    """One directory the script can search for any module of the guest's (it takes one): the kernel's own,
+    aperture's driver and the user's --module files, as links."""
+    from aperture.guest.driver_build import driver_path
+
+    sources = list(kernel.modules_dir.rglob("*.ko")) if kernel.modules_dir else []
+    try:
+        sources.append(driver_path(kernel))
+    except (AssertionError, OSError):
+        pass
+    for ko in [*sources, *extra]:
+        link = into / ko.name
+        if ko.is_file() and not link.exists():
+            link.symlink_to(ko)
+    return into
+
+
+def decode(report: KernelReport, kernel: KernelSpec, modules: Sequence[Path] = ()) -> list[str]:
     """The report's stack with file:line, by the kernel's own scripts/decode_stacktrace.sh against the guest's
-    vmlinux (and its modules); empty when there is no source tree or no debug info to decode with."""
+    vmlinux and modules (``modules``: the user's own); empty when there is no source tree or no debug info."""
     source = kernel.build_dir / "source" if kernel.build_dir else None
     script = source / "scripts/decode_stacktrace.sh" if source else None
     vmlinux = kernel.image if kernel.image.name.startswith("vmlinux") else \
@@ -114,25 +133,24 @@ def decode(report: KernelReport, kernel: KernelSpec) -> list[str]:
     if script is None or vmlinux is None or not script.is_file() or not vmlinux.is_file() \
             or shutil.which("addr2line") is None:
         return []
-    argv = ["bash", str(script), str(vmlinux), str(source)]
-    if kernel.modules_dir:
-        argv.append(str(kernel.modules_dir))
-    try:
-        proc = subprocess.run(argv, input="\n".join(report.lines), capture_output=True, text=True, timeout=60,
-                              env=dict(os.environ, LC_ALL="C"))
-    except (OSError, subprocess.TimeoutExpired):
-        return []
+    with tempfile.TemporaryDirectory(prefix="aperture-decode-") as tmp:
+        argv = ["bash", str(script), str(vmlinux), str(source), str(_module_dir(kernel, modules, Path(tmp)))]
+        try:
+            proc = subprocess.run(argv, input="\n".join(report.lines), capture_output=True, text=True, timeout=120,
+                                  env=dict(os.environ, LC_ALL="C"))
+        except (OSError, subprocess.TimeoutExpired):
+            return []
     out = [ln for ln in proc.stdout.splitlines() if re.search(r"\S+\.[ch]:\d+", ln)]
     return out[:MAX_REPORT_LINES]
 
 
-def kernel_log_check(console: Path, kernel: KernelSpec) -> Check:
+def kernel_log_check(console: Path, kernel: KernelSpec, modules: Sequence[Path] = ()) -> Check:
     """``guest.dmesg``: ok when the guest kernel reported nothing; each report (and its decoded stack) in the
-    detail."""
+    detail. ``modules``: the user's own (--module), for decoding."""
     text, size = read_console(console)
     reports, total = find_reports(text)
     for report in reports:
-        report.decoded = decode(report, kernel)
+        report.decoded = decode(report, kernel, modules)
     detail: dict[str, Any] = {"reports": [r.to_json() for r in reports], "count": total,
                               "kinds": sorted({r.kind for r in reports}), "console": str(console),
                               "scanned_bytes": min(size, MAX_SCAN_BYTES), "console_bytes": size}

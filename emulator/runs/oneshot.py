@@ -123,7 +123,7 @@ def run_command(config: VmConfig, inputs: BootInputs, run_dir: Path, progress: P
     if thread_errors[0]:
         checks.append(emulator_thread_check(*thread_errors, run_dir))
     # the kernel's own reports: one while the command ran makes a successful command's run exit 1
-    checks.append(kernel_log_check(vm.paths.console, inputs.kernel))
+    checks.append(kernel_log_check(vm.paths.console, inputs.kernel, config.user_modules))
     return CommandResult(list(argv), rc, round(duration, 3), sizes, cwd, inputs.accel.accel, inputs.kernel.release,
                          round(boot_s, 3) if boot_s is not None else None, str(run_dir.resolve()), checks, notes,
                          info.start, info.restore_s)

@@ -289,7 +289,7 @@ def boot_once(config: VmConfig, inputs: BootInputs, run_dir: Path, progress: Pro
     checks = collect.verified(scenario, untouchable)
     if thread_errors[0]:
         checks.append(emulator_thread_check(*thread_errors, run_dir))
-    checks.append(kernel_log_check(vm.paths.console, inputs.kernel))
+    checks.append(kernel_log_check(vm.paths.console, inputs.kernel, config.user_modules))
     if not checks and scenario == "default" and not _selects_some(guest_env or {}):
         raise GuestError("the guest helper reported no checks")
     return RunResult(
@@ -332,7 +332,7 @@ def run_restored(config: VmConfig, inputs: BootInputs, run_dir: Path, progress: 
     checks = collect.verified("default", None)
     if thread_errors[0]:
         checks.append(emulator_thread_check(*thread_errors, run_dir))
-    checks.append(kernel_log_check(vm.paths.console, inputs.kernel))
+    checks.append(kernel_log_check(vm.paths.console, inputs.kernel, config.user_modules))
     if not checks and not _selects_some(guest_env or {}):
         raise GuestError("the guest helper reported no checks")
     notes = ([f"warm start: {info.note}"] if info.note else []) + collect.notes

@@ -77,3 +77,57 @@ def test_module_of_the_users_own_is_loaded_at_boot_and_its_warning_fails_the_run
     checks = checks_by_name(json.loads(proc.stdout))
     assert "guest.modules" not in checks, checks["guest.modules"]  # reported only when a module failed to load
     assert checks["guest.dmesg"]["status"] == "fail" and "warnmod" in json.dumps(checks["guest.dmesg"]["detail"])
+
+
+UAF_MODULE = """// SPDX-License-Identifier: GPL-2.0
+#include <linux/module.h>
+#include <linux/slab.h>
+
+static int __init uafmod_init(void)
+{
+\tchar *volatile p = kmalloc(64, GFP_KERNEL);
+
+\tif (!p)
+\t\treturn -ENOMEM;
+\tkfree(p);
+\tpr_info("uafmod: %d\\n", p[8]);
+\treturn 0;
+}
+
+static void __exit uafmod_exit(void)
+{
+}
+
+module_init(uafmod_init);
+module_exit(uafmod_exit);
+MODULE_DESCRIPTION("aperture test: a use-after-free at load");
+MODULE_LICENSE("GPL");
+"""
+
+
+def test_kasan_report_of_the_users_module_is_decoded_to_its_file_and_line(tmp_path: Path) -> None:
+    """On the debug flavour: a module that reads freed memory at load makes guest.dmesg fail with the KASAN
+    report, its stack decoded to a file:line of that module."""
+    from aperture.guest.errors import SetupError
+    from aperture.guest.kernel import built_kernel
+
+    try:
+        debug = built_kernel("debug")
+    except SetupError:
+        pytest.skip("no debug-flavour kernel in the cache (aperture kernel build --flavor debug)")
+    assert debug.build_dir is not None
+    src = tmp_path / "uafmod"
+    src.mkdir()
+    (src / "uafmod.c").write_text(UAF_MODULE)
+    (src / "Kbuild").write_text("obj-m := uafmod.o\n")
+    make = subprocess.run(["make", "-C", str(debug.build_dir), f"M={src}", "modules"], capture_output=True,
+                          text=True, timeout=300)
+    assert make.returncode == 0, make.stdout[-2000:] + make.stderr[-2000:]
+    proc = run_aperture("run", "-q", "--json", "--kernel", "built-debug", "--module", str(src / "uafmod.ko"),
+                        "--only", "guest.*", "--run-dir", str(tmp_path / "r"), timeout=600)
+    assert proc.returncode == 1, proc.stderr
+    dmesg = checks_by_name(json.loads(proc.stdout))["guest.dmesg"]
+    assert "kasan" in dmesg["detail"]["kinds"], dmesg
+    kasan = next(r for r in dmesg["detail"]["reports"] if r["kind"] == "kasan")
+    assert kasan["header"].startswith("BUG: KASAN: slab-use-after-free in uafmod_init"), kasan["header"]
+    assert any("uafmod.c:" in line for line in kasan["decoded"]), kasan["decoded"]
