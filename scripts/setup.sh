@@ -22,7 +22,9 @@ if [ "$(id -u)" != 0 ]; then sudo="sudo"; fi
 # apt's and dpkg's own output goes to a log; the terminal gets one line per step (and the log's tail on failure).
 mkdir -p "$cache"
 log="$cache/setup.log"
-: >"$log"
+# One log across runs (a failed step stays readable after the next run), kept under ~1 MB.
+[ "$(stat -c %s "$log" 2>/dev/null || echo 0)" -lt 1048576 ] || : >"$log"
+printf '=== scripts/setup.sh, %s\n' "$(date)" >>"$log"
 apt_get() {
     if ! $sudo env DEBIAN_FRONTEND=noninteractive apt-get -y -q "$@" >>"$log" 2>&1; then
         tail -8 "$log" | sed 's/^/    /' >&2
@@ -94,17 +96,22 @@ if [ -n "$backports" ]; then
     fi
 fi
 read -r -a missing <<<"${missing[*]}"
-if [ -n "$want_qemu" ] || [ ${#missing[@]} -gt 0 ]; then
-    say "installing host packages: ${want_qemu:+$want_qemu }${missing[*]} (apt's output: $log)"
-    # One transaction, so apt resolves QEMU and the build tools together. If QEMU's libraries from backports
-    # leave a build dependency from the main suite unresolvable (libelf1t64 vs libelf-dev on Debian 13), take
-    # those packages from the same suite as QEMU rather than mixing.
-    if ! apt_get install --no-install-recommends $want_qemu "${missing[@]}"; then
-        [ -n "$want_qemu" ] || exit 1
-        say "retrying with every package from $backports"
-        apt_get install --no-install-recommends -t "$backports" qemu-system-x86 "${missing[@]}" || exit 1
+if [ -n "$want_qemu" ]; then
+    # QEMU and what it depends on from backports (-t: its dependencies follow it there).
+    say "installing qemu-system-x86 from $backports (apt's output: $log)"
+    apt_get install --no-install-recommends -t "$backports" qemu-system-x86 || exit 1
+fi
+if [ ${#missing[@]} -gt 0 ]; then
+    say "installing host packages: ${missing[*]} (apt's output: $log)"
+    # If QEMU's libraries from backports leave a build dependency from the main suite unresolvable (libelf1t64
+    # against libelf-dev, as backports' QEMU did on Debian 13), take those packages from QEMU's suite too, rather
+    # than leaving a mix apt cannot resolve.
+    if ! apt_get install --no-install-recommends "${missing[@]}" 2>/dev/null; then
+        [ -n "$backports" ] || exit 1
+        say "retrying them from $backports, the suite QEMU's libraries came from"
+        apt_get install --no-install-recommends -t "$backports" "${missing[@]}" || exit 1
     fi
-else
+elif [ -z "$want_qemu" ]; then
     say "host packages present: ${host_pkgs[*]}"
 fi
 say "QEMU: $(qemu-system-x86_64 --version | head -1)"
