@@ -249,6 +249,7 @@ class KernelBuilder:
             if built.complete():
                 self.progress(f"kernel: cached build {built.release} ({key}: {SOURCE_PACKAGE} {version}, "
                               f"fragment {frag}, {compiler})")
+                self._gdb_scripts(options, built)
                 self._record(built)
                 self._driver(built)
                 return built
@@ -262,7 +263,7 @@ class KernelBuilder:
         obj = self.root / "kbuild" / (f"obj-{version}" if self.flavor == "default" else f"obj-{version}-{self.flavor}")
         obj.mkdir(parents=True, exist_ok=True)
         self._configure(src, obj, options)
-        self._make(src, obj, ["bzImage", "vmlinux", "modules"], "compiling")
+        self._make(src, obj, ["bzImage", "vmlinux", "modules"] + self._gdb_targets(options), "compiling")
         built = self._install(src, obj, out, key=key, version=version, frag=frag, compiler=compiler,
                               started=started)
         self._record(built)
@@ -270,6 +271,20 @@ class KernelBuilder:
         self.progress(f"kernel: built {built.release} in {built.build_s:.0f} s → {out}")
         self._driver(built)
         return built
+
+    @staticmethod
+    def _gdb_targets(options: list[FragmentOption]) -> list[str]:
+        """The kernel's own gdb scripts (lx-dmesg, lx-lsmod, lx-symbols): built by `make all`, not by the targets
+        named here, so asked for when the fragment turns them on."""
+        return ["scripts_gdb"] if any(o.name == "CONFIG_GDB_SCRIPTS" and o.value == "y" for o in options) else []
+
+    def _gdb_scripts(self, options: list[FragmentOption], built: BuiltKernel) -> None:
+        """A cached build from before the scripts were asked for gets them now (seconds), while its tree is there."""
+        obj = built.obj_dir
+        if self._gdb_targets(options) and obj is not None and (obj / "source").exists() \
+                and not (obj / "vmlinux-gdb.py").exists():
+            self.progress("kernel: the kernel's gdb scripts (scripts_gdb)")
+            self._make((obj / "source").resolve(), obj, ["scripts_gdb"], "gdb scripts", quiet=True)
 
     def _driver(self, built: BuiltKernel) -> None:
         """The guest driver (guest/driver/) against this build's tree, while the tree is there (a cache that
