@@ -73,8 +73,8 @@ def _click_option(option: VmOption) -> Callable[[Any], Any]:
     shown = option.default if option.default not in (None, (), False) else None
     kind: Any = click.Choice(option.choices) if option.choices else float if isinstance(option.default, float) else None
     flag: dict[str, Any] = {"is_flag": True} if option.is_flag else {"metavar": option.metavar, "type": kind}
-    if option.flag_value is not None:
-        flag["flag_value"] = option.flag_value
+    if option.flag_value is not None:  # `--gdb` alone, or `--gdb wait`: a value that may be left out
+        flag.update(is_flag=False, flag_value=option.flag_value)
     return click.option(option.flag, option.name, multiple=option.multiple, **flag,
                         help=option.help + (f"  [default: {shown}]" if shown is not None else ""))
 

@@ -65,3 +65,11 @@ def test_every_vm_command_has_every_vm_option(command: str) -> None:
         cmd = cmd.commands[part]
     flags = {opt for p in cmd.params for opt in p.opts}
     assert {o.flag for o in VM_OPTIONS} <= flags
+
+
+@pytest.mark.parametrize(("args", "gdb"), [(["--gdb", "wait", "-q"], "wait"), (["--gdb", "-q"], "on"),
+                                           (["--gdb"], "on"), ([], None)])
+def test_gdb_takes_an_optional_value(args: list[str], gdb: str | None) -> None:
+    cmd = cli.cli.commands["up"]  # type: ignore[attr-defined]
+    ctx = cmd.make_context("up", ["x", *args], resilient_parsing=True)
+    assert ctx.params.get("gdb") == gdb and ctx.params.get("name") == "x"
