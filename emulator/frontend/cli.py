@@ -186,11 +186,14 @@ def bisect_codes(f: Any) -> Any:
 @click.option("--only", multiple=True, metavar="GLOB", help="Run only the checks whose names match (repeatable), "
               "e.g. --only 'dax.*'; fixtures no selected check needs are not set up.")
 @click.option("--skip", multiple=True, metavar="GLOB", help="Do not run the checks whose names match (repeatable).")
+@click.option("--skip-unsupported", is_flag=True, help="With --kernel DIR: run a tree whose config lacks options some "
+              "checks need, and report exactly those checks as skipped, with the options they lack (else such a "
+              "tree is refused in one line).")
 @click.option("-v", "--verbose", is_flag=True, help="Stream the guest console (full kernel log) to stderr.")
 def run(spec: VmSpec, quiet: bool, run_dir: Path | None, share_cwd: bool, with_checks: bool, give_shell: bool,
         command: tuple[str, ...], reboot: bool, remap_every: float | None, remap_mode: str, duration: float,
         fuzz: bool, cold: bool, as_json: bool, junit_xml: Path | None, ktap_path: Path | None,
-        only: tuple[str, ...], skip: tuple[str, ...], verbose: bool) -> None:
+        only: tuple[str, ...], skip: tuple[str, ...], skip_unsupported: bool, verbose: bool) -> None:
     """Start the default VM, run the guest checks, print the results.
 
     Exit 0 when every check passed, 1 when one failed.
@@ -203,7 +206,7 @@ def run(spec: VmSpec, quiet: bool, run_dir: Path | None, share_cwd: bool, with_c
       aperture run --share ~/tests:/tests:ro -- /tests/run.sh
     """
     from aperture.emulator.runpaths import new_run_name
-    from aperture.emulator.runs.run import default_run_dir, plan_workload, prepare, run_vm
+    from aperture.emulator.runs.run import default_run_dir, plan_workload, prepare, refuse_or_skip, run_vm
     from aperture.emulator.selection import CheckSelection
 
     ui = ProgressOutput(quiet, verbose)
@@ -237,6 +240,7 @@ def run(spec: VmSpec, quiet: bool, run_dir: Path | None, share_cwd: bool, with_c
         _run_command(spec, run_dir, ui, command, cwd, with_checks, as_json, verbose, cold)
     spec, remap = plan_workload(spec, remap_every=remap_every, remap_mode=remap_mode, duration=duration, fuzz=fuzz,
                                 reboot=reboot)
+    selection, unsupported = refuse_or_skip(spec.resolve_kernel(), skip_unsupported, selection)
     inputs = prepare(spec, ui.progress)
     if remap is not None and remap.mode == "hotplug":
         from aperture.qmp_client.qemu import require_hotplug
@@ -246,6 +250,7 @@ def run(spec: VmSpec, quiet: bool, run_dir: Path | None, share_cwd: bool, with_c
     result = run_vm(spec.config, inputs, run_dir or default_run_dir(name), ui.progress, name=name, reboot=reboot,
                     console_sink=ui.console if verbose else None, remap=remap, fuzz=duration if fuzz else None,
                     cold=cold, selection=selection)
+    result.checks += unsupported  # a kernel tree's checks its config cannot run: skips, with the reason
     if junit_xml is not None:
         from aperture.emulator.runs.results import junit_xml as to_junit
 

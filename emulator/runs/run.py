@@ -20,6 +20,7 @@ from aperture.emulator.runs.results import (
     HostVerifier,
     RunResult,
     UntouchableFiles,
+    checks_a_config_runs,
     driver_claims,
     emulator_thread_check,
     pinned_vs_remap,
@@ -95,6 +96,30 @@ def prune_runs(base: Path, keep: int) -> list[Path]:
 def prepare(spec: VmSpec, progress: Progress) -> BootInputs:
     """Everything a VM of ``spec`` needs before QEMU starts: its kernel, image, QEMU and accelerator."""
     return prepare_inputs(spec.config, spec.resolve_kernel(), progress)
+
+
+def unsupported_checks(kernel: KernelSpec) -> dict[str, list[str]]:
+    """For a kernel tree (--kernel DIR): the default run's checks its config cannot run, and the options each
+    lacks. Other kernels say why a check skips as it runs (Debian's kernel is what it is)."""
+    if kernel.kind != "tree":
+        return {}
+    return {name: opts for name, opts in checks_a_config_runs(kernel_config(kernel)).items() if opts}
+
+
+def refuse_or_skip(kernel: KernelSpec, skip_unsupported: bool, selection: CheckSelection
+                   ) -> tuple[CheckSelection, list[Check]]:
+    """A kernel tree that lacks options is refused in one line naming every missing option and the checks that
+    need it; with ``skip_unsupported`` those checks do not run and are reported as skips with that reason."""
+    lacking = unsupported_checks(kernel)
+    if not lacking:
+        return selection, []
+    options = sorted({o for opts in lacking.values() for o in opts})
+    if not skip_unsupported:
+        raise ConfigError(f"kernel tree {kernel.build_dir} lacks {', '.join('CONFIG_' + o for o in options)}, needed "
+                          f"by {', '.join(lacking)} (turn them on: aperture kernel fragment; or skip those checks)")
+    skipped = [Check(name, True, {"skip_reason": f"kernel lacks {', '.join('CONFIG_' + o for o in opts)}"})
+               for name, opts in lacking.items() if selection.selects(name)]
+    return CheckSelection(selection.only, selection.skip + tuple(lacking)), skipped
 
 
 def plan_workload(spec: VmSpec, *, remap_every: float | None, remap_mode: str, duration: float, fuzz: bool,
