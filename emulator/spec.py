@@ -10,7 +10,7 @@ message that names no command-line flag — the front end adds its own name for 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -246,6 +246,3 @@ class VmSpec:
         return cls(config_from_dict(data["config"]), data.get("kernel"), _optional_path(data.get("modules")),
                    _optional_path(data.get("kernel_config")))
 
-
-def option_names(options: Sequence[VmOption] = VM_OPTIONS) -> list[str]:
-    return [o.name for o in options]

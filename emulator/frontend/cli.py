@@ -206,7 +206,14 @@ def run(spec: VmSpec, quiet: bool, run_dir: Path | None, share_cwd: bool, with_c
       aperture run --share ~/tests:/tests:ro -- /tests/run.sh
     """
     from aperture.emulator.runpaths import new_run_name
-    from aperture.emulator.runs.run import default_run_dir, plan_workload, prepare, refuse_or_skip, run_vm
+    from aperture.emulator.runs.run import (
+        default_run_dir,
+        plan_workload,
+        prepare,
+        prepare_inputs,
+        refuse_or_skip,
+        run_vm,
+    )
     from aperture.emulator.selection import CheckSelection
 
     ui = ProgressOutput(quiet, verbose)
@@ -240,8 +247,9 @@ def run(spec: VmSpec, quiet: bool, run_dir: Path | None, share_cwd: bool, with_c
         _run_command(spec, run_dir, ui, command, cwd, with_checks, as_json, verbose, cold)
     spec, remap = plan_workload(spec, remap_every=remap_every, remap_mode=remap_mode, duration=duration, fuzz=fuzz,
                                 reboot=reboot)
-    selection, unsupported = refuse_or_skip(spec.resolve_kernel(), skip_unsupported, selection)
-    inputs = prepare(spec, ui.progress)
+    kernel = spec.resolve_kernel()  # once: resolving a built kernel runs gcc --version, a tree reads its files
+    selection, unsupported = refuse_or_skip(kernel, skip_unsupported, selection)
+    inputs = prepare_inputs(spec.config, kernel, ui.progress)
     if remap is not None and remap.mode == "hotplug":
         from aperture.qmp_client.qemu import require_hotplug
 

@@ -123,9 +123,10 @@ def _module_dir(kernel: KernelSpec, extra: Sequence[Path], into: Path) -> Path:
     return into
 
 
-def decode(report: KernelReport, kernel: KernelSpec, modules: Sequence[Path] = ()) -> list[str]:
+def decode(report: KernelReport, kernel: KernelSpec, module_dir: Path) -> list[str]:
     """The report's stack with file:line, by the kernel's own scripts/decode_stacktrace.sh against the guest's
-    vmlinux and modules (``modules``: the user's own); empty when there is no source tree or no debug info."""
+    vmlinux and the modules in ``module_dir`` (``_module_dir``); empty when there is no source tree or no debug
+    info."""
     source = kernel.build_dir / "source" if kernel.build_dir else None
     script = source / "scripts/decode_stacktrace.sh" if source else None
     vmlinux = kernel.image if kernel.image.name.startswith("vmlinux") else \
@@ -133,13 +134,12 @@ def decode(report: KernelReport, kernel: KernelSpec, modules: Sequence[Path] = (
     if script is None or vmlinux is None or not script.is_file() or not vmlinux.is_file() \
             or shutil.which("addr2line") is None:
         return []
-    with tempfile.TemporaryDirectory(prefix="aperture-decode-") as tmp:
-        argv = ["bash", str(script), str(vmlinux), str(source), str(_module_dir(kernel, modules, Path(tmp)))]
-        try:
-            proc = subprocess.run(argv, input="\n".join(report.lines), capture_output=True, text=True, timeout=120,
-                                  env=dict(os.environ, LC_ALL="C"))
-        except (OSError, subprocess.TimeoutExpired):
-            return []
+    argv = ["bash", str(script), str(vmlinux), str(source), str(module_dir)]
+    try:
+        proc = subprocess.run(argv, input="\n".join(report.lines), capture_output=True, text=True, timeout=120,
+                              env=dict(os.environ, LC_ALL="C"))
+    except (OSError, subprocess.TimeoutExpired):
+        return []
     out = [ln for ln in proc.stdout.splitlines() if re.search(r"\S+\.[ch]:\d+", ln)]
     return out[:MAX_REPORT_LINES]
 
@@ -149,8 +149,11 @@ def kernel_log_check(console: Path, kernel: KernelSpec, modules: Sequence[Path] 
     detail. ``modules``: the user's own (--module), for decoding."""
     text, size = read_console(console)
     reports, total = find_reports(text)
-    for report in reports:
-        report.decoded = decode(report, kernel, modules)
+    if reports:
+        with tempfile.TemporaryDirectory(prefix="aperture-decode-") as tmp:
+            module_dir = _module_dir(kernel, modules, Path(tmp))
+            for report in reports:
+                report.decoded = decode(report, kernel, module_dir)
     detail: dict[str, Any] = {"reports": [r.to_json() for r in reports], "count": total,
                               "kinds": sorted({r.kind for r in reports}), "console": str(console),
                               "scanned_bytes": min(size, MAX_SCAN_BYTES), "console_bytes": size}

@@ -591,8 +591,7 @@ def ktap(checks: list[Check]) -> str:
 
     lines = ["KTAP version 1", f"1..{len(checks)}"]
     for n, c in enumerate(checks, 1):
-        for text in _json.dumps(c.detail, default=str).splitlines()[:1]:
-            lines.append(f"# {c.name}: {text[:400]}")
+        lines.append(f"# {c.name}: {_json.dumps(c.detail, default=str)[:400]}")
         if c.status == "skip":
             reason = " ".join(c.skip_reason.split()) or "does not apply"
             lines.append(f"ok {n} {c.name} # SKIP {reason}")
