@@ -19,7 +19,7 @@ from aperture.guest.kernelspec import KernelSpec
 from .cache import cache_root, private_tmp, read_manifest
 from .elf import pvh_entry
 from .kbuild import current_build, parse_config
-from .kmod import module_name
+from .kmod import read_builtin
 from .pvh import bzimage_payload
 
 _RELEASE_RE = re.compile(rb"Linux version (\S+)")
@@ -87,14 +87,6 @@ def _cached_embedded_config(image: Path) -> Path | None:
     tmp.write_text(text)
     tmp.replace(out)
     return out
-
-
-def read_builtin(modules_dir: Path | None) -> frozenset[str]:
-    """Module names the kernel has built in, from ``modules.builtin`` (empty when not given)."""
-    if modules_dir is None or not (modules_dir / "modules.builtin").is_file():
-        return frozenset()
-    names = (module_name(Path(line.strip())) for line in (modules_dir / "modules.builtin").read_text().splitlines())
-    return frozenset(n for n in names if n)
 
 
 def _modules_for(release: str, modules: Path) -> Path:

@@ -121,3 +121,11 @@ class ModuleIndex:
         for name in names:
             visit(name, ())
         return order
+
+
+def read_builtin(modules_dir: Path | None) -> frozenset[str]:
+    """Module names the kernel has built in, from ``modules.builtin`` (empty when not given)."""
+    if modules_dir is None or not (modules_dir / "modules.builtin").is_file():
+        return frozenset()
+    names = (module_name(Path(line.strip())) for line in (modules_dir / "modules.builtin").read_text().splitlines())
+    return frozenset(n for n in names if n)

@@ -21,6 +21,7 @@ from aperture.guest.kernelspec import KernelSpec
 
 from .cache import cache_root, private_tmp
 from .elf import pvh_entry
+from .kmod import read_builtin
 
 Progress = Callable[[str], None]
 
@@ -115,8 +116,6 @@ def tree_kernel(tree: Path, progress: Progress | None = None) -> KernelSpec:
             shutil.rmtree(staging, ignore_errors=True)
     modules = out / "root/lib/modules" / release
     hmm = out / "hmm-tests"
-    from .kernel import read_builtin
-
     mods = modules if modules.is_dir() else None
     return KernelSpec(image, mods, release, tree / ".config", "tree", read_builtin(mods or tree),
                       hmm if hmm.is_file() else None, tree)
